@@ -1,0 +1,1 @@
+"""Kernels behind lasad_jax.ops: one sub-package per operator."""

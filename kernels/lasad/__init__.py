@@ -1,0 +1,1 @@
+"""The LASAD operator: reference (scan), chunk (XLA) and pallas (GPU) implementations."""

@@ -1,0 +1,148 @@
+"""``lasad_attention``: the one public entry point of the LASAD operator (DESIGN.md §1).
+
+    S_t = diag(exp(g~_t)) S_{t-1} + k_t^T v_t,     o_t = scale * q_t S_t
+
+where ``g~`` is ``g`` with the Spatial-Aware Decay row mask applied: at every row start
+(``t >= prefix + width`` and ``(t - prefix) % width == 0``) the log decay becomes ``boundary``.
+"""
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.lasad.chunk import lasad_chunk
+from kernels.lasad.reference import lasad_reference
+
+IMPLS = ("auto", "reference", "chunk", "pallas")
+
+
+def _is_concrete(x):
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _int_arg(name, x, batch, minimum):
+  """Scalar or [B] int32 array; concrete values must be >= minimum."""
+  if isinstance(x, bool) or (isinstance(x, numbers.Number) and not isinstance(x, numbers.Integral)):
+    raise ValueError(f"`{name}` must be an int or an int32 array of shape [B], got {x!r}.")
+  arr = jnp.asarray(x)
+  if not jnp.issubdtype(arr.dtype, jnp.integer):
+    raise ValueError(f"`{name}` must have an integer dtype, got {arr.dtype}.")
+  if arr.ndim not in (0, 1) or (arr.ndim == 1 and arr.shape[0] not in (1, batch)):
+    raise ValueError(f"`{name}` must be a scalar or have shape [B] = [{batch}], got shape "
+                     f"{arr.shape}.")
+  if _is_concrete(arr) and arr.size and int(np.min(np.asarray(arr))) < minimum:
+    what = "positive (the number of tokens per image row)" if minimum == 1 else (
+        "non-negative (the number of condition tokens before the image)")
+    raise ValueError(f"`{name}` must be {what}, got {np.asarray(arr).tolist()}.")
+  return jnp.broadcast_to(arr.astype(jnp.int32), (batch,))
+
+
+def _validate(q, k, v, g, boundary, initial_state):
+  for name, x in (("q", q), ("k", k), ("v", v), ("g", g)):
+    if not hasattr(x, "ndim") or x.ndim != 4:
+      raise ValueError(f"`{name}` must have rank 4 ([B, T, H, D]), got shape "
+                       f"{getattr(x, 'shape', type(x).__name__)}.")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"`{name}` must be a floating dtype (float32 or bfloat16), got {x.dtype}; "
+                       "cast it with .astype(jnp.float32).")
+  if k.shape != q.shape:
+    raise ValueError(f"`k` must have the shape of `q` [B, T, H, K] = {q.shape}, got {k.shape} "
+                     "(the key dim K of q and k must match).")
+  if g.shape != q.shape:
+    raise ValueError(f"`g` (per-channel log forget gate) must have the shape of `q` {q.shape}, "
+                     f"got {g.shape}.")
+  if v.shape[:3] != q.shape[:3]:
+    raise ValueError(f"`v` must share [B, T, H] = {q.shape[:3]} with `q`, got {v.shape}.")
+  batch, _, heads, dk = q.shape
+  dv = v.shape[-1]
+  if initial_state is not None:
+    if not hasattr(initial_state, "shape") or tuple(initial_state.shape) != (batch, heads, dk, dv):
+      raise ValueError(f"`initial_state` must have shape [B, H, K, V] = {(batch, heads, dk, dv)}, "
+                       f"got {getattr(initial_state, 'shape', None)}.")
+    if not jnp.issubdtype(initial_state.dtype, jnp.floating):
+      raise ValueError(f"`initial_state` must be floating (float32), got {initial_state.dtype}.")
+  b = jnp.asarray(boundary)
+  if not jnp.issubdtype(b.dtype, jnp.floating) and not jnp.issubdtype(b.dtype, jnp.integer):
+    raise ValueError(f"`boundary` must be a float or a float array of shape [H], got {b.dtype}.")
+  if b.ndim not in (0, 1) or (b.ndim == 1 and b.shape[0] not in (1, heads)):
+    raise ValueError(f"`boundary` must be a scalar or have shape [H] = [{heads}], got {b.shape}.")
+  if _is_concrete(b) and b.size and bool(np.any(np.asarray(b, np.float32) > 0)):
+    raise ValueError(f"`boundary` is a log decay and must be <= 0 (0 = carry, -inf = reset), got "
+                     f"{np.asarray(b).tolist()}.")
+  if _is_concrete(b) and b.size and bool(np.any(np.isnan(np.asarray(b, np.float32)))):
+    raise ValueError("`boundary` contains NaN.")
+  return jnp.broadcast_to(b.astype(jnp.float32), (heads,))
+
+
+def default_impl():
+  """'pallas' on GPU once it is available there, else 'chunk'."""
+  if jax.default_backend() == "gpu":
+    try:
+      from kernels.lasad import pallas  # noqa: F401
+      return "pallas"
+    except ImportError:
+      return "chunk"
+  return "chunk"
+
+
+def lasad_attention(q, k, v, g, *, width=None, prefix=0, boundary=0.0, scale=None,
+                    initial_state=None, return_final_state=False, impl="auto", chunk_size=64):
+  """Gated linear attention with the Spatial-Aware Decay row mask.
+
+  Args:
+    q, k: [B, T, H, K] queries and keys; v: [B, T, H, V] values (float32 or bfloat16).
+    g: [B, T, H, K] per-channel log forget gate (<= 0, finite; use ``boundary=-inf`` for resets).
+    width: tokens per image row (int or int32 [B]; traced values are fine). ``None``: no row mask,
+      i.e. plain gated linear attention.
+    prefix: number of condition tokens before the image tokens (int or int32 [B]).
+    boundary: log decay at row starts, float or [H]: 0.0 carries the state across the row break,
+      ``-inf`` resets it exactly, a finite negative value decays it partially.
+    scale: query scale; defaults to K**-0.5 (HGRN2 / LASADGen use 1.0).
+    initial_state: optional [B, H, K, V] state (kept in float32).
+    return_final_state: also return the [B, H, K, V] float32 state after the last token.
+    impl: "auto" | "reference" (lax.scan, exact) | "chunk" (XLA chunked) | "pallas" (GPU kernel).
+    chunk_size: chunk length for "chunk" (a multiple of 16, or any size <= 16).
+
+  Returns:
+    ``o`` [B, T, H, V] in the input dtype, or ``(o, final_state)`` if ``return_final_state``.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"`impl` must be one of {IMPLS}, got {impl!r}.")
+  bnd = _validate(q, k, v, g, boundary, initial_state)
+  batch, _, heads, dk = q.shape
+  dv = v.shape[-1]
+  use_mask = width is not None
+  width = _int_arg("width", width if use_mask else 1, batch, 1)
+  prefix = _int_arg("prefix", prefix, batch, 0)
+  if scale is None:
+    scale = dk ** -0.5
+  if not isinstance(scale, numbers.Real):
+    raise ValueError(f"`scale` must be a Python float, got {type(scale).__name__}.")
+  if not isinstance(chunk_size, int) or chunk_size <= 0 or (chunk_size > 16 and chunk_size % 16):
+    raise ValueError(f"`chunk_size` must be a positive multiple of 16 (or <= 16), got "
+                     f"{chunk_size!r}.")
+  if initial_state is None:
+    initial_state = jnp.zeros((batch, heads, dk, dv), jnp.float32)
+  initial_state = initial_state.astype(jnp.float32)
+  out_dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+
+  if impl == "auto":
+    impl = default_impl()
+  args = (q, k, v, g, width, prefix, bnd, initial_state)
+  if impl == "reference":
+    o, final = _reference_jit(*args, scale=float(scale), use_mask=use_mask)
+  elif impl == "chunk":
+    o, final = lasad_chunk(*args, scale=float(scale), use_mask=use_mask, chunk_size=chunk_size)
+  else:
+    try:
+      from kernels.lasad.pallas import lasad_pallas
+    except ImportError as e:
+      raise ValueError(f"impl='pallas' is not available in this build: {e}") from e
+    o, final = lasad_pallas(*args, scale=float(scale), use_mask=use_mask)
+  o = o.astype(out_dtype)
+  return (o, final) if return_final_state else o
+
+
+_reference_jit = jax.jit(lasad_reference, static_argnames=("scale", "use_mask"))

@@ -1,0 +1,215 @@
+"""The LASAD operator against a float64 oracle: every implementation, every mask mode.
+
+Chain (as in fla's tests): oracle (float64 NumPy) -> reference (lax.scan) -> chunk (XLA) -> pallas,
+forward, final state and the gradient of every input, with relative-RMS tolerances.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import oracle
+from kernels.lasad.reference import recurrent_step
+from lasad_jax.ops import lasad_attention
+
+IMPLS = ["reference", "chunk"]
+# float32 arithmetic; the chunked form's within-chunk cumulative sums of strongly negative gates
+# (normaliser 0.1: g ~ -7 per token, sums ~ -500) lose ~1e-5 relative in the exponent.
+TOL = {"reference": 2e-5, "chunk": 1e-4}
+
+
+def make_inputs(seed, b, t, h, dk, dv, norm, h0=False):
+  rng = np.random.default_rng(seed)
+  q = rng.standard_normal((b, t, h, dk)).astype(np.float32)
+  k = rng.standard_normal((b, t, h, dk)).astype(np.float32)
+  v = rng.standard_normal((b, t, h, dv)).astype(np.float32)
+  g = (np.log(1 / (1 + np.exp(-rng.standard_normal((b, t, h, dk))))) / norm).astype(np.float32)
+  s0 = rng.standard_normal((b, h, dk, dv)).astype(np.float32) if h0 else None
+  return q, k, v, g, s0
+
+
+def run(impl, q, k, v, g, s0, do, dst, **kw):
+  """o, final state and all gradients of sum(o*do) + sum(S*dst) through one implementation."""
+  boundary = kw.pop("boundary")
+  scale = kw.pop("scale", None)
+  has_h0 = s0 is not None
+  s0 = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3])) if s0 is None else s0
+
+  def f(q, k, v, g, s0, bnd):
+    return lasad_attention(q, k, v, g, boundary=bnd, scale=scale, impl=impl,
+                           initial_state=s0 if has_h0 else None, return_final_state=True, **kw)
+
+  (o, st), vjp = jax.vjp(f, q, k, v, g, s0, jnp.asarray(boundary, jnp.float32))
+  grads = vjp((jnp.asarray(do), jnp.asarray(dst)))
+  names = ("dq", "dk", "dv", "dg", "dh0", "dboundary")
+  return o, st, dict(zip(names, grads))
+
+
+CASES = [
+    # (b, t, h, dk, dv, norm, width, prefix, boundary, h0)
+    (2, 1, 2, 8, 8, 1.0, None, 0, 0.0, False),
+    (2, 63, 2, 8, 4, 1.0, 8, 1, 0.0, True),          # carry, K != V, h0
+    (2, 64, 2, 8, 8, 0.1, 8, 1, -np.inf, False),      # reset, strong gates
+    (2, 65, 2, 4, 8, 10.0, 16, 1, -0.5, True),        # partial scalar, weak gates
+    (1, 1000, 2, 8, 8, 1.0, 16, 1, -np.inf, True),    # long, reset
+    (1, 1000, 1, 4, 4, 10.0, 32, 0, 0.0, False),      # long, carry, weak gates
+    (2, 100, 3, 8, 8, 1.0, 7, 2, [-np.inf, 0.0, -1.5], True),   # per-head mixed; 7 divides nothing
+    (2, 90, 2, 8, 8, 0.1, None, 0, 0.0, True),        # no mask, strong gates
+    (3, 77, 2, 8, 8, 1.0, [4, 6, 16], [1, 0, 3], -np.inf, False),  # per-example width/prefix
+    (2, 50, 2, 8, 8, 1.0, [5, 9], 1, [-2.0, -0.1], True),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[1]}-w{c[6]}-b{c[8]}")
+def test_against_oracle(impl, case):
+  b, t, h, dk, dv, norm, width, prefix, boundary, h0 = case
+  q, k, v, g, s0 = make_inputs(CASES.index(case), b, t, h, dk, dv, norm, h0)
+  rng = np.random.default_rng(1)
+  do = rng.standard_normal((b, t, h, dv))
+  dst = rng.standard_normal((b, h, dk, dv))
+  kw = dict(width=None if width is None else jnp.asarray(width, jnp.int32) if
+            isinstance(width, list) else width,
+            prefix=jnp.asarray(prefix, jnp.int32) if isinstance(prefix, list) else prefix)
+  o, st, grads = run(impl, q, k, v, g, s0, do.astype(np.float32), dst.astype(np.float32),
+                     boundary=np.asarray(boundary, np.float32), **kw)
+  okw = dict(width=width, prefix=prefix, boundary=boundary, h0=s0)
+  o_ref, st_ref, _ = oracle.forward(q, k, v, g, **okw)
+  g_ref = oracle.backward(q, k, v, g, do, dst, **okw)
+  tol = TOL[impl]
+  assert oracle.rel_rms(o, o_ref) < tol
+  assert oracle.rel_rms(st, st_ref) < tol
+  for name, ref in g_ref.items():
+    got = np.asarray(grads[name])
+    assert np.all(np.isfinite(got)), f"{name} has NaN/inf"
+    if name == "dh0" and s0 is None:
+      continue
+    if name == "dboundary":
+      finite = np.isfinite(np.broadcast_to(np.asarray(boundary, np.float64), (h,)))
+      # d/d boundary is exactly 0 for heads whose boundary is a reset (-inf).
+      np.testing.assert_array_equal(np.broadcast_to(got, (h,))[~finite], 0.0)
+      if width is None or not finite.any():
+        continue
+      if np.ndim(boundary) == 0:
+        ref = ref.sum()
+      else:
+        got, ref = got[finite], ref[finite]
+    assert oracle.rel_rms(got, ref) < tol * 5, name
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_reset_is_exact(impl):
+  """With boundary=-inf the output after a row start ignores everything before it."""
+  q, k, v, g, _ = make_inputs(0, 1, 40, 2, 8, 8, 1.0)
+  o = lasad_attention(q, k, v, g, width=10, prefix=0, boundary=-np.inf, impl=impl)
+  tail = lasad_attention(q[:, 20:], k[:, 20:], v[:, 20:], g[:, 20:], impl=impl)
+  np.testing.assert_allclose(np.asarray(o[:, 20:30]), np.asarray(tail[:, :10]), rtol=1e-5,
+                             atol=1e-5)
+  assert np.isfinite(np.asarray(o)).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_traced_width_compiles_once(impl):
+  q, k, v, g, _ = make_inputs(3, 2, 48, 2, 8, 8, 1.0)
+  f = jax.jit(lambda w, p: lasad_attention(q, k, v, g, width=w, prefix=p, boundary=-1.0,
+                                           impl=impl))
+  for w, p in ((4, 1), (8, 0), (12, 3)):
+    o = f(jnp.int32(w), jnp.int32(p))
+    o_ref, _, _ = oracle.forward(q, k, v, g, width=w, prefix=p, boundary=-1.0)
+    assert oracle.rel_rms(o, o_ref) < TOL[impl]
+  assert f._cache_size() == 1
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bfloat16_inputs(impl):
+  q, k, v, g, _ = make_inputs(4, 2, 70, 2, 16, 16, 1.0)
+  bf = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v, g)]
+  o = lasad_attention(*bf, width=8, prefix=1, boundary=-np.inf, impl=impl)
+  assert o.dtype == jnp.bfloat16
+  o_ref, _, _ = oracle.forward(*[np.asarray(x, np.float64) for x in bf], width=8, prefix=1,
+                               boundary=-np.inf)
+  assert oracle.rel_rms(o, o_ref) < 1e-2
+
+
+@pytest.mark.parametrize("chunk_size", [16, 32, 128])
+def test_chunk_sizes(chunk_size):
+  q, k, v, g, s0 = make_inputs(5, 2, 150, 2, 8, 8, 1.0, h0=True)
+  o, st = lasad_attention(q, k, v, g, width=12, prefix=1, boundary=-np.inf, impl="chunk",
+                          chunk_size=chunk_size, initial_state=s0, return_final_state=True)
+  o_ref, st_ref, _ = oracle.forward(q, k, v, g, width=12, prefix=1, boundary=-np.inf, h0=s0)
+  assert oracle.rel_rms(o, o_ref) < 1e-4 and oracle.rel_rms(st, st_ref) < 1e-4
+
+
+@pytest.mark.parametrize("boundary", [-np.inf, -0.7])
+def test_split_sequence_with_state(boundary):
+  """Splitting a sequence and handing the state over equals one pass (prefill, long inputs)."""
+  q, k, v, g, _ = make_inputs(6, 2, 97, 2, 8, 8, 1.0)
+  kw = dict(width=12, boundary=boundary, impl="chunk")
+  full = lasad_attention(q, k, v, g, prefix=1, **kw)
+  # (a) Prefill the class token, then continue with prefix 0.
+  o1, s1 = lasad_attention(q[:, :1], k[:, :1], v[:, :1], g[:, :1], prefix=1, **kw,
+                           return_final_state=True)
+  o2 = lasad_attention(q[:, 1:], k[:, 1:], v[:, 1:], g[:, 1:], prefix=0, initial_state=s1, **kw)
+  assert oracle.rel_rms(jnp.concatenate([o1, o2], 1), full) < 1e-5
+  # (b) Split exactly at a row start (t = 1 + 48): the row break falls between the two calls,
+  # so the caller applies it: decay the handed-over state by exp(boundary), set the first gate of
+  # the second call to 0 (that token's own gate is replaced by the boundary), and continue with
+  # prefix 0 (the next row starts are 12, 24, ... tokens later).
+  s = 49
+  o1, s1 = lasad_attention(q[:, :s], k[:, :s], v[:, :s], g[:, :s], prefix=1, **kw,
+                           return_final_state=True)
+  g2 = g[:, s:].copy()
+  g2[:, 0] = 0.0
+  o2 = lasad_attention(q[:, s:], k[:, s:], v[:, s:], g2, prefix=0,
+                       initial_state=s1 * np.exp(boundary), **kw)
+  assert oracle.rel_rms(jnp.concatenate([o1, o2], 1), full) < 1e-5
+
+
+def test_recurrent_step_matches_scan():
+  q, k, v, g, s0 = make_inputs(7, 2, 30, 2, 8, 4, 1.0, h0=True)
+  o_ref, st_ref, _ = oracle.forward(q, k, v, g, width=6, prefix=1, boundary=-np.inf, h0=s0)
+  gt, _ = oracle.masked_gate(g, 6, 1, -np.inf)
+  s, outs = jnp.asarray(s0), []
+  for t in range(30):
+    s, o_t = recurrent_step(s, q[:, t].swapaxes(0, 0), k[:, t], v[:, t],
+                            jnp.asarray(gt[:, t], jnp.float32), 8 ** -0.5)
+    outs.append(o_t)
+  assert oracle.rel_rms(jnp.stack(outs, 1), o_ref) < 2e-5
+  assert oracle.rel_rms(s, st_ref) < 2e-5
+
+
+# ----------------------------------------------------------------------------- bad input
+def _good():
+  q, k, v, g, _ = make_inputs(8, 2, 16, 2, 8, 4, 1.0)
+  return dict(q=q, k=k, v=v, g=g)
+
+
+BAD = [
+    (dict(q=np.zeros((2, 16, 8), np.float32)), "`q` must have rank 4"),
+    (dict(k=np.zeros((2, 16, 2, 4), np.float32)), "`k` must have the shape of `q`"),
+    (dict(g=np.zeros((2, 15, 2, 8), np.float32)), "`g` .* must have the shape of `q`"),
+    (dict(v=np.zeros((2, 16, 3, 4), np.float32)), "`v` must share"),
+    (dict(q=np.zeros((2, 16, 2, 8), np.int32)), "`q` must be a floating dtype"),
+    (dict(width=0), "`width` must be positive"),
+    (dict(width=np.array([4, -1], np.int32)), "`width` must be positive"),
+    (dict(width=np.array([4, 4, 4], np.int32)), "`width` must be a scalar or have shape"),
+    (dict(width=4.0), "`width` must be an int"),
+    (dict(prefix=-1, width=4), "`prefix` must be non-negative"),
+    (dict(impl="cuda"), "`impl` must be one of"),
+    (dict(boundary=0.5, width=4), "`boundary` is a log decay and must be <= 0"),
+    (dict(boundary=np.zeros(3, np.float32), width=4), "`boundary` must be a scalar or have shape"),
+    (dict(initial_state=np.zeros((2, 2, 8, 5), np.float32)), "`initial_state` must have shape"),
+    (dict(initial_state=np.zeros((2, 2, 8, 4), np.int32)), "`initial_state` must be floating"),
+    (dict(chunk_size=24), "`chunk_size` must be a positive multiple of 16"),
+]
+
+
+@pytest.mark.parametrize("bad,msg", BAD, ids=[m.split("`")[1] + str(i) for i, (_, m) in
+                                              enumerate(BAD)])
+def test_bad_input(bad, msg):
+  args = _good()
+  args.update(bad)
+  q, k, v, g = (args.pop(n) for n in ("q", "k", "v", "g"))
+  with pytest.raises(ValueError, match=msg):
+    lasad_attention(q, k, v, g, **args)
