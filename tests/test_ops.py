@@ -13,10 +13,10 @@ import oracle
 from kernels.lasad.reference import recurrent_step
 from lasad_jax.ops import lasad_attention
 
-IMPLS = ["reference", "chunk"]
+IMPLS = ["reference", "chunk", "pallas"]
 # float32 arithmetic; the chunked form's within-chunk cumulative sums of strongly negative gates
 # (normaliser 0.1: g ~ -7 per token, sums ~ -500) lose ~1e-5 relative in the exponent.
-TOL = {"reference": 2e-5, "chunk": 1e-4}
+TOL = {"reference": 2e-5, "chunk": 1e-4, "pallas": 1e-4}
 
 
 def make_inputs(seed, b, t, h, dk, dv, norm, h0=False):
@@ -95,6 +95,11 @@ def test_against_oracle(impl, case):
         ref = ref.sum()
       else:
         got, ref = got[finite], ref[finite]
+    if not np.any(ref):
+      # e.g. dg at T=1 with no initial state is exactly 0; the chunked forms get it as the
+      # difference q*dq - k*dk, which cancels to rounding: bound it absolutely instead.
+      assert np.max(np.abs(got)) < 1e-5, name
+      continue
     assert oracle.rel_rms(got, ref) < tol * 5, name
 
 

@@ -8,7 +8,7 @@ import pytest
 import parity
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "fla_gla.npz")
-IMPLS = ["reference", "chunk"]
+IMPLS = ["reference", "chunk", "pallas"]
 
 
 def _cases():

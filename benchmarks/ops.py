@@ -1,0 +1,208 @@
+"""Time the LASAD operator against fla's chunk_gla and cuDNN causal softmax attention.
+
+    python benchmarks/ops.py [--out benchmarks/results/ops_h100.json] [--shapes 32,1024,16,64 ...]
+
+bf16 inputs, shapes (B, T, H, D) with K = V = D. For each shape: the Pallas kernel with the row mask
+on (width 16/32/64/128, prefix 1, boundary -inf) and off, the XLA chunk implementation, fla
+``chunk_gla`` (no mask; skipped if torch/fla are missing), and
+``jax.nn.dot_product_attention(..., implementation="cudnn", is_causal=True)``; forward and
+forward+backward. Median ms after warm-up (JAX: ``block_until_ready``; torch: CUDA events).
+Also measures device copy bandwidth and prints each shape's HBM floor (the bytes that must move
+once / that bandwidth) and each time's ratio to it. Prints a table; writes one JSON record per
+impl x shape x pass.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave room for torch
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lasad_jax.ops import lasad_attention  # noqa: E402
+
+SHAPES = [(32, 256, 16, 64), (32, 1024, 16, 64), (8, 4096, 16, 64), (2, 16384, 16, 64)]
+
+
+def time_jax(fn, *args, iters=20, warmup=3):
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  ts = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    ts.append((time.perf_counter() - t0) * 1e3)
+  return statistics.median(ts)
+
+
+def time_torch(fn, iters=20, warmup=3):
+  import torch
+  for _ in range(warmup):
+    fn()
+  torch.cuda.synchronize()
+  ts = []
+  for _ in range(iters):
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    torch.cuda.synchronize()
+    ts.append(a.elapsed_time(b))
+  return statistics.median(ts)
+
+
+def copy_bandwidth():
+  """Bytes read + written per second of a large device-to-device copy."""
+  x = jnp.ones((256 * 1024 * 1024,), jnp.float32)  # 1 GiB
+  f = jax.jit(lambda x: x * 1.0 + 0.0)
+  ms = time_jax(f, x, iters=10)
+  return 2 * x.nbytes / (ms / 1e3)
+
+
+def inputs(shape, seed=0):
+  b, t, h, d = shape
+  ks = jax.random.split(jax.random.key(seed), 5)
+  q, k, v = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in ks[:3])
+  g = jax.nn.log_sigmoid(jax.random.normal(ks[3], shape, jnp.float32)).astype(jnp.bfloat16)
+  do = jax.random.normal(ks[4], shape, jnp.bfloat16)
+  return q, k, v, g, do
+
+
+def jax_fns(impl, shape, width):
+  kw = dict(impl=impl, scale=1.0)
+  if width:
+    kw.update(width=width, prefix=1, boundary=-jnp.inf)
+  fwd = jax.jit(lambda q, k, v, g: lasad_attention(q, k, v, g, **kw))
+
+  def loss(q, k, v, g, do):
+    return jnp.sum(lasad_attention(q, k, v, g, **kw).astype(jnp.float32) * do)
+  fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+  return fwd, fb
+
+
+def cudnn_fns():
+  att = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                      implementation="cudnn")
+  fwd = jax.jit(att)
+  fb = jax.jit(jax.grad(lambda q, k, v, do: jnp.sum(att(q, k, v).astype(jnp.float32) * do),
+                        argnums=(0, 1, 2)))
+  return fwd, fb
+
+
+def fla_times(shape):
+  try:
+    import torch
+    from fla.ops.gla import chunk_gla
+  except Exception as e:  # noqa: BLE001 -- report and go on without fla
+    print(f"fla unavailable ({type(e).__name__}: {e}); skipping chunk_gla")
+    return None
+  b, t, h, d = shape
+  q, k, v = (torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+             for _ in range(3))
+  g = torch.nn.functional.logsigmoid(torch.randn(b, t, h, d, device="cuda")).bfloat16()
+  g.requires_grad_()
+  do = torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16)
+
+  def fwd():
+    with torch.no_grad():
+      chunk_gla(q, k, v, g, scale=1.0)
+
+  def fb():
+    o, _ = chunk_gla(q, k, v, g, scale=1.0)
+    torch.autograd.grad(o, (q, k, v, g), do)
+
+  return time_torch(fwd), time_torch(fb)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", default="benchmarks/results/ops_h100.json")
+  ap.add_argument("--shapes", nargs="*", default=None, help="B,T,H,D entries")
+  ap.add_argument("--widths", default="16,32,64,128")
+  ap.add_argument("--skip", default="", help="comma list of impls to skip: chunk,fla,cudnn")
+  args = ap.parse_args()
+  shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
+  widths = [int(w) for w in args.widths.split(",") if w]
+  skip = set(args.skip.split(","))
+  dev = jax.devices()[0]
+  bw = copy_bandwidth()
+  print(f"device {dev.device_kind}, jax {jax.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s")
+  records = []
+
+  def add(impl, shape, pas, ms, floor_ms, **extra):
+    records.append(dict(impl=impl, shape=list(shape), dtype="bfloat16", **{"pass": pas}, ms=ms,
+                        hbm_floor_ms=floor_ms, ratio_to_floor=ms / floor_ms, **extra))
+    print(f"  {impl:<22} {pas:<4} {ms:8.3f} ms   {ms / floor_ms:6.1f}x floor", flush=True)
+
+  for shape in shapes:
+    b, t, h, d = shape
+    n = b * t * h * d * 2  # bytes of one bf16 [B, T, H, D] tensor
+    floor_f = 5 * n / bw * 1e3      # read q, k, v, g; write o
+    floor_fb = 14 * n / bw * 1e3    # + read q, k, v, g, do; write dq, dk, dv, dg (no recompute)
+    print(f"shape B={b} T={t} H={h} D={d}: HBM floor fwd {floor_f:.3f} ms, fwd+bwd "
+          f"{floor_fb:.3f} ms")
+    q, k, v, g, do = inputs(shape)
+    variants = [("pallas", w) for w in widths] + [("pallas", None)]
+    if "chunk" not in skip:
+      variants.append(("chunk", 16))
+    for impl, w in variants:
+      name = f"{impl}" + (f" w={w}" if w else " nomask")
+      try:
+        fwd, fb = jax_fns(impl, shape, w)
+        add(name, shape, "fwd", time_jax(fwd, q, k, v, g), floor_f, width=w)
+        add(name, shape, "fb", time_jax(fb, q, k, v, g, do), floor_fb, width=w)
+      except Exception as e:  # noqa: BLE001 -- e.g. out of memory for the XLA form
+        print(f"  {name}: failed: {type(e).__name__}: {str(e)[:200]}")
+    if "cudnn" not in skip:
+      try:
+        fwd, fb = cudnn_fns()
+        add("cudnn softmax causal", shape, "fwd", time_jax(fwd, q, k, v), floor_f)
+        add("cudnn softmax causal", shape, "fb", time_jax(fb, q, k, v, do), floor_fb)
+      except Exception as e:  # noqa: BLE001
+        print(f"  cudnn: failed: {type(e).__name__}: {str(e)[:200]}")
+    if "fla" not in skip:
+      res = fla_times(shape)
+      if res:
+        add("fla chunk_gla", shape, "fwd", res[0], floor_f)
+        add("fla chunk_gla", shape, "fb", res[1], floor_fb)
+
+  meta = dict(date=datetime.date.today().isoformat(), device=dev.device_kind,
+              jax=jax.__version__, copy_bandwidth_tb_s=bw / 1e12,
+              command="python benchmarks/ops.py " + " ".join(
+                  f"--shapes {' '.join(args.shapes)}" if args.shapes else []))
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(dict(meta=meta, records=records), f, indent=1)
+  print_table(records)
+  print(f"wrote {args.out}")
+
+
+def print_table(records):
+  shapes = sorted({tuple(r["shape"]) for r in records}, key=lambda s: s[1])
+  impls = list(dict.fromkeys(r["impl"] for r in records))
+  print("\n| impl | " + " | ".join(f"{s[0]},{s[1]},{s[2]},{s[3]} fwd / fwd+bwd" for s in shapes)
+        + " |")
+  print("|---|" + "---|" * len(shapes))
+  by = {(r["impl"], tuple(r["shape"]), r["pass"]): r["ms"] for r in records}
+  for impl in impls:
+    cells = []
+    for s in shapes:
+      f, fb = by.get((impl, s, "fwd")), by.get((impl, s, "fb"))
+      cells.append(f"{f:.2f} / {fb:.2f}" if f is not None and fb is not None else "-")
+    print(f"| {impl} | " + " | ".join(cells) + " |")
+  floors = {tuple(r["shape"]): (r["hbm_floor_ms"], r["pass"]) for r in records}
+  print("| HBM floor | " + " | ".join(
+      "{:.2f} / {:.2f}".format(*[next(r["hbm_floor_ms"] for r in records
+                                      if tuple(r["shape"]) == s and r["pass"] == p)
+                                 for p in ("fwd", "fb")]) for s in shapes) + " |")
+  del floors
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,430 @@
+"""LASAD operator as Pallas GPU kernels (Triton backend), forward and backward under custom_vjp.
+
+Reads top to bottom: block sizes, the in-kernel row mask, the four kernels, then the public
+``lasad_pallas`` that pads, dispatches and defines the VJP. The chunked math is the one in
+README.md; here every kernel works on one (batch, head) and chunks of C = 64 tokens split into
+sub-chunks of c = 16:
+
+  _states_kernel   grid (B, H, V/bv): walks the chunks in order and writes the state entering
+                   each chunk, S_n [B, H, N, K, V] float32, and the final state.
+  _output_kernel   grid (B, N, H): one chunk; a 16-token recurrence from S_n over its 4
+                   sub-chunks (every exponent <= 0) plus the exact pairwise term inside each
+                   sub-chunk; writes o.
+  _dstates_kernel  grid (B, H, V/bv): walks the chunks backwards and writes dS_n, the gradient
+                   of the state leaving each chunk, and d initial_state.
+  _grads_kernel    grid (B, N, H): one chunk; dq, dk, dv, dg (zero on row starts) and the
+                   per-chunk sum of the boundary gradient.
+
+The row mask is applied inside every kernel from ``width``/``prefix`` (int32 per example) and
+``boundary`` (float32 per head): nothing mask-shaped is written to HBM. A reset (boundary -inf)
+never enters an exponent: it is a segment id, so decays across it are exactly 0.
+
+The backward recomputes S_n instead of saving it (memory O(T) in activations, like fla). Nothing of
+size T x T exists: the largest temporaries are [C, K] tiles.
+
+Backend: Triton lowering of plain ``pl.pallas_call`` (see README.md for why not Mosaic GPU yet).
+The same kernel bodies run under ``interpret=True`` on CPU, which is how CI tests them.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  chunk: int = 64        # C: tokens per chunk (one program of the parallel kernels)
+  sub: int = 16          # c: sub-chunk of the exact pairwise term (16 = smallest tensor-core tile)
+  block_v_scan: int = 64  # V columns per program of the two sequential kernels
+  num_warps: int = 4
+  num_stages: int = 2
+
+
+# --------------------------------------------------------------------------- shared pieces
+def _dot(a, b, trans_a=False, trans_b=False):
+  """a @ b with float32 accumulation; float32 operands use full-precision (IEEE) dots."""
+  prec = lax.Precision.HIGHEST if a.dtype == F32 else None
+  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+  return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=F32)
+
+
+def _gate(g, pos, seq_len, width, prefix, bnd):
+  """Row mask inside the kernel. g [r, K] f32, pos [r] int32 global positions.
+
+  Returns (finite log decay [r, K], reset [r] bool, row_start [r] bool).
+  """
+  rel = pos - prefix
+  safe_w = jnp.maximum(width, 1)
+  start = (width > 0) & (rel >= safe_w) & (lax.rem(rel, safe_w) == 0) & (pos < seq_len)
+  is_reset = bnd == -jnp.inf
+  b_fin = jnp.where(is_reset, 0.0, bnd)
+  gf = jnp.where(start[:, None], b_fin, g)
+  return gf, start & is_reset, start
+
+
+def _row(x, i):
+  """Row i (traced) of a register tile x [r, D] as [1, D], by a masked sum."""
+  rows = lax.broadcasted_iota(jnp.int32, x.shape, 0)
+  return jnp.sum(jnp.where(rows == i, x, 0), axis=0, keepdims=True)
+
+
+def _scalars(w_ref, p_ref, bd_ref):
+  return w_ref[0], p_ref[0], bd_ref[0]
+
+
+def _mx(x, dtype):
+  """Operand dtype for tensor-core dots: the input dtype (bf16) or float32."""
+  return x.astype(dtype)
+
+
+# --------------------------------------------------------------------------- forward kernels
+def _states_kernel(k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, s_ref, ht_ref, *,
+                   chunk, n_chunks, seq_len, dtype):
+  width, prefix, bnd = _scalars(w_ref, p_ref, bd_ref)
+  pos0 = jnp.arange(chunk, dtype=jnp.int32)
+
+  def body(n, s):
+    s_ref[n] = s
+    rows = pl.ds(n * chunk, chunk)
+    k, v = k_ref[rows, :], v_ref[rows, :]
+    gf, rs, _ = _gate(g_ref[rows, :].astype(F32), n * chunk + pos0, seq_len, width, prefix, bnd)
+    b = jnp.cumsum(gf, axis=0)
+    seg = jnp.cumsum(rs.astype(jnp.int32))
+    tot, seg_end = jnp.sum(gf, axis=0), jnp.sum(rs.astype(jnp.int32))
+    kd = k.astype(F32) * jnp.exp(tot[None, :] - b) * (seg == seg_end)[:, None]
+    decay = jnp.exp(tot) * (seg_end == 0)
+    return decay[:, None] * s + _dot(_mx(kd, dtype), v, trans_a=True)
+
+  ht_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(F32))
+
+
+def _diag_out(q, k_ref, v_ref, b, seg, base, sub):
+  """Exact within-sub-chunk term sum_{s<=t} (q_t . k_s e^{b_t - b_s}) v_s (unscaled)."""
+  rows = lax.broadcasted_iota(jnp.int32, (sub,), 0)
+
+  def col(s, o):
+    ks = k_ref[pl.ds(base + s, 1), :].astype(F32)
+    vs = v_ref[pl.ds(base + s, 1), :].astype(F32)
+    bs, segs = _row(b, s), jnp.sum(jnp.where(rows == s, seg, 0))
+    ok = (rows >= s) & (seg == segs)
+    e = jnp.where(ok[:, None], jnp.exp(jnp.minimum(b - bs, 0.0)), 0.0)
+    a = jnp.sum(q * ks * e, axis=1, keepdims=True)
+    return o + a * vs
+
+  return lax.fori_loop(0, sub, col, jnp.zeros((sub, v_ref.shape[-1]), F32))
+
+
+def _output_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, s_ref, o_ref, *,
+                   chunk, sub, seq_len, scale, dtype):
+  n = pl.program_id(1)
+  width, prefix, bnd = _scalars(w_ref, p_ref, bd_ref)
+  s = s_ref[...]
+  for i in range(chunk // sub):
+    rows = pl.ds(i * sub, sub)
+    q, k, v = q_ref[rows, :].astype(F32), k_ref[rows, :], v_ref[rows, :]
+    pos = n * chunk + i * sub + jnp.arange(sub, dtype=jnp.int32)
+    gf, rs, _ = _gate(g_ref[rows, :].astype(F32), pos, seq_len, width, prefix, bnd)
+    b = jnp.cumsum(gf, axis=0)            # log decay since the end of the previous sub-chunk
+    seg = jnp.cumsum(rs.astype(jnp.int32))
+    qh = q * jnp.exp(b) * (seg == 0)[:, None]
+    o = _dot(_mx(qh, dtype), _mx(s, dtype) if dtype != F32 else s)
+    o = o + _diag_out(q, k_ref, v_ref, b, seg, i * sub, sub)
+    o_ref[rows, :] = (scale * o).astype(o_ref.dtype)
+    if i + 1 < chunk // sub:
+      tot, seg_end = jnp.sum(gf, axis=0), jnp.sum(rs.astype(jnp.int32))
+      kd = k.astype(F32) * jnp.exp(tot[None, :] - b) * (seg == seg_end)[:, None]
+      s = (jnp.exp(tot) * (seg_end == 0))[:, None] * s + _dot(_mx(kd, dtype), v, trans_a=True)
+
+
+# --------------------------------------------------------------------------- backward kernels
+def _dstates_kernel(q_ref, do_ref, g_ref, w_ref, p_ref, bd_ref, dht_ref, ds_ref, dh0_ref, *,
+                    chunk, n_chunks, seq_len, scale, dtype):
+  width, prefix, bnd = _scalars(w_ref, p_ref, bd_ref)
+  pos0 = jnp.arange(chunk, dtype=jnp.int32)
+
+  def body(i, ds):
+    n = n_chunks - 1 - i
+    ds_ref[n] = ds
+    rows = pl.ds(n * chunk, chunk)
+    q, do = q_ref[rows, :].astype(F32), do_ref[rows, :]
+    gf, rs, _ = _gate(g_ref[rows, :].astype(F32), n * chunk + pos0, seq_len, width, prefix, bnd)
+    b = jnp.cumsum(gf, axis=0)
+    seg = jnp.cumsum(rs.astype(jnp.int32))
+    tot, seg_end = jnp.sum(gf, axis=0), jnp.sum(rs.astype(jnp.int32))
+    qh = scale * q * jnp.exp(b) * (seg == 0)[:, None]
+    decay = jnp.exp(tot) * (seg_end == 0)
+    return decay[:, None] * ds + _dot(_mx(qh, dtype), do, trans_a=True)
+
+  dh0_ref[...] = lax.fori_loop(0, n_chunks, body, dht_ref[...].astype(F32))
+
+
+def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_ref, ds_ref,
+                  dq_ref, dk_ref, dv_ref, dg_ref, dbnd_ref, *, chunk, sub, seq_len, scale, dtype):
+  """One chunk. Chunk-level b (cumulative log decay from the chunk start) is built sub-chunk by
+  sub-chunk; cross-sub-chunk terms factor through r_i = b at the end of sub-chunk i-1."""
+  n = pl.program_id(1)
+  width, prefix, bnd = _scalars(w_ref, p_ref, bd_ref)
+  nsub = chunk // sub
+  s_in, ds_out = s_ref[...], ds_ref[...]
+  rows_i = lax.broadcasted_iota(jnp.int32, (sub,), 0)
+
+  def mm(a, b, **kw):  # tensor-core operands in the input dtype (bf16), float32 accumulation
+    return _dot(_mx(a, dtype), _mx(b, dtype), **kw)
+
+  # Per sub-chunk inputs, chunk-level cumulative gates and segment ids.
+  blk = []
+  off = jnp.zeros((1, q_ref.shape[-1]), F32)      # b at the end of the previous sub-chunk
+  off_col = jnp.zeros((q_ref.shape[-1], 1), F32)  # the same, as a column
+  seg_off = jnp.int32(0)
+  for i in range(nsub):
+    rows = pl.ds(i * sub, sub)
+    pos = n * chunk + i * sub + rows_i
+    gf, rs, start = _gate(g_ref[rows, :].astype(F32), pos, seq_len, width, prefix, bnd)
+    bl = jnp.cumsum(gf, axis=0)
+    segl = jnp.cumsum(rs.astype(jnp.int32))
+    blk.append(dict(q=q_ref[rows, :].astype(F32), k=k_ref[rows, :].astype(F32),
+                    v=v_ref[rows, :].astype(F32), do=do_ref[rows, :].astype(F32),
+                    b=off + bl, seg=seg_off + segl, r=off, rseg=seg_off, start=start,
+                    reset=rs))
+    off = off + jnp.sum(gf, axis=0)[None, :]
+    off_col = off_col + jnp.sum(gf, axis=0)[:, None]
+    seg_off = seg_off + jnp.sum(rs.astype(jnp.int32))
+  b_end, seg_end = off, seg_off
+
+  dq = [None] * nsub
+  dk = [None] * nsub
+  dv = [None] * nsub
+  # Inter-chunk terms: o_t += scale (q_t e^{b_t} [seg_t = 0]) S_in and
+  # S_out = e^{b_C}[seg_C = 0] S_in + sum_s (k_s e^{b_C - b_s} [seg_s = seg_C])^T v_s.
+  for i, x in enumerate(blk):
+    e_in = jnp.exp(x["b"]) * (x["seg"] == 0)[:, None]
+    dq[i] = scale * mm(x["do"], s_in, trans_b=True) * e_in
+    e_out = jnp.exp(b_end - x["b"]) * (x["seg"] == seg_end)[:, None]
+    dk[i] = mm(x["v"], ds_out, trans_b=True) * e_out
+    dv[i] = mm(x["k"] * e_out, ds_out)
+  # Cross-sub-chunk terms (i > j), factored through r_i so both exponents are <= 0.
+  for i in range(1, nsub):
+    x = blk[i]
+    qf = x["q"] * jnp.exp(x["b"] - x["r"]) * (x["seg"] == x["rseg"])[:, None]
+    dqf = jnp.zeros_like(qf)
+    for j in range(i):
+      y = blk[j]
+      ef = jnp.exp(x["r"] - y["b"]) * (y["seg"] == x["rseg"])[:, None]
+      kf = y["k"] * ef
+      a = mm(qf, kf, trans_b=True)                  # [c, c]
+      da = scale * mm(x["do"], y["v"], trans_b=True)
+      dqf = dqf + mm(da, kf)
+      dk[j] = dk[j] + mm(da, qf, trans_a=True) * ef
+      dv[j] = dv[j] + scale * mm(a, x["do"], trans_a=True)
+    dq[i] = dq[i] + dqf * jnp.exp(x["b"] - x["r"]) * (x["seg"] == x["rseg"])[:, None]
+  # Diagonal sub-chunks: exact pairwise exponents, one key column at a time.
+  for i, x in enumerate(blk):
+    def col(s, carry, x=x):
+      dq_i, dk_i, dv_i = carry
+      ks, vs = _row(x["k"], s), _row(x["v"], s)
+      bs, segs = _row(x["b"], s), jnp.sum(jnp.where(rows_i == s, x["seg"], 0))
+      ok = (rows_i >= s) & (x["seg"] == segs)
+      e = jnp.where(ok[:, None], jnp.exp(jnp.minimum(x["b"] - bs, 0.0)), 0.0)
+      a = jnp.sum(x["q"] * ks * e, axis=1, keepdims=True)          # A[:, s]      [c, 1]
+      da = scale * jnp.sum(x["do"] * vs, axis=1, keepdims=True) * ok[:, None]  # dA[:, s]
+      dq_i = dq_i + da * ks * e
+      sel = (rows_i == s)[:, None]
+      dk_i = dk_i + jnp.where(sel, jnp.sum(da * x["q"] * e, axis=0, keepdims=True), 0.0)
+      dv_i = dv_i + jnp.where(sel, scale * jnp.sum(a * x["do"], axis=0, keepdims=True), 0.0)
+      return dq_i, dk_i, dv_i
+    dq[i], dk[i], dv[i] = lax.fori_loop(0, sub, col, (dq[i], dk[i], dv[i]))
+
+  # d b_t = q_t dq_t - k_t dk_t, plus sum_v S_out dS_out at the chunk end; dg~ is its reverse
+  # cumulative sum over the chunk.
+  s_out = jnp.exp(off_col) * (seg_end == 0) * s_in
+  for x in blk:
+    e_out = jnp.exp(b_end - x["b"]) * (x["seg"] == seg_end)[:, None]
+    s_out = s_out + mm(x["k"] * e_out, x["v"], trans_a=True)
+  d_end = jnp.sum(s_out * ds_out, axis=1)[None, :]
+  db = [x["q"] * dq[i] - x["k"] * dk[i] for i, x in enumerate(blk)]
+  later = d_end
+  dbnd = jnp.zeros((1, q_ref.shape[-1]), F32)
+  for i in reversed(range(nsub)):
+    x = blk[i]
+    tot = jnp.sum(db[i], axis=0, keepdims=True)
+    dgt = later + tot - jnp.cumsum(db[i], axis=0) + db[i]     # sum over t' >= t
+    later = later + tot
+    live_start = x["start"] & ~x["reset"]
+    dbnd = dbnd + jnp.sum(jnp.where(live_start[:, None], dgt, 0.0), axis=0, keepdims=True)
+    rows = pl.ds(i * sub, sub)
+    dg_ref[rows, :] = jnp.where(x["start"][:, None], 0.0, dgt).astype(dg_ref.dtype)
+    dq_ref[rows, :] = dq[i].astype(dq_ref.dtype)
+    dk_ref[rows, :] = dk[i].astype(dk_ref.dtype)
+    dv_ref[rows, :] = dv[i].astype(dv_ref.dtype)
+  dbnd_ref[...] = dbnd
+
+
+# --------------------------------------------------------------------------- pallas_calls
+def _scalar_specs(order):
+  """BlockSpecs for width [B], prefix [B] and boundary [H]; ``order`` maps grid ids -> (b, h)."""
+  return [pl.BlockSpec((1,), lambda *ids: (order(*ids)[0],)),
+          pl.BlockSpec((1,), lambda *ids: (order(*ids)[0],)),
+          pl.BlockSpec((1,), lambda *ids: (order(*ids)[1],))]
+
+
+def _params(bs):
+  return plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
+
+
+def _chunk_states(k, v, g, width, prefix, bnd, h0, *, seq_len, bs, interpret):
+  b, t, h, dk = k.shape
+  dv = v.shape[-1]
+  n = t // bs.chunk
+  bv = min(bs.block_v_scan, dv)
+  seq = lambda d: pl.BlockSpec((None, t, None, d), lambda i, j, kv: (i, 0, j, 0))
+  seq_v = pl.BlockSpec((None, t, None, bv), lambda i, j, kv: (i, 0, j, kv))
+  kern = functools.partial(_states_kernel, chunk=bs.chunk, n_chunks=n, seq_len=seq_len,
+                           dtype=k.dtype)
+  return pl.pallas_call(
+      kern, grid=(b, h, dv // bv),
+      in_specs=[seq(dk), seq_v, seq(dk)] + _scalar_specs(lambda i, j, kv: (i, j)) + [
+          pl.BlockSpec((None, None, dk, bv), lambda i, j, kv: (i, j, 0, kv))],
+      out_specs=[pl.BlockSpec((None, None, n, dk, bv), lambda i, j, kv: (i, j, 0, 0, kv)),
+                 pl.BlockSpec((None, None, dk, bv), lambda i, j, kv: (i, j, 0, kv))],
+      out_shape=[jax.ShapeDtypeStruct((b, h, n, dk, dv), F32),
+                 jax.ShapeDtypeStruct((b, h, dk, dv), F32)],
+      compiler_params=_params(bs), interpret=interpret, name="lasad_states",
+  )(k, v, g, width, prefix, bnd, h0)
+
+
+def _chunk_spec(d, c):
+  return pl.BlockSpec((None, c, None, d), lambda i, j, hh: (i, j, hh, 0))
+
+
+def _state_spec(dk, dv):
+  return pl.BlockSpec((None, None, None, dk, dv), lambda i, j, hh: (i, hh, j, 0, 0))
+
+
+def _outputs(q, k, v, g, width, prefix, bnd, states, *, seq_len, scale, bs, interpret):
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  c = bs.chunk
+  kern = functools.partial(_output_kernel, chunk=c, sub=bs.sub, seq_len=seq_len, scale=scale,
+                           dtype=q.dtype)
+  return pl.pallas_call(
+      kern, grid=(b, t // c, h),
+      in_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c), _chunk_spec(dk, c)]
+      + _scalar_specs(lambda i, j, hh: (i, hh)) + [_state_spec(dk, dv)],
+      out_specs=_chunk_spec(dv, c),
+      out_shape=jax.ShapeDtypeStruct((b, t, h, dv), q.dtype),
+      compiler_params=_params(bs), interpret=interpret, name="lasad_output",
+  )(q, k, v, g, width, prefix, bnd, states)
+
+
+def _dstates(q, do, g, width, prefix, bnd, dht, *, seq_len, scale, bs, interpret):
+  b, t, h, dk = q.shape
+  dv = do.shape[-1]
+  n = t // bs.chunk
+  bv = min(bs.block_v_scan, dv)
+  seq = lambda d: pl.BlockSpec((None, t, None, d), lambda i, j, kv: (i, 0, j, 0))
+  seq_v = pl.BlockSpec((None, t, None, bv), lambda i, j, kv: (i, 0, j, kv))
+  kern = functools.partial(_dstates_kernel, chunk=bs.chunk, n_chunks=n, seq_len=seq_len,
+                           scale=scale, dtype=q.dtype)
+  return pl.pallas_call(
+      kern, grid=(b, h, dv // bv),
+      in_specs=[seq(dk), seq_v, seq(dk)] + _scalar_specs(lambda i, j, kv: (i, j)) + [
+          pl.BlockSpec((None, None, dk, bv), lambda i, j, kv: (i, j, 0, kv))],
+      out_specs=[pl.BlockSpec((None, None, n, dk, bv), lambda i, j, kv: (i, j, 0, 0, kv)),
+                 pl.BlockSpec((None, None, dk, bv), lambda i, j, kv: (i, j, 0, kv))],
+      out_shape=[jax.ShapeDtypeStruct((b, h, n, dk, dv), F32),
+                 jax.ShapeDtypeStruct((b, h, dk, dv), F32)],
+      compiler_params=_params(bs), interpret=interpret, name="lasad_dstates",
+  )(q, do, g, width, prefix, bnd, dht)
+
+
+def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scale, bs,
+           interpret):
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  c = bs.chunk
+  n = t // c
+  kern = functools.partial(_grads_kernel, chunk=c, sub=bs.sub, seq_len=seq_len, scale=scale,
+                           dtype=q.dtype)
+  return pl.pallas_call(
+      kern, grid=(b, n, h),
+      in_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c), _chunk_spec(dk, c),
+                _chunk_spec(dv, c)] + _scalar_specs(lambda i, j, hh: (i, hh))
+      + [_state_spec(dk, dv), _state_spec(dk, dv)],
+      out_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c), _chunk_spec(dk, c),
+                 pl.BlockSpec((None, None, None, 1, dk), lambda i, j, hh: (i, j, hh, 0, 0))],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(g.shape, g.dtype),
+                 jax.ShapeDtypeStruct((b, n, h, 1, dk), F32)],
+      compiler_params=_params(bs), interpret=interpret, name="lasad_grads",
+  )(q, k, v, g, do, width, prefix, bnd, states, dstates)
+
+
+# --------------------------------------------------------------------------- custom VJP
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def _lasad(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret):
+  return _lasad_fwd(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret)[0]
+
+
+def _lasad_fwd(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret):
+  kw = dict(seq_len=seq_len, bs=bs, interpret=interpret)
+  states, final = _chunk_states(k, v, g, width, prefix, bnd, h0, **kw)
+  o = _outputs(q, k, v, g, width, prefix, bnd, states, scale=scale, **kw)
+  return (o, final), (q, k, v, g, width, prefix, bnd, h0)
+
+
+def _lasad_bwd(seq_len, scale, bs, interpret, res, cts):
+  q, k, v, g, width, prefix, bnd, h0 = res
+  do, dht = cts
+  kw = dict(seq_len=seq_len, bs=bs, interpret=interpret)
+  states, _ = _chunk_states(k, v, g, width, prefix, bnd, h0, **kw)
+  dstates, dh0 = _dstates(q, do.astype(q.dtype), g, width, prefix, bnd, dht.astype(F32),
+                          scale=scale, **kw)
+  dq, dk, dv, dg, dbnd = _grads(q, k, v, g, do.astype(q.dtype), width, prefix, bnd, states,
+                                dstates, scale=scale, **kw)
+  dbnd = jnp.sum(dbnd, axis=(0, 1, 3, 4))
+  return dq, dk, dv, dg, None, None, dbnd, dh0
+
+
+_lasad.defvjp(_lasad_fwd, _lasad_bwd)
+
+
+def _pow2_at_least_16(d):
+  return max(16, 1 << (d - 1).bit_length())
+
+
+def lasad_pallas(q, k, v, g, width, prefix, boundary, initial_state, *, scale, use_mask,
+                 block_sizes=BlockSizes(), interpret=None):
+  """Same contract as ``reference.lasad_reference`` (already validated by lasad_jax.ops).
+
+  Pads T to a multiple of the chunk and K, V to powers of two >= 16 (Triton tile shapes); the
+  padding is k = v = q = 0 and g = 0, which changes nothing, and is cropped from the results.
+  ``interpret=None`` runs compiled on GPU and in the Pallas interpreter elsewhere.
+  """
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  bs = block_sizes
+  batch, seq_len, heads, dk = q.shape
+  dv = v.shape[-1]
+  if not use_mask:
+    width = jnp.zeros((batch,), jnp.int32)  # width <= 0 disables the mask in _gate
+  dtype = jnp.bfloat16 if q.dtype == jnp.bfloat16 else F32
+  t_pad = -seq_len % bs.chunk
+  kp, vp = _pow2_at_least_16(dk) - dk, _pow2_at_least_16(dv) - dv
+
+  def pad(x, d):
+    return jnp.pad(x.astype(dtype), ((0, 0), (0, t_pad), (0, 0), (0, d)))
+
+  qp, kp_ = pad(q, kp), pad(k, kp)
+  # g keeps its own dtype (a float32 gate with bf16 q/k/v stays float32).
+  gp = jnp.pad(g if dtype == jnp.bfloat16 else g.astype(F32), ((0, 0), (0, t_pad), (0, 0), (0, kp)))
+  h0 = jnp.pad(initial_state, ((0, 0), (0, 0), (0, kp), (0, vp)))
+  o, final = _lasad(qp, kp_, pad(v, vp), gp, width, prefix, boundary, h0, seq_len, scale, bs,
+                    interpret)
+  return o[:, :seq_len, :, :dv].astype(F32), final[:, :, :dk, :dv]
