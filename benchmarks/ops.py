@@ -25,20 +25,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks_common import inputs, time_jax  # noqa: E402
 from lasad_jax.ops import lasad_attention  # noqa: E402
 
 SHAPES = [(32, 256, 16, 64), (32, 1024, 16, 64), (8, 4096, 16, 64), (2, 16384, 16, 64)]
-
-
-def time_jax(fn, *args, iters=20, warmup=3):
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(ts)
 
 
 def time_torch(fn, iters=20, warmup=3):
@@ -65,23 +55,20 @@ def copy_bandwidth():
   return 2 * x.nbytes / (ms / 1e3)
 
 
-def inputs(shape, seed=0):
-  b, t, h, d = shape
-  ks = jax.random.split(jax.random.key(seed), 5)
-  q, k, v = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in ks[:3])
-  g = jax.nn.log_sigmoid(jax.random.normal(ks[3], shape, jnp.float32)).astype(jnp.bfloat16)
-  do = jax.random.normal(ks[4], shape, jnp.bfloat16)
-  return q, k, v, g, do
-
-
-def jax_fns(impl, shape, width):
+def jax_fns(impl, masked, block_sizes=None):
+  """Jitted forward and forward+backward; ``width`` is a runtime argument (one compile)."""
   kw = dict(impl=impl, scale=1.0)
-  if width:
-    kw.update(width=width, prefix=1, boundary=-jnp.inf)
-  fwd = jax.jit(lambda q, k, v, g: lasad_attention(q, k, v, g, **kw))
+  if block_sizes is not None:
+    kw["block_sizes"] = block_sizes
 
-  def loss(q, k, v, g, do):
-    return jnp.sum(lasad_attention(q, k, v, g, **kw).astype(jnp.float32) * do)
+  def att(q, k, v, g, w):
+    if masked:
+      return lasad_attention(q, k, v, g, width=w, prefix=1, boundary=-jnp.inf, **kw)
+    return lasad_attention(q, k, v, g, **kw)
+  fwd = jax.jit(att)
+
+  def loss(q, k, v, g, w, do):
+    return jnp.sum(att(q, k, v, g, w).astype(jnp.float32) * do)
   fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
   return fwd, fb
 
@@ -148,17 +135,21 @@ def main():
     print(f"shape B={b} T={t} H={h} D={d}: HBM floor fwd {floor_f:.3f} ms, fwd+bwd "
           f"{floor_fb:.3f} ms")
     q, k, v, g, do = inputs(shape)
-    variants = [("pallas", w) for w in widths] + [("pallas", None)]
+    from kernels.lasad.pallas import BlockSizes
+    variants = [("pallas", "pallas", widths, None), ("pallas nomask", "pallas", [0], None),
+                ("pallas diag=bcast", "pallas", widths[:1], BlockSizes(diag="bcast"))]
     if "chunk" not in skip:
-      variants.append(("chunk", 16))
-    for impl, w in variants:
-      name = f"{impl}" + (f" w={w}" if w else " nomask")
+      variants.append(("chunk (XLA)", "chunk", widths[:1], None))
+    for label, impl, ws, bsz in variants:
       try:
-        fwd, fb = jax_fns(impl, shape, w)
-        add(name, shape, "fwd", time_jax(fwd, q, k, v, g), floor_f, width=w)
-        add(name, shape, "fb", time_jax(fb, q, k, v, g, do), floor_fb, width=w)
+        fwd, fb = jax_fns(impl, ws != [0], bsz)
+        for w in ws:
+          name = label + (f" w={w}" if w else "")
+          wa = jnp.int32(w)
+          add(name, shape, "fwd", time_jax(fwd, q, k, v, g, wa), floor_f, width=w or None)
+          add(name, shape, "fb", time_jax(fb, q, k, v, g, wa, do), floor_fb, width=w or None)
       except Exception as e:  # noqa: BLE001 -- e.g. out of memory for the XLA form
-        print(f"  {name}: failed: {type(e).__name__}: {str(e)[:200]}")
+        print(f"  {label}: failed: {type(e).__name__}: {str(e)[:300]}")
     if "cudnn" not in skip:
       try:
         fwd, fb = cudnn_fns()

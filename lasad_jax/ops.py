@@ -88,7 +88,8 @@ def default_impl():
 
 
 def lasad_attention(q, k, v, g, *, width=None, prefix=0, boundary=0.0, scale=None,
-                    initial_state=None, return_final_state=False, impl="auto", chunk_size=64):
+                    initial_state=None, return_final_state=False, impl="auto", chunk_size=64,
+                    block_sizes=None):
   """Gated linear attention with the Spatial-Aware Decay row mask.
 
   Args:
@@ -104,6 +105,7 @@ def lasad_attention(q, k, v, g, *, width=None, prefix=0, boundary=0.0, scale=Non
     return_final_state: also return the [B, H, K, V] float32 state after the last token.
     impl: "auto" | "reference" (lax.scan, exact) | "chunk" (XLA chunked) | "pallas" (GPU kernel).
     chunk_size: chunk length for "chunk" (a multiple of 16, or any size <= 16).
+    block_sizes: ``kernels.lasad.pallas.BlockSizes`` tuning knobs for "pallas" (None: defaults).
 
   Returns:
     ``o`` [B, T, H, V] in the input dtype, or ``(o, final_state)`` if ``return_final_state``.
@@ -140,7 +142,8 @@ def lasad_attention(q, k, v, g, *, width=None, prefix=0, boundary=0.0, scale=Non
       from kernels.lasad.pallas import lasad_pallas
     except ImportError as e:
       raise ValueError(f"impl='pallas' is not available in this build: {e}") from e
-    o, final = lasad_pallas(*args, scale=float(scale), use_mask=use_mask)
+    kw = {} if block_sizes is None else dict(block_sizes=block_sizes)
+    o, final = lasad_pallas(*args, scale=float(scale), use_mask=use_mask, **kw)
   o = o.astype(out_dtype)
   return (o, final) if return_final_state else o
 

@@ -4,8 +4,8 @@
 
 Needs torch and flash-linear-attention 0.6.0 (fla-core). fla has no row mask, so the masked gate g~
 is computed here (same rule as kernels/lasad/mask.py, written again in NumPy) and fed to fla as its
-gate. Runs `fla.ops.gla.naive.naive_recurrent_gla` (pure PyTorch, float32, scale K**-0.5) everywhere
-and `fla.ops.gla.chunk_gla` (Triton) when CUDA is present; forward, final state and torch-autograd
+gate. Runs `fla.ops.gla.naive.naive_recurrent_gla` (pure PyTorch, float32, scale K**-0.5) on every case
+and `fla.ops.gla.chunk_gla` (Triton) on the K = V = 64 cases when CUDA is present; forward, final state and torch-autograd
 gradients of sum(o*do) + sum(ht*dht) with respect to q, k, v, g~ and h0.
 """
 
@@ -23,6 +23,11 @@ CASES = [
     (2, 129, 3, 16, 8, 10.0, 8, 1, [-0.5, float("-inf"), 0.0], True),
     (3, 77, 2, 16, 16, 1.0, [4, 6, 16], [1, 0, 3], float("-inf"), False),
     (1, 1000, 1, 8, 8, 1.0, 32, 1, -1.0, True),
+    # K = V = 64: also run through chunk_gla (fla autotunes per head size, so the Triton cases
+    # share one tuning with the benchmark's shapes).
+    (1, 100, 2, 64, 64, 1.0, 16, 1, 0.0, True),
+    (1, 90, 1, 64, 64, 1.0, 8, 1, -0.5, False),
+    (1, 70, 2, 64, 64, 1.0, 8, 1, [float("-inf"), -1.0], True),
 ]
 
 
@@ -99,7 +104,9 @@ def main():
     res = run_fla(naive, x, dev)
     arrays.update({f"c{i}_naive_{n}": a for n, a in res.items()})
     msg = f"case {i} {case[:5]} width={case[6]} boundary={case[8]}: naive ok"
-    if cuda:
+    ran = cuda and case[3] == case[4] == 64
+    arrays[f"c{i}_chunk_ran"] = np.asarray(ran)
+    if ran:
       res = run_fla(chunk, x, dev)
       finite = all(np.isfinite(a).all() for a in res.values())
       arrays[f"c{i}_chunk_finite"] = np.asarray(finite)

@@ -44,13 +44,16 @@ def test_against_fla_chunk_fixture(impl):
     pytest.skip("fixture was made without a GPU: no chunk_gla outputs")
   checked = 0
   for i, x in enumerate(cases):
+    if not bool(x["chunk_ran"]):
+      continue  # only the K = V = 64 cases go through chunk_gla
     if not bool(x["chunk_finite"]):
-      continue  # fla's chunk_gla cannot take g~ = -inf (see the fixture script's log)
-    theirs = {n[len("chunk_"):]: x[n] for n in x if n.startswith("chunk_") and n != "chunk_finite"}
+      continue  # fla's chunk_gla gave NaN/inf on this case (see the fixture script's log)
+    theirs = {n[len("chunk_"):]: x[n] for n in x
+              if n.startswith("chunk_") and n not in ("chunk_finite", "chunk_ran")}
     errs = parity.compare(x, parity.ours(x, impl), theirs)
     assert max(errs.values()) < parity.TOL_CHUNK_GLA, f"case {i}: {errs}"
     checked += 1
-  assert checked >= 3
+  assert checked >= 2
 
 
 def test_live_against_fla():

@@ -42,9 +42,14 @@ F32 = jnp.float32
 class BlockSizes:
   chunk: int = 64        # C: tokens per chunk (one program of the parallel kernels)
   sub: int = 16          # c: sub-chunk of the exact pairwise term (16 = smallest tensor-core tile)
-  block_v_scan: int = 64  # V columns per program of the two sequential kernels
+  # V columns per program of the two sequential kernels; None: the largest of 64/32/16 that
+  # still gives >= 2 programs per SM (B*H*V/bv >= 264), so small B*H with long T keeps the GPU busy.
+  block_v_scan: int | None = None
   num_warps: int = 4
   num_stages: int = 2
+  # Exact within-sub-chunk term: "loop" walks the c key columns; "bcast" forms the [c, c, K]
+  # pairwise exponent tile at once (more registers, no sequential dependence).
+  diag: str = "loop"
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -67,12 +72,6 @@ def _gate(g, pos, seq_len, width, prefix, bnd):
   b_fin = jnp.where(is_reset, 0.0, bnd)
   gf = jnp.where(start[:, None], b_fin, g)
   return gf, start & is_reset, start
-
-
-def _row(x, i):
-  """Row i (traced) of a register tile x [r, D] as [1, D], by a masked sum."""
-  rows = lax.broadcasted_iota(jnp.int32, x.shape, 0)
-  return jnp.sum(jnp.where(rows == i, x, 0), axis=0, keepdims=True)
 
 
 def _scalars(w_ref, p_ref, bd_ref):
@@ -105,24 +104,49 @@ def _states_kernel(k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, s_ref, ht_
   ht_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(F32))
 
 
-def _diag_out(q, k_ref, v_ref, b, seg, base, sub):
-  """Exact within-sub-chunk term sum_{s<=t} (q_t . k_s e^{b_t - b_s}) v_s (unscaled)."""
+def _gate_row(g_ref, idx, pos, seq_len, width, prefix, bnd):
+  """Masked gate of one row: ([1, K] finite log decay, int32 reset flag)."""
+  gf, rs, _ = _gate(g_ref[pl.ds(idx, 1), :].astype(F32), jnp.full((1,), pos, jnp.int32),
+                    seq_len, width, prefix, bnd)
+  return gf, jnp.sum(rs.astype(jnp.int32))
+
+
+def _diag_out(q, k_ref, v_ref, g_ref, b, seg, base, pos0, gate_args):
+  """Exact within-sub-chunk term sum_{s<=t} (q_t . k_s e^{b_t - b_s}) v_s (unscaled).
+
+  Walks the key column s with a running gate sum b_s (row loads, no cross-thread reductions
+  to pick a row out of a register tile).
+  """
+  sub = q.shape[0]
   rows = lax.broadcasted_iota(jnp.int32, (sub,), 0)
 
-  def col(s, o):
+  def col(s, carry):
+    o, bs, segs = carry
+    gs, rs = _gate_row(g_ref, base + s, pos0 + s, *gate_args)
+    bs, segs = bs + gs, segs + rs
     ks = k_ref[pl.ds(base + s, 1), :].astype(F32)
     vs = v_ref[pl.ds(base + s, 1), :].astype(F32)
-    bs, segs = _row(b, s), jnp.sum(jnp.where(rows == s, seg, 0))
     ok = (rows >= s) & (seg == segs)
     e = jnp.where(ok[:, None], jnp.exp(jnp.minimum(b - bs, 0.0)), 0.0)
     a = jnp.sum(q * ks * e, axis=1, keepdims=True)
-    return o + a * vs
+    return o + a * vs, bs, segs
 
-  return lax.fori_loop(0, sub, col, jnp.zeros((sub, v_ref.shape[-1]), F32))
+  init = (jnp.zeros((sub, v_ref.shape[-1]), F32), jnp.zeros((1, q.shape[-1]), F32), jnp.int32(0))
+  return lax.fori_loop(0, sub, col, init)[0]
+
+
+def _pairwise(b, seg):
+  """[c, c, K] exp(b_t - b_s) for s <= t in the same segment, else 0 (all exponents <= 0)."""
+  c = b.shape[0]
+  t_i = lax.broadcasted_iota(jnp.int32, (c, c), 0)
+  s_i = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+  ok = (s_i <= t_i) & (seg[:, None] == seg[None, :])
+  diff = jnp.minimum(b[:, None, :] - b[None, :, :], 0.0)
+  return jnp.where(ok[:, :, None], jnp.exp(diff), 0.0), ok
 
 
 def _output_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, s_ref, o_ref, *,
-                   chunk, sub, seq_len, scale, dtype):
+                   chunk, sub, seq_len, scale, dtype, diag):
   n = pl.program_id(1)
   width, prefix, bnd = _scalars(w_ref, p_ref, bd_ref)
   s = s_ref[...]
@@ -135,7 +159,13 @@ def _output_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, s_ref, o_re
     seg = jnp.cumsum(rs.astype(jnp.int32))
     qh = q * jnp.exp(b) * (seg == 0)[:, None]
     o = _dot(_mx(qh, dtype), _mx(s, dtype) if dtype != F32 else s)
-    o = o + _diag_out(q, k_ref, v_ref, b, seg, i * sub, sub)
+    if diag == "bcast":
+      e, _ = _pairwise(b, seg)
+      a = jnp.sum(q[:, None, :] * k.astype(F32)[None, :, :] * e, axis=2)
+      o = o + _dot(_mx(a, dtype), v)
+    else:
+      o = o + _diag_out(q, k_ref, v_ref, g_ref, b, seg, i * sub, n * chunk + i * sub,
+                        (seq_len, width, prefix, bnd))
     o_ref[rows, :] = (scale * o).astype(o_ref.dtype)
     if i + 1 < chunk // sub:
       tot, seg_end = jnp.sum(gf, axis=0), jnp.sum(rs.astype(jnp.int32))
@@ -166,103 +196,94 @@ def _dstates_kernel(q_ref, do_ref, g_ref, w_ref, p_ref, bd_ref, dht_ref, ds_ref,
 
 
 def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_ref, ds_ref,
-                  dq_ref, dk_ref, dv_ref, dg_ref, dbnd_ref, *, chunk, sub, seq_len, scale, dtype):
-  """One chunk. Chunk-level b (cumulative log decay from the chunk start) is built sub-chunk by
-  sub-chunk; cross-sub-chunk terms factor through r_i = b at the end of sub-chunk i-1."""
+                  dq_ref, dk_ref, dv_ref, dg_ref, dbnd_ref, *, chunk, sub, seq_len, scale, dtype,
+                  diag):
+  """One chunk, in two passes over its sub-chunks, each carrying one [K, V] state:
+
+  forward:  P_i (state entering sub-chunk i, from S_in) gives the inter part of dq;
+  backward: dP_{i+1} (gradient of the state leaving sub-chunk i, from dS_out) gives the inter
+            parts of dk, dv; then the exact diagonal term, and dg~ as the reverse cumulative sum
+            of q dq - k dk (+ sum_v S_out dS_out at the chunk end).
+  Exponents are relative to the sub-chunk start (b) or end (tot - b): all <= 0.
+  """
   n = pl.program_id(1)
   width, prefix, bnd = _scalars(w_ref, p_ref, bd_ref)
+  gate_args = (seq_len, width, prefix, bnd)
   nsub = chunk // sub
-  s_in, ds_out = s_ref[...], ds_ref[...]
   rows_i = lax.broadcasted_iota(jnp.int32, (sub,), 0)
 
   def mm(a, b, **kw):  # tensor-core operands in the input dtype (bf16), float32 accumulation
     return _dot(_mx(a, dtype), _mx(b, dtype), **kw)
 
-  # Per sub-chunk inputs, chunk-level cumulative gates and segment ids.
-  blk = []
-  off = jnp.zeros((1, q_ref.shape[-1]), F32)      # b at the end of the previous sub-chunk
-  off_col = jnp.zeros((q_ref.shape[-1], 1), F32)  # the same, as a column
-  seg_off = jnp.int32(0)
-  for i in range(nsub):
+  def load(i):
     rows = pl.ds(i * sub, sub)
-    pos = n * chunk + i * sub + rows_i
-    gf, rs, start = _gate(g_ref[rows, :].astype(F32), pos, seq_len, width, prefix, bnd)
-    bl = jnp.cumsum(gf, axis=0)
-    segl = jnp.cumsum(rs.astype(jnp.int32))
-    blk.append(dict(q=q_ref[rows, :].astype(F32), k=k_ref[rows, :].astype(F32),
-                    v=v_ref[rows, :].astype(F32), do=do_ref[rows, :].astype(F32),
-                    b=off + bl, seg=seg_off + segl, r=off, rseg=seg_off, start=start,
-                    reset=rs))
-    off = off + jnp.sum(gf, axis=0)[None, :]
-    off_col = off_col + jnp.sum(gf, axis=0)[:, None]
-    seg_off = seg_off + jnp.sum(rs.astype(jnp.int32))
-  b_end, seg_end = off, seg_off
+    gf, rs, start = _gate(g_ref[rows, :].astype(F32), n * chunk + i * sub + rows_i, *gate_args)
+    rs_i = rs.astype(jnp.int32)
+    return dict(rows=rows, b=jnp.cumsum(gf, axis=0), seg=jnp.cumsum(rs_i), start=start,
+                reset=rs, tot=jnp.sum(gf, axis=0)[None, :], nres=jnp.sum(rs_i),
+                tot_col=jnp.sum(gf, axis=0)[:, None])
 
-  dq = [None] * nsub
-  dk = [None] * nsub
-  dv = [None] * nsub
-  # Inter-chunk terms: o_t += scale (q_t e^{b_t} [seg_t = 0]) S_in and
-  # S_out = e^{b_C}[seg_C = 0] S_in + sum_s (k_s e^{b_C - b_s} [seg_s = seg_C])^T v_s.
-  for i, x in enumerate(blk):
+  # Forward pass: inter part of dq; P ends as S_out.
+  p_state = s_ref[...]
+  dq_inter = []
+  for i in range(nsub):
+    x = load(i)
+    do, k, v = do_ref[x["rows"], :], k_ref[x["rows"], :].astype(F32), v_ref[x["rows"], :]
     e_in = jnp.exp(x["b"]) * (x["seg"] == 0)[:, None]
-    dq[i] = scale * mm(x["do"], s_in, trans_b=True) * e_in
-    e_out = jnp.exp(b_end - x["b"]) * (x["seg"] == seg_end)[:, None]
-    dk[i] = mm(x["v"], ds_out, trans_b=True) * e_out
-    dv[i] = mm(x["k"] * e_out, ds_out)
-  # Cross-sub-chunk terms (i > j), factored through r_i so both exponents are <= 0.
-  for i in range(1, nsub):
-    x = blk[i]
-    qf = x["q"] * jnp.exp(x["b"] - x["r"]) * (x["seg"] == x["rseg"])[:, None]
-    dqf = jnp.zeros_like(qf)
-    for j in range(i):
-      y = blk[j]
-      ef = jnp.exp(x["r"] - y["b"]) * (y["seg"] == x["rseg"])[:, None]
-      kf = y["k"] * ef
-      a = mm(qf, kf, trans_b=True)                  # [c, c]
-      da = scale * mm(x["do"], y["v"], trans_b=True)
-      dqf = dqf + mm(da, kf)
-      dk[j] = dk[j] + mm(da, qf, trans_a=True) * ef
-      dv[j] = dv[j] + scale * mm(a, x["do"], trans_a=True)
-    dq[i] = dq[i] + dqf * jnp.exp(x["b"] - x["r"]) * (x["seg"] == x["rseg"])[:, None]
-  # Diagonal sub-chunks: exact pairwise exponents, one key column at a time.
-  for i, x in enumerate(blk):
-    def col(s, carry, x=x):
-      dq_i, dk_i, dv_i = carry
-      ks, vs = _row(x["k"], s), _row(x["v"], s)
-      bs, segs = _row(x["b"], s), jnp.sum(jnp.where(rows_i == s, x["seg"], 0))
-      ok = (rows_i >= s) & (x["seg"] == segs)
-      e = jnp.where(ok[:, None], jnp.exp(jnp.minimum(x["b"] - bs, 0.0)), 0.0)
-      a = jnp.sum(x["q"] * ks * e, axis=1, keepdims=True)          # A[:, s]      [c, 1]
-      da = scale * jnp.sum(x["do"] * vs, axis=1, keepdims=True) * ok[:, None]  # dA[:, s]
-      dq_i = dq_i + da * ks * e
-      sel = (rows_i == s)[:, None]
-      dk_i = dk_i + jnp.where(sel, jnp.sum(da * x["q"] * e, axis=0, keepdims=True), 0.0)
-      dv_i = dv_i + jnp.where(sel, scale * jnp.sum(a * x["do"], axis=0, keepdims=True), 0.0)
-      return dq_i, dk_i, dv_i
-    dq[i], dk[i], dv[i] = lax.fori_loop(0, sub, col, (dq[i], dk[i], dv[i]))
+    dq_inter.append(scale * mm(do, p_state, trans_b=True) * e_in)
+    e_out = jnp.exp(x["tot"] - x["b"]) * (x["seg"] == x["nres"])[:, None]
+    p_state = jnp.exp(x["tot_col"]) * (x["nres"] == 0) * p_state + mm(k * e_out, v, trans_a=True)
 
-  # d b_t = q_t dq_t - k_t dk_t, plus sum_v S_out dS_out at the chunk end; dg~ is its reverse
-  # cumulative sum over the chunk.
-  s_out = jnp.exp(off_col) * (seg_end == 0) * s_in
-  for x in blk:
-    e_out = jnp.exp(b_end - x["b"]) * (x["seg"] == seg_end)[:, None]
-    s_out = s_out + mm(x["k"] * e_out, x["v"], trans_a=True)
-  d_end = jnp.sum(s_out * ds_out, axis=1)[None, :]
-  db = [x["q"] * dq[i] - x["k"] * dk[i] for i, x in enumerate(blk)]
-  later = d_end
+  d_state = ds_ref[...]
+  later = jnp.sum(p_state * d_state, axis=1)[None, :]      # d b_C from S_out
   dbnd = jnp.zeros((1, q_ref.shape[-1]), F32)
   for i in reversed(range(nsub)):
-    x = blk[i]
-    tot = jnp.sum(db[i], axis=0, keepdims=True)
-    dgt = later + tot - jnp.cumsum(db[i], axis=0) + db[i]     # sum over t' >= t
-    later = later + tot
-    live_start = x["start"] & ~x["reset"]
-    dbnd = dbnd + jnp.sum(jnp.where(live_start[:, None], dgt, 0.0), axis=0, keepdims=True)
-    rows = pl.ds(i * sub, sub)
+    x = load(i)
+    rows = x["rows"]
+    q, k = q_ref[rows, :].astype(F32), k_ref[rows, :].astype(F32)
+    v, do = v_ref[rows, :].astype(F32), do_ref[rows, :].astype(F32)
+    e_out = jnp.exp(x["tot"] - x["b"]) * (x["seg"] == x["nres"])[:, None]
+    dk = mm(v, d_state, trans_b=True) * e_out
+    dv = mm(k * e_out, d_state)
+    dq = dq_inter[i]
+    if diag == "bcast":
+      e, ok = _pairwise(x["b"], x["seg"])
+      a = jnp.sum(q[:, None, :] * k[None, :, :] * e, axis=2)                  # [c, c]
+      da = jnp.where(ok, scale * mm(do, v, trans_b=True), 0.0)
+      dq = dq + jnp.sum(da[:, :, None] * k[None, :, :] * e, axis=1)
+      dk = dk + jnp.sum(da[:, :, None] * q[:, None, :] * e, axis=0)
+      dv = dv + scale * mm(a, do, trans_a=True)
+    else:
+      def col(s, carry, x=x, q=q, do=do, i=i):
+        dq, dk, dv, bs, segs = carry
+        gs, rs = _gate_row(g_ref, i * sub + s, n * chunk + i * sub + s, *gate_args)
+        bs, segs = bs + gs, segs + rs
+        ks = k_ref[pl.ds(i * sub + s, 1), :].astype(F32)
+        vs = v_ref[pl.ds(i * sub + s, 1), :].astype(F32)
+        ok = (rows_i >= s) & (x["seg"] == segs)
+        e = jnp.where(ok[:, None], jnp.exp(jnp.minimum(x["b"] - bs, 0.0)), 0.0)
+        a = jnp.sum(q * ks * e, axis=1, keepdims=True)                        # A[:, s]
+        da = jnp.where(ok[:, None], scale * jnp.sum(do * vs, axis=1, keepdims=True), 0.0)
+        sel = (rows_i == s)[:, None]
+        dq = dq + da * ks * e
+        dk = dk + jnp.where(sel, jnp.sum(da * q * e, axis=0, keepdims=True), 0.0)
+        dv = dv + jnp.where(sel, scale * jnp.sum(a * do, axis=0, keepdims=True), 0.0)
+        return dq, dk, dv, bs, segs
+      init = (dq, dk, dv, jnp.zeros((1, q.shape[-1]), F32), jnp.int32(0))
+      dq, dk, dv, _, _ = lax.fori_loop(0, sub, col, init)
+    db = q * dq - k * dk
+    tot_db = jnp.sum(db, axis=0, keepdims=True)
+    dgt = later + tot_db - jnp.cumsum(db, axis=0) + db                   # sum over t' >= t
+    later = later + tot_db
+    dbnd = dbnd + jnp.sum(jnp.where((x["start"] & ~x["reset"])[:, None], dgt, 0.0), axis=0,
+                          keepdims=True)
     dg_ref[rows, :] = jnp.where(x["start"][:, None], 0.0, dgt).astype(dg_ref.dtype)
-    dq_ref[rows, :] = dq[i].astype(dq_ref.dtype)
-    dk_ref[rows, :] = dk[i].astype(dk_ref.dtype)
-    dv_ref[rows, :] = dv[i].astype(dv_ref.dtype)
+    dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+    dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+    if i:
+      q_hat = scale * q * jnp.exp(x["b"]) * (x["seg"] == 0)[:, None]
+      d_state = jnp.exp(x["tot_col"]) * (x["nres"] == 0) * d_state + mm(q_hat, do, trans_a=True)
   dbnd_ref[...] = dbnd
 
 
@@ -274,6 +295,15 @@ def _scalar_specs(order):
           pl.BlockSpec((1,), lambda *ids: (order(*ids)[1],))]
 
 
+def _block_v(bs, bh, dv):
+  if bs.block_v_scan is not None:
+    return min(bs.block_v_scan, dv)
+  for bv in (64, 32):
+    if bv <= dv and bh * (dv // bv) >= 264:
+      return bv
+  return min(16, dv)
+
+
 def _params(bs):
   return plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
 
@@ -282,7 +312,7 @@ def _chunk_states(k, v, g, width, prefix, bnd, h0, *, seq_len, bs, interpret):
   b, t, h, dk = k.shape
   dv = v.shape[-1]
   n = t // bs.chunk
-  bv = min(bs.block_v_scan, dv)
+  bv = _block_v(bs, b * h, dv)
   seq = lambda d: pl.BlockSpec((None, t, None, d), lambda i, j, kv: (i, 0, j, 0))
   seq_v = pl.BlockSpec((None, t, None, bv), lambda i, j, kv: (i, 0, j, kv))
   kern = functools.partial(_states_kernel, chunk=bs.chunk, n_chunks=n, seq_len=seq_len,
@@ -312,7 +342,7 @@ def _outputs(q, k, v, g, width, prefix, bnd, states, *, seq_len, scale, bs, inte
   dv = v.shape[-1]
   c = bs.chunk
   kern = functools.partial(_output_kernel, chunk=c, sub=bs.sub, seq_len=seq_len, scale=scale,
-                           dtype=q.dtype)
+                           dtype=q.dtype, diag=bs.diag)
   return pl.pallas_call(
       kern, grid=(b, t // c, h),
       in_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c), _chunk_spec(dk, c)]
@@ -327,7 +357,7 @@ def _dstates(q, do, g, width, prefix, bnd, dht, *, seq_len, scale, bs, interpret
   b, t, h, dk = q.shape
   dv = do.shape[-1]
   n = t // bs.chunk
-  bv = min(bs.block_v_scan, dv)
+  bv = _block_v(bs, b * h, dv)
   seq = lambda d: pl.BlockSpec((None, t, None, d), lambda i, j, kv: (i, 0, j, 0))
   seq_v = pl.BlockSpec((None, t, None, bv), lambda i, j, kv: (i, 0, j, kv))
   kern = functools.partial(_dstates_kernel, chunk=bs.chunk, n_chunks=n, seq_len=seq_len,
@@ -351,7 +381,7 @@ def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scal
   c = bs.chunk
   n = t // c
   kern = functools.partial(_grads_kernel, chunk=c, sub=bs.sub, seq_len=seq_len, scale=scale,
-                           dtype=q.dtype)
+                           dtype=q.dtype, diag=bs.diag)
   return pl.pallas_call(
       kern, grid=(b, n, h),
       in_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c), _chunk_spec(dk, c),

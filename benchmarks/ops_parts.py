@@ -1,0 +1,63 @@
+"""Time each of the Pallas kernel's four launches separately, over a few block-size variants.
+
+    python benchmarks/ops_parts.py [--shape 32,1024,16,64]
+
+Where the forward and backward time goes (states scan, outputs, state-gradient scan, gradients),
+so tuning starts from the largest term. bf16, row mask on (width 16, prefix 1, reset).
+"""
+
+import argparse
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks_common import inputs, time_jax  # noqa: E402
+from kernels.lasad import pallas as P  # noqa: E402
+
+VARIANTS = {
+    "default": P.BlockSizes(),
+    "warps8": P.BlockSizes(num_warps=8),
+    "stages1": P.BlockSizes(num_stages=1),
+    "stages3": P.BlockSizes(num_stages=3),
+    "bv32": P.BlockSizes(block_v_scan=32),
+}
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--shape", default="32,1024,16,64")
+  args = ap.parse_args()
+  shape = tuple(int(x) for x in args.shape.split(","))
+  b, t, h, d = shape
+  q, k, v, g, do = inputs(shape)
+  width = jnp.full((b,), 16, jnp.int32)
+  prefix = jnp.ones((b,), jnp.int32)
+  bnd = jnp.full((h,), -jnp.inf, jnp.float32)
+  h0 = jnp.zeros((b, h, d, d), jnp.float32)
+  dht = jnp.zeros((b, h, d, d), jnp.float32)
+  print(f"{jax.devices()[0].device_kind}  shape {shape} bf16; ms per launch (median)")
+  print(f"{'variant':<10} {'states':>8} {'outputs':>8} {'dstates':>8} {'grads':>8}")
+  for name, bs in VARIANTS.items():
+    kw = dict(seq_len=t, bs=bs, interpret=False)
+    try:
+      st = jax.jit(lambda k, v, g: P._chunk_states(k, v, g, width, prefix, bnd, h0, **kw))
+      states, _ = st(k, v, g)
+      out = jax.jit(lambda q, k, v, g, s: P._outputs(q, k, v, g, width, prefix, bnd, s,
+                                                     scale=1.0, **kw))
+      dst = jax.jit(lambda q, do, g: P._dstates(q, do, g, width, prefix, bnd, dht, scale=1.0,
+                                                **kw))
+      dstates, _ = dst(q, do, g)
+      gr = jax.jit(lambda q, k, v, g, do, s, ds: P._grads(q, k, v, g, do, width, prefix, bnd, s,
+                                                          ds, scale=1.0, **kw))
+      ms = [time_jax(st, k, v, g), time_jax(out, q, k, v, g, states), time_jax(dst, q, do, g),
+            time_jax(gr, q, k, v, g, do, states, dstates)]
+      print(f"{name:<10} " + " ".join(f"{m:8.3f}" for m in ms), flush=True)
+    except Exception as e:  # noqa: BLE001
+      print(f"{name:<10} failed: {type(e).__name__}: {str(e)[:200]}")
+
+
+if __name__ == "__main__":
+  main()
