@@ -137,7 +137,7 @@ def main():
     q, k, v, g, do = inputs(shape)
     from kernels.lasad.pallas import BlockSizes
     variants = [("pallas", "pallas", widths, None), ("pallas nomask", "pallas", [0], None),
-                ("pallas diag=bcast", "pallas", widths[:1], BlockSizes(diag="bcast"))]
+                ("pallas diag=loop", "pallas", widths[:1], BlockSizes(diag="loop"))]
     if "chunk" not in skip:
       variants.append(("chunk (XLA)", "chunk", widths[:1], None))
     for label, impl, ws, bsz in variants:
@@ -162,16 +162,20 @@ def main():
       if res:
         add("fla chunk_gla", shape, "fwd", res[0], floor_f)
         add("fla chunk_gla", shape, "fb", res[1], floor_fb)
+    write(args, dev, bw, records)  # after every shape: a timeout keeps what was measured
 
+  print_table(records)
+  print(f"wrote {args.out}")
+
+
+def write(args, dev, bw, records):
   meta = dict(date=datetime.date.today().isoformat(), device=dev.device_kind,
               jax=jax.__version__, copy_bandwidth_tb_s=bw / 1e12,
-              command="python benchmarks/ops.py " + " ".join(
-                  f"--shapes {' '.join(args.shapes)}" if args.shapes else []))
+              command="python benchmarks/ops.py" + (
+                  f" --shapes {' '.join(args.shapes)}" if args.shapes else ""))
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(dict(meta=meta, records=records), f, indent=1)
-  print_table(records)
-  print(f"wrote {args.out}")
 
 
 def print_table(records):

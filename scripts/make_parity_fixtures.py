@@ -5,7 +5,7 @@
 Needs torch and flash-linear-attention 0.6.0 (fla-core). fla has no row mask, so the masked gate g~
 is computed here (same rule as kernels/lasad/mask.py, written again in NumPy) and fed to fla as its
 gate. Runs `fla.ops.gla.naive.naive_recurrent_gla` (pure PyTorch, float32, scale K**-0.5) on every case
-and `fla.ops.gla.chunk_gla` (Triton) on the K = V = 64 cases when CUDA is present; forward, final state and torch-autograd
+and `fla.ops.gla.chunk_gla` (Triton, bf16 inputs) on the K = V = 64 cases when CUDA is present; forward, final state and torch-autograd
 gradients of sum(o*do) + sum(ht*dht) with respect to q, k, v, g~ and h0.
 """
 
@@ -57,14 +57,20 @@ def make_case(i, case):
       prefix=np.asarray(prefix, np.int32),
       boundary=np.asarray(boundary, f32),
   )
+  if dk == dv == 64:
+    # chunk_gla runs these in bf16 (its float32 autotuning takes minutes per head size); round
+    # the inputs to bf16 so every implementation sees exactly the values fla saw.
+    for n in ("q", "k", "v", "g", "do"):
+      x[n] = torch.tensor(x[n]).bfloat16().float().numpy()
   starts = row_starts(t, width, prefix, b)
   bnd = np.broadcast_to(x["boundary"], (h,))
   x["g_masked"] = np.where(starts[:, :, None, None], bnd[None, None, :, None], x["g"]).astype(f32)
   return x
 
 
-def run_fla(fn, x, device):
-  t = {n: torch.tensor(x[n], device=device, requires_grad=True)
+def run_fla(fn, x, device, dtype=torch.float32):
+  t = {n: torch.tensor(x[n], device=device, dtype=torch.float32 if n == "h0" else dtype,
+                       requires_grad=True)
        for n in ("q", "k", "v", "g_masked", "h0")}
   o, ht = fn(t["q"], t["k"], t["v"], t["g_masked"], t["h0"] if x["has_h0"] else None)
   loss = (o.float() * torch.tensor(x["do"], device=device)).sum() + (
@@ -107,7 +113,7 @@ def main():
     ran = cuda and case[3] == case[4] == 64
     arrays[f"c{i}_chunk_ran"] = np.asarray(ran)
     if ran:
-      res = run_fla(chunk, x, dev)
+      res = run_fla(chunk, x, dev, torch.bfloat16)
       finite = all(np.isfinite(a).all() for a in res.values())
       arrays[f"c{i}_chunk_finite"] = np.asarray(finite)
       arrays.update({f"c{i}_chunk_{n}": a for n, a in res.items()})

@@ -9,7 +9,7 @@ from lasad_jax.ops import lasad_attention
 # What each implementation must reach against fla's float32 naive recurrence (relative RMS).
 # chunk: within-chunk cumulative sums of normaliser-0.1 gates lose ~1e-5 in the exponent.
 TOL_NAIVE = {"reference": 1e-5, "chunk": 1e-4, "pallas": 1e-4}
-# fla's chunk_gla does its float32 dots in TF32 (10-bit mantissa): ~1e-3 from exact.
+# fla's chunk_gla runs the K = V = 64 cases in bf16 (inputs, outputs, gradients): ~2e-3 from exact.
 TOL_CHUNK_GLA = 1e-2
 
 

@@ -220,11 +220,15 @@ def test_bad_input(bad, msg):
     lasad_attention(q, k, v, g, **args)
 
 
-@pytest.mark.parametrize("diag", ["loop", "bcast"])
-def test_pallas_diag_variants(diag):
-  """Both forms of the exact within-sub-chunk term, strong gates, reset and partial heads."""
+@pytest.mark.parametrize("diag", ["auto", "loop", "bcast"])
+@pytest.mark.parametrize("norm", [0.1, 1.0])
+def test_pallas_diag_variants(diag, norm):
+  """Every form of the exact within-sub-chunk term, with a reset head and a partial head.
+
+  Normaliser 0.1 (sub-chunk log decay ~ -110) sends "auto" down the column loop; 1.0 (~ -13)
+  takes the tensor-core factorisation."""
   from kernels.lasad.pallas import BlockSizes
-  q, k, v, g, s0 = make_inputs(9, 2, 83, 2, 16, 16, 0.1, h0=True)
+  q, k, v, g, s0 = make_inputs(9, 2, 83, 2, 16, 16, norm, h0=True)
   rng = np.random.default_rng(2)
   do, dst = rng.standard_normal((2, 83, 2, 16)), rng.standard_normal((2, 2, 16, 16))
   bnd = np.array([-np.inf, -0.3], np.float32)

@@ -78,9 +78,10 @@ def test_live_against_fla():
     assert max(errs.values()) < parity.TOL_NAIVE[impl]
   if torch.cuda.is_available():
     from fla.ops.gla import chunk_gla
-    x = mk.make_case(78, (2, 300, 4, 64, 64, 1.0, 16, 1, -0.5, True))
+    x = mk.make_case(78, (2, 300, 4, 64, 64, 1.0, 16, 1, -0.5, True))  # bf16-rounded inputs
     theirs = mk.run_fla(lambda q, k, v, g, h0: chunk_gla(q, k, v, g, initial_state=h0,
-                                                         output_final_state=True), x, dev)
+                                                         output_final_state=True), x, dev,
+                        torch.bfloat16)
     for impl in IMPLS:
       errs = parity.compare(x, parity.ours(x, impl), theirs)
       print(f"live fla chunk_gla vs {impl}: {errs}")

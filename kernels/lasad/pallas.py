@@ -47,9 +47,12 @@ class BlockSizes:
   block_v_scan: int | None = None
   num_warps: int = 4
   num_stages: int = 2
-  # Exact within-sub-chunk term: "loop" walks the c key columns; "bcast" forms the [c, c, K]
-  # pairwise exponent tile at once (more registers, no sequential dependence).
-  diag: str = "loop"
+  # Exact within-sub-chunk term. "auto": tensor-core factorisation e^{b_t} e^{-b_s} (b relative to
+  # the sub-chunk start) when the sub-chunk's total log decay is > -fast_limit on every channel,
+  # so no factor exceeds e^fast_limit; else the column loop. "loop" walks the c key columns;
+  # "bcast" forms the [c, c, K] pairwise tile at once.
+  diag: str = "auto"
+  fast_limit: float = 60.0
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -137,16 +140,21 @@ def _diag_out(q, k_ref, v_ref, g_ref, b, seg, base, pos0, gate_args):
 
 def _pairwise(b, seg):
   """[c, c, K] exp(b_t - b_s) for s <= t in the same segment, else 0 (all exponents <= 0)."""
-  c = b.shape[0]
-  t_i = lax.broadcasted_iota(jnp.int32, (c, c), 0)
-  s_i = lax.broadcasted_iota(jnp.int32, (c, c), 1)
-  ok = (s_i <= t_i) & (seg[:, None] == seg[None, :])
+  ok = _causal_same_seg(seg)
   diff = jnp.minimum(b[:, None, :] - b[None, :, :], 0.0)
   return jnp.where(ok[:, :, None], jnp.exp(diff), 0.0), ok
 
 
+def _causal_same_seg(seg):
+  """[c, c] mask: key s <= query t and no reset between them."""
+  c = seg.shape[0]
+  t_i = lax.broadcasted_iota(jnp.int32, (c, c), 0)
+  s_i = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+  return (s_i <= t_i) & (seg[:, None] == seg[None, :])
+
+
 def _output_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, s_ref, o_ref, *,
-                   chunk, sub, seq_len, scale, dtype, diag):
+                   chunk, sub, seq_len, scale, dtype, diag, fast_limit):
   n = pl.program_id(1)
   width, prefix, bnd = _scalars(w_ref, p_ref, bd_ref)
   s = s_ref[...]
@@ -159,13 +167,20 @@ def _output_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, s_ref, o_re
     seg = jnp.cumsum(rs.astype(jnp.int32))
     qh = q * jnp.exp(b) * (seg == 0)[:, None]
     o = _dot(_mx(qh, dtype), _mx(s, dtype) if dtype != F32 else s)
+    loop = functools.partial(_diag_out, q, k_ref, v_ref, g_ref, b, seg, i * sub,
+                             n * chunk + i * sub, (seq_len, width, prefix, bnd))
     if diag == "bcast":
       e, _ = _pairwise(b, seg)
       a = jnp.sum(q[:, None, :] * k.astype(F32)[None, :, :] * e, axis=2)
       o = o + _dot(_mx(a, dtype), v)
+    elif diag == "loop":
+      o = o + loop()
     else:
-      o = o + _diag_out(q, k_ref, v_ref, g_ref, b, seg, i * sub, n * chunk + i * sub,
-                        (seq_len, width, prefix, bnd))
+      def fast():
+        a = _dot(_mx(q * jnp.exp(b), dtype),
+                 _mx(k.astype(F32) * jnp.exp(-b), dtype), trans_b=True)
+        return _dot(_mx(jnp.where(_causal_same_seg(seg), a, 0.0), dtype), v)
+      o = o + lax.cond(jnp.min(jnp.sum(gf, axis=0)) > -fast_limit, fast, loop)
     o_ref[rows, :] = (scale * o).astype(o_ref.dtype)
     if i + 1 < chunk // sub:
       tot, seg_end = jnp.sum(gf, axis=0), jnp.sum(rs.astype(jnp.int32))
@@ -197,7 +212,7 @@ def _dstates_kernel(q_ref, do_ref, g_ref, w_ref, p_ref, bd_ref, dht_ref, ds_ref,
 
 def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_ref, ds_ref,
                   dq_ref, dk_ref, dv_ref, dg_ref, dbnd_ref, *, chunk, sub, seq_len, scale, dtype,
-                  diag):
+                  diag, fast_limit):
   """One chunk, in two passes over its sub-chunks, each carrying one [K, V] state:
 
   forward:  P_i (state entering sub-chunk i, from S_in) gives the inter part of dq;
@@ -269,8 +284,24 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
         dk = dk + jnp.where(sel, jnp.sum(da * q * e, axis=0, keepdims=True), 0.0)
         dv = dv + jnp.where(sel, scale * jnp.sum(a * do, axis=0, keepdims=True), 0.0)
         return dq, dk, dv, bs, segs
-      init = (dq, dk, dv, jnp.zeros((1, q.shape[-1]), F32), jnp.int32(0))
-      dq, dk, dv, _, _ = lax.fori_loop(0, sub, col, init)
+      def loop(dq, dk, dv, col=col):
+        init = (dq, dk, dv, jnp.zeros((1, q.shape[-1]), F32), jnp.int32(0))
+        return lax.fori_loop(0, sub, col, init)[:3]
+
+      def fast(dq, dk, dv, x=x, q=q, k=k, v=v, do=do):
+        ok = _causal_same_seg(x["seg"])
+        qt, kt = q * jnp.exp(x["b"]), k * jnp.exp(-x["b"])
+        a = jnp.where(ok, mm(qt, kt, trans_b=True), 0.0)
+        da = jnp.where(ok, scale * mm(do, v, trans_b=True), 0.0)
+        dq = dq + mm(da, kt) * jnp.exp(x["b"])
+        dk = dk + mm(da, qt, trans_a=True) * jnp.exp(-x["b"])
+        dv = dv + scale * mm(a, do, trans_a=True)
+        return dq, dk, dv
+
+      if diag == "loop":
+        dq, dk, dv = loop(dq, dk, dv)
+      else:
+        dq, dk, dv = lax.cond(jnp.min(x["tot"]) > -fast_limit, fast, loop, dq, dk, dv)
     db = q * dq - k * dk
     tot_db = jnp.sum(db, axis=0, keepdims=True)
     dgt = later + tot_db - jnp.cumsum(db, axis=0) + db                   # sum over t' >= t
@@ -342,7 +373,7 @@ def _outputs(q, k, v, g, width, prefix, bnd, states, *, seq_len, scale, bs, inte
   dv = v.shape[-1]
   c = bs.chunk
   kern = functools.partial(_output_kernel, chunk=c, sub=bs.sub, seq_len=seq_len, scale=scale,
-                           dtype=q.dtype, diag=bs.diag)
+                           dtype=q.dtype, diag=bs.diag, fast_limit=bs.fast_limit)
   return pl.pallas_call(
       kern, grid=(b, t // c, h),
       in_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c), _chunk_spec(dk, c)]
@@ -381,7 +412,7 @@ def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scal
   c = bs.chunk
   n = t // c
   kern = functools.partial(_grads_kernel, chunk=c, sub=bs.sub, seq_len=seq_len, scale=scale,
-                           dtype=q.dtype, diag=bs.diag)
+                           dtype=q.dtype, diag=bs.diag, fast_limit=bs.fast_limit)
   return pl.pallas_call(
       kern, grid=(b, n, h),
       in_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c), _chunk_spec(dk, c),
