@@ -112,7 +112,7 @@ def main():
   ap.add_argument("--out", default="benchmarks/results/ops_h100.json")
   ap.add_argument("--shapes", nargs="*", default=None, help="B,T,H,D entries")
   ap.add_argument("--widths", default="16,32,64,128")
-  ap.add_argument("--skip", default="", help="comma list of impls to skip: chunk,fla,cudnn")
+  ap.add_argument("--skip", default="", help="comma list of impls to skip: chunk,fla,cudnn,loop")
   args = ap.parse_args()
   shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
   widths = [int(w) for w in args.widths.split(",") if w]
@@ -138,6 +138,8 @@ def main():
     from kernels.lasad.pallas import BlockSizes
     variants = [("pallas", "pallas", widths, None), ("pallas nomask", "pallas", [0], None),
                 ("pallas diag=loop", "pallas", widths[:1], BlockSizes(diag="loop"))]
+    if "loop" in skip:
+      variants = variants[:2]
     if "chunk" not in skip:
       variants.append(("chunk (XLA)", "chunk", widths[:1], None))
     for label, impl, ws, bsz in variants:
