@@ -119,8 +119,11 @@ def main():
       arrays.update({f"c{i}_chunk_{n}": a for n, a in res.items()})
       msg += f", chunk_gla {'ok' if finite else 'NON-FINITE (fla cannot take g~ = -inf)'}"
     print(msg, flush=True)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  np.savez_compressed(args.out, **arrays)
+    # Save after every case: fla's first chunk_gla call autotunes for minutes, and a run cut
+    # off there still leaves the cases finished so far (num_cases says how many).
+    arrays["num_cases"] = np.asarray(i + 1)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    np.savez_compressed(args.out, **arrays)
   print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB)")
 
 
