@@ -1,0 +1,33 @@
+"""LASADGen configs: ``get_config("B")`` etc. (LlamaGen sizes, head dim 64).
+
+Use as ``--config configs/lasad.py:L`` with ml_collections config flags, or import directly.
+"""
+
+import ml_collections
+
+# name: (layers, width); LlamaGen's GPT-B/L/XL/XXL/3B.
+SIZES = {"tiny": (2, 64), "B": (12, 768), "L": (24, 1024), "XL": (36, 1280), "XXL": (48, 1536),
+         "3B": (24, 3200)}
+BOUNDARIES = ("carry", "reset", "none", "learned")
+
+
+def get_config(variant="B"):
+  variant = variant or "B"
+  if variant not in SIZES:
+    raise ValueError(f"unknown LASADGen variant {variant!r}; choose one of {sorted(SIZES)}")
+  layers, dim = SIZES[variant]
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.num_layers = layers
+  c.dim = dim
+  c.head_dim = 64 if variant != "tiny" else 16
+  c.num_heads = dim // c.head_dim
+  c.vocab_size = 16384 if variant != "tiny" else 17
+  c.num_classes = 1000 if variant != "tiny" else 10
+  c.grid = (16, 16) if variant != "tiny" else (8, 8)   # (height, width) in tokens
+  c.boundary = "carry"                                 # carry | reset | none | learned
+  c.attention = "lasad"                                # lasad | softmax (LlamaGen baseline)
+  c.norm_eps = 1e-5
+  c.dtype = "bfloat16" if variant != "tiny" else "float32"   # compute dtype; params are float32
+  c.impl = "auto"                                      # lasad_attention implementation
+  return c

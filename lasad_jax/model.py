@@ -1,0 +1,187 @@
+"""LASADGen: LlamaGen's class-conditional backbone with LASAD (HGRN2-style gated linear) attention.
+
+    model = LASADGen(get_config("B"), rngs=nnx.Rngs(0))
+    logits = model(tokens, labels)             # [B, N, vocab]; logits[:, i] predicts tokens[:, i]
+
+Input sequence: ``[class token] + tokens[:, :-1]`` (prefix 1). Layer parameters are stacked on a
+leading layer axis and run with ``lax.scan``, so compile time does not grow with depth. The same
+block code serves the parallel forward (``forward``) and the one-token decode step
+(``decode_step``), which keeps only a [B, H, K, V] float32 state per layer.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from kernels.lasad import reference
+from lasad_jax.ops import lasad_attention
+
+PREFIX = 1  # one class token before the image tokens
+
+
+def mlp_hidden(dim):
+  """LlamaGen's SwiGLU width: 2/3 of 4*dim, rounded up to a multiple of 256."""
+  hidden = int(2 * 4 * dim / 3)
+  return 256 * -(-hidden // 256)
+
+
+def _rms(x, w, eps):
+  x32 = x.astype(jnp.float32)
+  return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps) * w
+
+
+def _lower_bounds(lb_param):
+  """HGRN2's per-layer, per-channel forget-gate lower bound: 0 in layer 0, rising with depth."""
+  sm = jax.nn.softmax(lb_param.astype(jnp.float32), axis=0)
+  return jnp.cumsum(sm, axis=0) - sm[0]
+
+
+def _boundary(cfg, p):
+  mode = cfg.boundary
+  if mode in ("carry", "none"):
+    return jnp.zeros((cfg.num_heads,), jnp.float32)
+  if mode == "reset":
+    return jnp.full((cfg.num_heads,), -jnp.inf, jnp.float32)
+  return jax.nn.log_sigmoid(p["boundary"].astype(jnp.float32))   # learned, <= 0
+
+
+def _qkvg(cfg, p, lb, h):
+  """HGRN2 projections for x [..., d] -> q, k, v, g [..., H, Dh] (g float32, unmasked)."""
+  dt = jnp.dtype(cfg.dtype)
+  h = h.astype(dt)
+  q = jax.nn.silu(h @ p["wq"].astype(dt))
+  s = jax.nn.sigmoid((h @ p["wf"].astype(dt)).astype(jnp.float32))
+  gate = s + lb * (1.0 - s)                        # lb + (1 - lb) * sigmoid(f)
+  g = jnp.log(jnp.maximum(gate, 1e-30))
+  k = (1.0 - lb) * (1.0 - s)                        # 1 - exp(g), from the unmasked gate
+  v = h @ p["wv"].astype(dt)
+  split = lambda x: x.reshape(x.shape[:-1] + (cfg.num_heads, cfg.head_dim))
+  return split(q), split(k.astype(dt)), split(v), split(g)
+
+
+def _attn_out(cfg, p, o):
+  """Per-head RMSNorm, then the output projection. o [..., H, Dh]."""
+  dt = jnp.dtype(cfg.dtype)
+  o = _rms(o, 1.0, cfg.norm_eps).reshape(o.shape[:-2] + (cfg.dim,)) * p["head_norm"]
+  return o.astype(dt) @ p["wo"].astype(dt)
+
+
+def _mlp(cfg, p, x):
+  dt = jnp.dtype(cfg.dtype)
+  h = _rms(x, p["ffn_norm"], cfg.norm_eps).astype(dt)
+  return (jax.nn.silu(h @ p["w1"].astype(dt)) * (h @ p["w3"].astype(dt))) @ p["w2"].astype(dt)
+
+
+def forward(cfg, params, tokens, labels, width=None):
+  """Parallel (teacher-forced) logits [B, N, vocab] float32 for image tokens [B, N]."""
+  tokens = jnp.asarray(tokens, jnp.int32)
+  x = jnp.concatenate([params["cls_emb"][labels][:, None], params["tok_emb"][tokens[:, :-1]]], 1)
+  x = x.astype(jnp.float32)
+  width = cfg.grid[1] if width is None else width
+  lbs = _lower_bounds(params["blocks"]["lower_bound"])
+
+  def layer(x, xs):
+    p, lb = xs
+    q, k, v, g = _qkvg(cfg, p, lb, _rms(x, p["attn_norm"], cfg.norm_eps))
+    o = lasad_attention(q, k, v, g, width=None if cfg.boundary == "none" else width,
+                        prefix=PREFIX, boundary=_boundary(cfg, p), scale=1.0, impl=cfg.impl)
+    x = x + _attn_out(cfg, p, o).astype(jnp.float32)
+    return x + _mlp(cfg, p, x).astype(jnp.float32), None
+
+  x, _ = jax.lax.scan(layer, x, (params["blocks"], lbs))
+  return _logits(cfg, params, x)
+
+
+def _logits(cfg, params, x):
+  dt = jnp.dtype(cfg.dtype)
+  h = _rms(x, params["norm"], cfg.norm_eps).astype(dt)
+  return (h @ params["head"].astype(dt)).astype(jnp.float32)
+
+
+def init_state(cfg, batch):
+  """Decoder state: one [B, H, K, V] float32 matrix per layer, independent of resolution."""
+  return jnp.zeros((cfg.num_layers, batch, cfg.num_heads, cfg.head_dim, cfg.head_dim), jnp.float32)
+
+
+def embed(params, pos, labels, prev_tokens):
+  """Input of position ``pos``: the class token at 0, else the previous image token."""
+  cls = params["cls_emb"][labels]
+  tok = params["tok_emb"][jnp.maximum(prev_tokens, 0)]
+  return jnp.where(pos == 0, cls, tok).astype(jnp.float32)
+
+
+def decode_step(cfg, params, state, x, pos, width):
+  """One token through every layer. x [B, d] input embedding at sequence position ``pos``.
+
+  Returns (new state, logits [B, vocab] predicting image token ``pos``).
+  """
+  width = jnp.broadcast_to(jnp.asarray(width, jnp.int32), (x.shape[0],))
+  rel = pos - PREFIX
+  start = (rel >= width) & (jnp.remainder(rel, jnp.maximum(width, 1)) == 0)
+  if cfg.boundary == "none":
+    start = jnp.zeros_like(start)
+  lbs = _lower_bounds(params["blocks"]["lower_bound"])
+
+  def layer(x, xs):
+    p, lb, s = xs
+    q, k, v, g = _qkvg(cfg, p, lb, _rms(x, p["attn_norm"], cfg.norm_eps))
+    bnd = _boundary(cfg, p)[None, :, None]
+    g = jnp.where(start[:, None, None], bnd, g)
+    s, o = reference.recurrent_step(s, q, k, v, g, 1.0)
+    x = x + _attn_out(cfg, p, o).astype(jnp.float32)
+    return x + _mlp(cfg, p, x).astype(jnp.float32), s
+
+  x, state = jax.lax.scan(layer, x, (params["blocks"], lbs, state))
+  return state, _logits(cfg, params, x)
+
+
+class LASADGen(nnx.Module):
+  """Holds the parameters; ``__call__`` is the parallel forward. See module docstring."""
+
+  def __init__(self, config, *, rngs: nnx.Rngs):
+    if config.attention != "lasad":
+      raise ValueError(f"config.attention={config.attention!r}: only 'lasad' is built so far "
+                       "(the softmax LlamaGen baseline is not implemented yet)")
+    if config.boundary not in ("carry", "reset", "none", "learned"):
+      raise ValueError(f"config.boundary must be carry | reset | none | learned, got "
+                       f"{config.boundary!r}")
+    self.config = ml_collections.FrozenConfigDict(config)  # hashable: a static jit argument
+    c = self.config
+    L, d, hid = c.num_layers, c.dim, mlp_hidden(c.dim)
+    init = nnx.initializers.normal(0.02)
+
+    def w(*shape):
+      return nnx.Param(init(rngs.params(), shape, jnp.float32))
+
+    self.tok_emb = w(c.vocab_size, d)
+    self.cls_emb = w(c.num_classes + 1, d)      # last row: the null class for CFG
+    self.norm = nnx.Param(jnp.ones((d,), jnp.float32))
+    self.head = w(d, c.vocab_size)
+    self.blocks = nnx.Dict(
+        attn_norm=nnx.Param(jnp.ones((L, d), jnp.float32)),
+        wq=w(L, d, d), wf=w(L, d, d), wv=w(L, d, d), wo=w(L, d, d),
+        head_norm=nnx.Param(jnp.ones((L, d), jnp.float32)),
+        lower_bound=nnx.Param(jnp.ones((L, d), jnp.float32)),
+        boundary=nnx.Param(jnp.full((L, c.num_heads), 3.0, jnp.float32)),  # log-sigmoid: -0.05
+        ffn_norm=nnx.Param(jnp.ones((L, d), jnp.float32)),
+        w1=w(L, d, hid), w3=w(L, d, hid), w2=w(L, hid, d))
+
+  def params(self):
+    """Plain dict of arrays for the pure functions above."""
+    return jax.tree.map(lambda x: x[...] if hasattr(x, "value") else x,
+                        nnx.to_pure_dict(nnx.state(self, nnx.Param)))
+
+  def __call__(self, tokens, labels, width=None):
+    return forward(self.config, self.params(), tokens, labels, width)
+
+
+def count_params(config):
+  """Parameter count from abstract shapes (nothing is allocated)."""
+  abstract = nnx.eval_shape(lambda: LASADGen(config, rngs=nnx.Rngs(0)))
+  leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+  total = sum(int(x.size) for x in leaves)
+  # The learned boundary logits exist in every config but are used only by boundary="learned".
+  if config.boundary != "learned":
+    total -= config.num_layers * config.num_heads
+  return total

@@ -1,0 +1,102 @@
+"""Class-conditional sampling with the O(1)-memory recurrent decoder (DESIGN.md §3).
+
+One ``jax.jit``-compiled ``lax.scan`` over sequence positions. Each LASAD layer carries only its
+[B, H, K, V] float32 state: memory does not depend on the resolution. Classifier-free guidance runs
+the conditional and the null-class rows in one batch: ``logits = u + s * (c - u)``.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from lasad_jax import model as M
+
+
+def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
+  """Temperature, then top-k (0: off), then nucleus top-p (1.0: off) on [B, V] logits."""
+  logits = logits / jnp.maximum(temperature, 1e-6)
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, -1)
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, -1), -1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+    drop_sorted = (cum - jax.nn.softmax(sorted_logits, -1)) >= top_p
+    drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(
+        drop_sorted)
+    logits = jnp.where(drop, -jnp.inf, logits)
+  return logits
+
+
+def _check(cfg, labels, height, width, cfg_scale, temperature, top_k, top_p):
+  if height <= 0 or width <= 0:
+    raise ValueError(f"`height` and `width` must be positive token counts, got {height}x{width}.")
+  if cfg_scale < 0:
+    raise ValueError(f"`cfg_scale` must be >= 0 (1.0 = no guidance), got {cfg_scale}.")
+  if temperature <= 0:
+    raise ValueError(f"`temperature` must be > 0, got {temperature}.")
+  if not 0 <= top_k <= cfg.vocab_size:
+    raise ValueError(f"`top_k` must be in [0, {cfg.vocab_size}] (0 = off), got {top_k}.")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"`top_p` must be in (0, 1], got {top_p}.")
+  labels = jnp.asarray(labels, jnp.int32)
+  if labels.ndim != 1:
+    raise ValueError(f"`labels` must be a 1-D int array [B], got shape {labels.shape}.")
+  return labels
+
+
+def sample(model, labels, *, height, width, rng, cfg_scale=1.0, temperature=1.0, top_k=0,
+           top_p=1.0):
+  """Sample image tokens [B, height*width] int32 for class ``labels`` [B] (num_classes = null)."""
+  cfg = model.config
+  labels = _check(cfg, labels, height, width, cfg_scale, temperature, top_k, top_p)
+  return _sample(cfg, model.params(), labels, rng, height * width, width, float(cfg_scale),
+                 float(temperature), int(top_k), float(top_p))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8, 9))
+def _sample(cfg, params, labels, rng, n, width, cfg_scale, temperature, top_k, top_p):
+  b = labels.shape[0]
+  guided = cfg_scale != 1.0
+  rows = jnp.concatenate([labels, jnp.full_like(labels, cfg.num_classes)]) if guided else labels
+
+  def step(carry, pos):
+    state, prev, key = carry
+    x = M.embed(params, pos, rows, jnp.concatenate([prev, prev]) if guided else prev)
+    state, logits = M.decode_step(cfg, params, state, x, pos, width)
+    if guided:
+      c, u = logits[:b], logits[b:]
+      logits = u + cfg_scale * (c - u)
+    key, sub = jax.random.split(key)
+    tok = jax.random.categorical(sub, filter_logits(logits, temperature, top_k, top_p))
+    return (state, tok.astype(jnp.int32), key), tok.astype(jnp.int32)
+
+  init = (M.init_state(cfg, rows.shape[0]), jnp.zeros((b,), jnp.int32), rng)
+  _, toks = jax.lax.scan(step, init, jnp.arange(n, dtype=jnp.int32))
+  return toks.T
+
+
+def decode_logits(model, tokens, labels, *, width=None):
+  """Teacher-forced logits [B, N, vocab] through the recurrent decode path (same steps as
+  ``sample``): for checking it against the parallel forward ``model(tokens, labels)``."""
+  cfg = model.config
+  width = cfg.grid[1] if width is None else width
+  return _decode_logits(cfg, model.params(), jnp.asarray(tokens, jnp.int32),
+                        jnp.asarray(labels, jnp.int32), jnp.asarray(width, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _decode_logits(cfg, params, tokens, labels, width):
+  b, n = tokens.shape
+  prev = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), tokens[:, :-1]], 1)
+
+  def step(state, xs):
+    pos, prev_t = xs
+    x = M.embed(params, pos, labels, prev_t)
+    return M.decode_step(cfg, params, state, x, pos, width)
+
+  _, logits = jax.lax.scan(step, M.init_state(cfg, b), (jnp.arange(n, dtype=jnp.int32), prev.T))
+  return jnp.swapaxes(logits, 0, 1)

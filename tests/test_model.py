@@ -1,0 +1,75 @@
+"""LASADGen: sizes from abstract shapes, parallel forward == recurrent decode, config errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.lasad import get_config
+from lasad_jax import model as M
+from lasad_jax import sampling as S
+
+# LlamaGen's GPTs as built (DESIGN.md §6), millions of parameters.
+LLAMAGEN = {"B": 110.9, "L": 342.9, "XL": 774.7, "XXL": 1411.0}
+
+
+@pytest.mark.parametrize("variant", sorted(LLAMAGEN))
+def test_param_count_matches_llamagen(variant):
+  n = M.count_params(get_config(variant)) / 1e6
+  assert abs(n - LLAMAGEN[variant]) / LLAMAGEN[variant] < 0.05, n
+
+
+def _tiny(boundary):
+  c = get_config("tiny")
+  c.boundary = boundary
+  return M.LASADGen(c, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("boundary", ["carry", "reset", "none", "learned"])
+@pytest.mark.parametrize("width,n", [(4, 37), (8, 64), (16, 33)])
+def test_parallel_logits_equal_decode_logits(boundary, width, n):
+  m = _tiny(boundary)
+  tok = jax.random.randint(jax.random.key(n), (2, n), 0, m.config.vocab_size)
+  lab = jnp.array([1, m.config.num_classes])  # a class and the null class
+  par = m(tok, lab, width=width)
+  dec = S.decode_logits(m, tok, lab, width=width)
+  assert par.shape == (2, n, m.config.vocab_size)
+  err = float(jnp.sqrt(jnp.mean((par - dec) ** 2) / jnp.mean(par ** 2)))
+  assert err < 1e-4, err
+
+
+def test_row_mask_changes_logits_after_first_row():
+  tok = jax.random.randint(jax.random.key(0), (1, 24), 0, 17)
+  lab = jnp.array([2])
+  carry, reset = _tiny("carry")(tok, lab, width=8), _tiny("reset")(tok, lab, width=8)
+  # Identical up to and including the first row start's predecessor, different after it.
+  np.testing.assert_allclose(carry[:, :9], reset[:, :9], rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(carry[:, 9:] - reset[:, 9:]).max()) > 1e-4
+
+
+def test_learned_boundary_gets_gradient():
+  m = _tiny("learned")
+  tok = jax.random.randint(jax.random.key(1), (2, 32), 0, 17)
+  params = m.params()
+
+  def loss(p):
+    logits = M.forward(m.config, p, tok, jnp.array([0, 1]), width=8)
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
+        logits, tok[..., None], -1)[..., 0])
+  g = jax.grad(loss)(params)
+  assert float(jnp.abs(g["blocks"]["boundary"]).sum()) > 0
+  assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(g))
+
+
+def test_config_errors():
+  with pytest.raises(ValueError, match="unknown LASADGen variant"):
+    get_config("huge")
+  c = get_config("tiny")
+  c.attention = "softmax"
+  with pytest.raises(ValueError, match="only 'lasad' is built"):
+    M.LASADGen(c, rngs=nnx.Rngs(0))
+  c = get_config("tiny")
+  c.boundary = "sometimes"
+  with pytest.raises(ValueError, match="config.boundary"):
+    M.LASADGen(c, rngs=nnx.Rngs(0))

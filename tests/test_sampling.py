@@ -1,0 +1,63 @@
+"""Sampling: determinism, guidance, filtering, O(1) state, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.lasad import get_config
+from lasad_jax import model as M
+from lasad_jax import sampling as S
+
+
+@pytest.fixture(scope="module")
+def model():
+  return M.LASADGen(get_config("tiny"), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_same_seed_same_tokens(model, cfg_scale):
+  kw = dict(height=8, width=8, cfg_scale=cfg_scale, top_k=5, top_p=0.9)
+  a = S.sample(model, jnp.array([0, 3, 10]), rng=jax.random.key(0), **kw)
+  b = S.sample(model, jnp.array([0, 3, 10]), rng=jax.random.key(0), **kw)
+  c = S.sample(model, jnp.array([0, 3, 10]), rng=jax.random.key(1), **kw)
+  assert a.shape == (3, 64) and a.dtype == jnp.int32
+  assert bool((a == b).all()) and not bool((a == c).all())
+  assert int(a.min()) >= 0 and int(a.max()) < model.config.vocab_size
+
+
+def test_any_resolution_same_state_size(model):
+  """The decoder state is [L, B, H, K, V] whatever the image size: no KV cache."""
+  s = M.init_state(model.config, 2)
+  assert s.shape == (2, 2, 4, 16, 16)
+  toks = S.sample(model, jnp.array([1, 2]), height=5, width=13, rng=jax.random.key(2))
+  assert toks.shape == (2, 65)
+
+
+def test_greedy_sampling_follows_decode_logits(model):
+  """top_k=1 picks the argmax of the logits the decoder computes for its own prefix."""
+  lab = jnp.array([4, 7])
+  toks = S.sample(model, lab, height=4, width=4, rng=jax.random.key(0), top_k=1)
+  logits = S.decode_logits(model, toks, lab, width=4)
+  np.testing.assert_array_equal(np.asarray(toks), np.asarray(jnp.argmax(logits, -1)))
+
+
+def test_filter_logits():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  assert int(jnp.isfinite(S.filter_logits(logits, top_k=2)).sum()) == 2
+  kept = jnp.isfinite(S.filter_logits(logits, top_p=0.7))
+  np.testing.assert_array_equal(np.asarray(kept[0]), [True, True, False, False])
+  kept = jnp.isfinite(S.filter_logits(logits, top_p=0.1))
+  np.testing.assert_array_equal(np.asarray(kept[0]), [True, False, False, False])
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(cfg_scale=-1.0), "cfg_scale"), (dict(temperature=0.0), "temperature"),
+    (dict(top_k=10**6), "top_k"), (dict(top_p=0.0), "top_p"), (dict(height=0), "height"),
+])
+def test_bad_sampling_arguments(model, kw, msg):
+  args = dict(height=4, width=4, rng=jax.random.key(0))
+  args.update(kw)
+  with pytest.raises(ValueError, match=msg):
+    S.sample(model, jnp.array([1]), **args)
