@@ -339,25 +339,31 @@ def _params(bs):
   return plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
 
 
-def _chunk_states(k, v, g, width, prefix, bnd, h0, *, seq_len, bs, interpret):
-  b, t, h, dk = k.shape
-  dv = v.shape[-1]
+def _scan_call(kernel, name, x, y, g, width, prefix, bnd, init, *, bs, interpret):
+  """The two sequential kernels: grid (B, H, V/bv); inputs x, g [B, T, H, K] whole, y [B, T, H, V]
+  in V blocks, init [B, H, K, V]; outputs per-chunk states [B, H, N, K, V] and the last state."""
+  b, t, h, dk = x.shape
+  dv = y.shape[-1]
   n = t // bs.chunk
   bv = _block_v(bs, b * h, dv)
-  seq = lambda d: pl.BlockSpec((None, t, None, d), lambda i, j, kv: (i, 0, j, 0))
+  seq_k = pl.BlockSpec((None, t, None, dk), lambda i, j, kv: (i, 0, j, 0))
   seq_v = pl.BlockSpec((None, t, None, bv), lambda i, j, kv: (i, 0, j, kv))
-  kern = functools.partial(_states_kernel, chunk=bs.chunk, n_chunks=n, seq_len=seq_len,
-                           dtype=k.dtype)
+  state = pl.BlockSpec((None, None, dk, bv), lambda i, j, kv: (i, j, 0, kv))
   return pl.pallas_call(
-      kern, grid=(b, h, dv // bv),
-      in_specs=[seq(dk), seq_v, seq(dk)] + _scalar_specs(lambda i, j, kv: (i, j)) + [
-          pl.BlockSpec((None, None, dk, bv), lambda i, j, kv: (i, j, 0, kv))],
-      out_specs=[pl.BlockSpec((None, None, n, dk, bv), lambda i, j, kv: (i, j, 0, 0, kv)),
-                 pl.BlockSpec((None, None, dk, bv), lambda i, j, kv: (i, j, 0, kv))],
+      functools.partial(kernel, chunk=bs.chunk, n_chunks=n),
+      grid=(b, h, dv // bv),
+      in_specs=[seq_k, seq_v, seq_k] + _scalar_specs(lambda i, j, kv: (i, j)) + [state],
+      out_specs=[pl.BlockSpec((None, None, n, dk, bv), lambda i, j, kv: (i, j, 0, 0, kv)), state],
       out_shape=[jax.ShapeDtypeStruct((b, h, n, dk, dv), F32),
                  jax.ShapeDtypeStruct((b, h, dk, dv), F32)],
-      compiler_params=_params(bs), interpret=interpret, name="lasad_states",
-  )(k, v, g, width, prefix, bnd, h0)
+      compiler_params=_params(bs), interpret=interpret, name=name,
+  )(x, y, g, width, prefix, bnd, init)
+
+
+def _chunk_states(k, v, g, width, prefix, bnd, h0, *, seq_len, bs, interpret):
+  kern = functools.partial(_states_kernel, seq_len=seq_len, dtype=k.dtype)
+  return _scan_call(kern, "lasad_states", k, v, g, width, prefix, bnd, h0, bs=bs,
+                    interpret=interpret)
 
 
 def _chunk_spec(d, c):
@@ -385,24 +391,9 @@ def _outputs(q, k, v, g, width, prefix, bnd, states, *, seq_len, scale, bs, inte
 
 
 def _dstates(q, do, g, width, prefix, bnd, dht, *, seq_len, scale, bs, interpret):
-  b, t, h, dk = q.shape
-  dv = do.shape[-1]
-  n = t // bs.chunk
-  bv = _block_v(bs, b * h, dv)
-  seq = lambda d: pl.BlockSpec((None, t, None, d), lambda i, j, kv: (i, 0, j, 0))
-  seq_v = pl.BlockSpec((None, t, None, bv), lambda i, j, kv: (i, 0, j, kv))
-  kern = functools.partial(_dstates_kernel, chunk=bs.chunk, n_chunks=n, seq_len=seq_len,
-                           scale=scale, dtype=q.dtype)
-  return pl.pallas_call(
-      kern, grid=(b, h, dv // bv),
-      in_specs=[seq(dk), seq_v, seq(dk)] + _scalar_specs(lambda i, j, kv: (i, j)) + [
-          pl.BlockSpec((None, None, dk, bv), lambda i, j, kv: (i, j, 0, kv))],
-      out_specs=[pl.BlockSpec((None, None, n, dk, bv), lambda i, j, kv: (i, j, 0, 0, kv)),
-                 pl.BlockSpec((None, None, dk, bv), lambda i, j, kv: (i, j, 0, kv))],
-      out_shape=[jax.ShapeDtypeStruct((b, h, n, dk, dv), F32),
-                 jax.ShapeDtypeStruct((b, h, dk, dv), F32)],
-      compiler_params=_params(bs), interpret=interpret, name="lasad_dstates",
-  )(q, do, g, width, prefix, bnd, dht)
+  kern = functools.partial(_dstates_kernel, seq_len=seq_len, scale=scale, dtype=q.dtype)
+  return _scan_call(kern, "lasad_dstates", q, do, g, width, prefix, bnd, dht, bs=bs,
+                    interpret=interpret)
 
 
 def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scale, bs,
