@@ -1,5 +1,8 @@
 """LASADGen: LlamaGen's class-conditional backbone with LASAD (HGRN2-style gated linear) attention.
 
+``config.attention = "softmax"`` builds LlamaGen itself (causal softmax attention with 2D RoPE and a
+KV cache when decoding) in the same code, as the speed and quality baseline.
+
     model = LASADGen(get_config("B"), rngs=nnx.Rngs(0))
     logits = model(tokens, labels)             # [B, N, vocab]; logits[:, i] predicts tokens[:, i]
 
@@ -73,20 +76,65 @@ def _mlp(cfg, p, x):
   return (jax.nn.silu(h @ p["w1"].astype(dt)) * (h @ p["w3"].astype(dt))) @ p["w2"].astype(dt)
 
 
+def rope_2d(pos, width, head_dim, base=10000.0):
+  """LlamaGen's 2D rotary table for sequence positions ``pos`` [N] (int), as (cos, sin) [N, Dh/2].
+
+  Image token p - 1 sits at (row, col) = divmod(p - 1, width); half the rotary pairs turn with the
+  row, half with the column. Like LlamaGen, the class token (pos < PREFIX) gets cos = sin = 0.
+  """
+  half = head_dim // 2
+  freqs = 1.0 / (base ** (jnp.arange(0, half, 2, dtype=jnp.float32)[: half // 2] / half))
+  rel = pos - PREFIX
+  row, col = rel // width, rel % width
+  ang = jnp.concatenate([row[:, None] * freqs, col[:, None] * freqs], -1).astype(jnp.float32)
+  live = (rel >= 0)[:, None]
+  return jnp.where(live, jnp.cos(ang), 0.0), jnp.where(live, jnp.sin(ang), 0.0)
+
+
+def _rotate(x, cos, sin):
+  """Rotate pairs (x[2i], x[2i+1]) of x [..., N, H, Dh] by the table [N, Dh/2]."""
+  xs = x.astype(jnp.float32).reshape(x.shape[:-1] + (-1, 2))
+  c, s_ = cos[:, None, :], sin[:, None, :]
+  out = jnp.stack([xs[..., 0] * c - xs[..., 1] * s_, xs[..., 1] * c + xs[..., 0] * s_], -1)
+  return out.reshape(x.shape).astype(x.dtype)
+
+
+def _softmax_qkv(cfg, p, h):
+  dt = jnp.dtype(cfg.dtype)
+  h = h.astype(dt)
+  split = lambda x: x.reshape(x.shape[:-1] + (cfg.num_heads, cfg.head_dim))
+  return (split(h @ p["wq"].astype(dt)), split(h @ p["wk"].astype(dt)),
+          split(h @ p["wv"].astype(dt)))
+
+
+def _softmax_out(cfg, p, o):
+  dt = jnp.dtype(cfg.dtype)
+  return o.reshape(o.shape[:-2] + (cfg.dim,)).astype(dt) @ p["wo"].astype(dt)
+
+
 def forward(cfg, params, tokens, labels, width=None):
   """Parallel (teacher-forced) logits [B, N, vocab] float32 for image tokens [B, N]."""
   tokens = jnp.asarray(tokens, jnp.int32)
   x = jnp.concatenate([params["cls_emb"][labels][:, None], params["tok_emb"][tokens[:, :-1]]], 1)
   x = x.astype(jnp.float32)
   width = cfg.grid[1] if width is None else width
-  lbs = _lower_bounds(params["blocks"]["lower_bound"])
+  lbs = _layer_bounds(cfg, params)
+
+  cos, sin = rope_2d(jnp.arange(x.shape[1]), width, cfg.head_dim)
 
   def layer(x, xs):
     p, lb = xs
-    q, k, v, g = _qkvg(cfg, p, lb, _rms(x, p["attn_norm"], cfg.norm_eps))
-    o = lasad_attention(q, k, v, g, width=None if cfg.boundary == "none" else width,
-                        prefix=PREFIX, boundary=_boundary(cfg, p), scale=1.0, impl=cfg.impl)
-    x = x + _attn_out(cfg, p, o).astype(jnp.float32)
+    h = _rms(x, p["attn_norm"], cfg.norm_eps)
+    if cfg.attention == "softmax":
+      q, k, v = _softmax_qkv(cfg, p, h)
+      o = jax.nn.dot_product_attention(_rotate(q, cos, sin), _rotate(k, cos, sin), v,
+                                       is_causal=True)
+      x = x + _softmax_out(cfg, p, o).astype(jnp.float32)
+    else:
+      q, k, v, g = _qkvg(cfg, p, lb, h)
+      o = lasad_attention(q, k, v, g, width=None if cfg.boundary == "none" else width,
+                          prefix=PREFIX, boundary=_boundary(cfg, p), scale=1.0, impl=cfg.impl)
+      x = x + _attn_out(cfg, p, o).astype(jnp.float32)
     return x + _mlp(cfg, p, x).astype(jnp.float32), None
 
   x, _ = jax.lax.scan(layer, x, (params["blocks"], lbs))
@@ -99,9 +147,21 @@ def _logits(cfg, params, x):
   return (h @ params["head"].astype(dt)).astype(jnp.float32)
 
 
-def init_state(cfg, batch):
-  """Decoder state: one [B, H, K, V] float32 matrix per layer, independent of resolution."""
+def init_state(cfg, batch, max_len=None):
+  """Decoder state. LASAD: one [B, H, K, V] float32 matrix per layer, independent of resolution.
+  Softmax baseline: a KV cache [L, B, max_len, H, Dh] (x2), growing with the sequence."""
+  if cfg.attention == "softmax":
+    if max_len is None:
+      raise ValueError("the softmax baseline's KV cache needs max_len (prefix + image tokens)")
+    shape = (cfg.num_layers, batch, max_len, cfg.num_heads, cfg.head_dim)
+    return (jnp.zeros(shape, jnp.dtype(cfg.dtype)), jnp.zeros(shape, jnp.dtype(cfg.dtype)))
   return jnp.zeros((cfg.num_layers, batch, cfg.num_heads, cfg.head_dim, cfg.head_dim), jnp.float32)
+
+
+def _layer_bounds(cfg, params):
+  if cfg.attention == "softmax":
+    return jnp.zeros((cfg.num_layers,), jnp.float32)  # unused placeholder scanned with the layers
+  return _lower_bounds(params["blocks"]["lower_bound"])
 
 
 def embed(params, pos, labels, prev_tokens):
@@ -121,15 +181,30 @@ def decode_step(cfg, params, state, x, pos, width):
   start = (rel >= width) & (jnp.remainder(rel, jnp.maximum(width, 1)) == 0)
   if cfg.boundary == "none":
     start = jnp.zeros_like(start)
-  lbs = _lower_bounds(params["blocks"]["lower_bound"])
+  lbs = _layer_bounds(cfg, params)
+  if cfg.attention == "softmax":
+    # One position for the whole batch: the width is the same for every row while sampling.
+    cos, sin = rope_2d(jnp.reshape(pos, (1,)), width[0], cfg.head_dim)
 
   def layer(x, xs):
     p, lb, s = xs
-    q, k, v, g = _qkvg(cfg, p, lb, _rms(x, p["attn_norm"], cfg.norm_eps))
-    bnd = _boundary(cfg, p)[None, :, None]
-    g = jnp.where(start[:, None, None], bnd, g)
-    s, o = reference.recurrent_step(s, q, k, v, g, 1.0)
-    x = x + _attn_out(cfg, p, o).astype(jnp.float32)
+    h = _rms(x, p["attn_norm"], cfg.norm_eps)
+    if cfg.attention == "softmax":
+      kc, vc = s
+      q, k, v = _softmax_qkv(cfg, p, h[:, None])
+      q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+      kc = jax.lax.dynamic_update_slice_in_dim(kc, k.astype(kc.dtype), pos, axis=1)
+      vc = jax.lax.dynamic_update_slice_in_dim(vc, v.astype(vc.dtype), pos, axis=1)
+      seen = jnp.arange(kc.shape[1]) <= pos
+      o = jax.nn.dot_product_attention(q, kc, vc, mask=seen[None, None, None, :])
+      x = x + _softmax_out(cfg, p, o[:, 0]).astype(jnp.float32)
+      s = (kc, vc)
+    else:
+      q, k, v, g = _qkvg(cfg, p, lb, h)
+      bnd = _boundary(cfg, p)[None, :, None]
+      g = jnp.where(start[:, None, None], bnd, g)
+      s, o = reference.recurrent_step(s, q, k, v, g, 1.0)
+      x = x + _attn_out(cfg, p, o).astype(jnp.float32)
     return x + _mlp(cfg, p, x).astype(jnp.float32), s
 
   x, state = jax.lax.scan(layer, x, (params["blocks"], lbs, state))
@@ -140,9 +215,8 @@ class LASADGen(nnx.Module):
   """Holds the parameters; ``__call__`` is the parallel forward. See module docstring."""
 
   def __init__(self, config, *, rngs: nnx.Rngs):
-    if config.attention != "lasad":
-      raise ValueError(f"config.attention={config.attention!r}: only 'lasad' is built so far "
-                       "(the softmax LlamaGen baseline is not implemented yet)")
+    if config.attention not in ("lasad", "softmax"):
+      raise ValueError(f"config.attention must be 'lasad' or 'softmax', got {config.attention!r}")
     if config.boundary not in ("carry", "reset", "none", "learned"):
       raise ValueError(f"config.boundary must be carry | reset | none | learned, got "
                        f"{config.boundary!r}")
@@ -158,14 +232,18 @@ class LASADGen(nnx.Module):
     self.cls_emb = w(c.num_classes + 1, d)      # last row: the null class for CFG
     self.norm = nnx.Param(jnp.ones((d,), jnp.float32))
     self.head = w(d, c.vocab_size)
-    self.blocks = nnx.Dict(
-        attn_norm=nnx.Param(jnp.ones((L, d), jnp.float32)),
-        wq=w(L, d, d), wf=w(L, d, d), wv=w(L, d, d), wo=w(L, d, d),
-        head_norm=nnx.Param(jnp.ones((L, d), jnp.float32)),
-        lower_bound=nnx.Param(jnp.ones((L, d), jnp.float32)),
-        boundary=nnx.Param(jnp.full((L, c.num_heads), 3.0, jnp.float32)),  # log-sigmoid: -0.05
-        ffn_norm=nnx.Param(jnp.ones((L, d), jnp.float32)),
-        w1=w(L, d, hid), w3=w(L, d, hid), w2=w(L, hid, d))
+    common = dict(attn_norm=nnx.Param(jnp.ones((L, d), jnp.float32)),
+                  wq=w(L, d, d), wv=w(L, d, d), wo=w(L, d, d),
+                  ffn_norm=nnx.Param(jnp.ones((L, d), jnp.float32)),
+                  w1=w(L, d, hid), w3=w(L, d, hid), w2=w(L, hid, d))
+    if c.attention == "softmax":   # LlamaGen: causal softmax attention with 2D RoPE
+      self.blocks = nnx.Dict(wk=w(L, d, d), **common)
+    else:                          # HGRN2-style LASAD attention
+      self.blocks = nnx.Dict(
+          wf=w(L, d, d), head_norm=nnx.Param(jnp.ones((L, d), jnp.float32)),
+          lower_bound=nnx.Param(jnp.ones((L, d), jnp.float32)),
+          boundary=nnx.Param(jnp.full((L, c.num_heads), 3.0, jnp.float32)),  # log-sigmoid: -0.05
+          **common)
 
   def params(self):
     """Plain dict of arrays for the pure functions above."""
@@ -182,6 +260,6 @@ def count_params(config):
   leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
   total = sum(int(x.size) for x in leaves)
   # The learned boundary logits exist in every config but are used only by boundary="learned".
-  if config.boundary != "learned":
+  if config.attention == "lasad" and config.boundary != "learned":
     total -= config.num_layers * config.num_heads
   return total

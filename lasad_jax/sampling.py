@@ -1,7 +1,8 @@
 """Class-conditional sampling with the O(1)-memory recurrent decoder (DESIGN.md §3).
 
 One ``jax.jit``-compiled ``lax.scan`` over sequence positions. Each LASAD layer carries only its
-[B, H, K, V] float32 state: memory does not depend on the resolution. Classifier-free guidance runs
+[B, H, K, V] float32 state: memory does not depend on the resolution (the softmax baseline carries
+a KV cache instead). Classifier-free guidance runs
 the conditional and the null-class rows in one batch: ``logits = u + s * (c - u)``.
 """
 
@@ -74,7 +75,7 @@ def _sample(cfg, params, labels, rng, n, width, cfg_scale, temperature, top_k, t
     tok = jax.random.categorical(sub, filter_logits(logits, temperature, top_k, top_p))
     return (state, tok.astype(jnp.int32), key), tok.astype(jnp.int32)
 
-  init = (M.init_state(cfg, rows.shape[0]), jnp.zeros((b,), jnp.int32), rng)
+  init = (M.init_state(cfg, rows.shape[0], n), jnp.zeros((b,), jnp.int32), rng)
   _, toks = jax.lax.scan(step, init, jnp.arange(n, dtype=jnp.int32))
   return toks.T
 
@@ -98,5 +99,6 @@ def _decode_logits(cfg, params, tokens, labels, width):
     x = M.embed(params, pos, labels, prev_t)
     return M.decode_step(cfg, params, state, x, pos, width)
 
-  _, logits = jax.lax.scan(step, M.init_state(cfg, b), (jnp.arange(n, dtype=jnp.int32), prev.T))
+  _, logits = jax.lax.scan(step, M.init_state(cfg, b, n),
+                           (jnp.arange(n, dtype=jnp.int32), prev.T))
   return jnp.swapaxes(logits, 0, 1)

@@ -14,15 +14,21 @@ from lasad_jax import sampling as S
 LLAMAGEN = {"B": 110.9, "L": 342.9, "XL": 774.7, "XXL": 1411.0}
 
 
+@pytest.mark.parametrize("attention", ["lasad", "softmax"])
 @pytest.mark.parametrize("variant", sorted(LLAMAGEN))
-def test_param_count_matches_llamagen(variant):
-  n = M.count_params(get_config(variant)) / 1e6
+def test_param_count_matches_llamagen(variant, attention):
+  c = get_config(variant)
+  c.attention = attention
+  n = M.count_params(c) / 1e6
   assert abs(n - LLAMAGEN[variant]) / LLAMAGEN[variant] < 0.05, n
+  if attention == "softmax":  # the same architecture as LlamaGen: the same count
+    assert abs(n - LLAMAGEN[variant]) < 0.1, n
 
 
-def _tiny(boundary):
+def _tiny(boundary, attention="lasad"):
   c = get_config("tiny")
   c.boundary = boundary
+  c.attention = attention
   return M.LASADGen(c, rngs=nnx.Rngs(0))
 
 
@@ -37,6 +43,25 @@ def test_parallel_logits_equal_decode_logits(boundary, width, n):
   assert par.shape == (2, n, m.config.vocab_size)
   err = float(jnp.sqrt(jnp.mean((par - dec) ** 2) / jnp.mean(par ** 2)))
   assert err < 1e-4, err
+
+
+@pytest.mark.parametrize("width,n", [(4, 37), (8, 64), (16, 33)])
+def test_softmax_baseline_parallel_equals_kv_cache_decode(width, n):
+  m = _tiny("carry", "softmax")
+  tok = jax.random.randint(jax.random.key(n), (2, n), 0, m.config.vocab_size)
+  lab = jnp.array([3, 0])
+  par, dec = m(tok, lab, width=width), S.decode_logits(m, tok, lab, width=width)
+  err = float(jnp.sqrt(jnp.mean((par - dec) ** 2) / jnp.mean(par ** 2)))
+  assert err < 1e-5, err
+
+
+def test_rope_2d_follows_llamagen_layout():
+  cos, sin = M.rope_2d(jnp.arange(6), 2, 8)
+  # class token: cos = sin = 0 (LlamaGen pads the table with zeros for condition tokens).
+  assert float(jnp.abs(cos[0]).max()) == 0 and float(jnp.abs(sin[0]).max()) == 0
+  # token at grid (row 1, col 0) = sequence position 3: the column pairs are unrotated.
+  np.testing.assert_allclose(np.asarray(cos[3, 2:]), 1.0)
+  np.testing.assert_allclose(np.asarray(sin[3, :2]), np.sin([1.0, 0.01]), rtol=1e-6)
 
 
 def test_row_mask_changes_logits_after_first_row():
@@ -66,8 +91,8 @@ def test_config_errors():
   with pytest.raises(ValueError, match="unknown LASADGen variant"):
     get_config("huge")
   c = get_config("tiny")
-  c.attention = "softmax"
-  with pytest.raises(ValueError, match="only 'lasad' is built"):
+  c.attention = "linear"
+  with pytest.raises(ValueError, match="config.attention must be"):
     M.LASADGen(c, rngs=nnx.Rngs(0))
   c = get_config("tiny")
   c.boundary = "sometimes"

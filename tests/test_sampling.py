@@ -61,3 +61,16 @@ def test_bad_sampling_arguments(model, kw, msg):
   args.update(kw)
   with pytest.raises(ValueError, match=msg):
     S.sample(model, jnp.array([1]), **args)
+
+
+def test_softmax_baseline_samples_with_kv_cache():
+  c = get_config("tiny")
+  c.attention = "softmax"
+  m = M.LASADGen(c, rngs=nnx.Rngs(0))
+  lab = jnp.array([4, 7])
+  toks = S.sample(m, lab, height=4, width=6, rng=jax.random.key(0), top_k=1, cfg_scale=1.0)
+  assert toks.shape == (2, 24)
+  np.testing.assert_array_equal(np.asarray(toks), np.asarray(
+      jnp.argmax(S.decode_logits(m, toks, lab, width=6), -1)))
+  kc, vc = M.init_state(c, 2, 25)
+  assert kc.shape == (2, 2, 25, 4, 16)   # the cache grows with the sequence; LASAD's does not
