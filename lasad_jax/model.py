@@ -251,7 +251,34 @@ class LASADGen(nnx.Module):
                         nnx.to_pure_dict(nnx.state(self, nnx.Param)))
 
   def __call__(self, tokens, labels, width=None):
+    check_inputs(self.config, tokens, labels, width)
     return forward(self.config, self.params(), tokens, labels, width)
+
+
+def check_inputs(cfg, tokens, labels, width):
+  """Clear errors for concrete bad input (traced values pass through unchecked)."""
+  import numpy as np
+  if tokens is not None:
+    t = jnp.asarray(tokens)
+    if t.ndim != 2 or not jnp.issubdtype(t.dtype, jnp.integer):
+      raise ValueError(f"`tokens` must be int [B, N] image tokens, got {t.dtype} {t.shape}.")
+    if not isinstance(t, jax.core.Tracer) and t.size and (
+        int(np.min(t)) < 0 or int(np.max(t)) >= cfg.vocab_size):
+      raise ValueError(f"`tokens` must be in [0, {cfg.vocab_size}) (the codebook size), got "
+                       f"values in [{int(np.min(t))}, {int(np.max(t))}].")
+  lab = jnp.asarray(labels)
+  if lab.ndim != 1 or not jnp.issubdtype(lab.dtype, jnp.integer):
+    raise ValueError(f"`labels` must be int [B], got {lab.dtype} {lab.shape}.")
+  if not isinstance(lab, jax.core.Tracer) and lab.size and (
+      int(np.min(lab)) < 0 or int(np.max(lab)) > cfg.num_classes):
+    raise ValueError(f"`labels` must be in [0, {cfg.num_classes}] ({cfg.num_classes} = the null "
+                     f"class for guidance), got {np.asarray(lab).tolist()}.")
+  if tokens is not None and lab.shape[0] != jnp.shape(tokens)[0]:
+    raise ValueError(f"`labels` has {lab.shape[0]} rows but `tokens` has {jnp.shape(tokens)[0]}.")
+  if width is not None and not isinstance(width, jax.core.Tracer):
+    w = np.asarray(width)
+    if w.size and int(w.min()) <= 0:
+      raise ValueError(f"`width` (tokens per image row) must be positive, got {w.tolist()}.")
 
 
 def count_params(config):

@@ -43,10 +43,8 @@ def _check(cfg, labels, height, width, cfg_scale, temperature, top_k, top_p):
     raise ValueError(f"`top_k` must be in [0, {cfg.vocab_size}] (0 = off), got {top_k}.")
   if not 0 < top_p <= 1:
     raise ValueError(f"`top_p` must be in (0, 1], got {top_p}.")
-  labels = jnp.asarray(labels, jnp.int32)
-  if labels.ndim != 1:
-    raise ValueError(f"`labels` must be a 1-D int array [B], got shape {labels.shape}.")
-  return labels
+  M.check_inputs(cfg, None, labels, width)
+  return jnp.asarray(labels, jnp.int32)
 
 
 def sample(model, labels, *, height, width, rng, cfg_scale=1.0, temperature=1.0, top_k=0,
@@ -85,6 +83,7 @@ def decode_logits(model, tokens, labels, *, width=None):
   ``sample``): for checking it against the parallel forward ``model(tokens, labels)``."""
   cfg = model.config
   width = cfg.grid[1] if width is None else width
+  M.check_inputs(cfg, tokens, labels, width)
   return _decode_logits(cfg, model.params(), jnp.asarray(tokens, jnp.int32),
                         jnp.asarray(labels, jnp.int32), jnp.asarray(width, jnp.int32))
 

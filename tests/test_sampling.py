@@ -55,12 +55,33 @@ def test_filter_logits():
 @pytest.mark.parametrize("kw,msg", [
     (dict(cfg_scale=-1.0), "cfg_scale"), (dict(temperature=0.0), "temperature"),
     (dict(top_k=10**6), "top_k"), (dict(top_p=0.0), "top_p"), (dict(height=0), "height"),
+    (dict(width=-2), "width"), (dict(labels=jnp.array([11])), "labels"),
+    (dict(labels=jnp.array([[1]])), "labels"),
 ])
 def test_bad_sampling_arguments(model, kw, msg):
-  args = dict(height=4, width=4, rng=jax.random.key(0))
+  args = dict(height=4, width=4, rng=jax.random.key(0), labels=jnp.array([1]))
   args.update(kw)
+  labels = args.pop("labels")
   with pytest.raises(ValueError, match=msg):
-    S.sample(model, jnp.array([1]), **args)
+    S.sample(model, labels, **args)
+
+
+def test_bad_model_inputs(model):
+  tok = jnp.zeros((2, 8), jnp.int32)
+  with pytest.raises(ValueError, match="`tokens` must be in"):
+    model(tok.at[0, 3].set(17), jnp.array([0, 1]))
+  with pytest.raises(ValueError, match="`labels` must be in"):
+    S.decode_logits(model, tok, jnp.array([0, 12]), width=4)
+  with pytest.raises(ValueError, match="`width`"):
+    model(tok, jnp.array([0, 1]), width=0)
+
+
+def test_cfg_scale_one_equals_no_guidance(model):
+  """The guided path (cond and null rows in one batch) at scale 1 gives the unguided tokens."""
+  kw = dict(height=8, width=8, rng=jax.random.key(5))
+  plain = S.sample(model, jnp.array([2, 9]), cfg_scale=1.0, **kw)
+  guided = S.sample(model, jnp.array([2, 9]), cfg_scale=1.0 + 1e-7, **kw)  # takes the CFG path
+  np.testing.assert_array_equal(np.asarray(plain), np.asarray(guided))
 
 
 def test_softmax_baseline_samples_with_kv_cache():
