@@ -242,7 +242,7 @@ class LASADGen(nnx.Module):
       self.blocks = nnx.Dict(
           wf=w(L, d, d), head_norm=nnx.Param(jnp.ones((L, d), jnp.float32)),
           lower_bound=nnx.Param(jnp.ones((L, d), jnp.float32)),
-          boundary=nnx.Param(jnp.full((L, c.num_heads), 3.0, jnp.float32)),  # log-sigmoid: -0.05
+          boundary=nnx.Param(jnp.full((L, c.num_heads), 3.0, jnp.float32)),  # log-sigmoid -0.05
           **common)
 
   def params(self):
