@@ -1,0 +1,99 @@
+"""Sampling speed and memory: LASADGen (O(1) state) vs the softmax baseline (KV cache).
+
+    python benchmarks/sampling.py [--variant L] [--out benchmarks/results/sampling_h100.json]
+
+(a) ``--variant`` with CFG (scale 4, top-k 2000), 8 images at 16x16 tokens, random weights,
+    bf16: first call (compile + run) and the median of later calls, images/s.
+(b) Per-token decode time and the compiled sampler's scratch memory (XLA memory analysis) for grids
+    16x16, 32x32, 64x64, LASAD vs softmax.
+Random weights: speed does not depend on them. Prints a table; writes JSON.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from configs.lasad import get_config  # noqa: E402
+from lasad_jax import model as M  # noqa: E402
+from lasad_jax import sampling as S  # noqa: E402
+
+
+def compiled_temp_bytes(model, n_images, grid, cfg_scale, top_k):
+  """XLA's memory analysis of the compiled sampler: scratch bytes beyond parameters/outputs.
+
+  Per grid, independent of what ran before (a process-wide peak only ever grows)."""
+  labels = jnp.arange(n_images, dtype=jnp.int32) % model.config.num_classes
+  lowered = S._sample.lower(model.config, model.params(), labels, jax.random.key(0), grid * grid,
+                            grid, cfg_scale, 1.0, top_k, 1.0)
+  mem = lowered.compile().memory_analysis()
+  return getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
+
+
+def run(model, n_images, grid, cfg_scale, top_k, repeats):
+  labels = jnp.arange(n_images, dtype=jnp.int32) % model.config.num_classes
+  t0 = time.perf_counter()
+  jax.block_until_ready(S.sample(model, labels, height=grid, width=grid, rng=jax.random.key(0),
+                                 cfg_scale=cfg_scale, top_k=top_k))
+  first = time.perf_counter() - t0
+  times = []
+  for i in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(S.sample(model, labels, height=grid, width=grid,
+                                   rng=jax.random.key(i + 1), cfg_scale=cfg_scale, top_k=top_k))
+    times.append(time.perf_counter() - t0)
+  return first, statistics.median(times)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--variant", default="L")
+  ap.add_argument("--grids", default="16,32,64")
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--out", default="benchmarks/results/sampling_h100.json")
+  args = ap.parse_args()
+  dev = jax.devices()[0]
+  records = []
+  print(f"device {dev.device_kind}, jax {jax.__version__}, LASADGen-{args.variant}, random weights")
+  top_k = 2000 if args.variant != "tiny" else 5
+  for attention in ("lasad", "softmax"):
+    cfg = get_config(args.variant)
+    cfg.attention = attention
+    model = M.LASADGen(cfg, rngs=nnx.Rngs(0))
+    first, med = run(model, 8, cfg.grid[0], 4.0, top_k, args.repeats)
+    rec = dict(kind="batch", attention=attention, images=8, grid=cfg.grid[0], cfg_scale=4.0,
+               top_k=top_k, first_call_s=first, s_per_batch=med, images_per_s=8 / med)
+    records.append(rec)
+    print(f"(a) {attention:<8} 8 images {cfg.grid[0]}x{cfg.grid[0]} CFG 4: first call "
+          f"{first:.2f} s, then {med:.3f} s/batch ({8 / med:.1f} images/s)", flush=True)
+    for g in (int(x) for x in args.grids.split(",")):
+      try:
+        first, med = run(model, 8, g, 4.0, top_k, max(1, args.repeats - 1))
+      except Exception as e:  # noqa: BLE001 -- e.g. the KV cache running out of memory
+        print(f"(b) {attention:<8} {g}x{g}: failed: {type(e).__name__}: {str(e)[:150]}")
+        continue
+      n = g * g
+      temp = compiled_temp_bytes(model, 8, g, 4.0, top_k)
+      rec = dict(kind="per_token", attention=attention, grid=g, tokens=n, s_per_batch=med,
+                 ms_per_token=med / n * 1e3, compiled_temp_bytes=temp, first_call_s=first)
+      records.append(rec)
+      print(f"(b) {attention:<8} {g}x{g}: {med / n * 1e3:.3f} ms/token, compiled scratch "
+            f"{(temp or 0) / 2**20:.1f} MiB", flush=True)
+  meta = dict(date=datetime.date.today().isoformat(), device=dev.device_kind,
+              jax=jax.__version__, command=f"python benchmarks/sampling.py --variant {args.variant}")
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(dict(meta=meta, records=records), f, indent=1)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
