@@ -24,6 +24,7 @@ from PIL import Image
 
 from lasad_jax import model as M
 from lasad_jax import sampling as S
+from lasad_jax.convert import load_params
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/lasad.py:tiny", "model config")
 flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory of the parameters")
@@ -54,11 +55,7 @@ def load_model(cfg, checkpoint, random_init):
   if not os.path.isdir(path):
     raise app.UsageError(f"--checkpoint {checkpoint!r} is not a directory")
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), model.params())
-  params = ocp.StandardCheckpointer().restore(path, target)
-  state = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(state, params)
-  nnx.update(model, state)
-  return model
+  return load_params(model, ocp.StandardCheckpointer().restore(path, target))
 
 
 def token_grid_png(tokens, vocab, path, cols=8):

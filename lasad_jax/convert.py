@@ -52,8 +52,9 @@ def _table(cfg):
 def convert_state_dict(state_dict, config, reference_params=None):
   """Map a torch state dict ({name: np.ndarray}) onto the parameter dict of ``LASADGen(config)``.
 
-  ``reference_params`` (default: a fresh model's, from abstract shapes) gives the target
-  shapes and fills parameters the source does not have (only the unused boundary logits).
+  ``reference_params`` (default: a fresh model's, from abstract shapes) gives the target shapes.
+  The one parameter a source may lack, the boundary logits of a non-learned model (unused
+  there), gets its init value ``BOUNDARY_INIT``.
   """
   cfg = config
   if reference_params is None:
@@ -70,7 +71,6 @@ def convert_state_dict(state_dict, config, reference_params=None):
       if name in sd:
         used.add(name)
         for part, key in zip(np.split(sd[name], 3, axis=0), ("wq", "wk", "wv")):
-          sd[f"__{key}.{i}"] = part
           _put(blocks, filled, key, i, part.T, name, errors)
   for name, path, layer, fn in _table(cfg):
     if name not in sd:
@@ -85,7 +85,6 @@ def convert_state_dict(state_dict, config, reference_params=None):
         errors.append(f"{name}: shape {val.shape} (after transpose) but {path[0]} needs {want}")
       else:
         out[path[0]] = val
-        used.add(path[0])
   missing = [n for n, path, _, _ in _table(cfg) if n not in sd]
   if cfg.attention == "softmax":
     missing += [f"layers.{i}.attention.wqkv.weight" for i in range(cfg.num_layers)

@@ -15,6 +15,7 @@ block code serves the parallel forward (``forward``) and the one-token decode st
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from kernels.lasad import reference
@@ -120,7 +121,8 @@ def forward(cfg, params, tokens, labels, width=None):
   width = cfg.grid[1] if width is None else width
   lbs = _layer_bounds(cfg, params)
 
-  cos, sin = rope_2d(jnp.arange(x.shape[1]), width, cfg.head_dim)
+  if cfg.attention == "softmax":
+    cos, sin = rope_2d(jnp.arange(x.shape[1]), width, cfg.head_dim)
 
   def layer(x, xs):
     p, lb = xs
@@ -247,8 +249,7 @@ class LASADGen(nnx.Module):
 
   def params(self):
     """Plain dict of arrays for the pure functions above."""
-    return jax.tree.map(lambda x: x[...] if hasattr(x, "value") else x,
-                        nnx.to_pure_dict(nnx.state(self, nnx.Param)))
+    return nnx.to_pure_dict(nnx.state(self, nnx.Param))
 
   def __call__(self, tokens, labels, width=None):
     check_inputs(self.config, tokens, labels, width)
@@ -257,7 +258,6 @@ class LASADGen(nnx.Module):
 
 def check_inputs(cfg, tokens, labels, width):
   """Clear errors for concrete bad input (traced values pass through unchecked)."""
-  import numpy as np
   if tokens is not None:
     t = jnp.asarray(tokens)
     if t.ndim != 2 or not jnp.issubdtype(t.dtype, jnp.integer):

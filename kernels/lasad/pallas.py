@@ -166,7 +166,7 @@ def _output_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, s_ref, o_re
     b = jnp.cumsum(gf, axis=0)            # log decay since the end of the previous sub-chunk
     seg = jnp.cumsum(rs.astype(jnp.int32))
     qh = q * jnp.exp(b) * (seg == 0)[:, None]
-    o = _dot(_mx(qh, dtype), _mx(s, dtype) if dtype != F32 else s)
+    o = _dot(_mx(qh, dtype), _mx(s, dtype))
     loop = functools.partial(_diag_out, q, k_ref, v_ref, g_ref, b, seg, i * sub,
                              n * chunk + i * sub, (seq_len, width, prefix, bnd))
     if diag == "bcast":
