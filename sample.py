@@ -4,10 +4,14 @@
         --num-per-class 4 --cfg-scale 4.0 --top-k 2000 --out samples/
     python sample.py --config configs/lasad.py:tiny --random-init --out /tmp/s   # smoke test
 
-Writes ``tokens.npz`` (``tokens`` int32 [N, h, w], ``labels`` [N]) and ``tokens.png`` (a grid of the
-token maps as grey levels). Decoding tokens to pixels needs the VQ tokenizer (not built yet): until
-then the outputs are token grids. ``--checkpoint`` is an Orbax directory holding the parameter dict
-(``model.params()`` structure); without it the script refuses unless ``--random-init`` is given.
+    python sample.py --checkpoint runs/digits --out runs/digits/samples   # a train.py workdir
+
+Writes ``tokens.npz`` (``tokens`` int32 [N, h, w], ``labels`` [N]) and ``tokens.png`` (the token
+maps as grey levels). Where the config's dataset renders tokens (digits, shapes, photos) it also
+writes ``images.npz`` (``arr_0`` uint8 [N, h, w, 3], the ADM evaluator's format) and ``images.png``;
+ImageNet codes need the VQ tokenizer (not built yet). ``--checkpoint`` is a ``train.py`` workdir
+(latest checkpoint; its ``config.json`` is used unless ``--config`` is given) or an Orbax directory
+of the parameter dict; without it the script refuses unless ``--random-init`` is given.
 """
 
 import os
@@ -50,12 +54,31 @@ def load_model(cfg, checkpoint, random_init):
       raise app.UsageError("--checkpoint DIR is required (an Orbax directory of the parameters); "
                            "pass --random-init to sample from random weights instead.")
     return model
-  import orbax.checkpoint as ocp
+  from lasad_jax.checkpointing import restore_params
   path = os.path.abspath(checkpoint)
   if not os.path.isdir(path):
     raise app.UsageError(f"--checkpoint {checkpoint!r} is not a directory")
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), model.params())
-  return load_params(model, ocp.StandardCheckpointer().restore(path, target))
+  try:
+    params, step = restore_params(path, target)
+  except FileNotFoundError as e:
+    raise app.UsageError(str(e))
+  print(f"loaded {path}" + (f" (step {step})" if step is not None else ""), file=sys.stderr)
+  return load_params(model, params)
+
+
+def config_from(checkpoint):
+  """The config a train.py workdir was trained with (its config.json), or None."""
+  import json
+
+  import ml_collections
+  path = os.path.join(checkpoint or "", "config.json")
+  if not checkpoint or not os.path.exists(path):
+    return None
+  with open(path) as f:
+    c = json.load(f)
+  c["grid"] = tuple(c["grid"])
+  return ml_collections.ConfigDict(c)
 
 
 def token_grid_png(tokens, vocab, path, cols=8):
@@ -72,6 +95,8 @@ def token_grid_png(tokens, vocab, path, cols=8):
 def main(argv):
   del argv
   cfg = _CONFIG.value
+  if not FLAGS["config"].present and config_from(FLAGS.checkpoint) is not None:
+    cfg = config_from(FLAGS.checkpoint)
   try:
     classes = [int(c) for c in FLAGS.classes.split(",") if c.strip()]
   except ValueError:
@@ -106,6 +131,14 @@ def main(argv):
   np.savez(os.path.join(FLAGS.out, "tokens.npz"), tokens=tokens, labels=labels)
   token_grid_png(tokens, cfg.vocab_size, os.path.join(FLAGS.out, "tokens.png"))
   print(f"wrote {len(labels)} token grids ({height}x{width}) to {FLAGS.out}/tokens.npz, tokens.png")
+  pixels = None
+  if cfg.get("data"):
+    from lasad_jax import data as D
+    pixels = D.to_pixels(cfg, tokens)
+  if pixels is not None:
+    np.savez(os.path.join(FLAGS.out, "images.npz"), pixels)   # arr_0: ADM evaluator format
+    D.save_image_grid(pixels, os.path.join(FLAGS.out, "images.png"), cols=FLAGS.num_per_class)
+    print(f"wrote {len(pixels)} images to {FLAGS.out}/images.npz, images.png")
 
 
 def _dashes_to_underscores(argv):

@@ -1,20 +1,27 @@
-"""LASADGen on scikit-learn's 8x8 digits: trains on CPU in minutes (no download)."""
+"""LASADGen on scikit-learn's 8x8 digits: trains on CPU in minutes (no download).
 
-from configs import lasad
+    python train.py --config configs/digits.py --workdir runs/digits
+    python train.py --config configs/digits.py:reset --workdir runs/digits_reset   # boundary mode
+"""
+
+from configs import common, lasad
 
 
 def get_config(variant="carry"):
-  """``variant``: the boundary mode (carry | reset | none | learned), for the SAD experiment."""
+  """``variant``: the boundary mode (carry | reset | none | learned) or ``softmax`` (the LlamaGen
+  baseline), for the SAD experiment."""
+  variant = variant or "carry"
   c = lasad.get_config("tiny")
-  c.boundary = variant or "carry"
-  c.data = "digits"
+  if variant == "softmax":
+    c.attention = "softmax"
+  else:
+    c.boundary = variant
   c.vocab_size, c.num_classes, c.grid = 17, 10, (8, 8)
-  c.batch_size = 64
-  c.learning_rate = 1e-3
+  common.with_training(c, data="digits", batch_size=64, learning_rate=1e-3, num_steps=300)
   c.warmup_steps = 20
-  c.num_steps = 300
-  c.weight_decay = 0.05
-  c.grad_clip = 1.0
-  c.label_dropout = 0.1
-  c.seed = 0
+  c.log_every = 25
+  c.eval_every = 100
+  c.eval_batches = 4
+  c.checkpoint_every = 100
+  c.sample.num_per_class = 8
   return c

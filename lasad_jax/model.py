@@ -139,6 +139,8 @@ def forward(cfg, params, tokens, labels, width=None):
       x = x + _attn_out(cfg, p, o).astype(jnp.float32)
     return x + _mlp(cfg, p, x).astype(jnp.float32), None
 
+  if cfg.get("remat", False):   # keep only each block's input for the backward pass
+    layer = jax.checkpoint(layer, prevent_cse=False)
   x, _ = jax.lax.scan(layer, x, (params["blocks"], lbs))
   return _logits(cfg, params, x)
 

@@ -1,15 +1,25 @@
-"""Train state, optimizer and train step for LASADGen (DESIGN.md §5).
+"""Training LASADGen (DESIGN.md §5): state, optimizer, sharded train step, and the loop.
 
 AdamW (b1 0.9, b2 0.95), weight decay on matrices only, global-norm clipping, warm-up then cosine
-decay; class labels dropped to the null class with probability ``label_dropout`` (for CFG).
-Next-token cross-entropy over all image tokens, float32 master weights.
+(or constant) learning rate; class labels dropped to the null class with probability
+``label_dropout`` (for CFG). Next-token cross-entropy over all image tokens, bf16 compute (the
+model config's ``dtype``) with float32 master weights; optional remat and gradient accumulation.
+
+:func:`train_and_evaluate` is the whole job behind ``train.py``: mesh, sharded state, grain data,
+Orbax checkpoints with exact resume, held-out NLL, progress lines, ``metrics.jsonl``, a sample grid.
 """
 
 import functools
+import json
+import math
+import os
+import time
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 
@@ -18,10 +28,14 @@ from lasad_jax import model as M
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array
+  step: jax.Array        # int32 scalar
   params: dict
   opt_state: optax.OptState
-  rng: jax.Array
+  rng: jax.Array         # raw PRNG key data (uint32 [2]): plain arrays checkpoint everywhere
+
+
+class TrainingDiverged(FloatingPointError):
+  """The loss became NaN or inf; the last good checkpoint is kept."""
 
 
 def decay_mask(params):
@@ -32,19 +46,30 @@ def decay_mask(params):
   return mask
 
 
+def learning_rate(cfg):
+  warm = max(cfg.warmup_steps, 1)
+  if cfg.get("lr_schedule", "cosine") == "constant":
+    return optax.warmup_constant_schedule(0.0, cfg.learning_rate, warm)
+  if cfg.get("lr_schedule", "cosine") != "cosine":
+    raise ValueError(f"config.lr_schedule must be 'cosine' or 'constant', got {cfg.lr_schedule!r}")
+  return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warm,
+                                            max(cfg.num_steps, cfg.warmup_steps + 1))
+
+
 def make_optimizer(cfg):
-  sched = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1),
-                                             max(cfg.num_steps, cfg.warmup_steps + 1))
   return optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip),
-      optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay, mask=decay_mask))
+      optax.adamw(learning_rate(cfg), b1=0.9, b2=0.95, weight_decay=cfg.weight_decay,
+                  mask=decay_mask))
 
 
 def create_train_state(cfg, seed=None):
+  """A fresh state (parameters from ``seed``, default ``cfg.seed``). Wrap in ``jax.jit`` with
+  ``out_shardings`` to create it sharded (see :func:`state_shardings`)."""
   seed = cfg.seed if seed is None else seed
   params = M.LASADGen(cfg, rngs=nnx.Rngs(seed)).params()
   return TrainState(step=jnp.int32(0), params=params, opt_state=make_optimizer(cfg).init(params),
-                    rng=jax.random.key(seed + 1))
+                    rng=jax.random.key_data(jax.random.key(seed + 1)))
 
 
 def loss_fn(cfg, params, tokens, labels, rng, label_dropout):
@@ -56,20 +81,268 @@ def loss_fn(cfg, params, tokens, labels, rng, label_dropout):
   return jnp.mean(nll)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
-def train_step(cfg, state, batch):
-  """One optimizer step. ``cfg`` must be hashable (ml_collections.FrozenConfigDict)."""
-  rng, sub = jax.random.split(state.rng)
-  loss, grads = jax.value_and_grad(
-      lambda p: loss_fn(cfg, p, batch["tokens"], batch["label"], sub, cfg.label_dropout))(
-          state.params)
+def _grads(cfg, params, batch, key):
+  """Loss and gradients, over ``cfg.grad_accum`` micro-batches (summed in float32)."""
+  n = cfg.get("grad_accum", 1)
+  grad_fn = jax.value_and_grad(
+      lambda p, t, l, k: loss_fn(cfg, p, t, l, k, cfg.label_dropout))
+  if n == 1:
+    return grad_fn(params, batch["tokens"], batch["label"], key)
+  micro = jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+
+  def body(carry, xs):
+    mb, i = xs
+    loss, g = grad_fn(params, mb["tokens"], mb["label"], jax.random.fold_in(key, i))
+    return jax.tree.map(jnp.add, carry, (loss, g)), None
+
+  zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+  (loss, g), _ = jax.lax.scan(body, zero, (micro, jnp.arange(n)))
+  return loss / n, jax.tree.map(lambda x: x / n, g)
+
+
+def _train_step(cfg, state, batch):
+  key, sub = jax.random.split(jax.random.wrap_key_data(state.rng))
+  loss, grads = _grads(cfg, state.params, batch, sub)
   updates, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(loss=loss, grad_norm=optax.global_norm(grads))
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+  metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
+                 lr=learning_rate(cfg)(state.step))
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                    rng=jax.random.key_data(key)), metrics
+
+
+train_step = functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))(_train_step)
+train_step.__doc__ = """One optimizer step, unsharded. ``cfg`` must be hashable (FrozenConfigDict)."""
+
+
+def make_train_step(cfg, mesh, state_sharding):
+  """The sharded step: ``state`` keeps ``state_sharding``, the batch is split over every device."""
+  from lasad_jax import sharding as S
+  return jax.jit(functools.partial(_train_step, cfg),
+                 in_shardings=(state_sharding, S.batch_sharding(mesh)),
+                 out_shardings=(state_sharding, S.replicated(mesh)), donate_argnums=(0,))
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def eval_nll(cfg, params, batch):
   """Held-out NLL per token with the true labels (no dropout)."""
   return loss_fn(cfg, params, batch["tokens"], batch["label"], jax.random.key(0), 0.0)
+
+
+def state_shardings(cfg, mesh):
+  """(abstract TrainState, its NamedShardings by the fsdp rule) without allocating anything."""
+  from lasad_jax import sharding as S
+  shapes = jax.eval_shape(lambda: create_train_state(cfg))
+  return shapes, S.tree_shardings(mesh, shapes,
+                                  cfg.mesh.get("min_shard_size", S.MIN_SHARD_SIZE))
+
+
+def flops_per_token(cfg):
+  """Model FLOPs per trained token (forward + backward = 3x forward): 6 x the matmul parameters
+  plus the attention term (LASAD: state update and read-out, 4HKV, and the intra-chunk products
+  of a 64-token chunk, 64H(K+V)/2 x 2; softmax: causal QK^T and AV over the mean context)."""
+  d, L, h, dh = cfg.dim, cfg.num_layers, cfg.num_heads, cfg.head_dim
+  hid = M.mlp_hidden(d)
+  matmul = L * (4 * d * d + 3 * d * hid) + d * cfg.vocab_size
+  n = int(np.prod(cfg.grid))
+  if cfg.attention == "softmax":
+    attn = L * 2 * 2 * (n / 2) * d
+  else:
+    attn = L * (4 * h * dh * dh + 2 * 64 * h * dh)
+  return 3 * (2 * matmul + attn)
+
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H20": 148e12, "A100": 312e12, "B200": 2250e12}
+
+
+def peak_flops(device):
+  kind = getattr(device, "device_kind", "")
+  for name, peak in PEAK_BF16.items():
+    if name in kind.replace("NVIDIA ", "").split(" ")[0]:
+      return peak
+  return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+def check_workdir(workdir):
+  if not workdir:
+    raise ValueError("--workdir is required: the directory for checkpoints and metrics")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f"--workdir {workdir!r} is not a writable directory ({e.strerror}); "
+                          f"choose a directory you can write to") from None
+
+
+def _keep_metrics_upto(path, step):
+  """On resume: drop records of steps after the restored checkpoint (they will be recomputed)
+  and any half-written last line of a killed run."""
+  if not os.path.exists(path):
+    return
+  keep = []
+  with open(path) as f:
+    for line in f:
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if rec.get("step", 0) <= step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
+
+
+def _fmt_time(s):
+  s = int(s)
+  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def evaluate(cfg, params, mesh):
+  """Mean held-out NLL per token over ``cfg.eval_batches`` fixed batches of the test split."""
+  from lasad_jax import data as D
+  from lasad_jax import sharding as S
+  src, ops = D.get_source(cfg, "test")
+  n = mesh.devices.size
+  bs = min(cfg.batch_size, len(src) // n * n)
+  loader = D.make_loader(src, bs, seed=0, shuffle=False, num_epochs=1, operations=ops)
+  total, count = 0.0, 0
+  for i, batch in enumerate(loader):
+    if i >= cfg.eval_batches:
+      break
+    total += float(eval_nll(cfg, params, S.global_batch(mesh, batch)))
+    count += 1
+  return total / max(count, 1)
+
+
+def train_and_evaluate(cfg, workdir, *, log=print):
+  """Train ``cfg`` in ``workdir`` (resuming from its latest checkpoint), evaluate, and write a
+  sample grid. Returns the final TrainState. Raises :class:`TrainingDiverged` on a NaN/inf loss
+  (the last good checkpoint stays)."""
+  from lasad_jax import data as D
+  from lasad_jax import sharding as S
+  from lasad_jax.checkpointing import Checkpointer
+
+  cfg = ml_collections.FrozenConfigDict(cfg)
+  D.check_config(cfg)
+  check_workdir(workdir)
+  mesh = S.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+  S.check_batch(cfg.batch_size, mesh)
+  if cfg.batch_size % cfg.grad_accum or (cfg.batch_size // cfg.grad_accum) % mesh.devices.size:
+    raise ValueError(f"config.batch_size={cfg.batch_size} must split into config.grad_accum="
+                     f"{cfg.grad_accum} micro-batches that each divide over "
+                     f"{mesh.devices.size} devices")
+  if cfg.num_steps <= 0:
+    raise ValueError(f"config.num_steps must be positive, got {cfg.num_steps}")
+  pid, nproc = jax.process_index(), jax.process_count()
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(cfg.to_json(indent=1))
+
+  src, ops = D.get_source(cfg, "train")
+  data_iter = iter(D.make_loader(src, cfg.batch_size // nproc, seed=cfg.seed, shard_index=pid,
+                                 shard_count=nproc, operations=ops))
+  abstract, shardings = state_shardings(cfg, mesh)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  latest = ckpt.latest_step()
+  if latest is None:
+    state = jax.jit(functools.partial(create_train_state, cfg), out_shardings=shardings)()
+    if os.path.exists(metrics_path) and pid == 0:
+      os.remove(metrics_path)
+    log(f"new run in {workdir}: {M.count_params(cfg) / 1e6:.2f}M parameters, mesh "
+        f"{dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} device(s)")
+  else:
+    from lasad_jax.checkpointing import abstract as _abs
+    state = ckpt.restore(_abs(abstract, shardings), data_iter)
+    if pid == 0:
+      _keep_metrics_upto(metrics_path, latest)
+    log(f"resumed {workdir} from step {latest} on mesh {dict(mesh.shape)}")
+  step_fn = make_train_step(cfg, mesh, shardings)
+
+  tokens_per_step = cfg.batch_size * int(np.prod(cfg.grid))
+  peak = peak_flops(jax.devices()[0])
+  fpt = flops_per_token(cfg)
+  step = int(state.step)
+  pending, t_log, s_log, t_start, s_start = [], time.perf_counter(), step, time.perf_counter(), step
+  mf = open(metrics_path, "a") if pid == 0 else None
+
+  def write(rec):
+    if mf is not None:
+      mf.write(json.dumps(rec) + "\n")
+      mf.flush()
+
+  def flush():
+    """Fetch pending step metrics, stop on a non-finite loss, write them."""
+    for s, m in pending:
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      if not math.isfinite(m["loss"]):
+        ckpt.wait()
+        raise TrainingDiverged(
+            f"loss is {m['loss']} at step {s}: stopping. The last good checkpoint (step "
+            f"{ckpt.latest_step()}) is kept in {ckpt.directory}; lower config.learning_rate or "
+            f"check the data, then rerun to resume from it.")
+      write({"step": s, **m})
+    pending.clear()
+
+  try:
+    while step < cfg.num_steps:
+      batch = S.global_batch(mesh, next(data_iter))
+      state, m = step_fn(state, batch)
+      step += 1
+      pending.append((step, m))
+      last = step == cfg.num_steps
+      if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or last:
+        loss = float(pending[-1][1]["loss"])
+        flush()
+        now = time.perf_counter()
+        sps = (step - s_log) / max(now - t_log, 1e-9)
+        eta = (cfg.num_steps - step) * (now - t_start) / max(step - s_start, 1)
+        perf = {"steps_per_s": sps, "tokens_per_s": sps * tokens_per_step}
+        if peak:
+          perf["mfu"] = sps * tokens_per_step * fpt / (peak * mesh.devices.size)
+        write({"step": step, **perf})
+        log(f"step {step}/{cfg.num_steps}  loss {loss:.4f}  {sps:.2f} steps/s  "
+            f"{perf['tokens_per_s']:,.0f} tok/s" +
+            (f"  MFU {100 * perf['mfu']:.1f}%" if peak else "") + f"  ETA {_fmt_time(eta)}")
+        t_log, s_log = now, step
+      if step % cfg.eval_every == 0 or last:
+        nll = evaluate(cfg, state.params, mesh)
+        write({"step": step, "eval_nll": nll})
+        log(f"step {step}: held-out NLL {nll:.4f} nats/token")
+      if step % cfg.checkpoint_every == 0 or last:
+        ckpt.save(state, data_iter)
+    ckpt.wait()
+  finally:
+    if mf is not None:
+      mf.close()
+    ckpt.close()
+  return state
+
+
+def sample_grid(cfg, params, path, *, seed=0):
+  """Sample ``cfg.sample.num_per_class`` images per class and write them as one PNG (rows =
+  classes) where the dataset can render tokens; returns the tokens [C, n, h, w]."""
+  from lasad_jax import data as D
+  from lasad_jax import sampling as Smp
+  cfg = ml_collections.FrozenConfigDict(cfg)
+  n, (h, w) = cfg.sample.num_per_class, cfg.grid
+  classes = min(cfg.num_classes, 16)
+  model = M.LASADGen(cfg, rngs=nnx.Rngs(0))
+  from lasad_jax.convert import load_params
+  load_params(model, params)
+  labels = jnp.repeat(jnp.arange(classes), n)
+  toks = Smp.sample(model, labels, height=h, width=w, rng=jax.random.key(seed),
+                    cfg_scale=cfg.sample.cfg_scale, temperature=cfg.sample.temperature,
+                    top_k=cfg.sample.top_k)
+  toks = np.asarray(toks).reshape(classes, n, h, w)
+  pix = D.to_pixels(cfg, toks.reshape(-1, h, w))
+  if pix is not None:
+    D.save_image_grid(pix, path, cols=n)
+  return toks

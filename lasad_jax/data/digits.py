@@ -7,6 +7,8 @@ held-out split: a permutation with seed 0, the last 297 of the 1797 images are t
 import grain.python as grain
 import numpy as np
 
+from lasad_jax.data.loader import make_loader  # noqa: F401  (re-exported)
+
 VOCAB, GRID, NUM_CLASSES, TEST_SIZE = 17, (8, 8), 10, 297
 
 
@@ -18,6 +20,7 @@ class DigitsSource(grain.RandomAccessDataSource):
       raise ValueError(f"`split` must be 'train' or 'test', got {split!r}")
     from sklearn.datasets import load_digits
     d = load_digits()
+    self._split = split
     order = np.random.default_rng(0).permutation(len(d.target))
     idx = order[:-TEST_SIZE] if split == "train" else order[-TEST_SIZE:]
     self._tokens = d.images[idx].reshape(len(idx), -1).astype(np.int32)
@@ -26,20 +29,15 @@ class DigitsSource(grain.RandomAccessDataSource):
   def __len__(self):
     return len(self._labels)
 
+  def __repr__(self):   # grain checks it on resume: the same data, whatever the object
+    return f"DigitsSource(split={self._split!r})"
+
   def __getitem__(self, i):
     return {"tokens": self._tokens[i], "label": self._labels[i]}
 
 
-def make_loader(source, batch_size, *, seed, shuffle=True, num_epochs=None, shard_index=0,
-                shard_count=1):
-  """A deterministic, checkpointable grain DataLoader of batches (drop_remainder), sharded per
-  process. Its iterator's get_state()/set_state() resume the stream exactly."""
-  if batch_size <= 0 or batch_size > len(source):
-    raise ValueError(f"`batch_size` must be in [1, {len(source)}], got {batch_size}")
-  sampler = grain.IndexSampler(
-      len(source), shuffle=shuffle, seed=seed, num_epochs=num_epochs,
-      shard_options=grain.ShardOptions(shard_index=shard_index, shard_count=shard_count,
-                                       drop_remainder=True))
-  return grain.DataLoader(data_source=source, sampler=sampler,
-                          operations=[grain.Batch(batch_size, drop_remainder=True)],
-                          worker_count=0)
+def to_pixels(tokens):
+  """Token grids [N, 8, 8] (intensities 0..16) -> uint8 RGB [N, 8, 8, 3], ink dark on white."""
+  grey = (255 - np.clip(tokens, 0, 16) * 255 // 16).astype(np.uint8)
+  return np.repeat(grey[..., None], 3, -1)
+
