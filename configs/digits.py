@@ -17,7 +17,7 @@ def get_config(variant="carry"):
   else:
     c.boundary = variant
   c.vocab_size, c.num_classes, c.grid = 17, 10, (8, 8)
-  common.with_training(c, data="digits", batch_size=64, learning_rate=1e-3, num_steps=300)
+  common.with_training(c, data="digits", batch_size=64, learning_rate=3e-3, num_steps=400)
   c.warmup_steps = 20
   c.log_every = 25
   c.eval_every = 100

@@ -80,9 +80,16 @@ def test_pallas_error_no_worse_than_fla_chunk_gla():
   theirs = [o_fla.detach()] + [x.grad for x in tt]
   names = ("o", "dq", "dk", "dv", "dg")
   refs = (o_ref, ref_grads["dq"], ref_grads["dk"], ref_grads["dv"], ref_grads["dg"])
+  from kernels.lasad.pallas import BlockSizes
+  loop = _ours(q, k, v, g, do, dst, "pallas", block_sizes=BlockSizes(diag="loop"))
   ours_sel = (ours[0],) + tuple(ours[2:6])
-  for name, mine, fla_x, ref in zip(names, ours_sel, theirs, refs):
+  loop_sel = (loop[0],) + tuple(loop[2:6])
+  failures = []
+  for name, mine, mine_loop, fla_x, ref in zip(names, ours_sel, loop_sel, theirs, refs):
     e_ours = oracle.rel_rms(mine, ref)
     e_fla = oracle.rel_rms(fla_x.float().cpu().numpy(), ref)
-    print(f"{name}: pallas {e_ours:.2e}  fla chunk_gla {e_fla:.2e}")
-    assert e_ours <= max(1.25 * e_fla, 2e-3), (name, e_ours, e_fla)
+    print(f"{name}: pallas {e_ours:.2e} (diag=loop {oracle.rel_rms(mine_loop, ref):.2e})  "
+          f"fla chunk_gla {e_fla:.2e}")
+    if e_ours > max(1.25 * e_fla, 2e-3):
+      failures.append((name, e_ours, e_fla))
+  assert not failures, failures

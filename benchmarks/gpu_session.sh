@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# What the GPU runs recorded in BENCHMARKS.md / RESULTS.md executed, stage by stage, on the device
+# machine (its python3 has jax[cuda], torch; grain, ml_collections and fla come as wheels in .whl/).
+#   bash benchmarks/gpu_session.sh STAGE...   stages: tests train sampling sad fla
+# Logs and JSON go to $OUT (default: ./out).
+set -uo pipefail
+OUT=${OUT:-out}; mkdir -p "$OUT"
+if [[ -d .whl ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD:$PWD/benchmarks
+else
+  export PYTHONPATH=$PWD:$PWD/benchmarks
+fi
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+for stage in "$@"; do
+  echo "=== $stage $(date -u +%H:%M:%S)"
+  case $stage in
+    tests)    timeout 200 python3 -m pytest -q tests/test_gpu.py -k "not fla" 2>&1 | tee "$OUT/test_gpu.log" ;;
+    train)    XLA_PYTHON_CLIENT_MEM_FRACTION=.95 timeout 240 python3 benchmarks/train.py \
+                --variants B,L --batches 256,128,64 ${TRAIN_ARGS:-} \
+                --out "$OUT/train_h100${TRAIN_TAG:-}.json" 2>&1 | tee "$OUT/train${TRAIN_TAG:-}.log" ;;
+    sampling) timeout 150 python3 benchmarks/sampling.py --variant L \
+                --out "$OUT/sampling_h100.json" 2>&1 | tee "$OUT/sampling.log" ;;
+    sad)      timeout ${SAD_TIMEOUT:-560} python3 scripts/sad_ablation.py --out "$OUT/sad" \
+                --datasets "${SAD_DATASETS:-digits,shapes,photos}" \
+                --variants "${SAD_VARIANTS:-carry,reset,learned,none,softmax}" 2>&1 | tee -a "$OUT/sad.log"
+              tar czf "$OUT/sad.tgz" -C "$OUT" sad && rm -rf "$OUT/sad" ;;   # one file comes back
+    fla)      timeout 560 python3 -m pytest -q -s tests/test_gpu.py -k fla 2>&1 | tee "$OUT/test_gpu_fla.log" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
+echo "=== done $(date -u +%H:%M:%S)"

@@ -1,0 +1,126 @@
+"""Training throughput: step time, tokens/s, MFU and peak memory for LASADGen (and the softmax
+baseline) on synthetic ImageNet-shaped code batches (16x16 tokens, 1000 classes).
+
+    python benchmarks/train.py --variants B,L [--attention lasad,softmax] [--batches 512,256,128]
+        [--mesh data|fsdp] [--out benchmarks/results/train_h100.json]
+
+For each variant and attention, tries the global batch sizes in ``--batches`` from the largest and
+reports the first that compiles and runs (the largest that fits), using the same sharded step as
+``train.py`` over all local devices (``--mesh data``: data parallel; ``fsdp``: parameters and
+optimizer state split over every device). Median step time over ``--iters`` steps after warm-up.
+MFU = tokens/s x model FLOPs per token (``training.flops_per_token``) / (devices x bf16 peak).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs.imagenet import get_config  # noqa: E402
+from lasad_jax import model as M  # noqa: E402
+from lasad_jax import sharding as S  # noqa: E402
+from lasad_jax import training as T  # noqa: E402
+
+
+def run_one(variant, attention, batch, mesh_kind, iters, remat):
+  n = jax.device_count()
+  cfg = get_config(variant)
+  cfg.attention = attention
+  cfg.batch_size = batch
+  cfg.remat = remat
+  cfg.warmup_steps = 10
+  cfg.mesh.data, cfg.mesh.fsdp = (n, 1) if mesh_kind == "data" else (1, n)
+  cfg = ml_collections.FrozenConfigDict(cfg)
+  mesh = S.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+  _, shardings = T.state_shardings(cfg, mesh)
+  import functools
+  state = jax.jit(functools.partial(T.create_train_state, cfg), out_shardings=shardings)()
+  step = T.make_train_step(cfg, mesh, shardings)
+  rng = np.random.default_rng(0)
+  n_tok = int(np.prod(cfg.grid))
+  batches = [S.global_batch(mesh, {
+      "tokens": rng.integers(0, cfg.vocab_size, (batch, n_tok), dtype=np.int32),
+      "label": rng.integers(0, cfg.num_classes, batch, dtype=np.int32)}) for _ in range(2)]
+  t0 = time.perf_counter()
+  state, m = step(state, batches[0])
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t0
+  for i in range(3):
+    state, m = step(state, batches[i % 2])
+  jax.block_until_ready(m)
+  ts = []
+  for i in range(iters):
+    t0 = time.perf_counter()
+    state, m = step(state, batches[i % 2])
+    jax.block_until_ready(m)
+    ts.append(time.perf_counter() - t0)
+  loss = float(m["loss"])
+  sec = statistics.median(ts)
+  tps = batch * n_tok / sec
+  peak = T.peak_flops(jax.devices()[0])
+  mem = [d.memory_stats() or {} for d in jax.local_devices()]
+  return dict(variant=variant, attention=attention, batch=batch, mesh=mesh_kind, devices=n,
+              remat=remat, params_m=round(M.count_params(cfg) / 1e6, 2),
+              step_ms=round(sec * 1e3, 2), tokens_per_s=round(tps),
+              images_per_s=round(batch / sec, 1),
+              mfu=round(tps * T.flops_per_token(cfg) / (peak * n), 4) if peak else None,
+              peak_gib=round(max(x.get("peak_bytes_in_use", 0) for x in mem) / 2 ** 30, 2),
+              compile_s=round(compile_s, 1), loss=round(loss, 4))
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--variants", default="B,L")
+  ap.add_argument("--attention", default="lasad")
+  ap.add_argument("--batches", default="512,256,128,64")
+  ap.add_argument("--mesh", default="data", choices=("data", "fsdp"))
+  ap.add_argument("--iters", type=int, default=10)
+  ap.add_argument("--remat", action="store_true")
+  ap.add_argument("--out", default=None)
+  args = ap.parse_args()
+  dev = jax.devices()[0]
+  print(f"{jax.device_count()} x {getattr(dev, 'device_kind', dev.platform)}, jax {jax.__version__}"
+        f", mesh {args.mesh}, remat {args.remat}")
+  hdr = (f"{'model':<6} {'attn':<8} {'batch':>5} {'step ms':>8} {'tok/s':>10} {'img/s':>7} "
+         f"{'MFU':>6} {'peak GiB':>8} {'compile s':>9}")
+  print(hdr)
+  records = []
+  for variant in args.variants.split(","):
+    for attention in args.attention.split(","):
+      for batch in [int(b) for b in args.batches.split(",")]:
+        try:
+          r = run_one(variant, attention, batch, args.mesh, args.iters, args.remat)
+        except Exception as e:  # noqa: BLE001  (out of memory: try the next smaller batch)
+          msg = str(e).splitlines()[0][:120]
+          if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+            print(f"{variant:<6} {attention:<8} {batch:>5} does not fit: {msg}")
+            continue
+          raise
+        records.append(r)
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        print(f"{variant:<6} {attention:<8} {batch:>5} {r['step_ms']:>8.1f} "
+              f"{r['tokens_per_s']:>10,} {r['images_per_s']:>7.1f} {mfu:>6} "
+              f"{r['peak_gib']:>8.2f} {r['compile_s']:>9.1f}", flush=True)
+        break
+  if args.out:
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump({"date": datetime.date.today().isoformat(),
+                 "device": getattr(dev, "device_kind", dev.platform),
+                 "devices": jax.device_count(), "jax": jax.__version__, "dtype": "bfloat16",
+                 "command": "python benchmarks/train.py " + " ".join(
+                     f"--{k}={v}" for k, v in vars(args).items() if k != "out"),
+                 "records": records}, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
