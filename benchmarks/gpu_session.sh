@@ -21,8 +21,8 @@ for stage in "$@"; do
     train)    XLA_PYTHON_CLIENT_MEM_FRACTION=.95 timeout 240 python3 benchmarks/train.py \
                 --variants B,L --batches 256,128,64 ${TRAIN_ARGS:-} \
                 --out "$OUT/train_h100${TRAIN_TAG:-}.json" 2>&1 | tee "$OUT/train${TRAIN_TAG:-}.log" ;;
-    sampling) timeout 150 python3 benchmarks/sampling.py --variant L \
-                --out "$OUT/sampling_h100.json" 2>&1 | tee "$OUT/sampling.log" ;;
+    sampling) timeout ${SAMPLING_TIMEOUT:-150} python3 benchmarks/sampling.py --variant L \
+                ${SAMPLING_ARGS:-} --out "$OUT/sampling_h100.json" 2>&1 | tee "$OUT/sampling.log" ;;
     sad)      timeout ${SAD_TIMEOUT:-560} python3 scripts/sad_ablation.py --out "$OUT/sad" \
                 --datasets "${SAD_DATASETS:-digits,shapes,photos}" \
                 --variants "${SAD_VARIANTS:-carry,reset,learned,none,softmax}" 2>&1 | tee -a "$OUT/sad.log"

@@ -64,6 +64,14 @@ def main():
   records = []
   print(f"device {dev.device_kind}, jax {jax.__version__}, LASADGen-{args.variant}, random weights")
   top_k = 2000 if args.variant != "tiny" else 5
+  meta = dict(date=datetime.date.today().isoformat(), device=dev.device_kind,
+              jax=jax.__version__, command=f"python benchmarks/sampling.py --variant {args.variant}"
+              f" --grids {args.grids} --repeats {args.repeats}")
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+  def save():   # after every record: a run cut off by a time limit keeps what it measured
+    with open(args.out, "w") as f:
+      json.dump(dict(meta=meta, records=records), f, indent=1)
   for attention in ("lasad", "softmax"):
     cfg = get_config(args.variant)
     cfg.attention = attention
@@ -72,6 +80,7 @@ def main():
     rec = dict(kind="batch", attention=attention, images=8, grid=cfg.grid[0], cfg_scale=4.0,
                top_k=top_k, first_call_s=first, s_per_batch=med, images_per_s=8 / med)
     records.append(rec)
+    save()
     print(f"(a) {attention:<8} 8 images {cfg.grid[0]}x{cfg.grid[0]} CFG 4: first call "
           f"{first:.2f} s, then {med:.3f} s/batch ({8 / med:.1f} images/s)", flush=True)
     for g in (int(x) for x in args.grids.split(",")):
@@ -85,13 +94,10 @@ def main():
       rec = dict(kind="per_token", attention=attention, grid=g, tokens=n, s_per_batch=med,
                  ms_per_token=med / n * 1e3, compiled_temp_bytes=temp, first_call_s=first)
       records.append(rec)
+      save()
       print(f"(b) {attention:<8} {g}x{g}: {med / n * 1e3:.3f} ms/token, compiled scratch "
             f"{(temp or 0) / 2**20:.1f} MiB", flush=True)
-  meta = dict(date=datetime.date.today().isoformat(), device=dev.device_kind,
-              jax=jax.__version__, command=f"python benchmarks/sampling.py --variant {args.variant}")
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(dict(meta=meta, records=records), f, indent=1)
+  save()
   print(f"wrote {args.out}")
 
 

@@ -29,3 +29,16 @@ def with_training(c, *, data, batch_size=256, learning_rate=1e-4, num_steps=100_
   c.sample = ml_collections.ConfigDict(
       {"num_per_class": 8, "cfg_scale": 2.0, "temperature": 1.0, "top_k": 0})  # end-of-run grid
   return c
+
+
+def small_cpu_run(c, *, data, batch_size, learning_rate, num_steps, every=200):
+  """The training fields of the small built-in datasets (minutes on a CPU): short warm-up, a
+  progress line every 25 steps, evaluation and checkpoints every ``every`` steps."""
+  with_training(c, data=data, batch_size=batch_size, learning_rate=learning_rate,
+                num_steps=num_steps)
+  c.warmup_steps = 20
+  c.log_every = 25
+  c.eval_every = every
+  c.eval_batches = 4
+  c.checkpoint_every = every
+  return c

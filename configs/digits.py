@@ -17,11 +17,6 @@ def get_config(variant="carry"):
   else:
     c.boundary = variant
   c.vocab_size, c.num_classes, c.grid = 17, 10, (8, 8)
-  common.with_training(c, data="digits", batch_size=64, learning_rate=3e-3, num_steps=400)
-  c.warmup_steps = 20
-  c.log_every = 25
-  c.eval_every = 100
-  c.eval_batches = 4
-  c.checkpoint_every = 100
-  c.sample.num_per_class = 8
+  common.small_cpu_run(c, data="digits", batch_size=64, learning_rate=3e-3, num_steps=400,
+                       every=100)
   return c

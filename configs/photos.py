@@ -10,10 +10,4 @@ def get_config(variant="32"):
   side = int(variant or 32)
   c = lasad.get_config("tiny")
   c.vocab_size, c.num_classes, c.grid = 256, 8, (side, side)   # vocab = palette size
-  common.with_training(c, data="photos", batch_size=32, learning_rate=1e-3, num_steps=400)
-  c.warmup_steps = 20
-  c.log_every = 25
-  c.eval_every = 200
-  c.eval_batches = 4
-  c.checkpoint_every = 200
-  return c
+  return common.small_cpu_run(c, data="photos", batch_size=32, learning_rate=1e-3, num_steps=400)

@@ -11,10 +11,4 @@ def get_config(variant="16"):
   side = int(variant or 16)
   c = lasad.get_config("tiny")
   c.vocab_size, c.num_classes, c.grid = 9, 8, (side, side)
-  common.with_training(c, data="shapes", batch_size=32, learning_rate=1e-3, num_steps=400)
-  c.warmup_steps = 20
-  c.log_every = 25
-  c.eval_every = 200
-  c.eval_batches = 4
-  c.checkpoint_every = 200
-  return c
+  return common.small_cpu_run(c, data="shapes", batch_size=32, learning_rate=1e-3, num_steps=400)

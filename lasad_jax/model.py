@@ -175,10 +175,12 @@ def embed(params, pos, labels, prev_tokens):
   return jnp.where(pos == 0, cls, tok).astype(jnp.float32)
 
 
-def decode_step(cfg, params, state, x, pos, width):
+def decode_step(cfg, params, state, x, pos, width, unroll=1):
   """One token through every layer. x [B, d] input embedding at sequence position ``pos``.
 
-  Returns (new state, logits [B, vocab] predicting image token ``pos``).
+  Returns (new state, logits [B, vocab] predicting image token ``pos``). ``unroll`` is the layer
+  scan's unroll factor (the sampler unrolls fully: one fused program per token instead of a
+  device loop over layers).
   """
   width = jnp.broadcast_to(jnp.asarray(width, jnp.int32), (x.shape[0],))
   rel = pos - PREFIX
@@ -211,8 +213,20 @@ def decode_step(cfg, params, state, x, pos, width):
       x = x + _attn_out(cfg, p, o).astype(jnp.float32)
     return x + _mlp(cfg, p, x).astype(jnp.float32), s
 
-  x, state = jax.lax.scan(layer, x, (params["blocks"], lbs, state))
+  x, state = jax.lax.scan(layer, x, (params["blocks"], lbs, state), unroll=unroll)
   return state, _logits(cfg, params, x)
+
+
+MATMUL_WEIGHTS = ("wq", "wk", "wv", "wf", "wo", "w1", "w2", "w3")
+
+
+def cast_for_compute(cfg, params):
+  """Matmul weights in the compute dtype (they are only ever used cast to it, so results are
+  bit-identical); norms, gates, boundaries and embeddings stay float32. For decoding, where
+  reading float32 weights for every token would double the bytes moved."""
+  dt = jnp.dtype(cfg.dtype)
+  blocks = {k: (v.astype(dt) if k in MATMUL_WEIGHTS else v) for k, v in params["blocks"].items()}
+  return {**params, "blocks": blocks, "head": params["head"].astype(dt)}
 
 
 class LASADGen(nnx.Module):

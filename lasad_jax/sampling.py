@@ -60,12 +60,13 @@ def sample(model, labels, *, height, width, rng, cfg_scale=1.0, temperature=1.0,
 def _sample(cfg, params, labels, rng, n, width, cfg_scale, temperature, top_k, top_p):
   b = labels.shape[0]
   guided = cfg_scale != 1.0
+  params = M.cast_for_compute(cfg, params)
   rows = jnp.concatenate([labels, jnp.full_like(labels, cfg.num_classes)]) if guided else labels
 
   def step(carry, pos):
     state, prev, key = carry
     x = M.embed(params, pos, rows, jnp.concatenate([prev, prev]) if guided else prev)
-    state, logits = M.decode_step(cfg, params, state, x, pos, width)
+    state, logits = M.decode_step(cfg, params, state, x, pos, width, unroll=True)
     if guided:
       c, u = logits[:b], logits[b:]
       logits = u + cfg_scale * (c - u)

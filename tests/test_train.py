@@ -89,7 +89,6 @@ def test_restore_from_8_devices_onto_2(tmp_path):
   # 8 simulated devices, FSDP over 4 with every leaf split where it divides.
   _train(big, "--config.num_steps=14", "--config.mesh.data=2", "--config.mesh.fsdp=4",
          "--config.mesh.min_shard_size=0", devices=8)
-  p10, _ = _params(big, 10)
   # Continue from step 10 on 2 devices (pure data parallel): drop the step-14 checkpoint.
   small = tmp_path / "small"
   import shutil
@@ -103,11 +102,13 @@ def test_restore_from_8_devices_onto_2(tmp_path):
     assert small_l[s] == big_l[s]
   for s in range(11, 15):          # continued from where it was (other reduction order: close)
     np.testing.assert_allclose(small_l[s], big_l[s], rtol=2e-5)
+  # Parameters after 4 more steps: close, not equal. Adam divides by sqrt(v), so where a gradient
+  # is near zero the 8- vs 2-device reduction order changes the update by up to a fraction of
+  # the learning rate (3e-3): measured ~1e-5 here; one full step is 3e-3.
   a, _ = _params(big)
   b, _ = _params(small)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
-  del p10
+    np.testing.assert_allclose(x, y, rtol=0, atol=1e-4)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
