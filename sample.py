@@ -9,7 +9,9 @@
 Writes ``tokens.npz`` (``tokens`` int32 [N, h, w], ``labels`` [N]) and ``tokens.png`` (the token
 maps as grey levels). Where the config's dataset renders tokens (digits, shapes, photos) it also
 writes ``images.npz`` (``arr_0`` uint8 [N, h, w, 3], the ADM evaluator's format) and ``images.png``;
-ImageNet codes need the VQ tokenizer (not built yet). ``--checkpoint`` is a ``train.py`` workdir
+so do configs that name a VQ tokenizer checkpoint (``config.vq_checkpoint``, LlamaGen's
+``vq_ds16_c2i.pt``; ``config.vq_config`` holds the ``VQConfig`` fields, VQ-16 by default), decoding the codes to
+pixels (``--config.vq_checkpoint=/path/vq_ds16_c2i.pt``). ``--checkpoint`` is a ``train.py`` workdir
 (latest checkpoint; its ``config.json`` is used unless ``--config`` is given) or an Orbax directory
 of the parameter dict; without it the script refuses unless ``--random-init`` is given.
 """
@@ -92,6 +94,28 @@ def token_grid_png(tokens, vocab, path, cols=8):
   Image.fromarray(img).resize((img.shape[1] * 4, img.shape[0] * 4), Image.NEAREST).save(path)
 
 
+def vq_decode(cfg, tokens, batch_size):
+  """Token grids -> uint8 RGB through the VQ tokenizer named by ``cfg.vq_checkpoint`` (LlamaGen's
+  ``vq_ds16_c2i.pt`` or a .safetensors; read without running pickled code), in batches."""
+  from lasad_jax import torch_io
+  from lasad_jax.tokenizer import vq as V
+  vcfg = V.VQConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
+                       for k, v in dict(cfg.get("vq_config", None) or {}).items()})   # lists: json
+  if not os.path.exists(cfg.vq_checkpoint):
+    raise app.UsageError(f"config.vq_checkpoint={cfg.vq_checkpoint!r} does not exist (download "
+                         f"LlamaGen's vq_ds16_c2i.pt yourself; nothing is fetched at run time)")
+  sd = torch_io.load_state_dict(cfg.vq_checkpoint, key="model")
+  vq = V.VQTokenizer(vcfg, params=V.convert_state_dict(sd, vcfg))
+  if int(tokens.max()) >= vcfg.codebook_size:
+    raise app.UsageError(f"tokens reach {int(tokens.max())} but the VQ codebook has "
+                         f"{vcfg.codebook_size} entries: config.vocab_size must match it")
+  out = []
+  for i in range(0, len(tokens), batch_size):
+    x = np.asarray(vq.decode(tokens[i:i + batch_size]))
+    out.append(np.clip(np.rint((np.clip(x, -1, 1) + 1) * 127.5), 0, 255).astype(np.uint8))
+  return np.concatenate(out)
+
+
 def main(argv):
   del argv
   cfg = _CONFIG.value
@@ -131,9 +155,11 @@ def main(argv):
   np.savez(os.path.join(FLAGS.out, "tokens.npz"), tokens=tokens, labels=labels)
   token_grid_png(tokens, cfg.vocab_size, os.path.join(FLAGS.out, "tokens.png"))
   print(f"wrote {len(labels)} token grids ({height}x{width}) to {FLAGS.out}/tokens.npz, tokens.png")
+  from lasad_jax import data as D
   pixels = None
-  if cfg.get("data"):
-    from lasad_jax import data as D
+  if cfg.get("vq_checkpoint"):
+    pixels = vq_decode(cfg, tokens, FLAGS.batch_size)
+  elif cfg.get("data"):
     pixels = D.to_pixels(cfg, tokens)
   if pixels is not None:
     np.savez(os.path.join(FLAGS.out, "images.npz"), pixels)   # arr_0: ADM evaluator format

@@ -30,4 +30,10 @@ def get_config(variant="B"):
   c.norm_eps = 1e-5
   c.dtype = "bfloat16" if variant != "tiny" else "float32"   # compute dtype; params are float32
   c.impl = "auto"                                      # lasad_attention implementation
+  # The VQ tokenizer sample.py decodes codes with: LlamaGen's vq_ds16_c2i.pt (user-supplied path;
+  # empty = write token grids only) and its architecture (lasad_jax.tokenizer.vq.VQConfig; VQ-16).
+  c.vq_checkpoint = ""
+  c.vq_config = ml_collections.ConfigDict(dict(
+      ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256, codebook_size=16384,
+      codebook_dim=8))
   return c

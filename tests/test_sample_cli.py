@@ -49,3 +49,17 @@ def test_bad_classes(tmp_path, classes):
   r = _run("--config", "configs/lasad.py:tiny", "--random-init", "--classes", classes,
            "--out", str(tmp_path))
   assert r.returncode != 0 and "--classes" in r.stderr
+
+
+def test_vq_checkpoint_decodes_to_pixels(tmp_path):
+  """A config naming a VQ checkpoint gets images through the tokenizer (tiny fixture VQ: codebook
+  64, downsample 2, so an 8x8 token grid becomes 16x16 pixels)."""
+  fix = os.path.join(ROOT, "tests", "fixtures", "vq_tiny.pt")
+  r = _run("--config", "configs/lasad.py:tiny", "--random-init", "--classes", "1",
+           "--num-per-class", "2", "--config.vocab_size=64", f"--config.vq_checkpoint={fix}",
+           "--config.vq_config.ch=32", "--config.vq_config.ch_mult=(1, 2)",
+           "--config.vq_config.z_channels=32", "--config.vq_config.codebook_size=64",
+           "--out", str(tmp_path))
+  assert r.returncode == 0, r.stderr[-2000:]
+  img = np.load(tmp_path / "images.npz")["arr_0"]
+  assert img.shape == (2, 16, 16, 3) and img.dtype == np.uint8 and img.std() > 0

@@ -23,9 +23,20 @@ import numpy as np
 FORMAT = "lasad_codes/v1"
 
 
-def write_shards(directory, codes, labels, *, codebook_size, shard_size=10000):
-  """Write ``codes`` [n, V, h, w] (or [n, h, w]) and ``labels`` [n] as a ``lasad_codes/v1`` split.
-  Files appear under temporary names and are renamed, index last: a reader never sees half a set."""
+def _save_npy(path, arr):
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    np.save(f, arr)
+  os.replace(tmp, path)
+
+
+def shard_names(j):
+  return f"codes-{j:05d}.npy", f"labels-{j:05d}.npy"
+
+
+def write_shard(directory, j, codes, labels, *, codebook_size):
+  """Shard ``j``: codes [n, V, h, w] (or [n, h, w]) as uint16 and labels [n] as int32, each file
+  under a temporary name then renamed (a killed writer leaves no partial shard)."""
   codes = np.asarray(codes)
   if codes.ndim == 3:
     codes = codes[:, None]
@@ -33,26 +44,43 @@ def write_shards(directory, codes, labels, *, codebook_size, shard_size=10000):
   if codes.ndim != 4 or len(codes) != len(labels):
     raise ValueError(f"`codes` must be [n, V, h, w] with n = len(labels); got {codes.shape} and "
                      f"{labels.shape}")
-  if codes.min() < 0 or codes.max() >= codebook_size or codebook_size > 65536:
+  if codes.size and (codes.min() < 0 or codes.max() >= codebook_size or codebook_size > 65536):
     raise ValueError(f"codes must lie in [0, codebook_size={codebook_size}) and fit uint16")
   os.makedirs(directory, exist_ok=True)
+  cname, lname = shard_names(j)
+  _save_npy(os.path.join(directory, cname), codes.astype(np.uint16))
+  _save_npy(os.path.join(directory, lname), labels)   # written last: marks the shard complete
+
+
+def write_index(directory, num_shards, *, codebook_size):
+  """index.json over shards 0..num_shards-1 (read back for counts, grid and variants)."""
   shards = []
-  for j, s in enumerate(range(0, len(codes), shard_size)):
-    entry = {"codes": f"codes-{j:05d}.npy", "labels": f"labels-{j:05d}.npy",
-             "count": int(min(shard_size, len(codes) - s))}
-    for key, arr in (("codes", codes[s:s + shard_size].astype(np.uint16)),
-                     ("labels", labels[s:s + shard_size])):
-      tmp = os.path.join(directory, entry[key] + ".tmp")
-      with open(tmp, "wb") as f:
-        np.save(f, arr)
-      os.replace(tmp, os.path.join(directory, entry[key]))
-    shards.append(entry)
-  index = {"format": FORMAT, "grid": list(codes.shape[2:]), "num_variants": int(codes.shape[1]),
+  grid = variants = None
+  for j in range(num_shards):
+    cname, lname = shard_names(j)
+    c = np.load(os.path.join(directory, cname), mmap_mode="r")
+    grid, variants = list(c.shape[2:]), int(c.shape[1])
+    shards.append({"codes": cname, "labels": lname, "count": int(c.shape[0])})
+  index = {"format": FORMAT, "grid": grid, "num_variants": variants,
            "codebook_size": int(codebook_size), "shards": shards}
   tmp = os.path.join(directory, "index.json.tmp")
   with open(tmp, "w") as f:
     json.dump(index, f, indent=1)
   os.replace(tmp, os.path.join(directory, "index.json"))
+
+
+def write_shards(directory, codes, labels, *, codebook_size, shard_size=10000):
+  """Write ``codes`` [n, V, h, w] (or [n, h, w]) and ``labels`` [n] as a ``lasad_codes/v1`` split:
+  shards, then the index (a reader never sees half a set)."""
+  codes, labels = np.asarray(codes), np.asarray(labels)
+  if len(codes) != len(labels):
+    raise ValueError(f"`codes` and `labels` differ in length: {codes.shape} vs {labels.shape}")
+  n = 0
+  for j, s in enumerate(range(0, len(codes), shard_size)):
+    write_shard(directory, j, codes[s:s + shard_size], labels[s:s + shard_size],
+                codebook_size=codebook_size)
+    n = j + 1
+  write_index(directory, n, codebook_size=codebook_size)
 
 
 class CodesSource(grain.RandomAccessDataSource):

@@ -1,0 +1,1 @@
+"""Image tokenizers: LlamaGen's VQ-16 (``vq.py``)."""
