@@ -1,2 +1,2 @@
-"""Sample-quality metrics in the ADM evaluator's conventions (fid.py). The Inception-v3 feature
-network is not ported yet; these functions take features computed elsewhere."""
+"""Sample-quality metrics in the ADM evaluator's conventions: fid.py (Fréchet distance, Inception
+Score from features/logits), inception.py (the FID Inception-v3 that produces them)."""

@@ -39,6 +39,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 def inception_score(logits, splits=10):
   """Mean and std over ``splits`` of exp(E_x KL(p(y|x) || p(y))) from classifier logits [N, C]."""
   z = np.asarray(logits, np.float64)
+  splits = max(1, min(splits, len(z)))   # no empty splits for small N
   p = np.exp(z - z.max(1, keepdims=True))
   p /= p.sum(1, keepdims=True)
   scores = []
