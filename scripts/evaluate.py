@@ -6,8 +6,9 @@
 ``samples.npz``: ``arr_0`` uint8 [N, H, W, 3] (what ``sample.py`` writes as images.npz).
 Reference: an ``.npz`` with precomputed ``mu``/``sigma`` (ADM's reference batches), or images in
 ``arr_0`` (statistics computed here). ``--inception``: the FID Inception weights (user-supplied;
-``.pth`` read without running pickled code, or ``.safetensors``). Prints FID and IS (10 splits).
-Precision/recall are not implemented yet.
+``.pth`` read without running pickled code, or ``.safetensors``). Prints FID, IS (10 splits) and,
+when the reference holds images (ADM reference batches do, in ``arr_0``), improved precision and
+recall (k = 3) on pool features.
 """
 
 import argparse
@@ -47,15 +48,23 @@ def main(argv=None):
   params = inception.convert_state_dict(torch_io.load_state_dict(args.inception))
   feats, logits = inception.extract(params, load_images(args.samples), args.batch_size)
   with np.load(args.reference) as f:
-    has_stats = "mu" in f and "sigma" in f
+    has_stats, has_images = "mu" in f and "sigma" in f, "arr_0" in f
+  ref_feats = None
+  if has_images:
+    ref_feats, _ = inception.extract(params, load_images(args.reference), args.batch_size)
   if has_stats:
     mu_r, sigma_r = fid.load_reference_stats(args.reference)
-  else:
-    ref_feats, _ = inception.extract(params, load_images(args.reference), args.batch_size)
+  elif ref_feats is not None:
     mu_r, sigma_r = fid.statistics(ref_feats)
+  else:
+    raise SystemExit(f"{args.reference}: neither mu/sigma nor arr_0 images")
   out = {"fid": fid.frechet_distance(*fid.statistics(feats), mu_r, sigma_r),
          "inception_score": fid.inception_score(logits)[0], "num_samples": int(len(feats))}
-  print(f"FID {out['fid']:.3f}  IS {out['inception_score']:.2f}  ({out['num_samples']} samples)")
+  line = f"FID {out['fid']:.3f}  IS {out['inception_score']:.2f}"
+  if ref_feats is not None and min(len(ref_feats), len(feats)) > 3:
+    out["precision"], out["recall"] = fid.precision_recall(ref_feats, feats)
+    line += f"  precision {out['precision']:.3f}  recall {out['recall']:.3f}"
+  print(f"{line}  ({out['num_samples']} samples)")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1)

@@ -37,6 +37,20 @@ def test_inception_score_bounds():
   assert fid.inception_score(np.zeros((n, c)))[0] == pytest.approx(1.0)    # uniform: 1
 
 
+def test_precision_recall():
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(500, 8))
+  assert fid.precision_recall(a, a) == (1.0, 1.0)
+  far = a + 100.0
+  assert fid.precision_recall(a, far) == (0.0, 0.0)
+  # Generated samples collapsed onto a small part of the real distribution: precise, low recall.
+  mode = a[np.argsort(np.linalg.norm(a, axis=1))[:50]] * 0.5
+  p, r = fid.precision_recall(a, mode)
+  assert p > 0.9 and r < 0.3
+  with pytest.raises(ValueError, match="k=3"):
+    fid.precision_recall(a[:3], a)
+
+
 def test_reference_stats(tmp_path):
   np.savez(tmp_path / "ref.npz", mu=np.zeros(3), sigma=np.eye(3))
   mu, sigma = fid.load_reference_stats(tmp_path / "ref.npz")
@@ -104,5 +118,6 @@ def test_evaluate_script(tmp_path):
   other = evaluate.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--inception",
                          str(tmp_path / "inc.safetensors"), "--batch-size", "4"])
   assert abs(same["fid"]) < 1e-3 and other["fid"] > 1e-3 and same["inception_score"] >= 1.0
+  assert same["precision"] == same["recall"] == 1.0
   with pytest.raises(SystemExit, match="does not exist"):
     evaluate.main([str(tmp_path / "a.npz"), str(tmp_path / "a.npz"), "--inception", "nope.pth"])
