@@ -64,3 +64,21 @@ def test_random_init_round_trip_shapes():
   c = vq.encode(x)
   assert c.shape == (1, 8, 12) and int(c.max()) < 64
   assert vq.decode(c).shape == (1, 16, 24, 3)
+
+
+def test_live_against_torch_reference():
+  """Where torch imports: the PyTorch port on fresh random weights vs the converted JAX model."""
+  torch = pytest.importorskip("torch")
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
+  import torch_vq_reference as R
+  torch.manual_seed(1)
+  ref = R.VQ(**R.TINY).eval()
+  sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+  vq = V.VQTokenizer(TINY, params=V.convert_state_dict(sd, TINY))
+  x = np.random.default_rng(2).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+  with torch.no_grad():
+    codes = ref.encode(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    rec = ref.decode(torch.from_numpy(codes)).permute(0, 2, 3, 1).numpy()
+  np.testing.assert_array_equal(vq.encode(x), codes)
+  assert oracle.rel_rms(vq.decode(codes), rec) < 1e-5
