@@ -97,18 +97,14 @@ def token_grid_png(tokens, vocab, path, cols=8):
 def vq_decode(cfg, tokens, batch_size):
   """Token grids -> uint8 RGB through the VQ tokenizer named by ``cfg.vq_checkpoint`` (LlamaGen's
   ``vq_ds16_c2i.pt`` or a .safetensors; read without running pickled code), in batches."""
-  from lasad_jax import torch_io
   from lasad_jax.tokenizer import vq as V
-  vcfg = V.VQConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
-                       for k, v in dict(cfg.get("vq_config", None) or {}).items()})   # lists: json
   if not os.path.exists(cfg.vq_checkpoint):
     raise app.UsageError(f"config.vq_checkpoint={cfg.vq_checkpoint!r} does not exist (download "
                          f"LlamaGen's vq_ds16_c2i.pt yourself; nothing is fetched at run time)")
-  sd = torch_io.load_state_dict(cfg.vq_checkpoint, key="model")
-  vq = V.VQTokenizer(vcfg, params=V.convert_state_dict(sd, vcfg))
-  if int(tokens.max()) >= vcfg.codebook_size:
+  vq = V.load(cfg.vq_checkpoint, cfg.get("vq_config", None))
+  if int(tokens.max()) >= vq.config.codebook_size:
     raise app.UsageError(f"tokens reach {int(tokens.max())} but the VQ codebook has "
-                         f"{vcfg.codebook_size} entries: config.vocab_size must match it")
+                         f"{vq.config.codebook_size} entries: config.vocab_size must match it")
   out = []
   for i in range(0, len(tokens), batch_size):
     x = np.asarray(vq.decode(tokens[i:i + batch_size]))

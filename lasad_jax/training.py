@@ -23,7 +23,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from lasad_jax import data as D
 from lasad_jax import model as M
+from lasad_jax import sharding as S
 
 
 @flax.struct.dataclass
@@ -117,7 +119,6 @@ train_step.__doc__ = """One optimizer step, unsharded. ``cfg`` must be hashable 
 
 def make_train_step(cfg, mesh, state_sharding):
   """The sharded step: ``state`` keeps ``state_sharding``, the batch is split over every device."""
-  from lasad_jax import sharding as S
   return jax.jit(functools.partial(_train_step, cfg),
                  in_shardings=(state_sharding, S.batch_sharding(mesh)),
                  out_shardings=(state_sharding, S.replicated(mesh)), donate_argnums=(0,))
@@ -131,7 +132,6 @@ def eval_nll(cfg, params, batch):
 
 def state_shardings(cfg, mesh):
   """(abstract TrainState, its NamedShardings by the fsdp rule) without allocating anything."""
-  from lasad_jax import sharding as S
   shapes = jax.eval_shape(lambda: create_train_state(cfg))
   return shapes, S.tree_shardings(mesh, shapes,
                                   cfg.mesh.get("min_shard_size", S.MIN_SHARD_SIZE))
@@ -156,11 +156,9 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H20": 148e12, "A100": 312e12, "B20
 
 
 def peak_flops(device):
-  kind = getattr(device, "device_kind", "")
-  for name, peak in PEAK_BF16.items():
-    if name in kind.replace("NVIDIA ", "").split(" ")[0]:
-      return peak
-  return None
+  """bf16 dense peak of a known GPU ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"), else None."""
+  model = getattr(device, "device_kind", "").replace("NVIDIA ", "").split(" ")[0].split("-")[0]
+  return PEAK_BF16.get(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,8 +205,6 @@ def _fmt_time(s):
 
 def evaluate(cfg, params, mesh):
   """Mean held-out NLL per token over ``cfg.eval_batches`` fixed batches of the test split."""
-  from lasad_jax import data as D
-  from lasad_jax import sharding as S
   src, ops = D.get_source(cfg, "test")
   n = mesh.devices.size
   bs = min(cfg.batch_size, len(src) // n * n)
@@ -226,9 +222,7 @@ def train_and_evaluate(cfg, workdir, *, log=print):
   """Train ``cfg`` in ``workdir`` (resuming from its latest checkpoint), evaluate, and write a
   sample grid. Returns the final TrainState. Raises :class:`TrainingDiverged` on a NaN/inf loss
   (the last good checkpoint stays)."""
-  from lasad_jax import data as D
-  from lasad_jax import sharding as S
-  from lasad_jax.checkpointing import Checkpointer
+  from lasad_jax.checkpointing import Checkpointer, abstract as abstract_of  # imports TrainState
 
   cfg = ml_collections.FrozenConfigDict(cfg)
   D.check_config(cfg)
@@ -259,8 +253,7 @@ def train_and_evaluate(cfg, workdir, *, log=print):
     log(f"new run in {workdir}: {M.count_params(cfg) / 1e6:.2f}M parameters, mesh "
         f"{dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} device(s)")
   else:
-    from lasad_jax.checkpointing import abstract as _abs
-    state = ckpt.restore(_abs(abstract, shardings), data_iter)
+    state = ckpt.restore(abstract_of(abstract, shardings), data_iter)
     if pid == 0:
       _keep_metrics_upto(metrics_path, latest)
     log(f"resumed {workdir} from step {latest} on mesh {dict(mesh.shape)}")
@@ -329,7 +322,6 @@ def train_and_evaluate(cfg, workdir, *, log=print):
 def sample_grid(cfg, params, path, *, seed=0):
   """Sample ``cfg.sample.num_per_class`` images per class and write them as one PNG (rows =
   classes) where the dataset can render tokens; returns the tokens [C, n, h, w]."""
-  from lasad_jax import data as D
   from lasad_jax import sampling as Smp
   cfg = ml_collections.FrozenConfigDict(cfg)
   n, (h, w) = cfg.sample.num_per_class, cfg.grid

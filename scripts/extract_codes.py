@@ -61,14 +61,6 @@ def variants(img, image_size, ten_crop):
   return np.stack(five + [c[:, ::-1] for c in five])
 
 
-def load_tokenizer(args):
-  from lasad_jax import torch_io
-  cfg = V.VQConfig(**{k: tuple(v) if isinstance(v, list) else v
-                      for k, v in json.loads(args.vq_config).items()})
-  sd = torch_io.load_state_dict(args.vq_checkpoint, key="model")
-  return V.VQTokenizer(cfg, params=V.convert_state_dict(sd, cfg))
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--vq-checkpoint", required=True, help="LlamaGen vq_ds16_c2i.pt (or .safetensors)")
@@ -85,7 +77,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
   import tensorflow_datasets as tfds
 
-  vq = load_tokenizer(args)
+  vq = V.load(args.vq_checkpoint, json.loads(args.vq_config))
   ds_factor = vq.config.downsample
   if args.image_size % ds_factor:
     raise SystemExit(f"--image-size must be a multiple of {ds_factor}")

@@ -7,8 +7,7 @@ upsampling + conv). Parameters live in a flat dict keyed by the PyTorch state-di
 convolution kernels in JAX's HWIO layout, so :func:`convert_state_dict` is a transpose and a name
 check. Images are NHWC float in [-1, 1]; codes are int32 [B, h, w].
 
-    sd = lasad_jax.torch_io.load_state_dict("vq_ds16_c2i.pt", key="model")   # never runs pickled code
-    vq = VQTokenizer(VQConfig(), params=convert_state_dict(sd))
+    vq = load("vq_ds16_c2i.pt")        # LlamaGen's checkpoint; never runs pickled code
     codes = vq.encode(images)          # [B, 16, 16] for 256x256 images
     images = vq.decode(codes)          # [B, 256, 256, 3]
 """
@@ -243,6 +242,18 @@ class VQTokenizer(nnx.Module):
     if codes.ndim != 3 or not jnp.issubdtype(codes.dtype, jnp.integer):
       raise ValueError(f"`codes` must be int [B, h, w], got {codes.dtype} {codes.shape}")
     return _decode(self.config, self.params(), codes)
+
+
+def load(path, config=None):
+  """A VQTokenizer from a LlamaGen checkpoint (its ``"model"`` entry; ``.pt`` read without running
+  pickled code, or ``.safetensors``). ``config``: a VQConfig or a dict of its fields (lists, e.g.
+  from JSON, become tuples); default VQ-16."""
+  from lasad_jax import torch_io
+  if not isinstance(config, VQConfig):
+    config = VQConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
+                         for k, v in dict(config or {}).items()})
+  sd = torch_io.load_state_dict(path, key="model")
+  return VQTokenizer(config, params=convert_state_dict(sd, config))
 
 
 def check_params(want, params):
