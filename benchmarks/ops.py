@@ -137,7 +137,8 @@ def main():
     q, k, v, g, do = inputs(shape)
     from kernels.lasad.pallas import BlockSizes
     variants = [("pallas", "pallas", widths, None), ("pallas nomask", "pallas", [0], None),
-                ("pallas diag=loop", "pallas", widths[:1], BlockSizes(diag="loop"))]
+                ("pallas diag=loop", "pallas", widths[:1], BlockSizes(diag="loop")),
+                ("pallas split_dots=False", "pallas", widths[:1], BlockSizes(split_dots=False))]
     if "loop" in skip:
       variants = variants[:2]
     if "chunk" not in skip:

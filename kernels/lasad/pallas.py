@@ -53,6 +53,11 @@ class BlockSizes:
   # "bcast" forms the [c, c, K] pairwise tile at once.
   diag: str = "auto"
   fast_limit: float = 60.0
+  # bf16 inputs: float32 operands of the diagonal dots (q e^{b}, k e^{-b}, score tiles) and of
+  # the backward's state dots (S, dS) are split into hi + lo bf16 parts, 2-3 tensor-core passes
+  # to ~16 mantissa bits (dropping lo*lo). False rounds them to bf16: one pass, but o 3.3e-3 and
+  # dg 2.1e-2 vs float64 on the H100, where fla chunk_gla has 2.4e-3 (BENCHMARKS.md).
+  split_dots: bool = True
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -61,6 +66,27 @@ def _dot(a, b, trans_a=False, trans_b=False):
   prec = lax.Precision.HIGHEST if a.dtype == F32 else None
   dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
   return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=F32)
+
+
+def _hi_lo(x):
+  hi = x.astype(jnp.bfloat16)
+  return hi, (x - hi.astype(F32)).astype(jnp.bfloat16)
+
+
+def _sdot(a, b, dtype, split, **kw):
+  """a @ b, float32 accumulation. With bf16 inputs and ``split``, float32 operands enter as hi + lo
+  bf16 parts (bf16 operands are exact as they are): hi*hi + hi*lo + lo*hi. Plain bf16 dots only,
+  so the CPU interpreter computes exactly what the GPU does."""
+  if dtype == F32 or not split:
+    return _dot(_mx(a, dtype), _mx(b, dtype), **kw)
+  pa = (a,) if a.dtype == jnp.bfloat16 else _hi_lo(a)
+  pb = (b,) if b.dtype == jnp.bfloat16 else _hi_lo(b)
+  out = _dot(pa[0], pb[0], **kw)
+  if len(pb) == 2:
+    out = out + _dot(pa[0], pb[1], **kw)
+  if len(pa) == 2:
+    out = out + _dot(pa[1], pb[0], **kw)
+  return out
 
 
 def _gate(g, pos, seq_len, width, prefix, bnd):
@@ -154,7 +180,7 @@ def _causal_same_seg(seg):
 
 
 def _output_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, s_ref, o_ref, *,
-                   chunk, sub, seq_len, scale, dtype, diag, fast_limit):
+                   chunk, sub, seq_len, scale, dtype, diag, fast_limit, split):
   n = pl.program_id(1)
   width, prefix, bnd = _scalars(w_ref, p_ref, bd_ref)
   s = s_ref[...]
@@ -177,9 +203,8 @@ def _output_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, s_ref, o_re
       o = o + loop()
     else:
       def fast():
-        a = _dot(_mx(q * jnp.exp(b), dtype),
-                 _mx(k.astype(F32) * jnp.exp(-b), dtype), trans_b=True)
-        return _dot(_mx(jnp.where(_causal_same_seg(seg), a, 0.0), dtype), v)
+        a = _sdot(q * jnp.exp(b), k.astype(F32) * jnp.exp(-b), dtype, split, trans_b=True)
+        return _sdot(jnp.where(_causal_same_seg(seg), a, 0.0), v, dtype, split)
       o = o + lax.cond(jnp.min(jnp.sum(gf, axis=0)) > -fast_limit, fast, loop)
     o_ref[rows, :] = (scale * o).astype(o_ref.dtype)
     if i + 1 < chunk // sub:
@@ -212,7 +237,7 @@ def _dstates_kernel(q_ref, do_ref, g_ref, w_ref, p_ref, bd_ref, dht_ref, ds_ref,
 
 def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_ref, ds_ref,
                   dq_ref, dk_ref, dv_ref, dg_ref, dbnd_ref, *, chunk, sub, seq_len, scale, dtype,
-                  diag, fast_limit):
+                  diag, fast_limit, split):
   """One chunk, in two passes over its sub-chunks, each carrying one [K, V] state:
 
   forward:  P_i (state entering sub-chunk i, from S_in) gives the inter part of dq;
@@ -230,6 +255,9 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
   def mm(a, b, **kw):  # tensor-core operands in the input dtype (bf16), float32 accumulation
     return _dot(_mx(a, dtype), _mx(b, dtype), **kw)
 
+  def sm(a, b, **kw):  # state and diagonal dots: float32 operands split (see _sdot)
+    return _sdot(a, b, dtype, split, **kw)
+
   def load(i):
     rows = pl.ds(i * sub, sub)
     gf, rs, start = _gate(g_ref[rows, :].astype(F32), n * chunk + i * sub + rows_i, *gate_args)
@@ -245,9 +273,9 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
     x = load(i)
     do, k, v = do_ref[x["rows"], :], k_ref[x["rows"], :].astype(F32), v_ref[x["rows"], :]
     e_in = jnp.exp(x["b"]) * (x["seg"] == 0)[:, None]
-    dq_inter.append(scale * mm(do, p_state, trans_b=True) * e_in)
+    dq_inter.append(scale * sm(do.astype(dtype), p_state, trans_b=True) * e_in)
     e_out = jnp.exp(x["tot"] - x["b"]) * (x["seg"] == x["nres"])[:, None]
-    p_state = jnp.exp(x["tot_col"]) * (x["nres"] == 0) * p_state + mm(k * e_out, v, trans_a=True)
+    p_state = jnp.exp(x["tot_col"]) * (x["nres"] == 0) * p_state + sm(k * e_out, v.astype(dtype), trans_a=True)
 
   d_state = ds_ref[...]
   later = jnp.sum(p_state * d_state, axis=1)[None, :]      # d b_C from S_out
@@ -258,7 +286,7 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
     q, k = q_ref[rows, :].astype(F32), k_ref[rows, :].astype(F32)
     v, do = v_ref[rows, :].astype(F32), do_ref[rows, :].astype(F32)
     e_out = jnp.exp(x["tot"] - x["b"]) * (x["seg"] == x["nres"])[:, None]
-    dk = mm(v, d_state, trans_b=True) * e_out
+    dk = sm(v.astype(dtype), d_state, trans_b=True) * e_out
     dv = mm(k * e_out, d_state)
     dq = dq_inter[i]
     if diag == "bcast":
@@ -291,11 +319,11 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
       def fast(dq, dk, dv, x=x, q=q, k=k, v=v, do=do):
         ok = _causal_same_seg(x["seg"])
         qt, kt = q * jnp.exp(x["b"]), k * jnp.exp(-x["b"])
-        a = jnp.where(ok, mm(qt, kt, trans_b=True), 0.0)
-        da = jnp.where(ok, scale * mm(do, v, trans_b=True), 0.0)
-        dq = dq + mm(da, kt) * jnp.exp(x["b"])
-        dk = dk + mm(da, qt, trans_a=True) * jnp.exp(-x["b"])
-        dv = dv + scale * mm(a, do, trans_a=True)
+        a = jnp.where(ok, sm(qt, kt, trans_b=True), 0.0)
+        da = jnp.where(ok, scale * mm(do, v, trans_b=True), 0.0)  # exact products of inputs
+        dq = dq + sm(da, kt) * jnp.exp(x["b"])
+        dk = dk + sm(da, qt, trans_a=True) * jnp.exp(-x["b"])
+        dv = dv + scale * sm(a, do.astype(dtype), trans_a=True)
         return dq, dk, dv
 
       if diag == "loop":
@@ -314,7 +342,7 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
     if i:
       q_hat = scale * q * jnp.exp(x["b"]) * (x["seg"] == 0)[:, None]
-      d_state = jnp.exp(x["tot_col"]) * (x["nres"] == 0) * d_state + mm(q_hat, do, trans_a=True)
+      d_state = jnp.exp(x["tot_col"]) * (x["nres"] == 0) * d_state + sm(q_hat, do.astype(dtype), trans_a=True)
   dbnd_ref[...] = dbnd
 
 
@@ -379,7 +407,8 @@ def _outputs(q, k, v, g, width, prefix, bnd, states, *, seq_len, scale, bs, inte
   dv = v.shape[-1]
   c = bs.chunk
   kern = functools.partial(_output_kernel, chunk=c, sub=bs.sub, seq_len=seq_len, scale=scale,
-                           dtype=q.dtype, diag=bs.diag, fast_limit=bs.fast_limit)
+                           dtype=q.dtype, diag=bs.diag, fast_limit=bs.fast_limit,
+                           split=bs.split_dots)
   return pl.pallas_call(
       kern, grid=(b, t // c, h),
       in_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c), _chunk_spec(dk, c)]
@@ -403,7 +432,8 @@ def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scal
   c = bs.chunk
   n = t // c
   kern = functools.partial(_grads_kernel, chunk=c, sub=bs.sub, seq_len=seq_len, scale=scale,
-                           dtype=q.dtype, diag=bs.diag, fast_limit=bs.fast_limit)
+                           dtype=q.dtype, diag=bs.diag, fast_limit=bs.fast_limit,
+                           split=bs.split_dots)
   return pl.pallas_call(
       kern, grid=(b, n, h),
       in_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c), _chunk_spec(dk, c),
