@@ -52,7 +52,7 @@ def main(argv):
     raise app.UsageError(str(e))
   if FLAGS.sample and jax.process_index() == 0:
     path = os.path.join(FLAGS.workdir, "samples.png")
-    T.sample_grid(cfg, state.params, path)
+    T.sample_grid(cfg, state.params if state.ema is None else state.ema, path)
     if os.path.exists(path):
       log(f"wrote {path}", flush=True)
 

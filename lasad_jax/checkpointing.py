@@ -4,6 +4,7 @@ Each step directory holds three items:
 
     params  the parameter dict (what ``sample.py --checkpoint`` reads, alone)
     train   {"step", "opt_state", "rng"}: the rest of the TrainState
+    ema     the parameters' moving average, when the run keeps one (``config.ema_decay``)
     data    the grain iterator's state, one file per process
 
 Orbax writes a step under a temporary name and renames it when complete, so a run killed at any
@@ -40,6 +41,8 @@ class Checkpointer:
     items = dict(params=ocp.args.StandardSave(state.params),
                  train=ocp.args.StandardSave(
                      {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}))
+    if state.ema is not None:
+      items["ema"] = ocp.args.StandardSave(state.ema)
     if data_iter is not None:
       items["data"] = grain.PyGrainCheckpointSave(data_iter)
     self.manager.save(int(state.step), args=ocp.args.Composite(**items))
@@ -54,11 +57,14 @@ class Checkpointer:
     items = dict(params=ocp.args.StandardRestore(a.params),
                  train=ocp.args.StandardRestore(
                      {"step": a.step, "opt_state": a.opt_state, "rng": a.rng}))
+    if a.ema is not None:
+      items["ema"] = ocp.args.StandardRestore(a.ema)
     if data_iter is not None:
       items["data"] = grain.PyGrainCheckpointRestore(data_iter)
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
     t = out["train"]
-    return TrainState(step=t["step"], params=out["params"], opt_state=t["opt_state"], rng=t["rng"])
+    return TrainState(step=t["step"], params=out["params"], opt_state=t["opt_state"], rng=t["rng"],
+                      ema=out["ema"] if a.ema is not None else None)
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -68,8 +74,8 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_params(directory, abstract_params, step=None):
-  """Only the parameters: from a training run's checkpoint directory (latest step unless ``step``)
+def restore_params(directory, abstract_params, step=None, item="params"):
+  """Only the parameters (or, with ``item="ema"``, their moving average): from a training run's checkpoint directory (latest step unless ``step``)
   or from a plain Orbax directory of the parameter dict (``StandardCheckpointer`` layout).
   Leaves of ``abstract_params`` without a sharding land on the first local device, whatever mesh
   wrote the checkpoint."""
@@ -83,10 +89,13 @@ def restore_params(directory, abstract_params, step=None):
   mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
   step = mngr.latest_step() if step is None else step
   if step is not None:
+    if item not in mngr.item_metadata(step):
+      mngr.close()
+      raise FileNotFoundError(f"checkpoint {directory} step {step} has no {item!r} item")
     out = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params)))
+        **{item: ocp.args.StandardRestore(abstract_params)}))
     mngr.close()
-    return out["params"], step
+    return out[item], step
   mngr.close()
   if not os.path.exists(os.path.join(directory, "_CHECKPOINT_METADATA")) and not any(
       f.endswith(".zarray") or f == "_METADATA" for f in os.listdir(directory)):

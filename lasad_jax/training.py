@@ -26,6 +26,7 @@ from flax import nnx
 from lasad_jax import data as D
 from lasad_jax import model as M
 from lasad_jax import sharding as S
+from lasad_jax.lina import objective as LINA
 
 
 @flax.struct.dataclass
@@ -34,6 +35,7 @@ class TrainState:
   params: dict
   opt_state: optax.OptState
   rng: jax.Array         # raw PRNG key data (uint32 [2]): plain arrays checkpoint everywhere
+  ema: dict | None = None  # exponential moving average of params (config.ema_decay > 0)
 
 
 class TrainingDiverged(FloatingPointError):
@@ -59,23 +61,32 @@ def learning_rate(cfg):
 
 
 def make_optimizer(cfg):
-  return optax.chain(
-      optax.clip_by_global_norm(cfg.grad_clip),
-      optax.adamw(learning_rate(cfg), b1=0.9, b2=0.95, weight_decay=cfg.weight_decay,
-                  mask=decay_mask))
+  """AdamW after global-norm clipping (``grad_clip`` 0: none, as LINA trains)."""
+  mask = LINA.decay_mask if LINA.is_lina(cfg) else decay_mask
+  adamw = optax.adamw(learning_rate(cfg), b1=0.9, b2=0.95, weight_decay=cfg.weight_decay,
+                      mask=mask)
+  if not cfg.grad_clip:
+    return optax.chain(optax.identity(), adamw)
+  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
 
 
 def create_train_state(cfg, seed=None):
   """A fresh state (parameters from ``seed``, default ``cfg.seed``). Wrap in ``jax.jit`` with
   ``out_shardings`` to create it sharded (see :func:`state_shardings`)."""
   seed = cfg.seed if seed is None else seed
-  params = M.LASADGen(cfg, rngs=nnx.Rngs(seed)).params()
+  if LINA.is_lina(cfg):
+    params = LINA.init_params(cfg, seed)
+  else:
+    params = M.LASADGen(cfg, rngs=nnx.Rngs(seed)).params()
+  ema = jax.tree.map(jnp.copy, params) if cfg.get("ema_decay", 0.0) else None
   return TrainState(step=jnp.int32(0), params=params, opt_state=make_optimizer(cfg).init(params),
-                    rng=jax.random.key_data(jax.random.key(seed + 1)))
+                    rng=jax.random.key_data(jax.random.key(seed + 1)), ema=ema)
 
 
 def loss_fn(cfg, params, tokens, labels, rng, label_dropout):
-  """Mean next-token cross-entropy (nats per token)."""
+  """Mean next-token cross-entropy (nats per token); LINA: its flow-matching loss."""
+  if LINA.is_lina(cfg):
+    return LINA.loss_fn(cfg, params, {"tokens": tokens, "label": labels}, rng, label_dropout)
   drop = jax.random.bernoulli(rng, label_dropout, labels.shape)
   labels = jnp.where(drop, cfg.num_classes, labels)
   logits = M.forward(cfg, params, tokens, labels)
@@ -109,8 +120,11 @@ def _train_step(cfg, state, batch):
   params = optax.apply_updates(state.params, updates)
   metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
                  lr=learning_rate(cfg)(state.step))
+  ema = state.ema
+  if ema is not None:
+    ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1 - cfg.ema_decay) * p, ema, params)
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                    rng=jax.random.key_data(key)), metrics
+                    rng=jax.random.key_data(key), ema=ema), metrics
 
 
 train_step = functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))(_train_step)
@@ -126,7 +140,8 @@ def make_train_step(cfg, mesh, state_sharding):
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def eval_nll(cfg, params, batch):
-  """Held-out NLL per token with the true labels (no dropout)."""
+  """Held-out NLL per token with the true labels (no dropout); LINA: its flow-matching loss at a
+  fixed key (the same masks and noise at every evaluation)."""
   return loss_fn(cfg, params, batch["tokens"], batch["label"], jax.random.key(0), 0.0)
 
 
@@ -141,6 +156,8 @@ def flops_per_token(cfg):
   """Model FLOPs per trained token (forward + backward = 3x forward): 6 x the matmul parameters
   plus the attention term (LASAD: state update and read-out, 4HKV, and the intra-chunk products
   of a 64-token chunk, 64H(K+V)/2 x 2; softmax: causal QK^T and AV over the mean context)."""
+  if LINA.is_lina(cfg):
+    return LINA.flops_per_token(cfg)
   d, L, h, dh = cfg.dim, cfg.num_layers, cfg.num_heads, cfg.head_dim
   hid = M.mlp_hidden(d)
   matmul = L * (4 * d * d + 3 * d * hid) + d * cfg.vocab_size
@@ -250,7 +267,8 @@ def train_and_evaluate(cfg, workdir, *, log=print):
     state = jax.jit(functools.partial(create_train_state, cfg), out_shardings=shardings)()
     if os.path.exists(metrics_path) and pid == 0:
       os.remove(metrics_path)
-    log(f"new run in {workdir}: {M.count_params(cfg) / 1e6:.2f}M parameters, mesh "
+    count = LINA.M.count_params(cfg) if LINA.is_lina(cfg) else M.count_params(cfg)
+    log(f"new run in {workdir}: {count / 1e6:.2f}M parameters, mesh "
         f"{dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} device(s)")
   else:
     state = ckpt.restore(abstract_of(abstract, shardings), data_iter)
@@ -324,6 +342,8 @@ def sample_grid(cfg, params, path, *, seed=0):
   classes) where the dataset can render tokens; returns the tokens [C, n, h, w]."""
   from lasad_jax import sampling as Smp
   cfg = ml_collections.FrozenConfigDict(cfg)
+  if LINA.is_lina(cfg):
+    return LINA.sample_grid(cfg, params, path, seed=seed)
   n, (h, w) = cfg.sample.num_per_class, cfg.grid
   classes = min(cfg.num_classes, 16)
   model = M.LASADGen(cfg, rngs=nnx.Rngs(0))

@@ -1,0 +1,246 @@
+"""LINA (lasad_jax.lina): operator vs a float64 oracle, sizes, masking schedule, loss, sampling."""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+sys.path.insert(0, ".")
+from configs.lina import get_config  # noqa: E402
+from lasad_jax.lina import flow as F  # noqa: E402
+from lasad_jax.lina import model as M  # noqa: E402
+from lasad_jax.lina.attention import lina_attention  # noqa: E402
+
+
+def oracle(q, k, v, ks=None, vs=None, mask=None):
+  """LINA's formula in float64 on the selected tokens only (the gather LINA does)."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  b, n, h, _ = q.shape
+  out = np.zeros(v.shape)
+  for bi in range(b):
+    sel = np.ones(n, bool) if mask is None else np.asarray(mask[bi], bool)
+    for hi in range(h):
+      qq = np.maximum(q[bi, :, hi], 0) + 1e-6
+      kk = (np.maximum(k[bi, :, hi], 0) + 1e-6) * (1 if ks is None else ks[hi][:, None])
+      vv = v[bi, :, hi] * (1 if vs is None else vs[hi][:, None])
+      kk, vv = kk[sel], vv[sel]
+      kv = kk.T @ vv / len(kk)
+      out[bi, :, hi] = (qq @ kv) / (qq @ kk.mean(0) + 1e-6)[:, None]
+  return out
+
+
+def rel_rms(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2))
+
+
+@pytest.mark.parametrize("gates", [False, True])
+@pytest.mark.parametrize("n", [37, 320])
+def test_operator_vs_float64(gates, n):
+  rng = np.random.default_rng(n)
+  b, h, d = 2, 3, 16
+  q, k, v = (rng.standard_normal((b, n, h, d)).astype(np.float32) for _ in range(3))
+  ks = vs = None
+  if gates:
+    ks, vs = (rng.uniform(0.2, 2.0, (h, n)).astype(np.float32) for _ in range(2))
+  o = lina_attention(q, k, v, ks, vs)
+  assert o.dtype == jnp.float32
+  assert rel_rms(o, oracle(q, k, v, ks, vs)) < 1e-5
+
+
+def test_operator_mask_equals_gather():
+  rng = np.random.default_rng(1)
+  b, n, h, d = 2, 50, 2, 8
+  q, k, v = (rng.standard_normal((b, n, h, d)).astype(np.float32) for _ in range(3))
+  mask = rng.random((b, n)) < 0.3
+  o = np.asarray(lina_attention(q, k, v, mask=jnp.asarray(mask)))
+  ref = oracle(q, k, v, mask=mask)
+  assert rel_rms(o, ref) < 1e-5
+  # the selected tokens alone give the same outputs (LINA gathers them)
+  sel = mask[0]
+  o0 = lina_attention(q[:1, sel], k[:1, sel], v[:1, sel])
+  assert rel_rms(o0[0], o[0, sel]) < 1e-5
+
+
+def test_operator_bf16_inputs_are_computed_in_float32():
+  rng = np.random.default_rng(2)
+  q, k, v = (rng.standard_normal((1, 64, 2, 16)).astype(np.float32) for _ in range(3))
+  bf = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
+  o = lina_attention(*bf)
+  assert o.dtype == jnp.float32
+  assert rel_rms(o, oracle(*[np.asarray(x, np.float32) for x in bf])) < 1e-5
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (dict(q=np.zeros((2, 5, 4))), "rank 4"),
+    (dict(key_scale=np.ones((3, 9))), "key_scale"),
+    (dict(value_scale=np.ones((2, 5))), "value_scale"),
+    (dict(mask=np.ones((2, 4))), "mask"),
+])
+def test_operator_bad_input(bad, msg):
+  args = dict(q=np.zeros((2, 5, 3, 4)), k=np.zeros((2, 5, 3, 4)), v=np.zeros((2, 5, 3, 4)))
+  kw = {k: v for k, v in bad.items() if k not in args}
+  args.update({k: v for k, v in bad.items() if k in args})
+  with pytest.raises(ValueError, match=msg):
+    lina_attention(args["q"], args["k"], args["v"], kw.get("key_scale"), kw.get("value_scale"),
+                   mask=kw.get("mask"))
+
+
+@pytest.mark.parametrize("variant,expected", [("d48w768", 362.35e6), ("d48w1024", 643.30e6),
+                                              ("d48w1536", 1445e6)])
+def test_parameter_counts(variant, expected):
+  n = M.count_params(get_config(variant))
+  assert abs(n / expected - 1) < 0.02, (variant, n)
+
+
+def test_abstract_init_matches_shapes():
+  cfg = get_config("d48w768")
+  p = jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0)))
+  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(p)) == M.count_params(cfg)
+
+
+def test_ar_schedule():
+  sched = F.ar_schedule(256, 64)
+  assert len(sched) == 61 and sum(sched) == 256 and min(sched) >= 1
+  assert sum(F.ar_schedule(64, 16)) == 64
+  with pytest.raises(ValueError, match="AR steps"):
+    F.ar_schedule(256, 0)
+
+
+def test_mask_ratio_and_visible_counts():
+  cfg = get_config("tiny")
+  r = np.array([float(F.sample_mask_ratio(cfg, jax.random.key(i))) for i in range(200)])
+  assert r.min() >= 0.7 and r.max() <= 1.0 and r.mean() > 0.8
+  vis = F.random_visible(jax.random.key(0), 4, 64, 10)
+  assert vis.shape == (4, 64) and (np.asarray(vis).sum(1) == 10).all()
+  assert len({tuple(np.flatnonzero(row)) for row in np.asarray(vis)}) == 4   # own order per row
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = ml_collections.FrozenConfigDict(get_config("tiny"))
+  params = M.init_params(cfg, jax.random.key(0))
+  # LINA zero-initialises the head's AdaLN and output (a fresh head predicts 0): perturb every
+  # leaf so that labels, guidance and noise all reach the output.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  return cfg, jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
+                                        for x, k in zip(leaves, keys)])
+
+
+def test_flow_matching_loss_zero_at_exact_target(tiny, monkeypatch):
+  cfg, params = tiny
+  x = jax.random.normal(jax.random.key(1), (3, 64, 1))
+  r = cfg.loss_repeat
+  xr = jnp.tile(x, (r, 1, 1))
+  # a head that knows the answer: eps - x = (x_s - x) / s
+  monkeypatch.setattr(M, "head", lambda cfg, p, x_s, t, z: (x_s - xr) / (t / 1000.0)[..., None])
+  loss = F.loss_fn(cfg, params, x, jnp.array([0, 1, 2]), jax.random.key(2))
+  assert float(loss) < 1e-8
+  monkeypatch.setattr(M, "head", lambda cfg, p, x_s, t, z: jnp.zeros_like(x_s))
+  assert float(F.loss_fn(cfg, params, x, jnp.array([0, 1, 2]), jax.random.key(2))) > 0.5
+
+
+def test_loss_bad_latents(tiny):
+  cfg, params = tiny
+  with pytest.raises(ValueError, match="latent_channels"):
+    F.loss_fn(cfg, params, jnp.zeros((2, 64, 3)), jnp.array([0, 1]), jax.random.key(0))
+
+
+def test_fixed_length_gates_reject_other_grids(tiny):
+  cfg, params = tiny
+  other = ml_collections.FrozenConfigDict({**cfg.to_dict(), "grid": (6, 6)})
+  c = M.class_encoder(other, params, jnp.array([0]))
+  with pytest.raises(ValueError, match="fixed-length"):
+    M.image_transformer(other, params, jnp.zeros((1, 36, 1)), jnp.zeros((1, 36), bool), c)
+
+
+def test_sampling_deterministic_and_guided(tiny):
+  cfg, params = tiny
+  labels = np.array([1, 7])
+  kw = dict(ar_steps=8, euler_steps=4)
+  a = F.sample(cfg, params, labels, rng=jax.random.key(5), cfg_scale=2.0, **kw)
+  b = F.sample(cfg, params, labels, rng=jax.random.key(5), cfg_scale=2.0, **kw)
+  c = F.sample(cfg, params, labels, rng=jax.random.key(6), cfg_scale=2.0, **kw)
+  d = F.sample(cfg, params, labels, rng=jax.random.key(5), cfg_scale=1.0, **kw)
+  assert a.shape == (2, 64, 1) and np.isfinite(np.asarray(a)).all()
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c) and not np.allclose(a, d)
+  with pytest.raises(ValueError, match="cfg_scale"):
+    F.sample(cfg, params, labels, rng=jax.random.key(0), cfg_scale=0.5)
+  with pytest.raises(ValueError, match="labels"):
+    F.sample(cfg, params, np.array([10]), rng=jax.random.key(0))
+
+
+def test_sampler_reveals_every_token_once(tiny, monkeypatch):
+  """With a head whose velocity is -1 everywhere, Euler from s=1 to 0 adds exactly +1 to the noise;
+  every token must be written (an unwritten one stays exactly 0)."""
+  cfg, params = tiny
+  monkeypatch.setattr(M, "head", lambda cfg, p, x, t, z: -jnp.ones_like(x))
+  out = F._sample.__wrapped__(cfg, params, jnp.array([3]), jax.random.key(0), 1.0, 16, 5)
+  assert np.isfinite(np.asarray(out)).all() and (np.asarray(out) != 0).all()
+  assert abs(float(jnp.mean(out)) - 1.0) < 0.35 and float(jnp.std(out)) > 0.5   # noise + 1
+
+
+# --------------------------------------------------------------------------- PyTorch parity
+FIXTURE = "tests/fixtures/lina_tiny.npz"
+
+
+def _fixture_config():
+  c = get_config("tiny")
+  c.dim, c.num_heads, c.latent_channels = 32, 2, 3
+  return ml_collections.FrozenConfigDict(c)
+
+
+def _check_parity(sd, fx):
+  from lasad_jax.lina.convert import convert_state_dict
+  cfg = _fixture_config()
+  params = jax.tree.map(jnp.asarray, convert_state_dict(sd, cfg))
+  b, ch, g, _ = fx["latents"].shape
+  c = M.class_encoder(cfg, params, jnp.asarray(fx["labels"]))
+  assert rel_rms(c, fx["c"]) < 1e-5
+  lat = jnp.asarray(fx["latents"]).transpose(0, 2, 3, 1).reshape(b, g * g, ch)
+  visible = np.zeros((b, g * g), bool)
+  np.put_along_axis(visible, fx["visible_ids"], True, axis=1)
+  z = M.image_transformer(cfg, params, lat, jnp.asarray(visible), c)
+  assert rel_rms(z, fx["z"]) < 1e-5
+  x_t = jnp.asarray(fx["x_t"]).transpose(0, 2, 3, 1).reshape(b, g * g, ch)
+  v = M.head(cfg, params, x_t, jnp.asarray(fx["t"]), jnp.asarray(fx["z"]))
+  assert rel_rms(v, fx["v"]) < 1e-5
+
+
+def test_parity_with_pytorch_fixture():
+  """scripts/torch_lina_reference.py (LINA's parameter names and maths in PyTorch) -> converter ->
+  the same condition tokens, transformer output and head velocity."""
+  fx = np.load(FIXTURE)
+  sd = {k[3:]: fx[k] for k in fx.files if k.startswith("sd/")}
+  _check_parity(sd, fx)
+
+
+def test_converter_lists_problems():
+  from lasad_jax.lina.convert import convert_state_dict
+  fx = np.load(FIXTURE)
+  sd = {k[3:]: fx[k] for k in fx.files if k.startswith("sd/")}
+  del sd["image_encoder.blocks.3.attn.key_scale"]
+  sd["image_decoder.head.weight"] = sd["image_decoder.head.weight"][:, :5]
+  sd["something.else"] = np.zeros(3)
+  sd["video_encoder.patch_embed.proj.weight"] = np.zeros(3)   # ignored: unused by the image model
+  with pytest.raises(ValueError) as e:
+    convert_state_dict(sd, _fixture_config())
+  msg = str(e.value)
+  assert "missing image_encoder.blocks.3.attn.key_scale" in msg
+  assert "image_decoder.head.weight: shape" in msg and "unexpected something.else" in msg
+  assert "patch_embed" not in msg.split("head.weight")[0]
+
+
+def test_live_parity_with_torch(tmp_path):
+  """Where torch imports: rebuild the reference from the script and compare afresh."""
+  pytest.importorskip("torch")
+  import subprocess
+  subprocess.run([sys.executable, "scripts/torch_lina_reference.py", "--out", str(tmp_path)],
+                 check=True)
+  fx = np.load(tmp_path / "lina_tiny.npz")
+  _check_parity({k[3:]: fx[k] for k in fx.files if k.startswith("sd/")}, fx)
