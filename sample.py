@@ -1,4 +1,4 @@
-"""Sample class-conditional images (token grids) from a LASADGen checkpoint.
+"""Sample class-conditional images from a LASADGen (token grids) or LINA (latents) checkpoint.
 
     python sample.py --config configs/lasad.py:B --checkpoint DIR --classes 207,360 \
         --num-per-class 4 --cfg-scale 4.0 --top-k 2000 --out samples/
@@ -14,6 +14,11 @@ so do configs that name a VQ tokenizer checkpoint (``config.vq_checkpoint``, Lla
 pixels (``--config.vq_checkpoint=/path/vq_ds16_c2i.pt``). ``--checkpoint`` is a ``train.py`` workdir
 (latest checkpoint; its ``config.json`` is used unless ``--config`` is given) or an Orbax directory
 of the parameter dict; without it the script refuses unless ``--random-init`` is given.
+
+LINA configs (``--config configs/lina.py:d48w768``, ``configs/lina_digits.py`` or a LINA workdir)
+write ``latents.npz`` (``latents`` [N, h, w, C], ``labels``) and, where pixels can be made (the
+digits demo, or ``config.vae_checkpoint`` naming MAR's ``kl16.ckpt``), ``images.npz`` + ``images.png``;
+``--cfg-scale`` defaults to the config's, ``--ar-steps`` / ``--euler-steps`` to 64 / 25.
 """
 
 import os
@@ -46,6 +51,8 @@ flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed gives the same images"
 flags.DEFINE_integer("height", None, "token rows (default: the config's grid)")
 flags.DEFINE_integer("width", None, "tokens per row (default: the config's grid)")
 flags.DEFINE_string("out", "samples", "output directory")
+flags.DEFINE_integer("ar_steps", None, "LINA: masked-AR steps (default: the config's, 64)")
+flags.DEFINE_integer("euler_steps", None, "LINA: Euler steps per AR step (default: 25)")
 FLAGS = flags.FLAGS
 
 
@@ -112,6 +119,77 @@ def vq_decode(cfg, tokens, batch_size):
   return np.concatenate(out)
 
 
+def lina_params(cfg, checkpoint, random_init):
+  """LINA parameters: the EMA of a train.py run where it kept one, else its parameters."""
+  from lasad_jax.lina import model as LM
+  params = LM.init_params(cfg, jax.random.key(0))
+  if checkpoint is None:
+    if not random_init:
+      raise app.UsageError("--checkpoint DIR is required (a train.py workdir or an Orbax directory "
+                           "of the parameters); pass --random-init to sample from random weights.")
+    return params
+  from lasad_jax.checkpointing import restore_params
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  for item in ("ema", "params"):
+    try:
+      params, step = restore_params(os.path.abspath(checkpoint), target, item=item)
+    except FileNotFoundError as e:
+      err = e
+      continue
+    print(f"loaded {item} of {checkpoint}" + (f" (step {step})" if step is not None else ""),
+          file=sys.stderr)
+    return params
+  raise app.UsageError(str(err))
+
+
+def lina_main(cfg, classes):
+  """LINA: latents by masked AR + flow matching; pixels where the data renders them."""
+  import ml_collections
+
+  from lasad_jax.lina import flow as LF
+  from lasad_jax.lina import objective as LO
+  cfg = ml_collections.FrozenConfigDict(cfg)   # hashable: a static argument of the sampler
+  params = lina_params(cfg, FLAGS.checkpoint, FLAGS.random_init)
+  scale = FLAGS.cfg_scale if FLAGS["cfg_scale"].present else cfg.sample.cfg_scale
+  labels = np.repeat(np.asarray(classes, np.int32), FLAGS.num_per_class)
+  if labels.max() >= cfg.num_classes:
+    raise app.UsageError(f"--classes must be in [0, {cfg.num_classes}) for LINA")
+  bs = FLAGS.batch_size
+  n_batches = -(-len(labels) // bs)
+  out, t0, key = [], time.time(), jax.random.key(FLAGS.seed)
+  for i in range(n_batches):
+    chunk = labels[i * bs:(i + 1) * bs]
+    padded = np.pad(chunk, (0, bs - len(chunk)), constant_values=chunk[-1]) if n_batches > 1 \
+        else chunk
+    try:
+      lat = LF.sample(cfg, params, padded, rng=jax.random.fold_in(key, i), cfg_scale=scale,
+                      ar_steps=FLAGS.ar_steps, euler_steps=FLAGS.euler_steps)
+    except ValueError as e:
+      raise app.UsageError(str(e))
+    out.append(np.asarray(lat)[:len(chunk)])
+    print(f"\rbatch {i + 1}/{n_batches}  {time.time() - t0:.1f}s elapsed", end="",
+          file=sys.stderr, flush=True)
+  print(file=sys.stderr)
+  latents = np.concatenate(out)
+  h, w = cfg.grid
+  os.makedirs(FLAGS.out, exist_ok=True)
+  np.savez(os.path.join(FLAGS.out, "latents.npz"), latents=latents.reshape(len(labels), h, w, -1),
+           labels=labels)
+  print(f"wrote {len(labels)} latent grids ({h}x{w}x{cfg.latent_channels}) to "
+        f"{FLAGS.out}/latents.npz")
+  from lasad_jax import data as D
+  pixels = None
+  if cfg.get("vae_checkpoint"):
+    from lasad_jax.tokenizer import kl
+    pixels = kl.decode_to_uint8(cfg, latents, FLAGS.batch_size)
+  elif cfg.get("data") and cfg.latent_channels == 1:
+    pixels = D.to_pixels(cfg, LO.to_tokens(cfg, latents).reshape(len(labels), h, w))
+  if pixels is not None:
+    np.savez(os.path.join(FLAGS.out, "images.npz"), pixels)   # arr_0: ADM evaluator format
+    D.save_image_grid(pixels, os.path.join(FLAGS.out, "images.png"), cols=FLAGS.num_per_class)
+    print(f"wrote {len(pixels)} images to {FLAGS.out}/images.npz, images.png")
+
+
 def main(argv):
   del argv
   cfg = _CONFIG.value
@@ -125,6 +203,8 @@ def main(argv):
   if bad or not classes:
     raise app.UsageError(f"--classes must be in [0, {cfg.num_classes}] ({cfg.num_classes} = null "
                          f"class), got {FLAGS.classes!r}")
+  if cfg.get("model", "lasad") == "lina":
+    return lina_main(cfg, classes)
   height = FLAGS.height or cfg.grid[0]
   width = FLAGS.width or cfg.grid[1]
   model = load_model(cfg, FLAGS.checkpoint, FLAGS.random_init)

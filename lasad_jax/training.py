@@ -326,7 +326,9 @@ def train_and_evaluate(cfg, workdir, *, log=print):
       if step % cfg.eval_every == 0 or last:
         nll = evaluate(cfg, state.params, mesh)
         write({"step": step, "eval_nll": nll})
-        log(f"step {step}: held-out NLL {nll:.4f} nats/token")
+        what = "flow-matching loss" if LINA.is_lina(cfg) else "NLL"
+        unit = "" if LINA.is_lina(cfg) else " nats/token"
+        log(f"step {step}: held-out {what} {nll:.4f}{unit}")
       if step % cfg.checkpoint_every == 0 or last:
         ckpt.save(state, data_iter)
     ckpt.wait()

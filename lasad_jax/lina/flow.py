@@ -16,6 +16,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from lasad_jax.lina import model as M
@@ -95,6 +96,8 @@ def check_sampling(cfg, labels, cfg_scale):
 
 def sample(cfg, params, labels, *, rng, cfg_scale=None, ar_steps=None, euler_steps=None):
   """Latents [B, N, C] float32 for class ``labels`` [B]. Same rng -> same latents."""
+  if not isinstance(cfg, ml_collections.FrozenConfigDict):
+    cfg = ml_collections.FrozenConfigDict(cfg)
   s = cfg.sample
   cfg_scale = s.cfg_scale if cfg_scale is None else float(cfg_scale)
   check_sampling(cfg, labels, cfg_scale)
