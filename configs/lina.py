@@ -29,6 +29,7 @@ def get_config(variant="d48w768"):
   c.grid = (8, 8) if tiny else (16, 16)
   c.num_classes = 10 if tiny else 1000
   c.dtype = "float32" if tiny else "bfloat16"
+  c.attention = "linear"        # linear (LINA) | softmax (baseline for speed comparisons)
   # Training objective (LINA.md "Training").
   c.loss_repeat = 4
   c.mask_ratio = ml_collections.ConfigDict(dict(min=0.7, max=1.0, mean=1.0, std=0.25))

@@ -304,3 +304,19 @@ def test_train_resume_and_sample_cli(tmp_path):
   lat = np.load(out / "latents.npz")
   assert lat["latents"].shape == (4, 8, 8, 1) and (out / "images.png").exists()
   assert np.load(out / "images.npz")["arr_0"].shape[0] == 4
+
+
+def test_softmax_baseline_runs_and_masks(tiny):
+  """attention="softmax" (the speed baseline): finite, and invisible tokens do not leak into the
+  encoder phase (changing their values leaves z unchanged)."""
+  cfg, params = tiny
+  sm = ml_collections.FrozenConfigDict({**cfg.to_dict(), "attention": "softmax"})
+  c = M.class_encoder(sm, params, jnp.array([1, 2]))
+  x = jax.random.normal(jax.random.key(0), (2, 64, 1))
+  vis = jnp.arange(64)[None] < jnp.array([[10], [30]])
+  z1 = M.image_transformer(sm, params, x, vis, c)
+  z2 = M.image_transformer(sm, params, jnp.where(vis[..., None], x, 5.0), vis, c)
+  assert np.isfinite(np.asarray(z1)).all()
+  np.testing.assert_allclose(z1, z2, atol=1e-5)
+  z3 = M.image_transformer(cfg, params, jnp.where(vis[..., None], x, 5.0), vis, c)  # LINA too
+  np.testing.assert_allclose(M.image_transformer(cfg, params, x, vis, c), z3, atol=1e-5)

@@ -89,9 +89,19 @@ def _block(cfg, p, x, *, mask=None, decoder=False):
   b, n, d = x.shape
   nh = cfg.num_heads
   qkv = dense(cfg, x, p, "qkv").reshape(b, n, 3, nh, d // nh)
-  ks, vs = (p["key_scale"], p["value_scale"]) if decoder else (None, None)
-  o = lina_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], ks, vs, mask=mask)
-  o = o.reshape(b, n, d).astype(jnp.dtype(cfg.dtype)).astype(jnp.float32)
+  if cfg.get("attention", "linear") == "softmax":
+    # The baseline: softmax attention in place of LINA's (no KV gate, no conv), as in LINA's
+    # softmax ablation; for speed comparisons.
+    dt = jnp.dtype(cfg.dtype)
+    q, k, v = (qkv[:, :, i].astype(dt) for i in range(3))
+    o = jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else
+                                     mask[:, None, None, :])
+    o = o.reshape(b, n, d).astype(jnp.float32)
+    decoder = False
+  else:
+    ks, vs = (p["key_scale"], p["value_scale"]) if decoder else (None, None)
+    o = lina_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], ks, vs, mask=mask)
+    o = o.reshape(b, n, d).astype(jnp.dtype(cfg.dtype)).astype(jnp.float32)
   if decoder:
     h, w = cfg.grid
     nc = n - h * w

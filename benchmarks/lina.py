@@ -1,0 +1,136 @@
+"""LINA on one GPU: (a) the attention module vs cuDNN softmax attention, (b) the whole sampler vs
+the same network with softmax attention. Random weights; bf16 matmuls.
+
+    python benchmarks/lina.py [--out benchmarks/results/lina_h100.json] [--skip attn,256,1024,w1536]
+
+(a) (B, N, H, D) = (32, 320, 16, 96), (8, 1280, 16, 96), (2, 5120, 16, 96) (width 1536): LINA's
+    operator (float32 inside, as LINA) with bf16 inputs, forward and forward+backward, against
+    ``jax.nn.dot_product_attention(implementation="cudnn")`` (bidirectional); median ms.
+(b) 8 images at 256 px (16 x 16 latents: 61 AR steps x 25 Euler steps, CFG 2.4) for d48w768 (and
+    d48w1536), linear vs softmax; and 1024 px (64 x 64 latents, N = 1024 + 4096 = 5120 tokens per
+    transformer pass), 1 image, d48w768, linear vs softmax. Seconds per call (median of 3 after a
+    warm-up call), compile time of the first call. JSON after every record (a time limit keeps
+    what was measured).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks_common import time_jax  # noqa: E402
+from configs.lina import get_config  # noqa: E402
+from lasad_jax.lina import flow as F  # noqa: E402
+from lasad_jax.lina import model as M  # noqa: E402
+from lasad_jax.lina.attention import lina_attention  # noqa: E402
+
+ATTN_SHAPES = [(32, 320, 16, 96), (8, 1280, 16, 96), (2, 5120, 16, 96)]
+
+
+def attn_fns(kind):
+  if kind == "lina":
+    f = lambda q, k, v: lina_attention(q, k, v).astype(q.dtype)
+  else:
+    f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  fwd = jax.jit(f)
+
+  def loss(q, k, v, do):
+    return jnp.sum(f(q, k, v).astype(jnp.float32) * do)
+  fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  return fwd, fb
+
+
+def time_sampler(cfg, batch, seed=0):
+  params = M.init_params(cfg, jax.random.key(seed))
+  leaves, tree = jax.tree.flatten(params)   # non-zero head (LINA zero-inits its AdaLN / output)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(tree, [x + 0.02 * jax.random.normal(k, x.shape)
+                                     for x, k in zip(leaves, keys)])
+  labels = np.arange(batch) % cfg.num_classes
+  t0 = time.perf_counter()
+  jax.block_until_ready(F.sample(cfg, params, labels, rng=jax.random.key(0)))
+  first = time.perf_counter() - t0
+  ts = []
+  for i in range(3):
+    t0 = time.perf_counter()
+    jax.block_until_ready(F.sample(cfg, params, labels, rng=jax.random.key(i + 1)))
+    ts.append(time.perf_counter() - t0)
+  return first, statistics.median(ts)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", default="benchmarks/results/lina_h100.json")
+  ap.add_argument("--skip", default="")
+  args = ap.parse_args()
+  skip = set(args.skip.split(","))
+  dev = jax.devices()[0]
+  print(f"device {dev.device_kind}, jax {jax.__version__}", flush=True)
+  records = []
+
+  def save():
+    meta = dict(date=datetime.date.today().isoformat(), device=dev.device_kind, jax=jax.__version__,
+                command="python benchmarks/lina.py" + (f" --skip {args.skip}" if args.skip else ""))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump(dict(meta=meta, records=records), f, indent=1)
+
+  if "attn" not in skip:
+    for shape in ATTN_SHAPES:
+      ks = jax.random.split(jax.random.key(0), 4)
+      q, k, v, do = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in ks)
+      for kind in ("lina", "cudnn softmax"):
+        try:
+          fwd, fb = attn_fns("lina" if kind == "lina" else "cudnn")
+          rec = dict(part="attention", impl=kind, shape=list(shape), dtype="bfloat16",
+                     fwd_ms=time_jax(fwd, q, k, v), fb_ms=time_jax(fb, q, k, v, do))
+        except Exception as e:  # noqa: BLE001
+          print(f"  {kind} {shape}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+          continue
+        records.append(rec)
+        print(f"  attention {kind:<14} {shape}: fwd {rec['fwd_ms']:.3f} ms  fwd+bwd "
+              f"{rec['fb_ms']:.3f} ms", flush=True)
+        save()
+
+  runs = []
+  if "256" not in skip:
+    runs += [("d48w768", 16, 8)]
+  if "1024" not in skip:
+    runs += [("d48w768", 64, 1)]
+  if "w1536" not in skip:
+    runs += [("d48w1536", 16, 8)]
+  for variant, side, batch in runs:
+    for attention in ("linear", "softmax"):
+      c = get_config(variant)
+      c.grid, c.attention = (side, side), attention
+      cfg = ml_collections.FrozenConfigDict(c)
+      try:
+        first, sec = time_sampler(cfg, batch)
+      except Exception as e:  # noqa: BLE001
+        print(f"  sampler {variant} {side}x{side} {attention}: failed: {type(e).__name__}: "
+              f"{str(e)[:200]}", flush=True)
+        continue
+      n = side * side
+      rec = dict(part="sampler", variant=variant, attention=attention, grid=[side, side],
+                 tokens=n + M.num_cond(cfg), images=batch, ar_steps=len(F.ar_schedule(n, 64)),
+                 euler_steps=25, cfg_scale=cfg.sample.cfg_scale, first_call_s=first,
+                 s_per_call=sec, s_per_image=sec / batch)
+      records.append(rec)
+      print(f"  sampler {variant} {side * 16}px {attention:<8}: {sec:.2f} s per {batch} image(s) "
+            f"({sec / batch:.3f} s/image), first call {first:.1f} s", flush=True)
+      save()
+  save()
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
