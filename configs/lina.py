@@ -39,5 +39,7 @@ def get_config(variant="d48w768"):
   # KL-16 VAE decoding latents to pixels (user-supplied path to MAR's kl16.ckpt; empty = none);
   # latents are divided by latent_scale before decoding (MAR's 0.2325; a guess for LINA).
   c.vae_checkpoint = ""
+  c.vae_config = ml_collections.ConfigDict(dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+                                                embed_dim=16))   # KLConfig fields: KL-16
   c.latent_scale = 0.2325
   return c

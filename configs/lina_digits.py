@@ -13,7 +13,7 @@ def get_config(arg=None):
   del arg
   c = lina.get_config("tiny")
   c.vocab_size = 17             # token levels of the data, read as continuous values
-  common.small_cpu_run(c, data="digits", batch_size=64, learning_rate=2e-3, num_steps=600,
+  common.small_cpu_run(c, data="digits", batch_size=64, learning_rate=2e-3, num_steps=400,
                        every=200)
   c.lr_schedule = "constant"    # LINA: constant after warm-up
   c.weight_decay = 0.02

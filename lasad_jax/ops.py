@@ -14,6 +14,7 @@ import numpy as np
 
 from kernels.lasad.chunk import lasad_chunk
 from kernels.lasad.reference import lasad_reference
+from lasad_jax.lina.attention import lina_attention  # noqa: F401  (LINA's operator, beside ours)
 
 IMPLS = ("auto", "reference", "chunk", "pallas")
 

@@ -216,7 +216,7 @@ def decode_to_uint8(cfg, latents, batch_size):
   if not os.path.exists(cfg.vae_checkpoint):
     raise FileNotFoundError(f"config.vae_checkpoint={cfg.vae_checkpoint!r} does not exist (MAR's "
                             f"kl16.ckpt; nothing is fetched at run time)")
-  vae = load(cfg.vae_checkpoint)
+  vae = load(cfg.vae_checkpoint, cfg.get("vae_config", None))
   h, w = cfg.grid
   lat = np.asarray(latents).reshape(-1, h, w, cfg.latent_channels) / cfg.latent_scale
   out = []
