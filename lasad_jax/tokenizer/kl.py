@@ -37,29 +37,8 @@ class KLConfig:
 
 def param_shapes(cfg):
   """{PyTorch name: JAX shape} of every parameter (conv kernels HWIO)."""
-  shapes = {}
-
-  def conv(name, cin, cout, k):
-    shapes[f"{name}.weight"] = (k, k, cin, cout)
-    shapes[f"{name}.bias"] = (cout,)
-
-  def norm(name, c):
-    shapes[f"{name}.weight"] = (c,)
-    shapes[f"{name}.bias"] = (c,)
-
-  def res(name, cin, cout):
-    norm(f"{name}.norm1", cin)
-    conv(f"{name}.conv1", cin, cout, 3)
-    norm(f"{name}.norm2", cout)
-    conv(f"{name}.conv2", cout, cout, 3)
-    if cin != cout:
-      conv(f"{name}.nin_shortcut", cin, cout, 1)
-
-  def attn(name, c):
-    norm(f"{name}.norm", c)
-    for part in ("q", "k", "v", "proj_out"):
-      conv(f"{name}.{part}", c, c, 1)
-
+  t = V.ShapeTable()
+  conv, norm, res, attn = t.conv, t.norm, t.res, t.attn
   n, ch, m, e = len(cfg.ch_mult), cfg.ch, cfg.ch_mult, cfg.embed_dim
   conv("encoder.conv_in", cfg.in_channels, ch, 3)
   c = ch
@@ -90,7 +69,7 @@ def param_shapes(cfg):
       conv(f"decoder.up.{i}.upsample.conv", c, c, 3)
   norm("decoder.norm_out", c)
   conv("decoder.conv_out", c, cfg.in_channels, 3)
-  return shapes
+  return dict(t)
 
 
 def encoder(cfg, p, x):
@@ -159,16 +138,7 @@ _decode = jax.jit(lambda cfg, p, z: decoder(cfg, p, V._conv(p, "post_quant_conv"
 
 
 def check_params(want, params):
-  missing = sorted(set(want) - set(params))
-  extra = sorted(set(params) - set(want))
-  bad = sorted(k for k in set(want) & set(params) if tuple(np.shape(params[k])) != want[k])
-  if missing or extra or bad:
-    raise ValueError(
-        "KL-VAE parameters do not match the config: " +
-        (f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}; " if missing else "") +
-        (f"unexpected {extra[:8]}{'...' if len(extra) > 8 else ''}; " if extra else "") +
-        (f"wrong shape {[(k, tuple(np.shape(params[k])), want[k]) for k in bad[:4]]}"
-         if bad else ""))
+  V.check_params(want, params, what="KL-VAE")
 
 
 def convert_state_dict(state_dict, config=KLConfig()):

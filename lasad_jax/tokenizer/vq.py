@@ -35,31 +35,35 @@ class VQConfig:
     return 2 ** (len(self.ch_mult) - 1)
 
 
+class ShapeTable(dict):
+  """{PyTorch name: JAX shape} built block by block (conv kernels HWIO); shared with kl.py."""
+
+  def conv(self, name, cin, cout, k):
+    self[f"{name}.weight"] = (k, k, cin, cout)
+    self[f"{name}.bias"] = (cout,)
+
+  def norm(self, name, c):
+    self[f"{name}.weight"] = (c,)
+    self[f"{name}.bias"] = (c,)
+
+  def res(self, name, cin, cout):
+    self.norm(f"{name}.norm1", cin)
+    self.conv(f"{name}.conv1", cin, cout, 3)
+    self.norm(f"{name}.norm2", cout)
+    self.conv(f"{name}.conv2", cout, cout, 3)
+    if cin != cout:
+      self.conv(f"{name}.nin_shortcut", cin, cout, 1)
+
+  def attn(self, name, c):
+    self.norm(f"{name}.norm", c)
+    for part in ("q", "k", "v", "proj_out"):
+      self.conv(f"{name}.{part}", c, c, 1)
+
+
 def param_shapes(cfg):
   """{PyTorch name: JAX shape} of every parameter (conv kernels HWIO)."""
-  shapes = {}
-
-  def conv(name, cin, cout, k):
-    shapes[f"{name}.weight"] = (k, k, cin, cout)
-    shapes[f"{name}.bias"] = (cout,)
-
-  def norm(name, c):
-    shapes[f"{name}.weight"] = (c,)
-    shapes[f"{name}.bias"] = (c,)
-
-  def res(name, cin, cout):
-    norm(f"{name}.norm1", cin)
-    conv(f"{name}.conv1", cin, cout, 3)
-    norm(f"{name}.norm2", cout)
-    conv(f"{name}.conv2", cout, cout, 3)
-    if cin != cout:
-      conv(f"{name}.nin_shortcut", cin, cout, 1)
-
-  def attn(name, c):
-    norm(f"{name}.norm", c)
-    for part in ("q", "k", "v", "proj_out"):
-      conv(f"{name}.{part}", c, c, 1)
-
+  t = ShapeTable()
+  conv, norm, res, attn = t.conv, t.norm, t.res, t.attn
   n, ch, m = len(cfg.ch_mult), cfg.ch, cfg.ch_mult
   conv("encoder.conv_in", cfg.in_channels, ch, 3)
   block_in = ch
@@ -79,7 +83,7 @@ def param_shapes(cfg):
   norm("encoder.norm_out", block_in)
   conv("encoder.conv_out", block_in, cfg.z_channels, 3)
   conv("quant_conv", cfg.z_channels, cfg.codebook_dim, 1)
-  shapes["quantize.embedding.weight"] = (cfg.codebook_size, cfg.codebook_dim)
+  t["quantize.embedding.weight"] = (cfg.codebook_size, cfg.codebook_dim)
   conv("post_quant_conv", cfg.codebook_dim, cfg.z_channels, 1)
   block_in = ch * m[-1]
   conv("decoder.conv_in", cfg.z_channels, block_in, 3)
@@ -93,7 +97,7 @@ def param_shapes(cfg):
       conv(f"decoder.conv_blocks.{idx}.upsample.conv", block_in, block_in, 3)
   norm("decoder.norm_out", block_in)
   conv("decoder.conv_out", block_in, cfg.in_channels, 3)
-  return shapes
+  return dict(t)
 
 
 def init_params(cfg, key):
@@ -256,13 +260,13 @@ def load(path, config=None):
   return VQTokenizer(config, params=convert_state_dict(sd, config))
 
 
-def check_params(want, params):
+def check_params(want, params, what="VQ"):
   missing = sorted(set(want) - set(params))
   extra = sorted(set(params) - set(want))
   bad = sorted(k for k in set(want) & set(params) if tuple(np.shape(params[k])) != want[k])
   if missing or extra or bad:
     raise ValueError(
-        "VQ parameters do not match the config: " +
+        f"{what} parameters do not match the config: " +
         (f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}; " if missing else "") +
         (f"unexpected {extra[:8]}{'...' if len(extra) > 8 else ''}; " if extra else "") +
         (f"wrong shape {[(k, tuple(np.shape(params[k])), want[k]) for k in bad[:4]]}"
