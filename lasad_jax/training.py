@@ -94,18 +94,23 @@ def loss_fn(cfg, params, tokens, labels, rng, label_dropout):
   return jnp.mean(nll)
 
 
+def _inputs(batch):
+  """The model input of a batch: token ids, or (LINA on extracted latents) float latents."""
+  return batch["tokens"] if "tokens" in batch else batch["latents"]
+
+
 def _grads(cfg, params, batch, key):
   """Loss and gradients, over ``cfg.grad_accum`` micro-batches (summed in float32)."""
   n = cfg.get("grad_accum", 1)
   grad_fn = jax.value_and_grad(
       lambda p, t, l, k: loss_fn(cfg, p, t, l, k, cfg.label_dropout))
   if n == 1:
-    return grad_fn(params, batch["tokens"], batch["label"], key)
+    return grad_fn(params, _inputs(batch), batch["label"], key)
   micro = jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
 
   def body(carry, xs):
     mb, i = xs
-    loss, g = grad_fn(params, mb["tokens"], mb["label"], jax.random.fold_in(key, i))
+    loss, g = grad_fn(params, _inputs(mb), mb["label"], jax.random.fold_in(key, i))
     return jax.tree.map(jnp.add, carry, (loss, g)), None
 
   zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
@@ -142,7 +147,7 @@ def make_train_step(cfg, mesh, state_sharding):
 def eval_nll(cfg, params, batch):
   """Held-out NLL per token with the true labels (no dropout); LINA: its flow-matching loss at a
   fixed key (the same masks and noise at every evaluation)."""
-  return loss_fn(cfg, params, batch["tokens"], batch["label"], jax.random.key(0), 0.0)
+  return loss_fn(cfg, params, _inputs(batch), batch["label"], jax.random.key(0), 0.0)
 
 
 def state_shardings(cfg, mesh):

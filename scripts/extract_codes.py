@@ -16,6 +16,10 @@ local devices (the batch is split over them), and land as ``lasad_codes/v1`` sha
 (``lasad_jax/data/imagenet_codes.py``) in ``OUT/train`` and ``OUT/val``. Shards are written
 atomically and skipped when present, so an interrupted run resumes where it stopped. The
 checkpoint is read without running pickled code.
+
+LINA's data: ``--kl-checkpoint kl16.ckpt`` (MAR's KL-16 VAE) instead of ``--vq-checkpoint`` writes
+the posterior mean and log-variance of every variant as ``lasad_latents/v1`` shards
+(``lasad_jax/data/imagenet_latents.py``) for ``configs/lina_imagenet.py``.
 """
 
 import argparse
@@ -63,8 +67,11 @@ def variants(img, image_size, ten_crop):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--vq-checkpoint", required=True, help="LlamaGen vq_ds16_c2i.pt (or .safetensors)")
-  ap.add_argument("--vq-config", default="{}", help="VQConfig fields as JSON (default: VQ-16)")
+  which = ap.add_mutually_exclusive_group(required=True)
+  which.add_argument("--vq-checkpoint", help="LlamaGen vq_ds16_c2i.pt (or .safetensors): codes")
+  which.add_argument("--kl-checkpoint", help="MAR kl16.ckpt (or .safetensors): LINA's latents")
+  ap.add_argument("--vq-config", default="{}",
+                  help="VQConfig (or, with --kl-checkpoint, KLConfig) fields as JSON")
   ap.add_argument("--data-dir", default=None, help="tensorflow-datasets data_dir")
   ap.add_argument("--dataset", default="imagenet2012")
   ap.add_argument("--splits", default="train,validation")
@@ -77,8 +84,29 @@ def main(argv=None):
   args = ap.parse_args(argv)
   import tensorflow_datasets as tfds
 
-  vq = V.load(args.vq_checkpoint, json.loads(args.vq_config))
-  ds_factor = vq.config.downsample
+  if args.kl_checkpoint:
+    from lasad_jax.data import imagenet_latents as il
+    from lasad_jax.tokenizer import kl
+    vae = kl.load(args.kl_checkpoint, json.loads(args.vq_config))
+    ds_factor = vae.config.downsample
+    fmt = il
+
+    def encode(x):
+      mean, logvar = vae.encode(x)
+      return np.concatenate([np.asarray(mean), np.asarray(logvar)], axis=-1)
+
+    def write(out, j, arrays, labels):
+      il.write_shard(out, j, arrays, labels)
+  else:
+    vq = V.load(args.vq_checkpoint, json.loads(args.vq_config))
+    ds_factor = vq.config.downsample
+    fmt = ic
+
+    def encode(x):
+      return np.asarray(vq.encode(x))
+
+    def write(out, j, arrays, labels):
+      ic.write_shard(out, j, arrays, labels, codebook_size=vq.config.codebook_size)
   if args.image_size % ds_factor:
     raise SystemExit(f"--image-size must be a multiple of {ds_factor}")
   n_dev = jax.local_device_count()
@@ -97,7 +125,7 @@ def main(argv=None):
     n_shards = -(-n // args.shard_size)
     t0, done = time.time(), 0
     for j in range(n_shards):
-      cname, lname = ic.shard_names(j)
+      cname, lname = fmt.shard_names(j)
       lo, hi = j * args.shard_size, min(n, (j + 1) * args.shard_size)
       if os.path.exists(os.path.join(out, lname)) and os.path.exists(os.path.join(out, cname)):
         done += hi - lo
@@ -110,16 +138,18 @@ def main(argv=None):
         flat = x.reshape((nb * nv,) + x.shape[2:]).astype(np.float32) / 127.5 - 1.0
         pad = (-len(flat)) % n_dev
         flat = np.concatenate([flat, np.zeros((pad,) + flat.shape[1:], np.float32)])
-        c = np.asarray(vq.encode(jax.device_put(flat, shard_batch)))[:nb * nv]
+        c = encode(jax.device_put(flat, shard_batch))[:nb * nv]
         codes.append(c.reshape((nb, nv) + c.shape[1:]))
         labels.extend(int(r["label"]) for r in recs)
         done += nb
         rate = done / max(time.time() - t0, 1e-9)
         print(f"\r{split}: {done}/{n} images  {rate:.1f} img/s  ETA "
               f"{(n - done) / max(rate, 1e-9) / 60:.1f} min", end="", file=sys.stderr, flush=True)
-      ic.write_shard(out, j, np.concatenate(codes), np.asarray(labels),
-                     codebook_size=vq.config.codebook_size)
-    ic.write_index(out, n_shards, codebook_size=vq.config.codebook_size)
+      write(out, j, np.concatenate(codes), np.asarray(labels))
+    if fmt is ic:
+      ic.write_index(out, n_shards, codebook_size=vq.config.codebook_size)
+    else:
+      fmt.write_index(out, n_shards)
     print(f"\n{split}: {n} images -> {out} ({n_shards} shards)", file=sys.stderr)
 
 

@@ -44,3 +44,29 @@ def test_extract_mock_imagenet_and_resume(tmp_path):
     assert os.path.getmtime(tmp_path / "train" / "codes-00000.npy") == before
   x = src[3]
   assert x["variants"].shape == (10, 64) and int(x["variants"].max()) < 64
+
+
+def test_extract_kl_latents_for_lina(tmp_path):
+  """--kl-checkpoint: posterior moments as lasad_latents/v1; the LINA source reads them back."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  import extract_codes as E
+
+  from lasad_jax.data import imagenet_latents as il
+  kl_cfg = {"ch": 32, "ch_mult": [1, 1], "num_res_blocks": 1, "embed_dim": 4}
+  args = ["--kl-checkpoint", os.path.join(ROOT, "tests/fixtures/kl_tiny.pt"),
+          "--vq-config", json.dumps(kl_cfg), "--out", str(tmp_path), "--image-size", "16",
+          "--batch-size", "4", "--shard-size", "5", "--splits", "train"]
+  with tfds.testing.mock_data(num_examples=7, policy=tfds.testing.MockPolicy.USE_CODE):
+    E.main(args)
+  src = il.LatentsSource(str(tmp_path), "train")
+  assert len(src) == 7 and src.grid == (8, 8) and src.channels == 4
+  rec = src[6]
+  assert rec["moments"].shape == (2, 64, 8)              # centre crop + flip, mean ; logvar
+  rng = np.random.default_rng(0)
+  a = il.SamplePosterior(0.5).random_map(rec, np.random.default_rng(1))
+  b = il.SamplePosterior(0.5).random_map(rec, np.random.default_rng(1))
+  np.testing.assert_array_equal(a["latents"], b["latents"])
+  assert a["latents"].shape == (64, 4) and np.isfinite(a["latents"]).all()
+  mean = il.PosteriorMean(0.5).map(rec)["latents"]
+  np.testing.assert_allclose(mean, 0.5 * rec["moments"][0, :, :4].astype(np.float32))
+  del rng

@@ -338,3 +338,24 @@ def test_sample_cli_decodes_through_kl_vae(tmp_path):
   img = np.load(out / "images.npz")["arr_0"]
   assert img.shape == (4, 16, 16, 3) and img.dtype == np.uint8
   assert np.load(out / "latents.npz")["latents"].shape == (4, 8, 8, 4)
+
+
+def test_train_on_extracted_latents(tmp_path):
+  """data="imagenet_latents": lasad_latents/v1 shards -> posterior samples -> LINA's loss."""
+  from lasad_jax import training as T
+  from lasad_jax.data import imagenet_latents as il
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 24), ("val", 8)):
+    m = np.concatenate([rng.standard_normal((n, 2, 8, 8, 4)),
+                        np.full((n, 2, 8, 8, 4), -2.0)], axis=-1)
+    il.write_shards(str(tmp_path / "lat" / split), m, rng.integers(0, 10, n), shard_size=10)
+  c = get_config("tiny")
+  from configs import common
+  common.small_cpu_run(c, data="imagenet_latents", batch_size=8, learning_rate=1e-3,
+                       num_steps=2, every=2)
+  c.latent_channels, c.data_dir, c.eval_batches = 4, str(tmp_path / "lat"), 1
+  st = T.train_and_evaluate(c, str(tmp_path / "run"), log=lambda s: None)
+  assert int(st.step) == 2
+  c.latent_channels = 3
+  with pytest.raises(ValueError, match="latent_channels"):
+    T.train_and_evaluate(c, str(tmp_path / "run2"), log=lambda s: None)

@@ -5,6 +5,7 @@
     photos          crops of scikit-image's photographs, k-means palette tokens, 8 classes
                     (data/photos.py)
     imagenet_codes  pre-extracted VQ codes + labels from ``config.data_dir``  (data/imagenet_codes.py)
+    imagenet_latents  pre-extracted KL-VAE posteriors + labels (LINA)  (data/imagenet_latents.py)
     synthetic       uniform random tokens and labels of the config's shape (benchmarks, smoke tests)
 
 :func:`get_source` returns ``(source, operations)`` for :func:`lasad_jax.data.loader.make_loader`;
@@ -16,7 +17,7 @@ import numpy as np
 
 from lasad_jax.data.loader import make_loader  # noqa: F401
 
-DATASETS = ("digits", "shapes", "photos", "imagenet_codes", "synthetic")
+DATASETS = ("digits", "shapes", "photos", "imagenet_codes", "imagenet_latents", "synthetic")
 
 
 class SyntheticSource:
@@ -66,6 +67,11 @@ def get_source(cfg, split):
     return PhotosSource(split, size=_side(cfg), palette_size=cfg.vocab_size), ()
   if name == "synthetic":
     return SyntheticSource(split, cfg.vocab_size, tuple(cfg.grid), cfg.num_classes), ()
+  split_dir = "train" if split == "train" else "val"
+  if name == "imagenet_latents":
+    from lasad_jax.data import imagenet_latents as il
+    return il.LatentsSource(cfg.get("data_dir", ""), split_dir), \
+        il.operations(split, cfg.get("latent_scale", 1.0))
   from lasad_jax.data import imagenet_codes as ic
   return ic.CodesSource(cfg.get("data_dir", ""), "train" if split == "train" else "val"), \
       ic.operations(split)
@@ -86,6 +92,11 @@ def spec(cfg):
   if name == "synthetic":
     return cfg.vocab_size, tuple(cfg.grid), cfg.num_classes
   src, _ = get_source(cfg, "train")
+  if name == "imagenet_latents":
+    if cfg.get("latent_channels") != src.channels:
+      raise ValueError(f"config.latent_channels={cfg.get('latent_channels')} but the extracted "
+                       f"latents have {src.channels} channels")
+    return 0, src.grid, cfg.num_classes    # continuous: no vocabulary
   return src.index["codebook_size"], src.grid, cfg.num_classes
 
 
@@ -93,8 +104,8 @@ def check_config(cfg):
   """Raise a ValueError naming the field when the model cannot read or write this data."""
   vocab, grid, classes = spec(cfg)
   problems = []
-  if cfg.vocab_size < vocab:
-    problems.append(f"config.vocab_size={cfg.vocab_size} < the data's {vocab} tokens")
+  if cfg.get("vocab_size", 0) < vocab:
+    problems.append(f"config.vocab_size={cfg.get('vocab_size')} < the data's {vocab} tokens")
   if tuple(cfg.grid) != tuple(grid):
     problems.append(f"config.grid={tuple(cfg.grid)} but the data's images are {tuple(grid)}")
   if cfg.num_classes < classes:

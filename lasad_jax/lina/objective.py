@@ -23,9 +23,10 @@ def init_params(cfg, seed):
 
 
 def latents_of(cfg, batch):
-  if "latents" in batch:
-    return batch["latents"].astype(jnp.float32)
-  t = batch["tokens"].astype(jnp.float32)
+  x = batch["latents"] if "latents" in batch else batch["tokens"]
+  if jnp.issubdtype(x.dtype, jnp.floating):   # extracted VAE latents [B, N, C]
+    return x.astype(jnp.float32)
+  t = x.astype(jnp.float32)
   return (2.0 * t / (cfg.vocab_size - 1) - 1.0)[..., None]
 
 
