@@ -1,4 +1,6 @@
-"""Train LASADGen (or the softmax baseline) from a config; resumes from the workdir's checkpoint.
+"""Train LASADGen (or the softmax baseline, or LINA) from a config; resumes from the workdir's
+checkpoint. A config with ``model = "lina"`` (configs/lina_digits.py, configs/lina_imagenet.py)
+trains LINA with its flow-matching objective and keeps an EMA of the parameters in the checkpoint.
 
     python train.py --config configs/digits.py --workdir runs/digits          # CPU, minutes
     python train.py --config configs/photos.py --config.boundary=reset --workdir runs/photos_reset
