@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the GPU runs recorded in BENCHMARKS.md / RESULTS.md executed, stage by stage, on the device
 # machine (its python3 has jax[cuda], torch; grain, ml_collections and fla come as wheels in .whl/).
-#   bash benchmarks/gpu_session.sh STAGE...   stages: tests train sampling sad fla
+#   bash benchmarks/gpu_session.sh STAGE...   stages: tests train sampling sad fla ops lina
 # Logs and JSON go to $OUT (default: ./out).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -28,6 +28,10 @@ for stage in "$@"; do
                 --variants "${SAD_VARIANTS:-carry,reset,learned,none,softmax}" 2>&1 | tee -a "$OUT/sad.log"
               tar czf "$OUT/sad.tgz" -C "$OUT" sad && rm -rf "$OUT/sad" ;;   # one file comes back
     fla)      timeout 560 python3 -m pytest -q -s tests/test_gpu.py -k fla 2>&1 | tee "$OUT/test_gpu_fla.log" ;;
+    ops)      timeout ${OPS_TIMEOUT:-560} python3 benchmarks/ops.py ${OPS_ARGS:-} \
+                --out "$OUT/ops_h100.json" 2>&1 | tee "$OUT/ops.log" ;;
+    lina)     timeout ${LINA_TIMEOUT:-330} python3 benchmarks/lina.py ${LINA_ARGS:-} \
+                --out "$OUT/lina_h100.json" 2>&1 | tee "$OUT/lina.log" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
