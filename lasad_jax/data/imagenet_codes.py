@@ -83,26 +83,30 @@ def write_shards(directory, codes, labels, *, codebook_size, shard_size=10000):
   write_index(directory, n, codebook_size=codebook_size)
 
 
-class CodesSource(grain.RandomAccessDataSource):
-  """{"variants": uint16 [V, h*w], "label": int32}; pair with :func:`operations` to pick one."""
+class ShardedSource(grain.RandomAccessDataSource):
+  """Shards listed in ``DIR/{split}/index.json`` (format ``FORMAT``), each an array file under
+  ``ARRAY`` (memory-mapped) and a labels file; records are addressed across shards."""
+
+  FORMAT = FORMAT
+  ARRAY = "codes"
+  WHAT = "extracted codes (see scripts/extract_codes.py)"
 
   def __init__(self, data_dir, split="train"):
     if not data_dir:
-      raise ValueError("config.data_dir must name the directory of extracted codes "
-                       "(see scripts/extract_codes.py); it is empty")
+      raise ValueError(f"config.data_dir must name the directory of {self.WHAT}; it is empty")
     self.split = split
     root = os.path.join(data_dir, split)
     path = os.path.join(root, "index.json")
     if not os.path.exists(path):
       raise FileNotFoundError(f"no {path}: config.data_dir={data_dir!r} holds no {split!r} split "
-                              f"of extracted codes (format {FORMAT})")
+                              f"of {self.WHAT} (format {self.FORMAT})")
     with open(path) as f:
       self.index = json.load(f)
-    if self.index.get("format") != FORMAT:
-      raise ValueError(f"{path}: format {self.index.get('format')!r}, expected {FORMAT!r}")
+    if self.index.get("format") != self.FORMAT:
+      raise ValueError(f"{path}: format {self.index.get('format')!r}, expected {self.FORMAT!r}")
     self.grid = tuple(self.index["grid"])
-    self._codes = [np.load(os.path.join(root, s["codes"]), mmap_mode="r")
-                   for s in self.index["shards"]]
+    self._arrays = [np.load(os.path.join(root, s[self.ARRAY]), mmap_mode="r")
+                    for s in self.index["shards"]]
     self._labels = [np.load(os.path.join(root, s["labels"])) for s in self.index["shards"]]
     self._starts = np.cumsum([0] + [s["count"] for s in self.index["shards"]])
 
@@ -110,13 +114,21 @@ class CodesSource(grain.RandomAccessDataSource):
     return int(self._starts[-1])
 
   def __repr__(self):   # grain checks it on resume; the directory may move between runs
-    return f"CodesSource(split={self.split!r}, records={len(self)}, grid={self.grid})"
+    return f"{type(self).__name__}(split={self.split!r}, records={len(self)}, grid={self.grid})"
 
-  def __getitem__(self, i):
+  def _record(self, i):
+    """(the array row of record i, its label)."""
     j = int(np.searchsorted(self._starts, i, side="right") - 1)
     r = int(i) - int(self._starts[j])
-    return {"variants": np.asarray(self._codes[j][r]).reshape(self.index["num_variants"], -1),
-            "label": self._labels[j][r]}
+    return np.asarray(self._arrays[j][r]), self._labels[j][r]
+
+
+class CodesSource(ShardedSource):
+  """{"variants": uint16 [V, h*w], "label": int32}; pair with :func:`operations` to pick one."""
+
+  def __getitem__(self, i):
+    codes, label = self._record(i)
+    return {"variants": codes.reshape(self.index["num_variants"], -1), "label": label}
 
 
 class PickVariant(grain.RandomMapTransform):

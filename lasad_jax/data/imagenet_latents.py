@@ -22,7 +22,7 @@ import os
 import grain.python as grain
 import numpy as np
 
-from lasad_jax.data.imagenet_codes import _save_npy
+from lasad_jax.data.imagenet_codes import ShardedSource, _save_npy
 
 FORMAT = "lasad_latents/v1"
 
@@ -70,40 +70,20 @@ def write_shards(directory, moments, labels, *, shard_size=10000):
   write_index(directory, n)
 
 
-class LatentsSource(grain.RandomAccessDataSource):
+class LatentsSource(ShardedSource):
   """{"moments": float16 [V, h*w, 2C], "label": int32}; pair with :func:`operations`."""
 
+  FORMAT = FORMAT
+  ARRAY = "moments"
+  WHAT = "extracted latents (scripts/extract_codes.py --kl-checkpoint)"
+
   def __init__(self, data_dir, split="train"):
-    if not data_dir:
-      raise ValueError("config.data_dir must name the directory of extracted latents "
-                       "(scripts/extract_codes.py --kl-checkpoint); it is empty")
-    self.split = split
-    root = os.path.join(data_dir, split)
-    path = os.path.join(root, "index.json")
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"no {path}: config.data_dir={data_dir!r} holds no {split!r} split "
-                              f"of extracted latents (format {FORMAT})")
-    with open(path) as f:
-      self.index = json.load(f)
-    if self.index.get("format") != FORMAT:
-      raise ValueError(f"{path}: format {self.index.get('format')!r}, expected {FORMAT!r}")
-    self.grid, self.channels = tuple(self.index["grid"]), int(self.index["channels"])
-    self._m = [np.load(os.path.join(root, s["moments"]), mmap_mode="r")
-               for s in self.index["shards"]]
-    self._labels = [np.load(os.path.join(root, s["labels"])) for s in self.index["shards"]]
-    self._starts = np.cumsum([0] + [s["count"] for s in self.index["shards"]])
-
-  def __len__(self):
-    return int(self._starts[-1])
-
-  def __repr__(self):
-    return f"LatentsSource(split={self.split!r}, records={len(self)}, grid={self.grid})"
+    super().__init__(data_dir, split)
+    self.channels = int(self.index["channels"])
 
   def __getitem__(self, i):
-    j = int(np.searchsorted(self._starts, i, side="right") - 1)
-    r = int(i) - int(self._starts[j])
-    m = np.asarray(self._m[j][r])
-    return {"moments": m.reshape(m.shape[0], -1, m.shape[-1]), "label": self._labels[j][r]}
+    m, label = self._record(i)
+    return {"moments": m.reshape(m.shape[0], -1, m.shape[-1]), "label": label}
 
 
 class SamplePosterior(grain.RandomMapTransform):

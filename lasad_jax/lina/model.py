@@ -211,8 +211,7 @@ def _init_leaf(path, shape, key):
   embeddings and matrices normal 0.02 (a guess for the rest))."""
   name = path[-1]
   head = path[0] == "head"
-  if name in ("key_scale", "value_scale") or (name.endswith("norm_w") and "norm" in name) \
-      or name in ("norm1_w", "norm2_w", "norm_w"):
+  if name in ("key_scale", "value_scale", "norm1_w", "norm2_w") or name.endswith("norm_w"):
     return jnp.ones(shape, jnp.float32)
   if name.endswith("_b") or (head and (name.startswith("ada") or name.startswith("final_ada")
                                       or name.startswith("out"))):
