@@ -2,15 +2,19 @@
 the same network with softmax attention. Random weights; bf16 matmuls.
 
     python benchmarks/lina.py [--out benchmarks/results/lina_h100.json] [--skip attn,256,1024,w1536]
+        [--linear highest/shift,bf16x3/shift,bf16x3/xla]
 
 (a) (B, N, H, D) = (32, 320, 16, 96), (8, 1280, 16, 96), (2, 5120, 16, 96) (width 1536): LINA's
-    operator (float32 inside, as LINA) with bf16 inputs, forward and forward+backward, against
+    operator (float32 inside, as LINA; its float32 contractions as float32 dots ("highest") and
+    as three bf16 passes ("bf16x3", the GPU default)) with bf16 inputs, forward and
+    forward+backward, against
     ``jax.nn.dot_product_attention(implementation="cudnn")`` (bidirectional); median ms.
 (b) 8 images at 256 px (16 x 16 latents: 61 AR steps x 25 Euler steps, CFG 2.4) for d48w768 (and
     d48w1536), linear vs softmax; and 1024 px (64 x 64 latents, N = 1024 + 4096 = 5120 tokens per
     transformer pass), 1 image, d48w768, linear vs softmax. Seconds per call (median of 3 after a
-    warm-up call), compile time of the first call. JSON after every record (a time limit keeps
-    what was measured).
+    warm-up call), compile time of the first call. ``--linear`` lists the linear variants timed
+    (``config.attn_precision/config.conv_impl``; default: the config's defaults). JSON after every
+    record (a time limit keeps what was measured).
 """
 
 import argparse
@@ -37,8 +41,9 @@ ATTN_SHAPES = [(32, 320, 16, 96), (8, 1280, 16, 96), (2, 5120, 16, 96)]
 
 
 def attn_fns(kind):
-  if kind == "lina":
-    f = lambda q, k, v: lina_attention(q, k, v).astype(q.dtype)
+  if kind.startswith("lina"):
+    prec = kind.split()[1]
+    f = lambda q, k, v: lina_attention(q, k, v, precision=prec).astype(q.dtype)
   else:
     f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
   fwd = jax.jit(f)
@@ -71,6 +76,8 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default="benchmarks/results/lina_h100.json")
   ap.add_argument("--skip", default="")
+  ap.add_argument("--linear", default="auto/shift",
+                  help="comma-separated attn_precision/conv_impl pairs for the linear sampler runs")
   args = ap.parse_args()
   skip = set(args.skip.split(","))
   dev = jax.devices()[0]
@@ -79,7 +86,7 @@ def main():
 
   def save():
     meta = dict(date=datetime.date.today().isoformat(), device=dev.device_kind, jax=jax.__version__,
-                command="python benchmarks/lina.py" + (f" --skip {args.skip}" if args.skip else ""))
+                command="python " + " ".join(sys.argv))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
       json.dump(dict(meta=meta, records=records), f, indent=1)
@@ -88,9 +95,9 @@ def main():
     for shape in ATTN_SHAPES:
       ks = jax.random.split(jax.random.key(0), 4)
       q, k, v, do = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in ks)
-      for kind in ("lina", "cudnn softmax"):
+      for kind in ("lina highest", "lina bf16x3", "cudnn softmax"):
         try:
-          fwd, fb = attn_fns("lina" if kind == "lina" else "cudnn")
+          fwd, fb = attn_fns(kind)
           rec = dict(part="attention", impl=kind, shape=list(shape), dtype="bfloat16",
                      fwd_ms=time_jax(fwd, q, k, v), fb_ms=time_jax(fb, q, k, v, do))
         except Exception as e:  # noqa: BLE001
@@ -108,24 +115,29 @@ def main():
     runs += [("d48w768", 64, 1)]
   if "w1536" not in skip:
     runs += [("d48w1536", 16, 8)]
+  options = [tuple(o.split("/")) for o in args.linear.split(",")]
   for variant, side, batch in runs:
-    for attention in ("linear", "softmax"):
+    for attention, opt in [("linear", o) for o in options] + [("softmax", None)]:
       c = get_config(variant)
       c.grid, c.attention = (side, side), attention
+      if opt is not None:
+        c.attn_precision, c.conv_impl = opt
       cfg = ml_collections.FrozenConfigDict(c)
       try:
         first, sec = time_sampler(cfg, batch)
       except Exception as e:  # noqa: BLE001
-        print(f"  sampler {variant} {side}x{side} {attention}: failed: {type(e).__name__}: "
+        print(f"  sampler {variant} {side}x{side} {attention} {opt}: failed: {type(e).__name__}: "
               f"{str(e)[:200]}", flush=True)
         continue
       n = side * side
       rec = dict(part="sampler", variant=variant, attention=attention, grid=[side, side],
+                 options=None if opt is None else "/".join(opt),
                  tokens=n + M.num_cond(cfg), images=batch, ar_steps=len(F.ar_schedule(n, 64)),
                  euler_steps=25, cfg_scale=cfg.sample.cfg_scale, first_call_s=first,
                  s_per_call=sec, s_per_image=sec / batch)
       records.append(rec)
-      print(f"  sampler {variant} {side * 16}px {attention:<8}: {sec:.2f} s per {batch} image(s) "
+      name = attention if opt is None else f"{attention} {'/'.join(opt)}"
+      print(f"  sampler {variant} {side * 16}px {name:<22}: {sec:.2f} s per {batch} image(s) "
             f"({sec / batch:.3f} s/image), first call {first:.1f} s", flush=True)
       save()
   save()

@@ -51,6 +51,37 @@ def test_operator_vs_float64(gates, n):
   assert rel_rms(o, oracle(q, k, v, ks, vs)) < 1e-5
 
 
+@pytest.mark.parametrize("gates", [False, True])
+def test_operator_bf16x3_split_is_float32_accurate(gates):
+  """The GPU default (three bf16 passes) stays near float32 accuracy, far from one bf16 pass."""
+  rng = np.random.default_rng(7)
+  b, n, h, d = 2, 320, 2, 96
+  q, k, v = (rng.standard_normal((b, n, h, d)).astype(np.float32) for _ in range(3))
+  ks = vs = None
+  if gates:
+    ks, vs = (rng.uniform(0.2, 2.0, (h, n)).astype(np.float32) for _ in range(2))
+  ref = oracle(q, k, v, ks, vs)
+  err = rel_rms(lina_attention(q, k, v, ks, vs, precision="bf16x3"), ref)
+  assert err < 2e-5
+  # the same contractions in one bf16 pass, for scale: the split must be far better
+  from lasad_jax.lina import attention as A
+  bf = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
+  one_pass = lambda spec, a, c, p: jnp.einsum(spec, bf(a), bf(c), precision="highest")
+  orig = A._einsum
+  try:
+    A._einsum = one_pass
+    err1 = rel_rms(lina_attention(q, k, v, ks, vs, precision="bf16x3"), ref)
+  finally:
+    A._einsum = orig
+  assert err * 20 < err1, (err, err1)
+
+
+def test_operator_precision_name_checked():
+  x = np.zeros((1, 4, 1, 2), np.float32)
+  with pytest.raises(ValueError, match="precision"):
+    lina_attention(x, x, x, precision="tf32")
+
+
 def test_operator_mask_equals_gather():
   rng = np.random.default_rng(1)
   b, n, h, d = 2, 50, 2, 8
@@ -359,3 +390,14 @@ def test_train_on_extracted_latents(tmp_path):
   c.latent_channels = 3
   with pytest.raises(ValueError, match="latent_channels"):
     T.train_and_evaluate(c, str(tmp_path / "run2"), log=lambda s: None)
+
+
+def test_depthwise_conv_impls_agree():
+  rng = np.random.default_rng(3)
+  img = rng.standard_normal((2, 6, 6, 8)).astype(np.float32)
+  w = rng.standard_normal((5, 5, 8)).astype(np.float32)
+  a = M.depthwise_conv5(img, w, "shift")
+  b = M.depthwise_conv5(img, w, "xla")
+  assert rel_rms(b, a) < 1e-6
+  with pytest.raises(ValueError, match="conv_impl"):
+    M.depthwise_conv5(img, w, "fft")

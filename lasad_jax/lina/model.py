@@ -71,10 +71,17 @@ def num_cond(cfg):
 
 
 # --------------------------------------------------------------------------- blocks
-def depthwise_conv5(img, w):
-  """5 x 5 depthwise conv, zero padding 2: img [B, h, w, D], w [5, 5, D]. As 25 shifted
-  multiply-adds in float32 (XLA's grouped-conv gradient is very slow on CPU; on a 16 x 16 grid
-  this form costs nothing on GPU either)."""
+def depthwise_conv5(img, w, impl="shift"):
+  """5 x 5 depthwise conv, zero padding 2: img [B, h, w, D], w [5, 5, D], float32. ``impl="shift"``:
+  25 shifted multiply-adds (XLA's grouped-conv gradient is very slow on CPU); ``"xla"``:
+  ``lax.conv_general_dilated`` with one group per channel."""
+  if impl == "xla":
+    return jax.lax.conv_general_dilated(
+        img.astype(jnp.float32), w.astype(jnp.float32)[:, :, None, :], (1, 1), ((2, 2), (2, 2)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=img.shape[-1],
+        precision=jax.lax.Precision.HIGHEST)
+  if impl != "shift":
+    raise ValueError(f"config.conv_impl must be 'shift' or 'xla', got {impl!r}")
   hh, ww = img.shape[1:3]
   xp = jnp.pad(img.astype(jnp.float32), ((0, 0), (2, 2), (2, 2), (0, 0)))
   out = jnp.zeros(img.shape, jnp.float32)
@@ -100,13 +107,14 @@ def _block(cfg, p, x, *, mask=None, decoder=False):
     decoder = False
   else:
     ks, vs = (p["key_scale"], p["value_scale"]) if decoder else (None, None)
-    o = lina_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], ks, vs, mask=mask)
+    o = lina_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], ks, vs, mask=mask,
+                       precision=cfg.get("attn_precision", "auto"))
     o = o.reshape(b, n, d).astype(jnp.dtype(cfg.dtype)).astype(jnp.float32)
   if decoder:
     h, w = cfg.grid
     nc = n - h * w
     img = x[:, nc:].reshape(b, h, w, d)
-    conv = depthwise_conv5(img, p["conv_w"]) + p["conv_b"]
+    conv = depthwise_conv5(img, p["conv_w"], cfg.get("conv_impl", "shift")) + p["conv_b"]
     o = o + jnp.concatenate([jnp.zeros((b, nc, d), jnp.float32), conv.reshape(b, h * w, d)], 1)
   x = x + layer_norm(dense(cfg, o, p, "proj"), p["norm1_w"], p["norm1_b"])
   hid = jax.nn.gelu(dense(cfg, x, p, "fc1"), approximate=False)
