@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the GPU runs recorded in BENCHMARKS.md / RESULTS.md executed, stage by stage, on the device
 # machine (its python3 has jax[cuda], torch; grain, ml_collections and fla come as wheels in .whl/).
-#   bash benchmarks/gpu_session.sh STAGE...   stages: tests train sampling sad fla ops lina
+#   bash benchmarks/gpu_session.sh STAGE...   stages: tests train sampling sad fla ops parts lina
 # Logs and JSON go to $OUT (default: ./out).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -22,7 +22,7 @@ for stage in "$@"; do
                 --variants B,L --batches 256,128,64 ${TRAIN_ARGS:-} \
                 --out "$OUT/train_h100${TRAIN_TAG:-}.json" 2>&1 | tee "$OUT/train${TRAIN_TAG:-}.log" ;;
     sampling) timeout ${SAMPLING_TIMEOUT:-150} python3 benchmarks/sampling.py --variant L \
-                ${SAMPLING_ARGS:-} --out "$OUT/sampling_h100.json" 2>&1 | tee "$OUT/sampling.log" ;;
+                ${SAMPLING_ARGS:-} --out "$OUT/sampling_h100${SAMPLING_TAG:-}.json" 2>&1 | tee "$OUT/sampling${SAMPLING_TAG:-}.log" ;;
     sad)      timeout ${SAD_TIMEOUT:-560} python3 scripts/sad_ablation.py --out "$OUT/sad" \
                 --datasets "${SAD_DATASETS:-digits,shapes,photos}" \
                 --variants "${SAD_VARIANTS:-carry,reset,learned,none,softmax}" 2>&1 | tee -a "$OUT/sad.log"
@@ -30,6 +30,8 @@ for stage in "$@"; do
     fla)      timeout 560 python3 -m pytest -q -s tests/test_gpu.py -k fla 2>&1 | tee "$OUT/test_gpu_fla.log" ;;
     ops)      timeout ${OPS_TIMEOUT:-560} python3 benchmarks/ops.py ${OPS_ARGS:-} \
                 --out "$OUT/ops_h100.json" 2>&1 | tee "$OUT/ops.log" ;;
+    parts)    timeout ${PARTS_TIMEOUT:-200} python3 benchmarks/ops_parts.py ${PARTS_ARGS:-} \
+                2>&1 | tee "$OUT/ops_parts.log" ;;
     lina)     timeout ${LINA_TIMEOUT:-330} python3 benchmarks/lina.py ${LINA_ARGS:-} \
                 --out "$OUT/lina_h100.json" 2>&1 | tee "$OUT/lina.log" ;;
     *) echo "unknown stage $stage"; exit 2 ;;

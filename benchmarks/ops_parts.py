@@ -3,7 +3,10 @@
     python benchmarks/ops_parts.py [--shape 32,1024,16,64]
 
 Where the forward and backward time goes (states scan, outputs, state-gradient scan, gradients),
-so tuning starts from the largest term. bf16, row mask on (width 16, prefix 1, reset).
+so tuning starts from the largest term. bf16, row mask on (width 16, prefix 1, reset). Then the
+whole operator (``lasad_attention(impl="pallas")``, forward and forward+backward, default and
+one-pass bf16 dots) and cuDNN causal softmax attention at the same shape: the gap between the
+sum of the launches and the whole is the XLA glue around them.
 """
 
 import argparse
@@ -13,6 +16,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+from lasad_jax.ops import lasad_attention  # noqa: E402
 
 from benchmarks_common import inputs, time_jax  # noqa: E402
 from kernels.lasad import pallas as P  # noqa: E402
@@ -57,6 +62,24 @@ def main():
       print(f"{name:<10} " + " ".join(f"{m:8.3f}" for m in ms), flush=True)
     except Exception as e:  # noqa: BLE001
       print(f"{name:<10} failed: {type(e).__name__}: {str(e)[:200]}")
+
+  print("whole operator, ms fwd / fwd+bwd")
+  for name, bs in (("default", P.BlockSizes()), ("one-pass", P.BlockSizes(split_dots=False))):
+    f = lambda q, k, v, g, bs=bs: lasad_attention(q, k, v, g, width=width, prefix=prefix,
+                                                  boundary=bnd, scale=1.0, impl="pallas",
+                                                  block_sizes=bs)
+    loss = lambda q, k, v, g, do, f=f: jnp.sum(f(q, k, v, g).astype(jnp.float32) * do)
+    fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    print(f"{name:<10} {time_jax(jax.jit(f), q, k, v, g):8.3f} {time_jax(fb, q, k, v, g, do):8.3f}",
+          flush=True)
+  try:
+    sm = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                      implementation="cudnn")
+    smfb = jax.jit(jax.grad(lambda q, k, v, do: jnp.sum(sm(q, k, v).astype(jnp.float32) * do),
+                            argnums=(0, 1, 2)))
+    print(f"{'cudnn':<10} {time_jax(jax.jit(sm), q, k, v):8.3f} {time_jax(smfb, q, k, v, do):8.3f}")
+  except Exception as e:  # noqa: BLE001
+    print(f"cudnn failed: {type(e).__name__}: {str(e)[:200]}")
 
 
 if __name__ == "__main__":

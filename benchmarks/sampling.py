@@ -1,12 +1,14 @@
 """Sampling speed and memory: LASADGen (O(1) state) vs the softmax baseline (KV cache).
 
     python benchmarks/sampling.py [--variant L] [--out benchmarks/results/sampling_h100.json]
+        [--attentions lasad,softmax] [--top-k 2000] [--grids 16,32,64]
 
 (a) ``--variant`` with CFG (scale 4, top-k 2000), 8 images at 16x16 tokens, random weights,
     bf16: first call (compile + run) and the median of later calls, images/s.
 (b) Per-token decode time and the compiled sampler's scratch memory (XLA memory analysis) for grids
     16x16, 32x32, 64x64, LASAD vs softmax.
-Random weights: speed does not depend on them. Prints a table; writes JSON.
+Random weights: speed does not depend on them. Prints a table; writes JSON (with the XLA_FLAGS the
+run had, since XLA's command-buffer flags change the decode loop's launch overhead).
 """
 
 import argparse
@@ -14,6 +16,7 @@ import datetime
 import json
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -59,20 +62,22 @@ def main():
   ap.add_argument("--grids", default="16,32,64")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--out", default="benchmarks/results/sampling_h100.json")
+  ap.add_argument("--attentions", default="lasad,softmax")
+  ap.add_argument("--top-k", type=int, default=None, help="default 2000 (5 for tiny); 0 = off")
   args = ap.parse_args()
   dev = jax.devices()[0]
   records = []
   print(f"device {dev.device_kind}, jax {jax.__version__}, LASADGen-{args.variant}, random weights")
-  top_k = 2000 if args.variant != "tiny" else 5
+  top_k = (2000 if args.variant != "tiny" else 5) if args.top_k is None else args.top_k
   meta = dict(date=datetime.date.today().isoformat(), device=dev.device_kind,
-              jax=jax.__version__, command=f"python benchmarks/sampling.py --variant {args.variant}"
-              f" --grids {args.grids} --repeats {args.repeats}")
+              jax=jax.__version__, command="python benchmarks/sampling.py " + " ".join(sys.argv[1:]),
+              xla_flags=os.environ.get("XLA_FLAGS", ""))
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
   def save():   # after every record: a run cut off by a time limit keeps what it measured
     with open(args.out, "w") as f:
       json.dump(dict(meta=meta, records=records), f, indent=1)
-  for attention in ("lasad", "softmax"):
+  for attention in args.attentions.split(","):
     cfg = get_config(args.variant)
     cfg.attention = attention
     model = M.LASADGen(cfg, rngs=nnx.Rngs(0))
@@ -81,7 +86,7 @@ def main():
                top_k=top_k, first_call_s=first, s_per_batch=med, images_per_s=8 / med)
     records.append(rec)
     save()
-    print(f"(a) {attention:<8} 8 images {cfg.grid[0]}x{cfg.grid[0]} CFG 4: first call "
+    print(f"(a) {attention:<8} 8 images {cfg.grid[0]}x{cfg.grid[0]} CFG 4 top-k {top_k}: first call "
           f"{first:.2f} s, then {med:.3f} s/batch ({8 / med:.1f} images/s)", flush=True)
     for g in (int(x) for x in args.grids.split(",")):
       try:
