@@ -2,18 +2,18 @@
 the same network with softmax attention. Random weights; bf16 matmuls.
 
     python benchmarks/lina.py [--out benchmarks/results/lina_h100.json] [--skip attn,256,1024,w1536]
-        [--linear highest/shift,bf16x3/shift,bf16x3/xla]
+        [--linear xla/shift,pallas/shift,pallas/xla]
 
 (a) (B, N, H, D) = (32, 320, 16, 96), (8, 1280, 16, 96), (2, 5120, 16, 96) (width 1536): LINA's
-    operator (float32 inside, as LINA; its float32 contractions as float32 dots ("highest") and
-    as three bf16 passes ("bf16x3", the GPU default)) with bf16 inputs, forward and
+    operator (float32 inside, as LINA; as XLA einsums, ``impl="xla"``, and as the fused Pallas
+    kernel, ``impl="pallas"``, whose backward is the XLA one) with bf16 inputs, forward and
     forward+backward, against
     ``jax.nn.dot_product_attention(implementation="cudnn")`` (bidirectional); median ms.
 (b) 8 images at 256 px (16 x 16 latents: 61 AR steps x 25 Euler steps, CFG 2.4) for d48w768 (and
     d48w1536), linear vs softmax; and 1024 px (64 x 64 latents, N = 1024 + 4096 = 5120 tokens per
     transformer pass), 1 image, d48w768, linear vs softmax. Seconds per call (median of 3 after a
     warm-up call), compile time of the first call. ``--linear`` lists the linear variants timed
-    (``config.attn_precision/config.conv_impl``; default: the config's defaults). JSON after every
+    (``config.attn_impl/config.conv_impl``; default: the config's defaults). JSON after every
     record (a time limit keeps what was measured).
 """
 
@@ -42,8 +42,8 @@ ATTN_SHAPES = [(32, 320, 16, 96), (8, 1280, 16, 96), (2, 5120, 16, 96)]
 
 def attn_fns(kind):
   if kind.startswith("lina"):
-    prec = kind.split()[1]
-    f = lambda q, k, v: lina_attention(q, k, v, precision=prec).astype(q.dtype)
+    impl = kind.split()[1]
+    f = lambda q, k, v: lina_attention(q, k, v, impl=impl).astype(q.dtype)
   else:
     f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
   fwd = jax.jit(f)
@@ -77,7 +77,7 @@ def main():
   ap.add_argument("--out", default="benchmarks/results/lina_h100.json")
   ap.add_argument("--skip", default="")
   ap.add_argument("--linear", default="auto/shift",
-                  help="comma-separated attn_precision/conv_impl pairs for the linear sampler runs")
+                  help="comma-separated attn_impl/conv_impl pairs for the linear sampler runs")
   args = ap.parse_args()
   skip = set(args.skip.split(","))
   dev = jax.devices()[0]
@@ -95,7 +95,7 @@ def main():
     for shape in ATTN_SHAPES:
       ks = jax.random.split(jax.random.key(0), 4)
       q, k, v, do = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in ks)
-      for kind in ("lina highest", "lina bf16x3", "cudnn softmax"):
+      for kind in ("lina xla", "lina pallas", "cudnn softmax"):
         try:
           fwd, fb = attn_fns(kind)
           rec = dict(part="attention", impl=kind, shape=list(shape), dtype="bfloat16",
@@ -121,7 +121,7 @@ def main():
       c = get_config(variant)
       c.grid, c.attention = (side, side), attention
       if opt is not None:
-        c.attn_precision, c.conv_impl = opt
+        c.attn_impl, c.conv_impl = opt
       cfg = ml_collections.FrozenConfigDict(c)
       try:
         first, sec = time_sampler(cfg, batch)

@@ -116,3 +116,20 @@ def test_lina_tiny_bf16_compiled():
   b = F.sample(cfg, params, np.array([1, 2]), rng=jax.random.key(3), ar_steps=8, euler_steps=4)
   assert np.isfinite(np.asarray(a)).all()
   np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("n,d", [(320, 96), (1000, 64)])
+def test_lina_pallas_kernel_compiled(n, d):
+  """The fused LINA kernel compiled by Triton vs float64 (gates and a mask on), fused qkv input."""
+  from lasad_jax.lina.attention import lina_attention_qkv
+  rng = np.random.default_rng(n)
+  b, h = 2, 4
+  qkv = rng.standard_normal((b, n, 3, h, d)).astype(np.float32)
+  ks, vs = (rng.uniform(0.2, 2.0, (h, n)).astype(np.float32) for _ in range(2))
+  mask = (rng.random((b, n)) < 0.6).astype(np.float32)
+  o = np.asarray(lina_attention_qkv(qkv, ks, vs, mask=mask, impl="pallas"), np.float64)
+  ref = np.asarray(lina_attention_qkv(jnp.asarray(qkv, jnp.float32), ks, vs, mask=mask,
+                                      impl="xla"), np.float64)
+  keep = mask > 0
+  err = np.sqrt(np.mean((o[keep] - ref[keep]) ** 2) / np.mean(ref[keep] ** 2))
+  assert err < 1e-5, err

@@ -9,51 +9,20 @@ exactly LINA's gather of the visible tokens (its encoder blocks run on [conditio
 with static shapes: the outputs at masked positions are computed but meaningless. Cost O(N D^2)
 per head, no N x N matrix.
 
-``precision`` picks how the two float32 contractions (k~^T v~ and phi(q) . kv) run:
-
-- ``"highest"``: float32 dots (``lax.Precision.HIGHEST``). On a GPU these are the slow float32
-  (non-tensor-core) GEMMs: at LINA's 256 px shapes they made the operator 1.9x slower than cuDNN
-  softmax attention.
-- ``"bf16x3"``: each float32 operand is split into a bf16 high part and a bf16 low part and the
-  product is ``hi.hi + hi.lo + lo.hi`` in three bf16 tensor-core dots with float32 accumulation
-  (the split XLA calls BF16_BF16_F32_X3), written out in jnp so that every backend computes the
-  same thing and the CPU tests cover it. Relative error ~1e-5 (float32 ~1e-7, one bf16 pass
-  ~3e-3); everything else stays float32.
-- ``"auto"`` (default): ``"bf16x3"`` on GPU, ``"highest"`` elsewhere (a CPU has no bf16 tensor
-  cores to gain from, and the PyTorch parity fixtures are float32).
+``impl``: ``"xla"`` (the jnp form below; float32 einsums at ``Precision.HIGHEST``), ``"pallas"``
+(``kernels/lina/pallas.py``: one fused kernel per (batch, head), forward only; its gradient
+differentiates the jnp form), ``"auto"`` (default): the kernel on GPU when the head dim is a
+multiple of 16, the jnp form elsewhere. ``lina_attention_qkv`` takes the fused projection
+[B, N, 3, H, D] as the model produces it, so the kernel reads q, k, v without slicing copies.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 EPS = 1e-6
-PRECISIONS = ("auto", "highest", "bf16x3")
-
-
-def _split(x):
-  hi = x.astype(jnp.bfloat16)
-  return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
-
-
-def _einsum(spec, a, b, precision):
-  """float32 einsum, either float32 dots or the three-pass bf16 split (see module docstring)."""
-  if precision == "highest":
-    return jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST)
-  (ah, al), (bh, bl) = _split(a), _split(b)
-  if jax.default_backend() == "gpu":
-    dot = lambda x, y: jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
-  else:   # XLA:CPU has no bf16 x bf16 -> f32 dot; a bf16 product is exact in float32 anyway
-    dot = lambda x, y: jnp.einsum(spec, x.astype(jnp.float32), y.astype(jnp.float32),
-                                  precision=jax.lax.Precision.HIGHEST)
-  return (dot(ah, bl) + dot(al, bh)) + dot(ah, bh)
-
-
-def resolve_precision(precision):
-  if precision not in PRECISIONS:
-    raise ValueError(f"`precision` must be one of {PRECISIONS}, got {precision!r}.")
-  if precision == "auto":
-    return "bf16x3" if jax.default_backend() == "gpu" else "highest"
-  return precision
+IMPLS = ("auto", "xla", "pallas")
 
 
 def _check(q, k, v, key_scale, value_scale, mask):
@@ -73,11 +42,9 @@ def _check(q, k, v, key_scale, value_scale, mask):
     raise ValueError(f"`mask` must have shape [B, N] = {(b, n)}, got {tuple(mask.shape)}.")
 
 
-def lina_attention(q, k, v, key_scale=None, value_scale=None, *, mask=None, precision="auto"):
-  """q, k [B, N, H, K], v [B, N, H, V] -> o [B, N, H, V] float32 (see module docstring)."""
-  _check(q, k, v, key_scale, value_scale, mask)
-  precision = resolve_precision(precision)
+def _xla(q, k, v, key_scale, value_scale, mask):
   f32 = jnp.float32
+  hp = jax.lax.Precision.HIGHEST
   q = jax.nn.relu(q.astype(f32)) + EPS
   k = jax.nn.relu(k.astype(f32)) + EPS
   v = v.astype(f32)
@@ -92,8 +59,78 @@ def lina_attention(q, k, v, key_scale=None, value_scale=None, *, mask=None, prec
     k = k * w[:, :, None, None]
     count = jnp.sum(w, axis=1)
   inv = (1.0 / jnp.maximum(count, 1.0))[:, None, None, None]
-  kv = _einsum("bnhk,bnhv->bhkv", k, v, precision) * inv
+  kv = jnp.einsum("bnhk,bnhv->bhkv", k, v, precision=hp) * inv
   kmean = jnp.sum(k, axis=1, keepdims=True) * inv                           # [B, 1, H, K]
-  num = _einsum("bnhk,bhkv->bnhv", q, kv, precision)
+  num = jnp.einsum("bnhk,bhkv->bnhv", q, kv, precision=hp)
   den = jnp.sum(q * kmean, axis=-1, keepdims=True) + EPS
   return num / den
+
+
+def _xla_qkv(qkv, key_scale, value_scale, mask):
+  return _xla(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_scale, value_scale, mask)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _pallas(q, k, v, key_scale, value_scale, mask, interpret):
+  from kernels.lina.pallas import lina_forward
+  return lina_forward(q, k, v, key_scale, value_scale, mask, fused=k is None, interpret=interpret)
+
+
+def _pallas_fwd(q, k, v, key_scale, value_scale, mask, interpret):
+  return _pallas(q, k, v, key_scale, value_scale, mask, interpret), (q, k, v, key_scale,
+                                                                      value_scale, mask)
+
+
+def _pallas_bwd(interpret, res, do):
+  q, k, v, key_scale, value_scale, mask = res
+  if k is None:   # fused [B, N, 3, H, D]
+    _, vjp = jax.vjp(_xla_qkv, q, key_scale, value_scale, mask)
+    dq, dks, dvs, dm = vjp(do)
+    return dq, None, None, dks, dvs, dm
+  _, vjp = jax.vjp(_xla, q, k, v, key_scale, value_scale, mask)
+  return vjp(do)
+
+
+_pallas.defvjp(_pallas_fwd, _pallas_bwd)
+
+
+def _use_pallas(impl, d):
+  if impl not in IMPLS:
+    raise ValueError(f"`impl` must be one of {IMPLS}, got {impl!r}.")
+  if impl == "auto":
+    return jax.default_backend() == "gpu" and d % 16 == 0
+  if impl == "pallas" and d % 16:
+    raise ValueError(f"impl='pallas' needs a head dim that is a multiple of 16, got {d}; "
+                     f"use impl='xla'.")
+  return impl == "pallas"
+
+
+def _run(q, k, v, key_scale, value_scale, mask, impl):
+  b, n, h, d = q.shape[:2] + q.shape[-2:]
+  if not _use_pallas(impl, d):
+    if k is None:
+      return _xla_qkv(q, key_scale, value_scale, mask)
+    return _xla(q, k, v, key_scale, value_scale, mask)
+  ones = jnp.ones((h, n), jnp.float32)
+  return _pallas(q, k, v, ones if key_scale is None else key_scale,
+                 ones if value_scale is None else value_scale,
+                 jnp.ones((b, n), jnp.float32) if mask is None else mask,
+                 jax.default_backend() != "gpu")
+
+
+def lina_attention(q, k, v, key_scale=None, value_scale=None, *, mask=None, impl="auto"):
+  """q, k [B, N, H, K], v [B, N, H, V] -> o [B, N, H, V] float32 (see module docstring)."""
+  _check(q, k, v, key_scale, value_scale, mask)
+  if k.shape[-1] != v.shape[-1] and impl != "xla":
+    impl = "xla"   # the kernel holds square kv tiles
+  return _run(q, k, v, key_scale, value_scale, mask, impl)
+
+
+def lina_attention_qkv(qkv, key_scale=None, value_scale=None, *, mask=None, impl="auto"):
+  """The same on the fused projection qkv [B, N, 3, H, D] -> o [B, N, H, D] float32."""
+  if getattr(qkv, "ndim", None) != 5 or qkv.shape[2] != 3:
+    raise ValueError(f"`qkv` must have shape [B, N, 3, H, D], got "
+                     f"{getattr(qkv, 'shape', type(qkv).__name__)}.")
+  q = qkv[:, :, 0]
+  _check(q, q, q, key_scale, value_scale, mask)
+  return _run(qkv, None, None, key_scale, value_scale, mask, impl)

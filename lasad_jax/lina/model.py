@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lasad_jax.lina.attention import lina_attention
+from lasad_jax.lina.attention import lina_attention_qkv
 
 FREQ_DIM = 256   # sinusoid width of the time embeddings
 
@@ -107,8 +107,7 @@ def _block(cfg, p, x, *, mask=None, decoder=False):
     decoder = False
   else:
     ks, vs = (p["key_scale"], p["value_scale"]) if decoder else (None, None)
-    o = lina_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], ks, vs, mask=mask,
-                       precision=cfg.get("attn_precision", "auto"))
+    o = lina_attention_qkv(qkv, ks, vs, mask=mask, impl=cfg.get("attn_impl", "auto"))
     o = o.reshape(b, n, d).astype(jnp.dtype(cfg.dtype)).astype(jnp.float32)
   if decoder:
     h, w = cfg.grid

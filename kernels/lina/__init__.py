@@ -1,0 +1,1 @@
+"""LINA operator kernels (Pallas GPU; see pallas.py)."""
