@@ -25,9 +25,9 @@ from kernels.lasad import pallas as P  # noqa: E402
 VARIANTS = {
     "default": P.BlockSizes(),
     "warps8": P.BlockSizes(num_warps=8),
-    "stages1": P.BlockSizes(num_stages=1),
-    "stages3": P.BlockSizes(num_stages=3),
     "bv32": P.BlockSizes(block_v_scan=32),
+    "grads8": P.BlockSizes(grads_num_warps=8),
+    "onepass": P.BlockSizes(split_dots=False),
 }
 
 
@@ -64,7 +64,8 @@ def main():
       print(f"{name:<10} failed: {type(e).__name__}: {str(e)[:200]}")
 
   print("whole operator, ms fwd / fwd+bwd")
-  for name, bs in (("default", P.BlockSizes()), ("one-pass", P.BlockSizes(split_dots=False))):
+  for name, bs in (("default", P.BlockSizes()), ("grads8", P.BlockSizes(grads_num_warps=8)),
+                   ("one-pass", P.BlockSizes(split_dots=False))):
     f = lambda q, k, v, g, bs=bs: lasad_attention(q, k, v, g, width=width, prefix=prefix,
                                                   boundary=bnd, scale=1.0, impl="pallas",
                                                   block_sizes=bs)

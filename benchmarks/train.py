@@ -30,12 +30,13 @@ from lasad_jax import sharding as S  # noqa: E402
 from lasad_jax import training as T  # noqa: E402
 
 
-def run_one(variant, attention, batch, mesh_kind, iters, remat):
+def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full"):
   n = jax.device_count()
   cfg = get_config(variant)
   cfg.attention = attention
   cfg.batch_size = batch
   cfg.remat = remat
+  cfg.remat_policy = policy
   cfg.warmup_steps = 10
   cfg.mesh.data, cfg.mesh.fsdp = (n, 1) if mesh_kind == "data" else (1, n)
   cfg = ml_collections.FrozenConfigDict(cfg)
@@ -68,7 +69,7 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat):
   peak = T.peak_flops(jax.devices()[0])
   mem = [d.memory_stats() or {} for d in jax.local_devices()]
   return dict(variant=variant, attention=attention, batch=batch, mesh=mesh_kind, devices=n,
-              remat=remat, params_m=round(M.count_params(cfg) / 1e6, 2),
+              remat=policy if remat else False, params_m=round(M.count_params(cfg) / 1e6, 2),
               step_ms=round(sec * 1e3, 2), tokens_per_s=round(tps),
               images_per_s=round(batch / sec, 1),
               mfu=round(tps * T.flops_per_token(cfg) / (peak * n), 4) if peak else None,
@@ -84,11 +85,12 @@ def main():
   ap.add_argument("--mesh", default="data", choices=("data", "fsdp"))
   ap.add_argument("--iters", type=int, default=10)
   ap.add_argument("--remat", action="store_true")
+  ap.add_argument("--remat-policy", default="full", help="full | dots | dots_attn (with --remat)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
   dev = jax.devices()[0]
   print(f"{jax.device_count()} x {getattr(dev, 'device_kind', dev.platform)}, jax {jax.__version__}"
-        f", mesh {args.mesh}, remat {args.remat}")
+        f", mesh {args.mesh}, remat {args.remat_policy if args.remat else False}")
   hdr = (f"{'model':<6} {'attn':<8} {'batch':>5} {'step ms':>8} {'tok/s':>10} {'img/s':>7} "
          f"{'MFU':>6} {'peak GiB':>8} {'compile s':>9}")
   print(hdr)
@@ -97,7 +99,8 @@ def main():
     for attention in args.attention.split(","):
       for batch in [int(b) for b in args.batches.split(",")]:
         try:
-          r = run_one(variant, attention, batch, args.mesh, args.iters, args.remat)
+          r = run_one(variant, attention, batch, args.mesh, args.iters, args.remat,
+                      args.remat_policy)
         except Exception as e:  # noqa: BLE001  (out of memory: try the next smaller batch)
           msg = str(e).splitlines()[0][:120]
           if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():

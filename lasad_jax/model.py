@@ -20,6 +20,7 @@ from flax import nnx
 
 from kernels.lasad import reference
 from lasad_jax.ops import lasad_attention
+from lasad_jax import remat
 
 PREFIX = 1  # one class token before the image tokens
 
@@ -131,16 +132,17 @@ def forward(cfg, params, tokens, labels, width=None):
       q, k, v = _softmax_qkv(cfg, p, h)
       o = jax.nn.dot_product_attention(_rotate(q, cos, sin), _rotate(k, cos, sin), v,
                                        is_causal=True)
+      o = remat.checkpoint_name(o, "attn_out")
       x = x + _softmax_out(cfg, p, o).astype(jnp.float32)
     else:
       q, k, v, g = _qkvg(cfg, p, lb, h)
       o = lasad_attention(q, k, v, g, width=None if cfg.boundary == "none" else width,
                           prefix=PREFIX, boundary=_boundary(cfg, p), scale=1.0, impl=cfg.impl)
+      o = remat.checkpoint_name(o, "attn_out")
       x = x + _attn_out(cfg, p, o).astype(jnp.float32)
     return x + _mlp(cfg, p, x).astype(jnp.float32), None
 
-  if cfg.get("remat", False):   # keep only each block's input for the backward pass
-    layer = jax.checkpoint(layer, prevent_cse=False)
+  layer = remat.wrap(layer, cfg)   # config.remat / remat_policy (lasad_jax/remat.py)
   x, _ = jax.lax.scan(layer, x, (params["blocks"], lbs))
   return _logits(cfg, params, x)
 

@@ -47,6 +47,7 @@ class BlockSizes:
   block_v_scan: int | None = None
   num_warps: int = 4
   num_stages: int = 2
+  grads_num_warps: int | None = None   # the gradient kernel's warps (None: num_warps)
   # Exact within-sub-chunk term. "auto": tensor-core factorisation e^{b_t} e^{-b_s} (b relative to
   # the sub-chunk start) when the sub-chunk's total log decay is > -fast_limit on every channel,
   # so no factor exceeds e^fast_limit; else the column loop. "loop" walks the c key columns;
@@ -444,7 +445,9 @@ def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scal
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(g.shape, g.dtype),
                  jax.ShapeDtypeStruct((b, n, h, 1, dk), F32)],
-      compiler_params=_params(bs), interpret=interpret, name="lasad_grads",
+      compiler_params=plgpu.CompilerParams(num_warps=bs.grads_num_warps or bs.num_warps,
+                                           num_stages=bs.num_stages),
+      interpret=interpret, name="lasad_grads",
   )(q, k, v, g, do, width, prefix, bnd, states, dstates)
 
 

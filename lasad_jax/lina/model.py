@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lasad_jax import remat as R
 from lasad_jax.lina.attention import lina_attention_qkv
 
 FREQ_DIM = 256   # sinusoid width of the time embeddings
@@ -108,6 +109,7 @@ def _block(cfg, p, x, *, mask=None, decoder=False):
   else:
     ks, vs = (p["key_scale"], p["value_scale"]) if decoder else (None, None)
     o = lina_attention_qkv(qkv, ks, vs, mask=mask, impl=cfg.get("attn_impl", "auto"))
+    o = R.checkpoint_name(o, "attn_out")
     o = o.reshape(b, n, d).astype(jnp.dtype(cfg.dtype)).astype(jnp.float32)
   if decoder:
     h, w = cfg.grid
@@ -123,8 +125,8 @@ def _block(cfg, p, x, *, mask=None, decoder=False):
 def _stack(cfg, blocks, x, remat=False, **kw):
   def body(x, p):
     return _block(cfg, p, x, **kw), None
-  if remat:
-    body = jax.checkpoint(body)
+  if remat:   # config.remat_policy as LASADGen's (lasad_jax/remat.py)
+    body = R.wrap(body, dict(remat=True, remat_policy=cfg.get("remat_policy", "full")))
   return jax.lax.scan(body, x, blocks)[0]
 
 

@@ -1,0 +1,34 @@
+"""Rematerialisation of a transformer block for the backward pass (``config.remat``,
+``config.remat_policy``), shared by LASADGen and LINA.
+
+``remat=False``: every block keeps its activations (fastest, most memory). ``remat=True`` with
+``remat_policy``:
+
+- ``"full"``: keep only the block input; the backward pass reruns the whole block.
+- ``"dots"``: also keep the outputs of the matmuls against weights
+  (``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``); the backward reruns only the
+  elementwise work and the attention operator.
+- ``"dots_attn"``: ``"dots"`` plus the attention output (tagged ``"attn_out"`` with
+  ``checkpoint_name``), so the attention kernel's forward is not rerun either.
+"""
+
+import jax
+from jax.ad_checkpoint import checkpoint_name  # noqa: F401  (re-exported for the models)
+
+POLICIES = ("full", "dots", "dots_attn")
+
+
+def wrap(fn, cfg):
+  """``fn`` wrapped per the config's remat fields (unchanged when ``cfg.remat`` is false)."""
+  if not cfg.get("remat", False):
+    return fn
+  policy = cfg.get("remat_policy", "full")
+  if policy not in POLICIES:
+    raise ValueError(f"config.remat_policy must be one of {POLICIES}, got {policy!r}")
+  cp = jax.checkpoint_policies
+  if policy == "full":
+    return jax.checkpoint(fn, prevent_cse=False)
+  if policy == "dots":
+    return jax.checkpoint(fn, prevent_cse=False, policy=cp.dots_with_no_batch_dims_saveable)
+  return jax.checkpoint(fn, prevent_cse=False, policy=cp.save_from_both_policies(
+      cp.dots_with_no_batch_dims_saveable, cp.save_only_these_names("attn_out")))
