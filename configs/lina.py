@@ -30,10 +30,10 @@ def get_config(variant="d48w768"):
   c.num_classes = 10 if tiny else 1000
   c.dtype = "float32" if tiny else "bfloat16"
   c.attention = "linear"        # linear (LINA) | softmax (baseline for speed comparisons)
-  # lina_attention: auto (the fused Pallas kernel on GPU, XLA elsewhere) | xla | pallas
-  # (lasad_jax/lina/attention.py); the decoder's 5 x 5 depthwise conv: shift (25 shifted
+  # lina_attention: xla | pallas (opt-in fused forward kernel, slower so far; see
+  # lasad_jax/lina/attention.py); the decoder's 5 x 5 depthwise conv: shift (25 shifted
   # multiply-adds) | xla (lax.conv_general_dilated, grouped).
-  c.attn_impl = "auto"
+  c.attn_impl = "xla"
   c.conv_impl = "shift"
   # Training objective (LINA.md "Training").
   c.loss_repeat = 4

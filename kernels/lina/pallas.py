@@ -4,10 +4,17 @@
 
 Why a kernel: written as XLA einsums the operator takes separate passes for phi, the gates, the
 two contractions (with layout transposes around them) and the division; at LINA's 256 px shapes
-that made it 1.4-1.9x slower than cuDNN softmax attention, and the whole sampler slower than the
+that made it 1.4-2.8x slower than cuDNN softmax attention, and the whole sampler slower than the
 softmax variant at d48w1536 (BENCHMARKS.md). Here one program per (batch, head) reads k and v once
 to build kv [D, D] and sum k [D] in registers, then reads q once and writes o: two reads of the
 inputs' bytes and one write, nothing else in HBM.
+
+Status: opt-in (``lina_attention(..., impl="pallas")``). Measured on the H100 it is SLOWER than
+the XLA form: fwd 1.10 / 1.15 / 2.62 ms at (B, N, H, D) = (32, 320, 16, 96) / (8, 1280) /
+(2, 5120) vs XLA 0.64 / 0.59 / 0.64 ms. One program per (batch, head) walks N serially through
+small [64, 32] tiles (latency-bound; only B*H programs, 32 at the 1024 px shape). Next steps:
+split the kv accumulation over N blocks (a second pass sums them) and the output over column
+pieces, so the grid has B*H*(N/64) programs.
 
 Layout: any head dim D that is a multiple of 16. Triton tiles must be powers of two, so D is cut
 into P pieces of ``piece`` columns (96 = 3 x 32) and kv is held as P x P tiles. N is walked in

@@ -9,10 +9,11 @@ exactly LINA's gather of the visible tokens (its encoder blocks run on [conditio
 with static shapes: the outputs at masked positions are computed but meaningless. Cost O(N D^2)
 per head, no N x N matrix.
 
-``impl``: ``"xla"`` (the jnp form below; float32 einsums at ``Precision.HIGHEST``), ``"pallas"``
-(``kernels/lina/pallas.py``: one fused kernel per (batch, head), forward only; its gradient
-differentiates the jnp form), ``"auto"`` (default): the kernel on GPU when the head dim is a
-multiple of 16, the jnp form elsewhere. ``lina_attention_qkv`` takes the fused projection
+``impl``: ``"xla"`` (default; the jnp form below, float32 einsums at ``Precision.HIGHEST``) or
+``"pallas"`` (``kernels/lina/pallas.py``: one fused kernel per (batch, head), forward only; its
+gradient differentiates the jnp form). The kernel is opt-in: on the H100 it is slower than the
+XLA form at every LINA shape measured (BENCHMARKS.md, 2026-11-23 session 4), so it is a tested
+starting point, not the default. ``lina_attention_qkv`` takes the fused projection
 [B, N, 3, H, D] as the model produces it, so the kernel reads q, k, v without slicing copies.
 """
 
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 EPS = 1e-6
-IMPLS = ("auto", "xla", "pallas")
+IMPLS = ("xla", "pallas")
 
 
 def _check(q, k, v, key_scale, value_scale, mask):
@@ -97,8 +98,6 @@ _pallas.defvjp(_pallas_fwd, _pallas_bwd)
 def _use_pallas(impl, d):
   if impl not in IMPLS:
     raise ValueError(f"`impl` must be one of {IMPLS}, got {impl!r}.")
-  if impl == "auto":
-    return jax.default_backend() == "gpu" and d % 16 == 0
   if impl == "pallas" and d % 16:
     raise ValueError(f"impl='pallas' needs a head dim that is a multiple of 16, got {d}; "
                      f"use impl='xla'.")
@@ -118,15 +117,16 @@ def _run(q, k, v, key_scale, value_scale, mask, impl):
                  jax.default_backend() != "gpu")
 
 
-def lina_attention(q, k, v, key_scale=None, value_scale=None, *, mask=None, impl="auto"):
+def lina_attention(q, k, v, key_scale=None, value_scale=None, *, mask=None, impl="xla"):
   """q, k [B, N, H, K], v [B, N, H, V] -> o [B, N, H, V] float32 (see module docstring)."""
   _check(q, k, v, key_scale, value_scale, mask)
-  if k.shape[-1] != v.shape[-1] and impl != "xla":
-    impl = "xla"   # the kernel holds square kv tiles
+  if impl == "pallas" and k.shape[-1] != v.shape[-1]:
+    raise ValueError(f"impl='pallas' needs equal key and value head dims (square kv tiles), got "
+                     f"{k.shape[-1]} and {v.shape[-1]}; use impl='xla'.")
   return _run(q, k, v, key_scale, value_scale, mask, impl)
 
 
-def lina_attention_qkv(qkv, key_scale=None, value_scale=None, *, mask=None, impl="auto"):
+def lina_attention_qkv(qkv, key_scale=None, value_scale=None, *, mask=None, impl="xla"):
   """The same on the fused projection qkv [B, N, 3, H, D] -> o [B, N, H, D] float32."""
   if getattr(qkv, "ndim", None) != 5 or qkv.shape[2] != 3:
     raise ValueError(f"`qkv` must have shape [B, N, 3, H, D], got "

@@ -108,7 +108,7 @@ def _block(cfg, p, x, *, mask=None, decoder=False):
     decoder = False
   else:
     ks, vs = (p["key_scale"], p["value_scale"]) if decoder else (None, None)
-    o = lina_attention_qkv(qkv, ks, vs, mask=mask, impl=cfg.get("attn_impl", "auto"))
+    o = lina_attention_qkv(qkv, ks, vs, mask=mask, impl=cfg.get("attn_impl", "xla"))
     o = R.checkpoint_name(o, "attn_out")
     o = o.reshape(b, n, d).astype(jnp.dtype(cfg.dtype)).astype(jnp.float32)
   if decoder:
