@@ -24,8 +24,6 @@ from kernels.lasad import pallas as P  # noqa: E402
 
 VARIANTS = {
     "default": P.BlockSizes(),
-    "warps8": P.BlockSizes(num_warps=8),
-    "bv32": P.BlockSizes(block_v_scan=32),
     "grads8": P.BlockSizes(grads_num_warps=8),
     "onepass": P.BlockSizes(split_dots=False),
 }
