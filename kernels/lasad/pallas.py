@@ -47,7 +47,9 @@ class BlockSizes:
   block_v_scan: int | None = None
   num_warps: int = 4
   num_stages: int = 2
-  grads_num_warps: int | None = None   # the gradient kernel's warps (None: num_warps)
+  # The gradient kernel's warps (None: num_warps). 8: its time at (256, 256, 16, 64) fell
+  # 6.72 -> 6.03 ms and 6.77 -> 6.29 ms in two H100 runs (benchmarks/ops_parts.py).
+  grads_num_warps: int | None = 8
   # Exact within-sub-chunk term. "auto": tensor-core factorisation e^{b_t} e^{-b_s} (b relative to
   # the sub-chunk start) when the sub-chunk's total log decay is > -fast_limit on every channel,
   # so no factor exceeds e^fast_limit; else the column loop. "loop" walks the c key columns;
