@@ -31,12 +31,15 @@ def _ours(q, k, v, g, do, dst, impl, **kw):
   return (o, st) + tuple(vjp((do.astype(o.dtype), dst)))
 
 
+@pytest.mark.parametrize("sub", [16, 32])
 @pytest.mark.parametrize("t", [1000, 2048])
 @pytest.mark.parametrize("boundary", [0.0, -np.inf, -0.5])
-def test_pallas_bf16_vs_fp64_oracle(t, boundary):
+def test_pallas_bf16_vs_fp64_oracle(t, boundary, sub):
+  from kernels.lasad.pallas import BlockSizes
   b, h, d = 2, 4, 64
   q, k, v, g, do, dst = _bf16_inputs(t, b, t, h, d)
-  got = _ours(q, k, v, g, do, dst, "pallas", width=16, prefix=1, boundary=boundary)
+  got = _ours(q, k, v, g, do, dst, "pallas", width=16, prefix=1, boundary=boundary,
+              block_sizes=BlockSizes(sub=sub))
   x64 = [np.asarray(a, np.float64) for a in (q, k, v, g)]
   kw = dict(width=16, prefix=1, boundary=boundary)
   o_ref, st_ref, _ = oracle.forward(*x64, **kw)
@@ -44,7 +47,7 @@ def test_pallas_bf16_vs_fp64_oracle(t, boundary):
   errs = dict(o=oracle.rel_rms(got[0], o_ref), S=oracle.rel_rms(got[1], st_ref))
   for name, val in zip(("dq", "dk", "dv", "dg"), got[2:]):
     errs[name] = oracle.rel_rms(val, grads[name])
-  print(f"pallas bf16 T={t} boundary={boundary}: {errs}")
+  print(f"pallas bf16 T={t} boundary={boundary} sub={sub}: {errs}")
   assert all(np.isfinite(np.asarray(x, np.float32)).all() for x in got)
   assert max(errs.values()) < 1e-2, errs  # bf16 operands: 1e-3 .. 1e-2 (see DESIGN §6)
 

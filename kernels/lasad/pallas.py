@@ -41,7 +41,13 @@ F32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   chunk: int = 64        # C: tokens per chunk (one program of the parallel kernels)
-  sub: int = 16          # c: sub-chunk of the exact pairwise term (16 = smallest tensor-core tile)
+  # c: sub-chunk of the exact pairwise term (16 = the smallest tensor-core tile). 32 halves the
+  # sequential steps: at (256, 256, 16, 64) on the H100 the gradient kernel fell 6.1 -> 3.9 ms and
+  # fwd+bwd 6.8 -> 4.6 ms (benchmarks/results/ops_parts_h100_b256_sub32.log), and it passes the
+  # CPU-interpreter accuracy tests; it becomes the default once tests/test_gpu.py (which covers
+  # sub=32) has passed on a GPU. Its price: a sub-chunk whose log decay reaches -fast_limit (more
+  # likely over 32 tokens) takes the slower exact column loop.
+  sub: int = 16
   # V columns per program of the two sequential kernels; None: the largest of 64/32/16 that
   # still gives >= 2 programs per SM (B*H*V/bv >= 264), so small B*H with long T keeps the GPU busy.
   block_v_scan: int | None = None
