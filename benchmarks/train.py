@@ -2,7 +2,8 @@
 baseline) on synthetic ImageNet-shaped code batches (16x16 tokens, 1000 classes).
 
     python benchmarks/train.py --variants B,L [--attention lasad,softmax] [--batches 512,256,128]
-        [--mesh data|fsdp] [--out benchmarks/results/train_h100.json]
+        [--mesh data|fsdp] [--remat [--remat-policy full|dots|dots_attn]] [--kernel-sub 32]
+        [--out benchmarks/results/train_h100.json]
 
 For each variant and attention, tries the global batch sizes in ``--batches`` from the largest and
 reports the first that compiles and runs (the largest that fits), using the same sharded step as
@@ -30,13 +31,14 @@ from lasad_jax import sharding as S  # noqa: E402
 from lasad_jax import training as T  # noqa: E402
 
 
-def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full"):
+def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", kernel_sub=16):
   n = jax.device_count()
   cfg = get_config(variant)
   cfg.attention = attention
   cfg.batch_size = batch
   cfg.remat = remat
   cfg.remat_policy = policy
+  cfg.kernel_sub = kernel_sub
   cfg.warmup_steps = 10
   cfg.mesh.data, cfg.mesh.fsdp = (n, 1) if mesh_kind == "data" else (1, n)
   cfg = ml_collections.FrozenConfigDict(cfg)
@@ -69,7 +71,8 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full"):
   peak = T.peak_flops(jax.devices()[0])
   mem = [d.memory_stats() or {} for d in jax.local_devices()]
   return dict(variant=variant, attention=attention, batch=batch, mesh=mesh_kind, devices=n,
-              remat=policy if remat else False, params_m=round(M.count_params(cfg) / 1e6, 2),
+              remat=policy if remat else False, kernel_sub=kernel_sub,
+              params_m=round(M.count_params(cfg) / 1e6, 2),
               step_ms=round(sec * 1e3, 2), tokens_per_s=round(tps),
               images_per_s=round(batch / sec, 1),
               mfu=round(tps * T.flops_per_token(cfg) / (peak * n), 4) if peak else None,
@@ -86,6 +89,7 @@ def main():
   ap.add_argument("--iters", type=int, default=10)
   ap.add_argument("--remat", action="store_true")
   ap.add_argument("--remat-policy", default="full", help="full | dots | dots_attn (with --remat)")
+  ap.add_argument("--kernel-sub", type=int, default=16, help="Pallas kernel sub-chunk: 16 | 32")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
   dev = jax.devices()[0]
@@ -100,7 +104,7 @@ def main():
       for batch in [int(b) for b in args.batches.split(",")]:
         try:
           r = run_one(variant, attention, batch, args.mesh, args.iters, args.remat,
-                      args.remat_policy)
+                      args.remat_policy, args.kernel_sub)
         except Exception as e:  # noqa: BLE001  (out of memory: try the next smaller batch)
           msg = str(e).splitlines()[0][:120]
           if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():

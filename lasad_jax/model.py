@@ -124,6 +124,12 @@ def forward(cfg, params, tokens, labels, width=None):
 
   if cfg.attention == "softmax":
     cos, sin = rope_2d(jnp.arange(x.shape[1]), width, cfg.head_dim)
+  kernel_kw = {}
+  if cfg.get("kernel_sub", 16) != 16:
+    if cfg.kernel_sub not in (16, 32):
+      raise ValueError(f"config.kernel_sub must be 16 or 32, got {cfg.kernel_sub}")
+    from kernels.lasad.pallas import BlockSizes
+    kernel_kw = dict(block_sizes=BlockSizes(sub=cfg.kernel_sub))
 
   def layer(x, xs):
     p, lb = xs
@@ -137,7 +143,8 @@ def forward(cfg, params, tokens, labels, width=None):
     else:
       q, k, v, g = _qkvg(cfg, p, lb, h)
       o = lasad_attention(q, k, v, g, width=None if cfg.boundary == "none" else width,
-                          prefix=PREFIX, boundary=_boundary(cfg, p), scale=1.0, impl=cfg.impl)
+                          prefix=PREFIX, boundary=_boundary(cfg, p), scale=1.0, impl=cfg.impl,
+                          **kernel_kw)
       o = remat.checkpoint_name(o, "attn_out")
       x = x + _attn_out(cfg, p, o).astype(jnp.float32)
     return x + _mlp(cfg, p, x).astype(jnp.float32), None

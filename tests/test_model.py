@@ -127,3 +127,20 @@ def test_remat_policies_give_the_same_gradients(attention):
       np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
   with pytest.raises(ValueError, match="remat_policy"):
     grads(remat=True, remat_policy="some")
+
+
+def test_kernel_sub_config_reaches_the_kernel():
+  """config.kernel_sub=32 (the Pallas kernel's 32-token sub-chunks) gives the same logits."""
+  import ml_collections
+  tok = jax.random.randint(jax.random.key(2), (1, 40), 0, 17)
+  c = get_config("tiny")
+  c.impl = "pallas"
+  params = M.LASADGen(c, rngs=nnx.Rngs(0)).params()
+  out = {}
+  for sub in (16, 32):
+    c.kernel_sub = sub
+    out[sub] = M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
+  np.testing.assert_allclose(np.asarray(out[32]), np.asarray(out[16]), rtol=1e-4, atol=1e-5)
+  c.kernel_sub = 24
+  with pytest.raises(ValueError, match="kernel_sub"):
+    M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
