@@ -113,7 +113,7 @@ def _run(q, k, v, key_scale, value_scale, mask, impl):
   ones = jnp.ones((h, n), jnp.float32)
   return _pallas(q, k, v, ones if key_scale is None else key_scale,
                  ones if value_scale is None else value_scale,
-                 jnp.ones((b, n), jnp.float32) if mask is None else mask,
+                 jnp.ones((b, n), jnp.float32) if mask is None else mask.astype(jnp.float32),
                  jax.default_backend() != "gpu")
 
 
