@@ -67,6 +67,12 @@ class BlockSizes:
   # to ~16 mantissa bits (dropping lo*lo). False rounds them to bf16: one pass, but o 3.3e-3 and
   # dg 2.1e-2 vs float64 on the H100, where fla chunk_gla has 2.4e-3 (BENCHMARKS.md).
   split_dots: bool = True
+  # Sequence split of the two sequential kernels (states, state gradients): S segments of T/S
+  # run as separate programs from zero states, then a scan over the S segment ends and one fix-up
+  # pass over the per-chunk states (XLA) add what enters each segment. For small B*H with long T,
+  # where B*H*V/bv programs leave SMs idle. Used when S divides T/chunk and T is a multiple of the
+  # chunk (else 1). Opt-in: correct (CPU-interpreter tests) but not yet timed on a GPU.
+  seq_split: int = 1
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -122,8 +128,9 @@ def _mx(x, dtype):
 
 
 # --------------------------------------------------------------------------- forward kernels
-def _states_kernel(k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, s_ref, ht_ref, *,
+def _states_kernel(k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, s_ref, ht_ref, *dec_ref,
                    chunk, n_chunks, seq_len, dtype):
+  """``dec_ref`` (only with a sequence split): each chunk's state decay e^{tot} (0 after a reset)."""
   width, prefix, bnd = _scalars(w_ref, p_ref, bd_ref)
   pos0 = jnp.arange(chunk, dtype=jnp.int32)
 
@@ -137,6 +144,8 @@ def _states_kernel(k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, s_ref, ht_
     tot, seg_end = jnp.sum(gf, axis=0), jnp.sum(rs.astype(jnp.int32))
     kd = k.astype(F32) * jnp.exp(tot[None, :] - b) * (seg == seg_end)[:, None]
     decay = jnp.exp(tot) * (seg_end == 0)
+    if dec_ref:
+      dec_ref[0][pl.ds(n, 1), :] = decay[None, :]
     return decay[:, None] * s + _dot(_mx(kd, dtype), v, trans_a=True)
 
   ht_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(F32))
@@ -376,31 +385,89 @@ def _params(bs):
   return plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
 
 
-def _scan_call(kernel, name, x, y, g, width, prefix, bnd, init, *, bs, interpret):
+def _scan_call(kernel, name, x, y, g, width, prefix, bnd, init, *, bs, interpret, decay=False):
   """The two sequential kernels: grid (B, H, V/bv); inputs x, g [B, T, H, K] whole, y [B, T, H, V]
-  in V blocks, init [B, H, K, V]; outputs per-chunk states [B, H, N, K, V] and the last state."""
+  in V blocks, init [B, H, K, V]; outputs per-chunk states [B, H, N, K, V] and the last state
+  (and with ``decay`` each chunk's decay [B, H, N, K], from the first V block)."""
   b, t, h, dk = x.shape
   dv = y.shape[-1]
   n = t // bs.chunk
   bv = _block_v(bs, b * h, dv)
+  nv = dv // bv
   seq_k = pl.BlockSpec((None, t, None, dk), lambda i, j, kv: (i, 0, j, 0))
   seq_v = pl.BlockSpec((None, t, None, bv), lambda i, j, kv: (i, 0, j, kv))
   state = pl.BlockSpec((None, None, dk, bv), lambda i, j, kv: (i, j, 0, kv))
-  return pl.pallas_call(
+  out_specs = [pl.BlockSpec((None, None, n, dk, bv), lambda i, j, kv: (i, j, 0, 0, kv)), state]
+  out_shape = [jax.ShapeDtypeStruct((b, h, n, dk, dv), F32), jax.ShapeDtypeStruct((b, h, dk, dv), F32)]
+  if decay:   # one copy per V block (each program writes its own; identical values)
+    out_specs.append(pl.BlockSpec((None, None, None, n, dk), lambda i, j, kv: (i, j, kv, 0, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((b, h, nv, n, dk), F32))
+  out = pl.pallas_call(
       functools.partial(kernel, chunk=bs.chunk, n_chunks=n),
-      grid=(b, h, dv // bv),
+      grid=(b, h, nv),
       in_specs=[seq_k, seq_v, seq_k] + _scalar_specs(lambda i, j, kv: (i, j)) + [state],
-      out_specs=[pl.BlockSpec((None, None, n, dk, bv), lambda i, j, kv: (i, j, 0, 0, kv)), state],
-      out_shape=[jax.ShapeDtypeStruct((b, h, n, dk, dv), F32),
-                 jax.ShapeDtypeStruct((b, h, dk, dv), F32)],
+      out_specs=out_specs, out_shape=out_shape,
       compiler_params=_params(bs), interpret=interpret, name=name,
   )(x, y, g, width, prefix, bnd, init)
+  return (out[0], out[1], out[2][:, :, 0]) if decay else out
+
+
+def _segments(bs, t, seq_len):
+  """Sequence split in use: ``bs.seq_split`` when it divides the chunks and T needs no padding."""
+  s = bs.seq_split
+  n = t // bs.chunk
+  return s if s > 1 and n % s == 0 and seq_len == t else 1
+
+
+def _split_inputs(s, width, prefix, *xs):
+  """[B, T, ...] -> [B*S, T/S, ...] segments, with per-segment width / prefix (a segment's local
+  position p is global position s*T/S + p, so its prefix is prefix - s*T/S)."""
+  b, t = xs[0].shape[:2]
+  seg = t // s
+  shaped = [x.reshape((b * s, seg) + x.shape[2:]) for x in xs]
+  w = jnp.repeat(width, s)
+  p = (prefix[:, None] - seg * jnp.arange(s, dtype=jnp.int32)[None, :]).reshape(-1)
+  return shaped, w, p
 
 
 def _chunk_states(k, v, g, width, prefix, bnd, h0, *, seq_len, bs, interpret):
+  return _chunk_states_dec(k, v, g, width, prefix, bnd, h0, seq_len=seq_len, bs=bs,
+                           interpret=interpret)[:2]
+
+
+def _chunk_states_dec(k, v, g, width, prefix, bnd, h0, *, seq_len, bs, interpret):
+  """(states [B, H, N, K, V], final state, chunk decays [B, H, N, K] or None without a split).
+
+  With a sequence split of S: the states kernel runs on B*S segments from zero states (S times
+  the programs), then a scan over the S segment ends (tiny, in XLA) and one fix-up pass add the
+  true incoming state, carried through each chunk's decay."""
   kern = functools.partial(_states_kernel, seq_len=seq_len, dtype=k.dtype)
-  return _scan_call(kern, "lasad_states", k, v, g, width, prefix, bnd, h0, bs=bs,
-                    interpret=interpret)
+  b, t, h, dk = k.shape
+  s = _segments(bs, t, seq_len)
+  if s == 1:
+    states, final = _scan_call(kern, "lasad_states", k, v, g, width, prefix, bnd, h0, bs=bs,
+                               interpret=interpret)
+    return states, final, None
+  dv = v.shape[-1]
+  (ks, vs, gs), w, p = _split_inputs(s, width, prefix, k, v, g)
+  zero = jnp.zeros((b * s, h, dk, dv), F32)
+  loc, loc_final, dec = _scan_call(kern, "lasad_states", ks, vs, gs, w, p, bnd, zero, bs=bs,
+                                   interpret=interpret, decay=True)
+  m = loc.shape[2]                                               # chunks per segment
+  loc = loc.reshape(b, s, h, m, dk, dv)
+  loc_final = loc_final.reshape(b, s, h, dk, dv)
+  dec = dec.reshape(b, s, h, m, dk)
+  incl = jnp.cumprod(dec, axis=3)                                # decay through chunks 0..n
+  before = jnp.concatenate([jnp.ones_like(incl[:, :, :, :1]), incl[:, :, :, :-1]], axis=3)
+  state, entering = h0.astype(F32), []
+  for i in range(s):                                             # scan over segment ends
+    entering.append(state)
+    state = incl[:, i, :, -1, :, None] * state + loc_final[:, i]
+  entering = jnp.stack(entering, 1)                              # [b, s, h, dk, dv]
+  states = loc + before[..., None] * entering[:, :, :, None]
+  states = jnp.swapaxes(states, 1, 2).reshape(b, h, s * m, dk, dv)
+  dec = jnp.swapaxes(dec, 1, 2).reshape(b, h, s * m, dk)
+  return states, state, dec
 
 
 def _chunk_spec(d, c):
@@ -428,10 +495,36 @@ def _outputs(q, k, v, g, width, prefix, bnd, states, *, seq_len, scale, bs, inte
   )(q, k, v, g, width, prefix, bnd, states)
 
 
-def _dstates(q, do, g, width, prefix, bnd, dht, *, seq_len, scale, bs, interpret):
+def _dstates(q, do, g, width, prefix, bnd, dht, *, seq_len, scale, bs, interpret, dec=None):
+  """(dS_n [B, H, N, K, V]: gradient of the state leaving chunk n, d initial_state). With a
+  sequence split, ``dec`` (the chunk decays from ``_chunk_states_dec``) carries the gradient
+  arriving at each segment's end back through its chunks, as the forward does the states."""
   kern = functools.partial(_dstates_kernel, seq_len=seq_len, scale=scale, dtype=q.dtype)
-  return _scan_call(kern, "lasad_dstates", q, do, g, width, prefix, bnd, dht, bs=bs,
-                    interpret=interpret)
+  b, t, h, dk = q.shape
+  s = _segments(bs, t, seq_len)
+  if s == 1:
+    return _scan_call(kern, "lasad_dstates", q, do, g, width, prefix, bnd, dht, bs=bs,
+                      interpret=interpret)
+  if dec is None:
+    raise ValueError("a sequence split needs the chunk decays of the forward states")
+  dv = do.shape[-1]
+  (qs, dos, gs), w, p = _split_inputs(s, width, prefix, q, do, g)
+  zero = jnp.zeros((b * s, h, dk, dv), F32)
+  loc, loc_d0 = _scan_call(kern, "lasad_dstates", qs, dos, gs, w, p, bnd, zero, bs=bs,
+                           interpret=interpret)
+  m = loc.shape[2]
+  loc = loc.reshape(b, s, h, m, dk, dv)
+  loc_d0 = loc_d0.reshape(b, s, h, dk, dv)
+  dec = jnp.swapaxes(dec.reshape(b, h, s, m, dk), 1, 2)          # [b, s, h, m, dk]
+  incl = jnp.flip(jnp.cumprod(jnp.flip(dec, 3), axis=3), 3)      # decay through chunks n..end
+  after = jnp.concatenate([incl[:, :, :, 1:], jnp.ones_like(incl[:, :, :, :1])], axis=3)
+  grad, leaving = dht.astype(F32), [None] * s
+  for i in reversed(range(s)):                                   # reverse scan over segments
+    leaving[i] = grad
+    grad = incl[:, i, :, 0, :, None] * grad + loc_d0[:, i]
+  leaving = jnp.stack(leaving, 1)                                # [b, s, h, dk, dv]
+  dstates = loc + after[..., None] * leaving[:, :, :, None]
+  return jnp.swapaxes(dstates, 1, 2).reshape(b, h, s * m, dk, dv), grad
 
 
 def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scale, bs,
@@ -476,9 +569,9 @@ def _lasad_bwd(seq_len, scale, bs, interpret, res, cts):
   q, k, v, g, width, prefix, bnd, h0 = res
   do, dht = cts
   kw = dict(seq_len=seq_len, bs=bs, interpret=interpret)
-  states, _ = _chunk_states(k, v, g, width, prefix, bnd, h0, **kw)
+  states, _, dec = _chunk_states_dec(k, v, g, width, prefix, bnd, h0, **kw)
   dstates, dh0 = _dstates(q, do.astype(q.dtype), g, width, prefix, bnd, dht.astype(F32),
-                          scale=scale, **kw)
+                          scale=scale, dec=dec, **kw)
   dq, dk, dv, dg, dbnd = _grads(q, k, v, g, do.astype(q.dtype), width, prefix, bnd, states,
                                 dstates, scale=scale, **kw)
   dbnd = jnp.sum(dbnd, axis=(0, 1, 3, 4))
