@@ -112,7 +112,7 @@ def main():
   ap.add_argument("--out", default="benchmarks/results/ops_h100.json")
   ap.add_argument("--shapes", nargs="*", default=None, help="B,T,H,D entries")
   ap.add_argument("--widths", default="16,32,64,128")
-  ap.add_argument("--skip", default="", help="comma list of impls to skip: chunk,fla,cudnn,loop")
+  ap.add_argument("--skip", default="", help="comma list of impls to skip: chunk,fla,cudnn,loop,tuning")
   args = ap.parse_args()
   shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
   widths = [int(w) for w in args.widths.split(",") if w]
@@ -141,6 +141,12 @@ def main():
                 ("pallas split_dots=False", "pallas", widths[:1], BlockSizes(split_dots=False))]
     if "loop" in skip:
       variants = variants[:2]
+    if "tuning" not in skip:   # the opt-in block sizes of session 4, at the first width
+      variants += [("pallas sub=32", "pallas", widths[:1], BlockSizes(sub=32))]
+      if b * h < 132:   # few programs per sequential scan: the sequence split is for this case
+        variants += [("pallas seq_split=4", "pallas", widths[:1], BlockSizes(seq_split=4)),
+                     ("pallas sub=32 seq_split=4", "pallas", widths[:1],
+                      BlockSizes(sub=32, seq_split=4))]
     if "chunk" not in skip:
       variants.append(("chunk (XLA)", "chunk", widths[:1], None))
     for label, impl, ws, bsz in variants:

@@ -27,6 +27,7 @@ VARIANTS = {
     "grads4": P.BlockSizes(grads_num_warps=4),
     "sub32": P.BlockSizes(sub=32),
     "c128s32": P.BlockSizes(chunk=128, sub=32),
+    "split4": P.BlockSizes(seq_split=4),
     "onepass": P.BlockSizes(split_dots=False),
 }
 
@@ -48,17 +49,17 @@ def main():
   for name, bs in VARIANTS.items():
     kw = dict(seq_len=t, bs=bs, interpret=False)
     try:
-      st = jax.jit(lambda k, v, g: P._chunk_states(k, v, g, width, prefix, bnd, h0, **kw))
-      states, _ = st(k, v, g)
+      st = jax.jit(lambda k, v, g: P._chunk_states_dec(k, v, g, width, prefix, bnd, h0, **kw))
+      states, _, dec = st(k, v, g)
       out = jax.jit(lambda q, k, v, g, s: P._outputs(q, k, v, g, width, prefix, bnd, s,
                                                      scale=1.0, **kw))
-      dst = jax.jit(lambda q, do, g: P._dstates(q, do, g, width, prefix, bnd, dht, scale=1.0,
-                                                **kw))
-      dstates, _ = dst(q, do, g)
+      dst = jax.jit(lambda q, do, g, dec: P._dstates(q, do, g, width, prefix, bnd, dht,
+                                                     scale=1.0, dec=dec, **kw))
+      dstates, _ = dst(q, do, g, dec)
       gr = jax.jit(lambda q, k, v, g, do, s, ds: P._grads(q, k, v, g, do, width, prefix, bnd, s,
                                                           ds, scale=1.0, **kw))
-      ms = [time_jax(st, k, v, g), time_jax(out, q, k, v, g, states), time_jax(dst, q, do, g),
-            time_jax(gr, q, k, v, g, do, states, dstates)]
+      ms = [time_jax(st, k, v, g), time_jax(out, q, k, v, g, states),
+            time_jax(dst, q, do, g, dec), time_jax(gr, q, k, v, g, do, states, dstates)]
       print(f"{name:<10} " + " ".join(f"{m:8.3f}" for m in ms), flush=True)
     except Exception as e:  # noqa: BLE001
       print(f"{name:<10} failed: {type(e).__name__}: {str(e)[:200]}")
