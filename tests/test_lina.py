@@ -413,3 +413,20 @@ def test_depthwise_conv_impls_agree():
   assert rel_rms(b, a) < 1e-6
   with pytest.raises(ValueError, match="conv_impl"):
     M.depthwise_conv5(img, w, "fft")
+
+
+def test_remat_policies_give_the_same_gradients(tiny):
+  """LINA's block stacks honour config.remat_policy (lasad_jax/remat.py) without changing numbers."""
+  cfg, params = tiny
+  x = jax.random.normal(jax.random.key(3), (2, 64, 1))
+
+  def grads(remat, policy="full"):
+    c = ml_collections.ConfigDict(cfg.to_dict())
+    c.remat_policy = policy
+    c = ml_collections.FrozenConfigDict(c)
+    return jax.jit(jax.grad(lambda p: F.loss_fn(c, p, x, jnp.array([1, 2]), jax.random.key(4),
+                                                 remat=remat)))(params)
+  ref = grads(False)
+  for policy in ("full", "dots_attn"):
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(grads(True, policy))):
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=1e-6)
