@@ -196,7 +196,7 @@ def decode_step(cfg, params, state, x, pos, width, unroll=1):
   start = (rel >= width) & (jnp.remainder(rel, jnp.maximum(width, 1)) == 0)
   if cfg.boundary == "none":
     start = jnp.zeros_like(start)
-  lbs = _layer_bounds(cfg, params)
+  lbs = None if "layers" in params else _layer_bounds(cfg, params)
   if cfg.attention == "softmax":
     # One position for the whole batch: the width is the same for every row while sampling.
     cos, sin = rope_2d(jnp.reshape(pos, (1,)), width[0], cfg.head_dim)
@@ -222,8 +222,26 @@ def decode_step(cfg, params, state, x, pos, width, unroll=1):
       x = x + _attn_out(cfg, p, o).astype(jnp.float32)
     return x + _mlp(cfg, p, x).astype(jnp.float32), s
 
+  if "layers" in params:   # per-layer weights and states (see unstack_for_decode)
+    new = []
+    for (p, lb), s in zip(params["layers"], state):
+      x, s = layer(x, (p, lb, s))
+      new.append(s)
+    return new, _logits(cfg, params, x)
   x, state = jax.lax.scan(layer, x, (params["blocks"], lbs, state), unroll=unroll)
   return state, _logits(cfg, params, x)
+
+
+def unstack_for_decode(cfg, params, state):
+  """Per-layer copies of the stacked weights, layer bounds and decoder state, made once per
+  sampling call: inside the token loop, slicing layer i out of the stacked [L, ...] arrays is a
+  copy of its weights per token (XLA:CPU's compiled sampler showed these slice fusions in the loop
+  body). ``decode_step`` walks the lists instead. Returns (params, state as a list)."""
+  L = cfg.num_layers
+  lbs = _layer_bounds(cfg, params)
+  layers = [(jax.tree.map(lambda a, i=i: a[i], params["blocks"]), lbs[i]) for i in range(L)]
+  rest = {k: v for k, v in params.items() if k != "blocks"}
+  return {**rest, "layers": layers}, [jax.tree.map(lambda a, i=i: a[i], state) for i in range(L)]
 
 
 MATMUL_WEIGHTS = ("wq", "wk", "wv", "wf", "wo", "w1", "w2", "w3")

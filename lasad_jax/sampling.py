@@ -62,6 +62,7 @@ def _sample(cfg, params, labels, rng, n, width, cfg_scale, temperature, top_k, t
   guided = cfg_scale != 1.0
   params = M.cast_for_compute(cfg, params)
   rows = jnp.concatenate([labels, jnp.full_like(labels, cfg.num_classes)]) if guided else labels
+  params, state = M.unstack_for_decode(cfg, params, M.init_state(cfg, rows.shape[0], n))
 
   def step(carry, pos):
     state, prev, key = carry
@@ -74,7 +75,7 @@ def _sample(cfg, params, labels, rng, n, width, cfg_scale, temperature, top_k, t
     tok = jax.random.categorical(sub, filter_logits(logits, temperature, top_k, top_p))
     return (state, tok.astype(jnp.int32), key), tok.astype(jnp.int32)
 
-  init = (M.init_state(cfg, rows.shape[0], n), jnp.zeros((b,), jnp.int32), rng)
+  init = (state, jnp.zeros((b,), jnp.int32), rng)
   _, toks = jax.lax.scan(step, init, jnp.arange(n, dtype=jnp.int32))
   return toks.T
 
