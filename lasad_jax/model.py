@@ -184,12 +184,12 @@ def embed(params, pos, labels, prev_tokens):
   return jnp.where(pos == 0, cls, tok).astype(jnp.float32)
 
 
-def decode_step(cfg, params, state, x, pos, width, unroll=1):
+def decode_step(cfg, params, state, x, pos, width):
   """One token through every layer. x [B, d] input embedding at sequence position ``pos``.
 
-  Returns (new state, logits [B, vocab] predicting image token ``pos``). ``unroll`` is the layer
-  scan's unroll factor (the sampler unrolls fully: one fused program per token instead of a
-  device loop over layers).
+  Returns (new state, logits [B, vocab] predicting image token ``pos``). With stacked params and
+  state the layers run as a scan; with the per-layer lists of ``unstack_for_decode`` (the
+  sampler) as one unrolled program per token.
   """
   width = jnp.broadcast_to(jnp.asarray(width, jnp.int32), (x.shape[0],))
   rel = pos - PREFIX
@@ -228,7 +228,7 @@ def decode_step(cfg, params, state, x, pos, width, unroll=1):
       x, s = layer(x, (p, lb, s))
       new.append(s)
     return new, _logits(cfg, params, x)
-  x, state = jax.lax.scan(layer, x, (params["blocks"], lbs, state), unroll=unroll)
+  x, state = jax.lax.scan(layer, x, (params["blocks"], lbs, state))
   return state, _logits(cfg, params, x)
 
 

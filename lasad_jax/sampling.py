@@ -67,7 +67,7 @@ def _sample(cfg, params, labels, rng, n, width, cfg_scale, temperature, top_k, t
   def step(carry, pos):
     state, prev, key = carry
     x = M.embed(params, pos, rows, jnp.concatenate([prev, prev]) if guided else prev)
-    state, logits = M.decode_step(cfg, params, state, x, pos, width, unroll=True)
+    state, logits = M.decode_step(cfg, params, state, x, pos, width)
     if guided:
       c, u = logits[:b], logits[b:]
       logits = u + cfg_scale * (c - u)

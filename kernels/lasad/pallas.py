@@ -381,8 +381,8 @@ def _block_v(bs, bh, dv):
   return min(16, dv)
 
 
-def _params(bs):
-  return plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
+def _params(bs, num_warps=None):
+  return plgpu.CompilerParams(num_warps=num_warps or bs.num_warps, num_stages=bs.num_stages)
 
 
 def _scan_call(kernel, name, x, y, g, width, prefix, bnd, init, *, bs, interpret, decay=False):
@@ -454,20 +454,37 @@ def _chunk_states_dec(k, v, g, width, prefix, bnd, h0, *, seq_len, bs, interpret
   loc, loc_final, dec = _scan_call(kern, "lasad_states", ks, vs, gs, w, p, bnd, zero, bs=bs,
                                    interpret=interpret, decay=True)
   m = loc.shape[2]                                               # chunks per segment
+  dec = jnp.swapaxes(dec.reshape(b, s, h, m, dk), 1, 2).reshape(b, h, s * m, dk)
+  states, final = _join_segments(loc, loc_final, dec, h0, s, reverse=False)
+  return states, final, dec
+
+
+def _join_segments(loc, loc_end, dec, init, s, *, reverse):
+  """Per-chunk values of S segments computed from zero starts -> the true ones.
+
+  loc [B*S, H, M, K, V] per segment (a state entering, or with ``reverse`` a state gradient
+  leaving, each chunk), loc_end [B*S, H, K, V] (what leaves the segment's far end), dec
+  [B, H, S*M, K] the chunk decays, init [B, H, K, V] what enters the first segment (the last
+  with ``reverse``). Walks the S segment ends in order, then adds what entered each segment,
+  carried through the decays of the chunks between. Reverse = the same on the flipped sequence.
+  Returns ([B, H, S*M, K, V], what leaves the last segment)."""
+  bs_, h, m, dk, dv = loc.shape
+  b = bs_ // s
   loc = loc.reshape(b, s, h, m, dk, dv)
-  loc_final = loc_final.reshape(b, s, h, dk, dv)
-  dec = dec.reshape(b, s, h, m, dk)
-  incl = jnp.cumprod(dec, axis=3)                                # decay through chunks 0..n
+  loc_end = loc_end.reshape(b, s, h, dk, dv)
+  dec = jnp.swapaxes(dec.reshape(b, h, s, m, dk), 1, 2)          # [b, s, h, m, dk]
+  if reverse:
+    loc, loc_end, dec = jnp.flip(loc, (1, 3)), jnp.flip(loc_end, 1), jnp.flip(dec, (1, 3))
+  incl = jnp.cumprod(dec, axis=3)                                # through chunks 0..n
   before = jnp.concatenate([jnp.ones_like(incl[:, :, :, :1]), incl[:, :, :, :-1]], axis=3)
-  state, entering = h0.astype(F32), []
+  carry, entering = init.astype(F32), []
   for i in range(s):                                             # scan over segment ends
-    entering.append(state)
-    state = incl[:, i, :, -1, :, None] * state + loc_final[:, i]
-  entering = jnp.stack(entering, 1)                              # [b, s, h, dk, dv]
-  states = loc + before[..., None] * entering[:, :, :, None]
-  states = jnp.swapaxes(states, 1, 2).reshape(b, h, s * m, dk, dv)
-  dec = jnp.swapaxes(dec, 1, 2).reshape(b, h, s * m, dk)
-  return states, state, dec
+    entering.append(carry)
+    carry = incl[:, i, :, -1, :, None] * carry + loc_end[:, i]
+  out = loc + before[..., None] * jnp.stack(entering, 1)[:, :, :, None]
+  if reverse:
+    out = jnp.flip(out, (1, 3))
+  return jnp.swapaxes(out, 1, 2).reshape(b, h, s * m, dk, dv), carry
 
 
 def _chunk_spec(d, c):
@@ -512,19 +529,7 @@ def _dstates(q, do, g, width, prefix, bnd, dht, *, seq_len, scale, bs, interpret
   zero = jnp.zeros((b * s, h, dk, dv), F32)
   loc, loc_d0 = _scan_call(kern, "lasad_dstates", qs, dos, gs, w, p, bnd, zero, bs=bs,
                            interpret=interpret)
-  m = loc.shape[2]
-  loc = loc.reshape(b, s, h, m, dk, dv)
-  loc_d0 = loc_d0.reshape(b, s, h, dk, dv)
-  dec = jnp.swapaxes(dec.reshape(b, h, s, m, dk), 1, 2)          # [b, s, h, m, dk]
-  incl = jnp.flip(jnp.cumprod(jnp.flip(dec, 3), axis=3), 3)      # decay through chunks n..end
-  after = jnp.concatenate([incl[:, :, :, 1:], jnp.ones_like(incl[:, :, :, :1])], axis=3)
-  grad, leaving = dht.astype(F32), [None] * s
-  for i in reversed(range(s)):                                   # reverse scan over segments
-    leaving[i] = grad
-    grad = incl[:, i, :, 0, :, None] * grad + loc_d0[:, i]
-  leaving = jnp.stack(leaving, 1)                                # [b, s, h, dk, dv]
-  dstates = loc + after[..., None] * leaving[:, :, :, None]
-  return jnp.swapaxes(dstates, 1, 2).reshape(b, h, s * m, dk, dv), grad
+  return _join_segments(loc, loc_d0, dec, dht, s, reverse=True)
 
 
 def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scale, bs,
@@ -546,9 +551,7 @@ def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scal
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(g.shape, g.dtype),
                  jax.ShapeDtypeStruct((b, n, h, 1, dk), F32)],
-      compiler_params=plgpu.CompilerParams(num_warps=bs.grads_num_warps or bs.num_warps,
-                                           num_stages=bs.num_stages),
-      interpret=interpret, name="lasad_grads",
+      compiler_params=_params(bs, bs.grads_num_warps), interpret=interpret, name="lasad_grads",
   )(q, k, v, g, do, width, prefix, bnd, states, dstates)
 
 
