@@ -25,8 +25,8 @@ from kernels.lasad import pallas as P  # noqa: E402
 VARIANTS = {
     "default": P.BlockSizes(),
     "grads4": P.BlockSizes(grads_num_warps=4),
-    "sub32": P.BlockSizes(sub=32),
-    "c128s32": P.BlockSizes(chunk=128, sub=32),
+    "sub16": P.BlockSizes(sub=16),
+    "c128": P.BlockSizes(chunk=128),
     "split4": P.BlockSizes(seq_split=4),
     "onepass": P.BlockSizes(split_dots=False),
 }
@@ -65,7 +65,7 @@ def main():
       print(f"{name:<10} failed: {type(e).__name__}: {str(e)[:200]}")
 
   print("whole operator, ms fwd / fwd+bwd")
-  for name, bs in (("default", P.BlockSizes()), ("sub32", P.BlockSizes(sub=32)),
+  for name, bs in (("default", P.BlockSizes()), ("sub16", P.BlockSizes(sub=16)),
                    ("one-pass", P.BlockSizes(split_dots=False))):
     f = lambda q, k, v, g, bs=bs: lasad_attention(q, k, v, g, width=width, prefix=prefix,
                                                   boundary=bnd, scale=1.0, impl="pallas",

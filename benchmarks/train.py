@@ -2,7 +2,7 @@
 baseline) on synthetic ImageNet-shaped code batches (16x16 tokens, 1000 classes).
 
     python benchmarks/train.py --variants B,L [--attention lasad,softmax] [--batches 512,256,128]
-        [--mesh data|fsdp] [--remat [--remat-policy full|dots|dots_attn]] [--kernel-sub 32]
+        [--mesh data|fsdp] [--remat [--remat-policy full|dots|dots_attn]] [--kernel-sub 16]
         [--out benchmarks/results/train_h100.json]
 
 For each variant and attention, tries the global batch sizes in ``--batches`` from the largest and
@@ -31,7 +31,7 @@ from lasad_jax import sharding as S  # noqa: E402
 from lasad_jax import training as T  # noqa: E402
 
 
-def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", kernel_sub=16):
+def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", kernel_sub=32):
   n = jax.device_count()
   cfg = get_config(variant)
   cfg.attention = attention
@@ -89,7 +89,7 @@ def main():
   ap.add_argument("--iters", type=int, default=10)
   ap.add_argument("--remat", action="store_true")
   ap.add_argument("--remat-policy", default="full", help="full | dots | dots_attn (with --remat)")
-  ap.add_argument("--kernel-sub", type=int, default=16, help="Pallas kernel sub-chunk: 16 | 32")
+  ap.add_argument("--kernel-sub", type=int, default=32, help="Pallas kernel sub-chunk: 16 | 32")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
   dev = jax.devices()[0]

@@ -125,11 +125,12 @@ def forward(cfg, params, tokens, labels, width=None):
   if cfg.attention == "softmax":
     cos, sin = rope_2d(jnp.arange(x.shape[1]), width, cfg.head_dim)
   kernel_kw = {}
-  if cfg.get("kernel_sub", 16) != 16:
+  if "kernel_sub" in cfg:
     if cfg.kernel_sub not in (16, 32):
       raise ValueError(f"config.kernel_sub must be 16 or 32, got {cfg.kernel_sub}")
     from kernels.lasad.pallas import BlockSizes
-    kernel_kw = dict(block_sizes=BlockSizes(sub=cfg.kernel_sub))
+    if cfg.kernel_sub != BlockSizes.sub:
+      kernel_kw = dict(block_sizes=BlockSizes(sub=cfg.kernel_sub))
 
   def layer(x, xs):
     p, lb = xs

@@ -3,11 +3,11 @@
 Reads top to bottom: block sizes, the in-kernel row mask, the four kernels, then the public
 ``lasad_pallas`` that pads, dispatches and defines the VJP. The chunked math is the one in
 README.md; here every kernel works on one (batch, head) and chunks of C = 64 tokens split into
-sub-chunks of c = 16:
+sub-chunks of c = 32 (or 16):
 
   _states_kernel   grid (B, H, V/bv): walks the chunks in order and writes the state entering
                    each chunk, S_n [B, H, N, K, V] float32, and the final state.
-  _output_kernel   grid (B, N, H): one chunk; a 16-token recurrence from S_n over its 4
+  _output_kernel   grid (B, N, H): one chunk; a c-token recurrence from S_n over its C/c
                    sub-chunks (every exponent <= 0) plus the exact pairwise term inside each
                    sub-chunk; writes o.
   _dstates_kernel  grid (B, H, V/bv): walks the chunks backwards and writes dS_n, the gradient
@@ -41,13 +41,14 @@ F32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   chunk: int = 64        # C: tokens per chunk (one program of the parallel kernels)
-  # c: sub-chunk of the exact pairwise term (16 = the smallest tensor-core tile). 32 halves the
-  # sequential steps: at (256, 256, 16, 64) on the H100 the gradient kernel fell 6.1 -> 3.9 ms and
-  # fwd+bwd 6.8 -> 4.6 ms (benchmarks/results/ops_parts_h100_b256_sub32.log), and it passes the
-  # CPU-interpreter accuracy tests; it becomes the default once tests/test_gpu.py (which covers
-  # sub=32) has passed on a GPU. Its price: a sub-chunk whose log decay reaches -fast_limit (more
-  # likely over 32 tokens) takes the slower exact column loop.
-  sub: int = 16
+  # c: sub-chunk of the exact pairwise term (16 = the smallest tensor-core tile; 16 or 32). 32
+  # (default since session 5) halves the sequential steps: at (256, 256, 16, 64) on the H100 the
+  # gradient kernel fell 6.1 -> 3.9 ms and fwd+bwd 6.8 -> 4.6 ms
+  # (benchmarks/results/ops_parts_h100_b256_sub32.log), LASADGen-L's training step 558 -> 517 ms,
+  # and it passed tests/test_gpu.py's bf16-vs-fp64 oracle on the H100 as 16 does. Its price: a
+  # sub-chunk whose log decay reaches -fast_limit (more likely over 32 tokens) takes the slower
+  # exact column loop.
+  sub: int = 32
   # V columns per program of the two sequential kernels; None: the largest of 64/32/16 that
   # still gives >= 2 programs per SM (B*H*V/bv >= 264), so small B*H with long T keeps the GPU busy.
   block_v_scan: int | None = None
