@@ -1,13 +1,16 @@
 """Sampling speed and memory: LASADGen (O(1) state) vs the softmax baseline (KV cache).
 
     python benchmarks/sampling.py [--variant L] [--out benchmarks/results/sampling_h100.json]
-        [--attentions lasad,softmax] [--top-k 2000] [--grids 16,32,64]
+        [--attentions lasad,softmax] [--top-k 2000] [--grids 16,32,64] [--unfused]
 
 (a) ``--variant`` with CFG (scale 4, top-k 2000), 8 images at 16x16 tokens, random weights,
     bf16: first call (compile + run) and the median of later calls, images/s.
 (b) Per-token decode time and the compiled sampler's scratch memory (XLA memory analysis) for grids
     16x16, 32x32, 64x64, LASAD vs softmax.
-Random weights: speed does not depend on them. Prints a table; writes JSON (with the XLA_FLAGS the
+(c) The compiled token loop: kernels (fusions, library calls, copies) per generated token, from
+    the optimised HLO of the 16x16 sampler's while-loop body.
+``--unfused`` keeps each layer's q/f/v and w1/w3 projections as separate matmuls (the sampler
+before session 5) for an A/B run. Random weights: speed does not depend on them. Prints a table; writes JSON (with the XLA_FLAGS the
 run had, since XLA's command-buffer flags change the decode loop's launch overhead).
 """
 
@@ -41,6 +44,36 @@ def compiled_temp_bytes(model, n_images, grid, cfg_scale, top_k):
   return getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
 
 
+# Optimised-HLO opcodes that are not kernel launches of their own.
+_FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all",
+         "partition-id", "replica-id", "opt-barrier"}
+
+
+def loop_kernels(model, n_images, grid, cfg_scale, top_k):
+  """Per computation of the compiled sampler that is not itself fused: its operations that launch
+  work (fusion, custom-call (GEMMs), copy, ...) by opcode. Returns the largest such computation's
+  counts: the token loop's body, run once per generated token."""
+  import collections
+  import re
+  labels = jnp.arange(n_images, dtype=jnp.int32) % model.config.num_classes
+  text = S._sample.lower(model.config, model.params(), labels, jax.random.key(0), grid * grid,
+                         grid, cfg_scale, 1.0, top_k, 1.0).compile().as_text()
+  best, counts, fused = collections.Counter(), None, False
+  for line in text.splitlines():
+    if line and not line.startswith(" "):         # a computation header (or the module line)
+      if counts is not None and not fused and sum(counts.values()) > sum(best.values()):
+        best = counts
+      fused = "fused" in line.split("(")[0] or "wrapped" in line.split("(")[0]
+      counts = collections.Counter()
+      continue
+    m = re.match(r"\s+(?:ROOT )?%?[\w.\-]+ = [^=]*? ([a-z][\w\-]*)\(", line)
+    if m and counts is not None and m.group(1) not in _FREE:
+      counts[m.group(1)] += 1
+  if counts is not None and not fused and sum(counts.values()) > sum(best.values()):
+    best = counts
+  return dict(best)
+
+
 def run(model, n_images, grid, cfg_scale, top_k, repeats):
   labels = jnp.arange(n_images, dtype=jnp.int32) % model.config.num_classes
   t0 = time.perf_counter()
@@ -64,14 +97,19 @@ def main():
   ap.add_argument("--out", default="benchmarks/results/sampling_h100.json")
   ap.add_argument("--attentions", default="lasad,softmax")
   ap.add_argument("--top-k", type=int, default=None, help="default 2000 (5 for tiny); 0 = off")
+  ap.add_argument("--unfused", action="store_true",
+                  help="separate q/f/v and w1/w3 matmuls per layer (A/B against the default)")
   args = ap.parse_args()
+  if args.unfused:
+    import functools
+    M.unstack_for_decode = functools.partial(M.unstack_for_decode, fuse=False)
   dev = jax.devices()[0]
   records = []
   print(f"device {dev.device_kind}, jax {jax.__version__}, LASADGen-{args.variant}, random weights")
   top_k = (2000 if args.variant != "tiny" else 5) if args.top_k is None else args.top_k
   meta = dict(date=datetime.date.today().isoformat(), device=dev.device_kind,
               jax=jax.__version__, command="python benchmarks/sampling.py " + " ".join(sys.argv[1:]),
-              xla_flags=os.environ.get("XLA_FLAGS", ""))
+              xla_flags=os.environ.get("XLA_FLAGS", ""), fused_projections=not args.unfused)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
   def save():   # after every record: a run cut off by a time limit keeps what it measured
@@ -88,6 +126,12 @@ def main():
     save()
     print(f"(a) {attention:<8} 8 images {cfg.grid[0]}x{cfg.grid[0]} CFG 4 top-k {top_k}: first call "
           f"{first:.2f} s, then {med:.3f} s/batch ({8 / med:.1f} images/s)", flush=True)
+    ops = loop_kernels(model, 8, cfg.grid[0], 4.0, top_k)
+    records.append(dict(kind="loop_body", attention=attention, grid=cfg.grid[0], ops=ops))
+    save()
+    print(f"(c) {attention:<8} token loop body: {sum(ops.values())} launches per token "
+          f"({', '.join(f'{k} {v}' for k, v in sorted(ops.items(), key=lambda kv: -kv[1]))})",
+          flush=True)
     for g in (int(x) for x in args.grids.split(",")):
       try:
         first, med = run(model, 8, g, 4.0, top_k, max(1, args.repeats - 1))

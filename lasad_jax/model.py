@@ -51,16 +51,23 @@ def _boundary(cfg, p):
   return jax.nn.log_sigmoid(p["boundary"].astype(jnp.float32))   # learned, <= 0
 
 
+def _in_proj(p, h, names, dt):
+  """h @ p[name] for each name; one matmul against ``p["w_in"]`` (the names' weights side by side,
+  made by ``unstack_for_decode``) when present."""
+  if "w_in" in p:
+    return jnp.split(h @ p["w_in"].astype(dt), len(names), axis=-1)
+  return [h @ p[n].astype(dt) for n in names]
+
+
 def _qkvg(cfg, p, lb, h):
   """HGRN2 projections for x [..., d] -> q, k, v, g [..., H, Dh] (g float32, unmasked)."""
   dt = jnp.dtype(cfg.dtype)
-  h = h.astype(dt)
-  q = jax.nn.silu(h @ p["wq"].astype(dt))
-  s = jax.nn.sigmoid((h @ p["wf"].astype(dt)).astype(jnp.float32))
+  q, f, v = _in_proj(p, h.astype(dt), ("wq", "wf", "wv"), dt)
+  q = jax.nn.silu(q)
+  s = jax.nn.sigmoid(f.astype(jnp.float32))
   gate = s + lb * (1.0 - s)                        # lb + (1 - lb) * sigmoid(f)
   g = jnp.log(jnp.maximum(gate, 1e-30))
   k = (1.0 - lb) * (1.0 - s)                        # 1 - exp(g), from the unmasked gate
-  v = h @ p["wv"].astype(dt)
   split = lambda x: x.reshape(x.shape[:-1] + (cfg.num_heads, cfg.head_dim))
   return split(q), split(k.astype(dt)), split(v), split(g)
 
@@ -75,7 +82,11 @@ def _attn_out(cfg, p, o):
 def _mlp(cfg, p, x):
   dt = jnp.dtype(cfg.dtype)
   h = _rms(x, p["ffn_norm"], cfg.norm_eps).astype(dt)
-  return (jax.nn.silu(h @ p["w1"].astype(dt)) * (h @ p["w3"].astype(dt))) @ p["w2"].astype(dt)
+  if "w13" in p:
+    a, b = jnp.split(h @ p["w13"].astype(dt), 2, axis=-1)
+  else:
+    a, b = h @ p["w1"].astype(dt), h @ p["w3"].astype(dt)
+  return (jax.nn.silu(a) * b) @ p["w2"].astype(dt)
 
 
 def rope_2d(pos, width, head_dim, base=10000.0):
@@ -103,10 +114,8 @@ def _rotate(x, cos, sin):
 
 def _softmax_qkv(cfg, p, h):
   dt = jnp.dtype(cfg.dtype)
-  h = h.astype(dt)
   split = lambda x: x.reshape(x.shape[:-1] + (cfg.num_heads, cfg.head_dim))
-  return (split(h @ p["wq"].astype(dt)), split(h @ p["wk"].astype(dt)),
-          split(h @ p["wv"].astype(dt)))
+  return tuple(split(y) for y in _in_proj(p, h.astype(dt), ("wq", "wk", "wv"), dt))
 
 
 def _softmax_out(cfg, p, o):
@@ -233,14 +242,25 @@ def decode_step(cfg, params, state, x, pos, width):
   return state, _logits(cfg, params, x)
 
 
-def unstack_for_decode(cfg, params, state):
+def unstack_for_decode(cfg, params, state, fuse=True):
   """Per-layer copies of the stacked weights, layer bounds and decoder state, made once per
   sampling call: inside the token loop, slicing layer i out of the stacked [L, ...] arrays is a
   copy of its weights per token (XLA:CPU's compiled sampler showed these slice fusions in the loop
-  body). ``decode_step`` walks the lists instead. Returns (params, state as a list)."""
+  body). ``decode_step`` walks the lists instead. With ``fuse`` each layer's input projections
+  (q|f|v, or q|k|v for softmax) and the MLP's w1|w3 are also laid side by side once, so a token
+  runs one matmul for each group instead of three and two. Returns (params, state as a list)."""
   L = cfg.num_layers
   lbs = _layer_bounds(cfg, params)
-  layers = [(jax.tree.map(lambda a, i=i: a[i], params["blocks"]), lbs[i]) for i in range(L)]
+  names = ("wq", "wk", "wv") if cfg.attention == "softmax" else ("wq", "wf", "wv")
+
+  def one(i):
+    p = jax.tree.map(lambda a: a[i], params["blocks"])
+    if fuse:
+      p["w_in"] = jnp.concatenate([p.pop(n) for n in names], axis=-1)
+      p["w13"] = jnp.concatenate([p.pop("w1"), p.pop("w3")], axis=-1)
+    return p
+
+  layers = [(one(i), lbs[i]) for i in range(L)]
   rest = {k: v for k, v in params.items() if k != "blocks"}
   return {**rest, "layers": layers}, [jax.tree.map(lambda a, i=i: a[i], state) for i in range(L)]
 

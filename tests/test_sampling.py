@@ -95,3 +95,26 @@ def test_softmax_baseline_samples_with_kv_cache():
       jnp.argmax(S.decode_logits(m, toks, lab, width=6), -1)))
   kc, vc = M.init_state(c, 2, 25)
   assert kc.shape == (2, 2, 25, 4, 16)   # the cache grows with the sequence; LASAD's does not
+
+
+@pytest.mark.parametrize("attention", ["lasad", "softmax"])
+def test_fused_decode_projections_match_separate(attention):
+  """unstack_for_decode's side-by-side q|f|v (q|k|v) and w1|w3 weights give the logits of the
+  separate matmuls, token after token."""
+  cfg = get_config("tiny")
+  cfg.attention = attention
+  m = M.LASADGen(cfg, rngs=nnx.Rngs(3))
+  c, params = m.config, m.params()
+  toks = jax.random.randint(jax.random.key(1), (2, 12), 0, c.vocab_size)
+  labels = jnp.array([1, 5])
+  out = {}
+  for fuse in (True, False):
+    p, state = M.unstack_for_decode(c, params, M.init_state(c, 2, 12), fuse=fuse)
+    assert ("w_in" in p["layers"][0][0]) == fuse and ("wq" in p["layers"][0][0]) != fuse
+    logits = []
+    for pos in range(12):
+      x = M.embed(p, jnp.int32(pos), labels, toks[:, pos - 1] if pos else jnp.zeros(2, jnp.int32))
+      state, lg = M.decode_step(c, p, state, x, jnp.int32(pos), 4)
+      logits.append(lg)
+    out[fuse] = np.stack(logits)
+  np.testing.assert_allclose(out[True], out[False], rtol=1e-5, atol=1e-5)
