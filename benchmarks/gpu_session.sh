@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the GPU runs recorded in BENCHMARKS.md / RESULTS.md executed, stage by stage, on the device
 # machine (its python3 has jax[cuda], torch; grain, ml_collections and fla come as wheels in .whl/).
-#   bash benchmarks/gpu_session.sh STAGE...   stages: tests train sampling sad fla ops parts lina
+#   bash benchmarks/gpu_session.sh STAGE...   stages: tests train sampling profile sad fla ops parts lina
 # Logs and JSON go to $OUT (default: ./out).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -23,6 +23,8 @@ for stage in "$@"; do
                 --out "$OUT/train_h100${TRAIN_TAG:-}.json" 2>&1 | tee "$OUT/train${TRAIN_TAG:-}.log" ;;
     sampling) timeout ${SAMPLING_TIMEOUT:-150} python3 benchmarks/sampling.py --variant L \
                 ${SAMPLING_ARGS:-} --out "$OUT/sampling_h100${SAMPLING_TAG:-}.json" 2>&1 | tee "$OUT/sampling${SAMPLING_TAG:-}.log" ;;
+    profile)  timeout ${PROFILE_TIMEOUT:-200} python3 benchmarks/profile_sampler.py ${PROFILE_ARGS:-} \
+                --out "$OUT/profile_sampler_h100${PROFILE_TAG:-}.json" 2>&1 | tee "$OUT/profile${PROFILE_TAG:-}.log" ;;
     sad)      timeout ${SAD_TIMEOUT:-560} python3 scripts/sad_ablation.py --out "$OUT/sad" \
                 --datasets "${SAD_DATASETS:-digits,shapes,photos}" \
                 --variants "${SAD_VARIANTS:-carry,reset,learned,none,softmax}" 2>&1 | tee -a "$OUT/sad.log"
