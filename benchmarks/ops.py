@@ -141,12 +141,10 @@ def main():
                 ("pallas split_dots=False", "pallas", widths[:1], BlockSizes(split_dots=False))]
     if "loop" in skip:
       variants = variants[:2]
-    if "tuning" not in skip:   # the opt-in block sizes of session 4, at the first width
+    if "tuning" not in skip:   # other block sizes, at the first width
       variants += [("pallas sub=16", "pallas", widths[:1], BlockSizes(sub=16))]
       if b * h < 132:   # few programs per sequential scan: the sequence split is for this case
-        variants += [("pallas seq_split=4", "pallas", widths[:1], BlockSizes(seq_split=4)),
-                     ("pallas seq_split=4", "pallas", widths[:1],
-                      BlockSizes(seq_split=4))]
+        variants += [("pallas seq_split=4", "pallas", widths[:1], BlockSizes(seq_split=4))]
     if "chunk" not in skip:
       variants.append(("chunk (XLA)", "chunk", widths[:1], None))
     for label, impl, ws, bsz in variants:
