@@ -296,3 +296,21 @@ def test_pallas_sequence_split(seq_split, t):
   for name in ("dq", "dk", "dv", "dg", "dh0"):
     assert oracle.rel_rms(grads[name], g_ref[name]) < 5e-4, name
   assert oracle.rel_rms(grads["dboundary"][1], g_ref["dboundary"][1]) < 5e-4
+
+
+def test_sequence_split_auto_choice_and_block_size_errors():
+  """seq_split=None (default) splits in 4 only for few (batch x head) programs and >= 16 chunks,
+  and never where T needs padding; bad block sizes are refused with the field's name."""
+  from kernels.lasad.pallas import BlockSizes, _segments
+  auto = BlockSizes()
+  assert _segments(auto, 1024, 1024, 8) == 4            # 16 chunks, 8 programs
+  assert _segments(auto, 16384, 16384, 131) == 4
+  assert _segments(auto, 16384, 16384, 132) == 1        # enough programs already
+  assert _segments(auto, 960, 960, 8) == 1              # 15 chunks
+  assert _segments(auto, 1024, 1000, 8) == 1            # padded T
+  assert _segments(BlockSizes(seq_split=1), 16384, 16384, 8) == 1
+  assert _segments(BlockSizes(seq_split=8), 1024, 1024, 4096) == 8
+  with pytest.raises(ValueError, match="seq_split"):
+    BlockSizes(seq_split=0)
+  with pytest.raises(ValueError, match="sub"):
+    BlockSizes(sub=24)
