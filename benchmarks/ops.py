@@ -143,8 +143,8 @@ def main():
       variants = variants[:2]
     if "tuning" not in skip:   # other block sizes, at the first width
       variants += [("pallas sub=16", "pallas", widths[:1], BlockSizes(sub=16))]
-      if b * h < 132:   # few programs per sequential scan: the sequence split is for this case
-        variants += [("pallas seq_split=4", "pallas", widths[:1], BlockSizes(seq_split=4))]
+      if b * h < 132:   # the default splits the sequence here (seq_split=None -> 4); without:
+        variants += [("pallas seq_split=1", "pallas", widths[:1], BlockSizes(seq_split=1))]
     if "chunk" not in skip:
       variants.append(("chunk (XLA)", "chunk", widths[:1], None))
     for label, impl, ws, bsz in variants:

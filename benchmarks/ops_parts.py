@@ -27,6 +27,7 @@ VARIANTS = {
     "grads4": P.BlockSizes(grads_num_warps=4),
     "sub16": P.BlockSizes(sub=16),
     "c128": P.BlockSizes(chunk=128),
+    "split1": P.BlockSizes(seq_split=1),
     "split4": P.BlockSizes(seq_split=4),
     "onepass": P.BlockSizes(split_dots=False),
 }
