@@ -2,6 +2,7 @@
 
     python benchmarks/sampling.py [--variant L] [--out benchmarks/results/sampling_h100.json]
         [--attentions lasad,softmax] [--top-k 2000] [--grids 16,32,64] [--unfused]
+        [--decode-impl auto|xla|pallas]
 
 (a) ``--variant`` with CFG (scale 4, top-k 2000), 8 images at 16x16 tokens, random weights,
     bf16: first call (compile + run) and the median of later calls, images/s.
@@ -97,6 +98,8 @@ def main():
   ap.add_argument("--out", default="benchmarks/results/sampling_h100.json")
   ap.add_argument("--attentions", default="lasad,softmax")
   ap.add_argument("--top-k", type=int, default=None, help="default 2000 (5 for tiny); 0 = off")
+  ap.add_argument("--decode-impl", default="auto",
+                  help="LASAD decode attention step: auto (Pallas kernel on GPU) | xla | pallas")
   ap.add_argument("--unfused", action="store_true",
                   help="separate q/f/v and w1/w3 matmuls per layer (A/B against the default)")
   args = ap.parse_args()
@@ -109,7 +112,8 @@ def main():
   top_k = (2000 if args.variant != "tiny" else 5) if args.top_k is None else args.top_k
   meta = dict(date=datetime.date.today().isoformat(), device=dev.device_kind,
               jax=jax.__version__, command="python benchmarks/sampling.py " + " ".join(sys.argv[1:]),
-              xla_flags=os.environ.get("XLA_FLAGS", ""), fused_projections=not args.unfused)
+              xla_flags=os.environ.get("XLA_FLAGS", ""), fused_projections=not args.unfused,
+              decode_impl=args.decode_impl)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
   def save():   # after every record: a run cut off by a time limit keeps what it measured
@@ -118,6 +122,7 @@ def main():
   for attention in args.attentions.split(","):
     cfg = get_config(args.variant)
     cfg.attention = attention
+    cfg.decode_impl = args.decode_impl
     model = M.LASADGen(cfg, rngs=nnx.Rngs(0))
     first, med = run(model, 8, cfg.grid[0], 4.0, top_k, args.repeats)
     rec = dict(kind="batch", attention=attention, images=8, grid=cfg.grid[0], cfg_scale=4.0,

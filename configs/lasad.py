@@ -30,6 +30,7 @@ def get_config(variant="B"):
   c.norm_eps = 1e-5
   c.dtype = "bfloat16" if variant != "tiny" else "float32"   # compute dtype; params are float32
   c.impl = "auto"                                      # lasad_attention implementation
+  c.decode_impl = "auto"   # sampler's attention step: auto (Pallas kernel on GPU) | xla | pallas
   c.kernel_sub = 32   # Pallas kernel sub-chunk (16 | 32; 32 was 33% faster fwd+bwd on an H100 at
                       # the training shape: kernels/lasad/pallas.py BlockSizes)
   # The VQ tokenizer sample.py decodes codes with: LlamaGen's vq_ds16_c2i.pt (user-supplied path;

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from kernels.lasad import decode as decode_kernel
 from kernels.lasad import reference
 from lasad_jax.ops import lasad_attention
 from lasad_jax import remat
@@ -194,6 +195,20 @@ def embed(params, pos, labels, prev_tokens):
   return jnp.where(pos == 0, cls, tok).astype(jnp.float32)
 
 
+def use_decode_kernel(cfg):
+  """Whether the LASAD decode step runs its attention core as one Pallas kernel
+  (``kernels.lasad.decode``): ``config.decode_impl`` "pallas", or "auto" on a GPU."""
+  impl = cfg.get("decode_impl", "auto")
+  if impl not in ("auto", "xla", "pallas"):
+    raise ValueError(f"config.decode_impl must be auto | xla | pallas, got {impl!r}")
+  if impl == "auto":
+    return jax.default_backend() == "gpu" and decode_kernel.supported(cfg.head_dim)
+  if impl == "pallas" and not decode_kernel.supported(cfg.head_dim):
+    raise ValueError(f"config.decode_impl='pallas' needs head_dim a power of two >= 16, got "
+                     f"{cfg.head_dim}; use 'xla'")
+  return impl == "pallas"
+
+
 def decode_step(cfg, params, state, x, pos, width):
   """One token through every layer. x [B, d] input embedding at sequence position ``pos``.
 
@@ -207,6 +222,7 @@ def decode_step(cfg, params, state, x, pos, width):
   if cfg.boundary == "none":
     start = jnp.zeros_like(start)
   lbs = None if "layers" in params else _layer_bounds(cfg, params)
+  fused_kernel = cfg.attention == "lasad" and use_decode_kernel(cfg)
   if cfg.attention == "softmax":
     # One position for the whole batch: the width is the same for every row while sampling.
     cos, sin = rope_2d(jnp.reshape(pos, (1,)), width[0], cfg.head_dim)
@@ -224,6 +240,14 @@ def decode_step(cfg, params, state, x, pos, width):
       o = jax.nn.dot_product_attention(q, kc, vc, mask=seen[None, None, None, :])
       x = x + _softmax_out(cfg, p, o[:, 0]).astype(jnp.float32)
       s = (kc, vc)
+    elif fused_kernel:   # one Pallas kernel from the projections to the normalised o
+      dt = jnp.dtype(cfg.dtype)
+      y = jnp.concatenate(_in_proj(p, h.astype(dt), ("wq", "wf", "wv"), dt), axis=-1)
+      nh, hd = cfg.num_heads, cfg.head_dim
+      o, s = decode_kernel.decode_attention(
+          y.reshape(-1, 3, nh, hd), s, lb.reshape(nh, hd), start, _boundary(cfg, p),
+          p["head_norm"].reshape(nh, hd), eps=cfg.norm_eps)
+      x = x + (o.reshape(-1, cfg.dim) @ p["wo"].astype(dt)).astype(jnp.float32)
     else:
       q, k, v, g = _qkvg(cfg, p, lb, h)
       bnd = _boundary(cfg, p)[None, :, None]

@@ -1,0 +1,83 @@
+"""One decode step of a LASADGen attention layer as a single Pallas GPU kernel (Triton backend).
+
+The sampler's token loop spends most of its time in many small kernels (BENCHMARKS.md, session 5:
+per layer XLA runs five for the attention core alone: v and k from the projection, the decay with
+the row mask, the state update, then o and its per-head RMSNorm). This kernel does all of it in
+one pass per (batch row, head), reading the [K, V] float32 state once and writing it once:
+
+  q = silu(q_raw)          s = sigmoid(f_raw)         gate = s + lb (1 - s)
+  g = log(gate)            k = (1 - lb)(1 - s)        g~ = boundary if the token starts a row else g
+  S' = e^{g~} S + k v^T    o = q S'                   out = RMSNorm_head(o) * head_norm
+
+exactly the HGRN2-style math of ``lasad_jax.model._qkvg`` / ``reference.recurrent_step`` /
+``model._attn_out`` (q and k are rounded to the compute dtype as there). Grid (B, H); the state
+is updated in place (input/output alias). ``interpret=None`` runs compiled on GPU and in the
+Pallas interpreter elsewhere (how CI tests it).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+F32 = jnp.float32
+
+
+def _kernel(q_ref, f_ref, v_ref, lb_ref, hn_ref, start_ref, bnd_ref, s_ref, o_ref, s_out_ref,
+            *, eps, dtype):
+  lb = lb_ref[...]
+  q = jax.nn.silu(q_ref[...].astype(F32)).astype(dtype).astype(F32)
+  s = jax.nn.sigmoid(f_ref[...].astype(F32))
+  g = jnp.log(jnp.maximum(s + lb * (1.0 - s), 1e-30))
+  k = ((1.0 - lb) * (1.0 - s)).astype(dtype).astype(F32)
+  v = v_ref[...].astype(F32)
+  g = jnp.where(start_ref[0] != 0, bnd_ref[0], g)          # row start: the boundary decay
+  state = jnp.exp(g)[:, None] * s_ref[...] + k[:, None] * v[None, :]
+  s_out_ref[...] = state
+  o = jnp.sum(q[:, None] * state, axis=0)
+  o = o * jax.lax.rsqrt(jnp.mean(o * o) + eps) * hn_ref[...]
+  o_ref[...] = o.astype(o_ref.dtype)
+
+
+def _pow2(n):
+  return n >= 16 and n & (n - 1) == 0
+
+
+def supported(head_dim):
+  """Triton tiles need power-of-two sizes: head_dim 16, 32, 64, 128, ..."""
+  return _pow2(head_dim)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
+def decode_attention(y, state, lb, start, boundary, head_norm, *, eps, interpret=None):
+  """One token's attention core for every (row, head).
+
+  y [B, 3, H, D]: the input projections q_raw | f_raw | v (compute dtype); state [B, H, D, D]
+  float32; lb [H, D] the layer's forget-gate lower bound; start [B] bool (the token starts an
+  image row); boundary [H] log decay at a row start (-inf = reset); head_norm [H, D].
+  Returns (out [B, H, D] in y's dtype: RMSNorm_head(q S') * head_norm, new state [B, H, D, D]).
+  """
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  b, three, h, d = y.shape
+  if three != 3 or state.shape != (b, h, d, d) or not supported(d):
+    raise ValueError(f"decode_attention: y must be [B, 3, H, D] and state [B, H, D, D] with D a "
+                     f"power of two >= 16; got y {y.shape}, state {state.shape}")
+  row = lambda part: pl.BlockSpec((None, None, None, d), lambda i, j: (i, part, j, 0))
+  per_head = pl.BlockSpec((None, d), lambda i, j: (j, 0))
+  st = pl.BlockSpec((None, None, d, d), lambda i, j: (i, j, 0, 0))
+  out, new_state = pl.pallas_call(
+      functools.partial(_kernel, eps=eps, dtype=y.dtype),
+      grid=(b, h),
+      in_specs=[row(0), row(1), row(2), per_head, per_head,
+                pl.BlockSpec((1,), lambda i, j: (i,)), pl.BlockSpec((1,), lambda i, j: (j,)), st],
+      out_specs=[pl.BlockSpec((None, None, d), lambda i, j: (i, j, 0)), st],
+      out_shape=[jax.ShapeDtypeStruct((b, h, d), y.dtype), jax.ShapeDtypeStruct(state.shape, F32)],
+      input_output_aliases={7: 1},
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+      interpret=interpret, name="lasad_decode_attention",
+  )(y, y, y, lb.astype(F32), head_norm.astype(F32), start.astype(jnp.int32),
+    boundary.astype(F32), state)
+  return out, new_state
