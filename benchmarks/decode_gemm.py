@@ -6,8 +6,8 @@ The sampler's four matmuls per layer have M = 16 rows (8 images + their CFG twin
 their weights at 0.7-1.4 TB/s under XLA (BENCHMARKS.md, session 5 profile). This times
 x [16, K] @ W [K, N] in bf16 for LASADGen-L's shapes, 24 distinct weights per call (one per layer,
 so they come from HBM, not L2), for XLA's dot and for a Pallas kernel over a grid of
-(N / block_n, split_k) with split-K partials summed by XLA. Median us per matmul and the bandwidth
-of reading W. Exploration for issue 5: nothing in the library uses this kernel yet.
+(N / block_n, split_k) with split-K partials summed by XLA. Device microseconds per matmul (from a
+profiler trace) and the bandwidth of reading W. Exploration for issue 5: nothing in the library uses this kernel yet.
 """
 
 import argparse
@@ -54,15 +54,20 @@ def pallas_gemm(x, w, *, block_n, split, block_k=128, num_warps=4, num_stages=4,
   return out.sum(0).astype(x.dtype)
 
 
-def time_us(f, *args, iters=20):
+def time_us(f, *args, iters=10):
+  """Device time per matmul: the kernels' summed durations in a profiler trace of ``iters`` calls
+  (host dispatch of a 24-output call would otherwise dominate), split-K sums included."""
+  import glob
+  import tempfile
+
+  from profile_sampler import device_kernels
   jax.block_until_ready(f(*args))
-  ts = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    ts.append(time.perf_counter() - t0)
-  ts.sort()
-  return ts[len(ts) // 2] * 1e6 / LAYERS
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      for _ in range(iters):
+        jax.block_until_ready(f(*args))
+    stats, _ = device_kernels(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[-1])
+  return sum(t for _, t in stats.values()) / 1e3 / (iters * LAYERS)
 
 
 def main():

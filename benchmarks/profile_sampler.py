@@ -40,7 +40,6 @@ def device_kernels(xplane_path):
     if not plane.name.startswith("/device:GPU"):
       continue
     for line in plane.lines:
-      print(f"  trace line {plane.name} / {line.name}: {len(list(line.events))} events")
       if "stream" not in line.name.lower():   # kernels live on the stream lines
         continue
       for ev in line.events:
