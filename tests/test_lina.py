@@ -430,3 +430,36 @@ def test_remat_policies_give_the_same_gradients(tiny):
   for policy in ("full", "dots_attn"):
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(grads(True, policy))):
       np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=1e-6)
+
+
+def test_cast_dense_weights_is_exact_and_complete():
+  """The sampler's one-time cast of the dense weights to the compute dtype gives bit-identical
+  network outputs (dense casts them anyway) and leaves no float32 matrix behind except the conv,
+  the tables and the gates."""
+  cfg = get_config("tiny")
+  cfg.dtype = "bfloat16"
+  cfg = ml_collections.FrozenConfigDict(cfg)
+  params = M.init_params(cfg, jax.random.key(0))
+  leaves, tree = jax.tree.flatten(params)   # perturbed as in `tiny`: the head is zero-initialised
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
+                                     for x, k in zip(leaves, keys)])
+  cast = M.cast_dense_weights(cfg, params)
+  flat = jax.tree_util.tree_flatten_with_path(cast)[0]
+  left = {jax.tree_util.keystr(p) for p, a in flat
+          if a.dtype == jnp.float32 and a.ndim >= 2 and a.shape[-1] > 1
+          and not any(s in jax.tree_util.keystr(p) for s in ("norm", "_b", "conv", "table",
+                                                              "scale", "pos"))}
+  assert not left, left
+  assert sum(a.dtype == jnp.bfloat16 for _, a in flat) > 10
+  labels = jnp.array([1, 4, 10])
+  x = jax.random.normal(jax.random.key(1), (3, 64, cfg.latent_channels))
+  vis = jax.random.uniform(jax.random.key(2), (3, 64)) < 0.5
+  outs = []
+  for p in (params, cast):
+    c = M.class_encoder(cfg, p, labels)
+    z = M.image_transformer(cfg, p, x, vis, c)
+    outs.append((z, M.head(cfg, p, x, jnp.full((3, 64), 500.0), z)))
+  for a, b in zip(*outs):
+    assert float(jnp.abs(a).max()) > 0
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

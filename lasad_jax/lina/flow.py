@@ -125,6 +125,7 @@ def _sample(cfg, params, labels, rng, cfg_scale, ar_steps, euler_steps):
   rank = jnp.argsort(order, axis=1)
   order = jnp.pad(order, ((0, 0), (0, width)), constant_values=n)           # n = no token
   lab2 = jnp.concatenate([labels, jnp.full_like(labels, cfg.num_classes)]) if guided else labels
+  params = M.cast_dense_weights(cfg, params)                                 # once per call
   c = M.class_encoder(cfg, params, lab2)                                     # once per call
 
   def step(x, xs):
