@@ -9,6 +9,7 @@ from flax import nnx
 from configs.lasad import get_config
 from lasad_jax import model as M
 from lasad_jax import sampling as S
+from lasad_jax.ops import lasad_attention
 
 # LlamaGen's GPTs as built (DESIGN.md §6), millions of parameters.
 LLAMAGEN = {"B": 110.9, "L": 342.9, "XL": 774.7, "XXL": 1411.0}
@@ -129,9 +130,17 @@ def test_remat_policies_give_the_same_gradients(attention):
     grads(remat=True, remat_policy="some")
 
 
-def test_kernel_sub_config_reaches_the_kernel():
-  """config.kernel_sub 16 and 32 (Pallas sub-chunks; 32 is the default) give the same logits."""
+def test_kernel_sub_config_reaches_the_kernel(monkeypatch):
+  """config.kernel_sub 16 and 32 (Pallas sub-chunks; 32 is the default) reach the kernel's block
+  sizes and give the same logits."""
   import ml_collections
+  seen = []
+
+  def spy(*a, **kw):
+    bs = kw.get("block_sizes")
+    seen.append(32 if bs is None else bs.sub)   # None: the kernel's defaults (sub 32)
+    return lasad_attention(*a, **kw)
+  monkeypatch.setattr(M, "lasad_attention", spy)
   tok = jax.random.randint(jax.random.key(2), (1, 40), 0, 17)
   c = get_config("tiny")
   c.impl = "pallas"
@@ -139,7 +148,9 @@ def test_kernel_sub_config_reaches_the_kernel():
   out = {}
   for sub in (16, 32):
     c.kernel_sub = sub
+    seen.clear()
     out[sub] = M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
+    assert seen and set(seen) == {sub}, seen
   np.testing.assert_allclose(np.asarray(out[32]), np.asarray(out[16]), rtol=1e-4, atol=1e-5)
   c.kernel_sub = 24
   with pytest.raises(ValueError, match="kernel_sub"):
