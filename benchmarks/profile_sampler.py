@@ -1,7 +1,7 @@
 """Where a generated token's time goes: GPU kernels of one sampling call, from a profiler trace.
 
     python benchmarks/profile_sampler.py [--variant L] [--attention lasad] [--grid 16]
-        [--top-k 2000] [--decode-impl auto] [--out benchmarks/results/profile_sampler_h100.json]
+        [--top-k 2000] [--decode-impl auto] [--top-k-impl sort] [--out benchmarks/results/profile_sampler_h100.json]
 
 Runs ``lasad_jax.sampling.sample`` once to compile, then once under ``jax.profiler.trace``, and
 sums the device plane's kernel events by name: calls and microseconds per generated token, and the
@@ -67,6 +67,7 @@ def main():
   ap.add_argument("--grid", type=int, default=16)
   ap.add_argument("--top-k", type=int, default=2000)
   ap.add_argument("--decode-impl", default="auto", help="auto | xla | pallas (config.decode_impl)")
+  ap.add_argument("--top-k-impl", default="sort", help="sort (lax.top_k) | select (Pallas)")
   ap.add_argument("--out", default="benchmarks/results/profile_sampler_h100.json")
   args = ap.parse_args()
   cfg = get_config(args.variant)
@@ -74,11 +75,12 @@ def main():
   cfg.decode_impl = args.decode_impl
   model = M.LASADGen(cfg, rngs=nnx.Rngs(0))
   labels = jnp.arange(8, dtype=jnp.int32) % cfg.num_classes
-  kw = dict(height=args.grid, width=args.grid, cfg_scale=4.0, top_k=args.top_k)
+  kw = dict(height=args.grid, width=args.grid, cfg_scale=4.0, top_k=args.top_k,
+            top_k_impl=args.top_k_impl)
   n = args.grid * args.grid
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   hlo = S._sample.lower(model.config, model.params(), labels, jax.random.key(0), n, args.grid,
-                        4.0, 1.0, args.top_k, 1.0).compile().as_text()
+                        4.0, 1.0, args.top_k, 1.0, args.top_k_impl).compile().as_text()
   with open(os.path.splitext(args.out)[0] + ".hlo.txt", "w") as f:
     f.write(hlo)
   jax.block_until_ready(S.sample(model, labels, rng=jax.random.key(0), **kw))

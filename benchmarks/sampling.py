@@ -2,7 +2,7 @@
 
     python benchmarks/sampling.py [--variant L] [--out benchmarks/results/sampling_h100.json]
         [--attentions lasad,softmax] [--top-k 2000] [--grids 16,32,64] [--unfused]
-        [--decode-impl auto|xla|pallas]
+        [--decode-impl auto|xla|pallas] [--top-k-impl sort|select]
 
 (a) ``--variant`` with CFG (scale 4, top-k 2000), 8 images at 16x16 tokens, random weights,
     bf16: first call (compile + run) and the median of later calls, images/s.
@@ -34,13 +34,13 @@ from lasad_jax import model as M  # noqa: E402
 from lasad_jax import sampling as S  # noqa: E402
 
 
-def compiled_temp_bytes(model, n_images, grid, cfg_scale, top_k):
+def compiled_temp_bytes(model, n_images, grid, cfg_scale, top_k, top_k_impl="sort"):
   """XLA's memory analysis of the compiled sampler: scratch bytes beyond parameters/outputs.
 
   Per grid, independent of what ran before (a process-wide peak only ever grows)."""
   labels = jnp.arange(n_images, dtype=jnp.int32) % model.config.num_classes
   lowered = S._sample.lower(model.config, model.params(), labels, jax.random.key(0), grid * grid,
-                            grid, cfg_scale, 1.0, top_k, 1.0)
+                            grid, cfg_scale, 1.0, top_k, 1.0, top_k_impl)
   mem = lowered.compile().memory_analysis()
   return getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
 
@@ -50,7 +50,7 @@ _FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "afte
          "partition-id", "replica-id", "opt-barrier"}
 
 
-def loop_kernels(model, n_images, grid, cfg_scale, top_k):
+def loop_kernels(model, n_images, grid, cfg_scale, top_k, top_k_impl="sort"):
   """Per computation of the compiled sampler that is not itself fused: its operations that launch
   work (fusion, custom-call (GEMMs), copy, ...) by opcode. Returns the largest such computation's
   counts: the token loop's body, run once per generated token."""
@@ -58,7 +58,7 @@ def loop_kernels(model, n_images, grid, cfg_scale, top_k):
   import re
   labels = jnp.arange(n_images, dtype=jnp.int32) % model.config.num_classes
   text = S._sample.lower(model.config, model.params(), labels, jax.random.key(0), grid * grid,
-                         grid, cfg_scale, 1.0, top_k, 1.0).compile().as_text()
+                         grid, cfg_scale, 1.0, top_k, 1.0, top_k_impl).compile().as_text()
   best, counts, fused = collections.Counter(), None, False
   for line in text.splitlines():
     if line and not line.startswith(" "):         # a computation header (or the module line)
@@ -75,17 +75,18 @@ def loop_kernels(model, n_images, grid, cfg_scale, top_k):
   return dict(best)
 
 
-def run(model, n_images, grid, cfg_scale, top_k, repeats):
+def run(model, n_images, grid, cfg_scale, top_k, repeats, top_k_impl="sort"):
   labels = jnp.arange(n_images, dtype=jnp.int32) % model.config.num_classes
   t0 = time.perf_counter()
   jax.block_until_ready(S.sample(model, labels, height=grid, width=grid, rng=jax.random.key(0),
-                                 cfg_scale=cfg_scale, top_k=top_k))
+                                 cfg_scale=cfg_scale, top_k=top_k, top_k_impl=top_k_impl))
   first = time.perf_counter() - t0
   times = []
   for i in range(repeats):
     t0 = time.perf_counter()
     jax.block_until_ready(S.sample(model, labels, height=grid, width=grid,
-                                   rng=jax.random.key(i + 1), cfg_scale=cfg_scale, top_k=top_k))
+                                   rng=jax.random.key(i + 1), cfg_scale=cfg_scale, top_k=top_k,
+                                   top_k_impl=top_k_impl))
     times.append(time.perf_counter() - t0)
   return first, statistics.median(times)
 
@@ -100,6 +101,7 @@ def main():
   ap.add_argument("--top-k", type=int, default=None, help="default 2000 (5 for tiny); 0 = off")
   ap.add_argument("--decode-impl", default="auto",
                   help="LASAD decode attention step: auto (Pallas kernel on GPU) | xla | pallas")
+  ap.add_argument("--top-k-impl", default="sort", help="sort (lax.top_k) | select (Pallas)")
   ap.add_argument("--unfused", action="store_true",
                   help="separate q/f/v and w1/w3 matmuls per layer (A/B against the default)")
   args = ap.parse_args()
@@ -113,7 +115,7 @@ def main():
   meta = dict(date=datetime.date.today().isoformat(), device=dev.device_kind,
               jax=jax.__version__, command="python benchmarks/sampling.py " + " ".join(sys.argv[1:]),
               xla_flags=os.environ.get("XLA_FLAGS", ""), fused_projections=not args.unfused,
-              decode_impl=args.decode_impl)
+              decode_impl=args.decode_impl, top_k_impl=args.top_k_impl)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
   def save():   # after every record: a run cut off by a time limit keeps what it measured
@@ -124,14 +126,14 @@ def main():
     cfg.attention = attention
     cfg.decode_impl = args.decode_impl
     model = M.LASADGen(cfg, rngs=nnx.Rngs(0))
-    first, med = run(model, 8, cfg.grid[0], 4.0, top_k, args.repeats)
+    first, med = run(model, 8, cfg.grid[0], 4.0, top_k, args.repeats, args.top_k_impl)
     rec = dict(kind="batch", attention=attention, images=8, grid=cfg.grid[0], cfg_scale=4.0,
                top_k=top_k, first_call_s=first, s_per_batch=med, images_per_s=8 / med)
     records.append(rec)
     save()
     print(f"(a) {attention:<8} 8 images {cfg.grid[0]}x{cfg.grid[0]} CFG 4 top-k {top_k}: first call "
           f"{first:.2f} s, then {med:.3f} s/batch ({8 / med:.1f} images/s)", flush=True)
-    ops = loop_kernels(model, 8, cfg.grid[0], 4.0, top_k)
+    ops = loop_kernels(model, 8, cfg.grid[0], 4.0, top_k, args.top_k_impl)
     records.append(dict(kind="loop_body", attention=attention, grid=cfg.grid[0], ops=ops))
     save()
     print(f"(c) {attention:<8} token loop body: {sum(ops.values())} launches per token "
@@ -139,12 +141,12 @@ def main():
           flush=True)
     for g in (int(x) for x in args.grids.split(",")):
       try:
-        first, med = run(model, 8, g, 4.0, top_k, max(1, args.repeats - 1))
+        first, med = run(model, 8, g, 4.0, top_k, max(1, args.repeats - 1), args.top_k_impl)
       except Exception as e:  # noqa: BLE001 -- e.g. the KV cache running out of memory
         print(f"(b) {attention:<8} {g}x{g}: failed: {type(e).__name__}: {str(e)[:150]}")
         continue
       n = g * g
-      temp = compiled_temp_bytes(model, 8, g, 4.0, top_k)
+      temp = compiled_temp_bytes(model, 8, g, 4.0, top_k, args.top_k_impl)
       rec = dict(kind="per_token", attention=attention, grid=g, tokens=n, s_per_batch=med,
                  ms_per_token=med / n * 1e3, compiled_temp_bytes=temp, first_call_s=first)
       records.append(rec)

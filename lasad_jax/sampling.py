@@ -14,10 +14,18 @@ import jax.numpy as jnp
 from lasad_jax import model as M
 
 
-def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
-  """Temperature, then top-k (0: off), then nucleus top-p (1.0: off) on [B, V] logits."""
+def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0, top_k_impl="sort"):
+  """Temperature, then top-k (0: off), then nucleus top-p (1.0: off) on [B, V] logits.
+
+  ``top_k_impl``: "sort" (``lax.top_k``) or "select" (``kernels.sampling.kth``: the k-th largest
+  value by a bitwise search in one Pallas program per row, the same threshold; opt-in, not yet
+  timed on a GPU)."""
   logits = logits / jnp.maximum(temperature, 1e-6)
-  if top_k:
+  if top_k and top_k_impl == "select":
+    from kernels.sampling.kth import kth_largest
+    kth = kth_largest(logits, top_k)
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  elif top_k:
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if top_p < 1.0:
@@ -32,7 +40,9 @@ def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
   return logits
 
 
-def _check(cfg, labels, height, width, cfg_scale, temperature, top_k, top_p):
+def _check(cfg, labels, height, width, cfg_scale, temperature, top_k, top_p, top_k_impl="sort"):
+  if top_k_impl not in ("sort", "select"):
+    raise ValueError(f"`top_k_impl` must be 'sort' or 'select', got {top_k_impl!r}.")
   if height <= 0 or width <= 0:
     raise ValueError(f"`height` and `width` must be positive token counts, got {height}x{width}.")
   if cfg_scale < 0:
@@ -48,16 +58,18 @@ def _check(cfg, labels, height, width, cfg_scale, temperature, top_k, top_p):
 
 
 def sample(model, labels, *, height, width, rng, cfg_scale=1.0, temperature=1.0, top_k=0,
-           top_p=1.0):
-  """Sample image tokens [B, height*width] int32 for class ``labels`` [B] (num_classes = null)."""
+           top_p=1.0, top_k_impl="sort"):
+  """Sample image tokens [B, height*width] int32 for class ``labels`` [B] (num_classes = null).
+  ``top_k_impl``: see ``filter_logits``."""
   cfg = model.config
-  labels = _check(cfg, labels, height, width, cfg_scale, temperature, top_k, top_p)
+  labels = _check(cfg, labels, height, width, cfg_scale, temperature, top_k, top_p, top_k_impl)
   return _sample(cfg, model.params(), labels, rng, height * width, width, float(cfg_scale),
-                 float(temperature), int(top_k), float(top_p))
+                 float(temperature), int(top_k), float(top_p), top_k_impl)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8, 9))
-def _sample(cfg, params, labels, rng, n, width, cfg_scale, temperature, top_k, top_p):
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8, 9, 10))
+def _sample(cfg, params, labels, rng, n, width, cfg_scale, temperature, top_k, top_p,
+            top_k_impl="sort"):
   b = labels.shape[0]
   guided = cfg_scale != 1.0
   params = M.cast_for_compute(cfg, params)
@@ -72,7 +84,8 @@ def _sample(cfg, params, labels, rng, n, width, cfg_scale, temperature, top_k, t
       c, u = logits[:b], logits[b:]
       logits = u + cfg_scale * (c - u)
     key, sub = jax.random.split(key)
-    tok = jax.random.categorical(sub, filter_logits(logits, temperature, top_k, top_p))
+    tok = jax.random.categorical(sub, filter_logits(logits, temperature, top_k, top_p,
+                                                    top_k_impl))
     return (state, tok.astype(jnp.int32), key), tok.astype(jnp.int32)
 
   init = (state, jnp.zeros((b,), jnp.int32), rng)

@@ -166,3 +166,14 @@ def test_decode_kernel_compiled_matches_xla_decode():
   print(f"decode kernel vs XLA decode (rel RMS vs float32 XLA): {errs}")
   assert errs["float32", "pallas"] < 2e-3, errs
   assert errs["bfloat16", "pallas"] <= 1.25 * errs["bfloat16", "xla"], errs
+
+
+def test_kth_largest_compiled_equals_top_k():
+  """kernels/sampling/kth.py compiled at LASADGen's vocabulary and top-k 2000 (not yet run on a
+  GPU when written, session 5)."""
+  from kernels.sampling.kth import kth_largest
+  x = jax.random.normal(jax.random.key(0), (8, 16384), jnp.float32) * 4
+  x = x.at[0, :100].set(jnp.round(x[0, :100]))
+  for k in (1, 2000, 16384):
+    ref = jax.lax.top_k(x, k)[0][:, -1:]
+    np.testing.assert_array_equal(np.asarray(kth_largest(x, k)), np.asarray(ref))

@@ -164,3 +164,31 @@ def test_sampler_with_decode_kernel_same_tokens():
     toks[impl] = np.asarray(S.sample(m, jnp.array([2, 9]), height=5, width=6, cfg_scale=2.0,
                                      top_k=3, rng=jax.random.key(4)))
   np.testing.assert_array_equal(toks["pallas"], toks["xla"])
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_kth_largest_equals_top_k(impl):
+  """kernels/sampling/kth.py: the k-th largest value of each row equals lax.top_k's, with ties,
+  +-inf, negative rows and k at both ends."""
+  from kernels.sampling.kth import kth_largest
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((4, 500)).astype(np.float32) * 5   # not a power of two: padded
+  x[0, :10] = np.inf
+  x[1] = np.round(x[1])                 # many ties
+  x[2, ::2] = -np.inf
+  x[3] = -np.abs(x[3]) - 100.0          # all negative
+  for k in (1, 2, 37, 256, 499, 500):
+    ref = np.asarray(jax.lax.top_k(jnp.asarray(x), k)[0][:, -1:])
+    np.testing.assert_array_equal(np.asarray(kth_largest(jnp.asarray(x), k, impl=impl)), ref)
+  with pytest.raises(ValueError, match="k must be"):
+    kth_largest(jnp.asarray(x), 0, impl=impl)
+
+
+def test_top_k_select_samples_the_same_tokens(model):
+  """filter_logits(top_k_impl="select") keeps exactly the sort's top-k set: same tokens."""
+  kw = dict(height=4, width=6, cfg_scale=3.0, top_k=5, rng=jax.random.key(8))
+  a = S.sample(model, jnp.array([1, 6]), **kw)
+  b = S.sample(model, jnp.array([1, 6]), top_k_impl="select", **kw)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="top_k_impl"):
+    S.sample(model, jnp.array([1]), top_k_impl="heap", **kw)
