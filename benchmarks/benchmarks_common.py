@@ -1,10 +1,14 @@
 """Timing helpers shared by the benchmark scripts (median ms after warm-up)."""
 
+import collections
+import glob
 import statistics
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
+from jax.profiler import ProfileData
 
 
 def time_jax(fn, *args, iters=20, warmup=3):
@@ -25,3 +29,40 @@ def inputs(shape, seed=0):
   g = jax.nn.log_sigmoid(jax.random.normal(ks[3], shape, jnp.float32)).astype(jnp.bfloat16)
   do = jax.random.normal(ks[4], shape, jnp.bfloat16)
   return q, k, v, g, do
+
+
+def device_kernels(xplane_path):
+  """{kernel name: [calls, total ns]} and (first start, last end, busy ns) over GPU planes."""
+  stats = collections.defaultdict(lambda: [0, 0.0])
+  spans = []
+  for plane in ProfileData.from_file(xplane_path).planes:
+    if not plane.name.startswith("/device:GPU"):
+      continue
+    for line in plane.lines:
+      if "stream" not in line.name.lower():   # kernels live on the stream lines
+        continue
+      for ev in line.events:
+        stats[ev.name][0] += 1
+        stats[ev.name][1] += ev.duration_ns
+        spans.append((ev.start_ns, ev.end_ns))
+  if not spans:
+    return {}, None
+  spans.sort()
+  busy, cur_s, cur_e = 0.0, *spans[0]
+  for s, e in spans[1:]:
+    if s > cur_e:
+      busy += cur_e - cur_s
+      cur_s, cur_e = s, e
+    else:
+      cur_e = max(cur_e, e)
+  busy += cur_e - cur_s
+  return dict(stats), (spans[0][0], max(e for _, e in spans), busy)
+
+
+def profile_call(fn):
+  """Runs ``fn()`` (already compiled) once under ``jax.profiler.trace``: (kernel stats, span) as
+  :func:`device_kernels` gives them; ({}, None) without a GPU plane."""
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      jax.block_until_ready(fn())
+    return device_kernels(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[-1])

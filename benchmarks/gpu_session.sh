@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the GPU runs recorded in BENCHMARKS.md / RESULTS.md executed, stage by stage, on the device
 # machine (its python3 has jax[cuda], torch; grain, ml_collections and fla come as wheels in .whl/).
-#   bash benchmarks/gpu_session.sh STAGE...   stages: tests train sampling profile sad fla ops parts lina
+#   bash benchmarks/gpu_session.sh STAGE...   stages: tests train sampling profile sad fla ops parts lina plina
 # Logs and JSON go to $OUT (default: ./out).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -37,6 +37,8 @@ for stage in "$@"; do
                 --out "$OUT/ops_h100.json" 2>&1 | tee "$OUT/ops.log" ;;
     parts)    timeout ${PARTS_TIMEOUT:-200} python3 benchmarks/ops_parts.py ${PARTS_ARGS:-} \
                 2>&1 | tee "$OUT/ops_parts.log" ;;
+    plina)    timeout ${PLINA_TIMEOUT:-300} python3 benchmarks/profile_lina.py ${PLINA_ARGS:-} \
+                --out "$OUT/profile_lina_h100${PLINA_TAG:-}.json" 2>&1 | tee "$OUT/profile_lina${PLINA_TAG:-}.log" ;;
     lina)     timeout ${LINA_TIMEOUT:-330} python3 benchmarks/lina.py ${LINA_ARGS:-} \
                 --out "$OUT/lina_h100.json" 2>&1 | tee "$OUT/lina.log" ;;
     *) echo "unknown stage $stage"; exit 2 ;;

@@ -54,12 +54,19 @@ def attn_fns(kind):
   return fwd, fb
 
 
-def time_sampler(cfg, batch, seed=0):
+def random_params(cfg, seed=0):
+  """Random weights with a non-zero head (LINA zero-inits its AdaLN / output layers)."""
   params = M.init_params(cfg, jax.random.key(seed))
-  leaves, tree = jax.tree.flatten(params)   # non-zero head (LINA zero-inits its AdaLN / output)
+  leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(tree, [x + 0.02 * jax.random.normal(k, x.shape)
-                                     for x, k in zip(leaves, keys)])
+  return jax.tree.unflatten(tree, [x + 0.02 * jax.random.normal(k, x.shape)
+                                   for x, k in zip(leaves, keys)])
+
+
+def time_sampler(cfg, batch, seed=0, params=None):
+  """(first call s, median of 3 further calls s) for ``flow.sample`` on ``batch`` images."""
+  if params is None:
+    params = random_params(cfg, seed)
   labels = np.arange(batch) % cfg.num_classes
   t0 = time.perf_counter()
   jax.block_until_ready(F.sample(cfg, params, labels, rng=jax.random.key(0)))
@@ -95,7 +102,7 @@ def main():
     for shape in ATTN_SHAPES:
       ks = jax.random.split(jax.random.key(0), 4)
       q, k, v, do = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in ks)
-      for kind in ("lina xla", "lina pallas", "cudnn softmax"):
+      for kind in ("lina xla", "lina split", "lina pallas", "cudnn softmax"):
         try:
           fwd, fb = attn_fns(kind)
           rec = dict(part="attention", impl=kind, shape=list(shape), dtype="bfloat16",
@@ -120,8 +127,9 @@ def main():
     for attention, opt in [("linear", o) for o in options] + [("softmax", None)]:
       c = get_config(variant)
       c.grid, c.attention = (side, side), attention
-      if opt is not None:
-        c.attn_impl, c.conv_impl = opt
+      if opt is not None:   # "auto" keeps the config's attn_impl
+        c.attn_impl = c.attn_impl if opt[0] == "auto" else opt[0]
+        c.conv_impl = opt[1]
       cfg = ml_collections.FrozenConfigDict(c)
       try:
         first, sec = time_sampler(cfg, batch)

@@ -12,52 +12,21 @@ the HLO is written.
 """
 
 import argparse
-import collections
 import datetime
-import glob
 import json
 import os
 import sys
-import tempfile
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.profiler import ProfileData  # noqa: E402
 
 from configs.lasad import get_config  # noqa: E402
 from lasad_jax import model as M  # noqa: E402
 from lasad_jax import sampling as S  # noqa: E402
-
-
-def device_kernels(xplane_path):
-  """{kernel name: [calls, total ns]} and (first start, last end, busy ns) over GPU planes."""
-  stats = collections.defaultdict(lambda: [0, 0.0])
-  spans = []
-  for plane in ProfileData.from_file(xplane_path).planes:
-    if not plane.name.startswith("/device:GPU"):
-      continue
-    for line in plane.lines:
-      if "stream" not in line.name.lower():   # kernels live on the stream lines
-        continue
-      for ev in line.events:
-        stats[ev.name][0] += 1
-        stats[ev.name][1] += ev.duration_ns
-        spans.append((ev.start_ns, ev.end_ns))
-  if not spans:
-    return {}, None
-  spans.sort()
-  busy, cur_s, cur_e = 0.0, *spans[0]
-  for s, e in spans[1:]:
-    if s > cur_e:
-      busy += cur_e - cur_s
-      cur_s, cur_e = s, e
-    else:
-      cur_e = max(cur_e, e)
-  busy += cur_e - cur_s
-  return dict(stats), (spans[0][0], max(e for _, e in spans), busy)
+from benchmarks_common import profile_call  # noqa: E402
 
 
 def main():
@@ -84,10 +53,7 @@ def main():
   with open(os.path.splitext(args.out)[0] + ".hlo.txt", "w") as f:
     f.write(hlo)
   jax.block_until_ready(S.sample(model, labels, rng=jax.random.key(0), **kw))
-  with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d):
-      jax.block_until_ready(S.sample(model, labels, rng=jax.random.key(1), **kw))
-    stats, span = device_kernels(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[-1])
+  stats, span = profile_call(lambda: S.sample(model, labels, rng=jax.random.key(1), **kw))
   rec = dict(meta=dict(date=datetime.date.today().isoformat(), device=jax.devices()[0].device_kind,
                        jax=jax.__version__, tokens=n,
                        command="python benchmarks/profile_sampler.py " + " ".join(sys.argv[1:])))

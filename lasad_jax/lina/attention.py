@@ -9,7 +9,8 @@ exactly LINA's gather of the visible tokens (its encoder blocks run on [conditio
 with static shapes: the outputs at masked positions are computed but meaningless. Cost O(N D^2)
 per head, no N x N matrix.
 
-``impl``: ``"xla"`` (default; the jnp form below, float32 einsums at ``Precision.HIGHEST``) or
+``impl``: ``"xla"`` (the jnp form below, float32 einsums at ``Precision.HIGHEST``), ``"split"``
+(the same float32 arithmetic on tensor cores, for bf16 inputs; see :func:`_split`) or
 ``"pallas"`` (``kernels/lina/pallas.py``: one fused kernel per (batch, head), forward only; its
 gradient differentiates the jnp form). The kernel is opt-in: on the H100 it is slower than the
 XLA form at every LINA shape measured (BENCHMARKS.md, 2026-11-23 session 4), so it is a tested
@@ -23,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 EPS = 1e-6
-IMPLS = ("xla", "pallas")
+IMPLS = ("xla", "split", "pallas")
+SPLIT_TERMS = 3
 
 
 def _check(q, k, v, key_scale, value_scale, mask):
@@ -67,6 +69,78 @@ def _xla(q, k, v, key_scale, value_scale, mask):
   return num / den
 
 
+def _bf16_terms(x, terms):
+  """x (float32) as ``terms`` bfloat16 pieces whose float32 sum is x to 8 * terms bits."""
+  out = []
+  for _ in range(terms):
+    hi = x.astype(jnp.bfloat16)
+    out.append(hi)
+    x = x - hi.astype(jnp.float32)
+  return out
+
+
+def _bf16_einsum(eq, a, b):
+  """bf16 x bf16 -> float32 einsum; XLA:CPU has no such dot, so there the (exact) bf16 values run
+  through a float32 einsum, which gives the same products and float32 sums."""
+  if jax.default_backend() == "cpu":
+    return jnp.einsum(eq, a.astype(jnp.float32), b.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)
+
+
+def _split(q, k, v, key_scale, value_scale, mask, terms=SPLIT_TERMS):
+  """The operator for bfloat16 q, k, v with both contractions on bf16 tensor cores, float32 exact
+  to rounding. relu of a bf16 number is a bf16 number, so with phi(x) = relu(x) + eps:
+
+      kv    = sum_n phi(k_n) a_n v_n^T = relu(k)^T u + eps * sum_n u_n,   u_n = a_n v_n (float32)
+      num_i = phi(q_i) . kv           = relu(q_i) . kv + eps * colsum(kv)
+
+  where a_n folds key_scale, value_scale, the mask and 1/count. The float32 operand (u, then kv)
+  is cut into ``terms`` bf16 pieces (24 bits for 3) stacked along the contracted axis, so each
+  contraction is one bf16 matmul with float32 accumulation whose products are exact: the result
+  matches the float32 einsums to float32 rounding (tested against float64), at tensor-core speed
+  instead of float32 CUDA-core speed. The denominators stay float32 elementwise reductions."""
+  f32 = jnp.float32
+  b, n, h, _ = q.shape
+  rq = jax.nn.relu(q.astype(jnp.bfloat16))
+  rk = jax.nn.relu(k.astype(jnp.bfloat16))
+  if mask is None:
+    w = jnp.full((b, n), 1.0 / n, f32)
+  else:
+    w = mask.astype(f32)
+    w = w / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1.0)
+  ak = w[:, :, None] * (1.0 if key_scale is None else jnp.swapaxes(key_scale, 0, 1).astype(f32))
+  av = ak * (1.0 if value_scale is None else jnp.swapaxes(value_scale, 0, 1).astype(f32))
+  u = v.astype(f32) * av[..., None]                                           # [B, N, H, V]
+  kv = _bf16_einsum("bnhk,bnhv->bhkv", jnp.concatenate([rk] * terms, axis=1),
+                    jnp.concatenate(_bf16_terms(u, terms), axis=1))
+  kv = kv + EPS * jnp.sum(u, axis=1)[:, :, None, :]                           # [B, H, K, V]
+  kmean = jnp.sum(rk.astype(f32) * ak[..., None], axis=1) + EPS * jnp.sum(ak, axis=1)[..., None]
+  num = _bf16_einsum("bnhk,bhkv->bnhv", jnp.concatenate([rq] * terms, axis=-1),
+                     jnp.concatenate(_bf16_terms(kv, terms), axis=2))
+  num = num + EPS * jnp.sum(kv, axis=2)[:, None]
+  den = jnp.sum(rq.astype(f32) * kmean[:, None], axis=-1) + EPS * jnp.sum(kmean, -1)[:, None]
+  return num / (den + EPS)[..., None]
+
+
+@jax.custom_vjp
+def _split_op(q, k, v, key_scale, value_scale, mask):
+  return _split(q, k, v, key_scale, value_scale, mask)
+
+
+def _split_fwd(q, k, v, key_scale, value_scale, mask):
+  return _split(q, k, v, key_scale, value_scale, mask), (q, k, v, key_scale, value_scale, mask)
+
+
+def _split_bwd(res, do):
+  # Differentiating the bf16 pieces would round cotangents to bf16; the float32 form's VJP keeps
+  # the gradient at float32 accuracy (as impl="pallas" does).
+  return jax.vjp(_xla, *res)[1](do)
+
+
+_split_op.defvjp(_split_fwd, _split_bwd)
+
+
 def _xla_qkv(qkv, key_scale, value_scale, mask):
   return _xla(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_scale, value_scale, mask)
 
@@ -108,7 +182,9 @@ def _run(q, k, v, key_scale, value_scale, mask, impl):
   b, n, h, d = q.shape[:2] + q.shape[-2:]
   if not _use_pallas(impl, d):
     if k is None:
-      return _xla_qkv(q, key_scale, value_scale, mask)
+      q, k, v = q[:, :, 0], q[:, :, 1], q[:, :, 2]
+    if impl == "split" and q.dtype == k.dtype == v.dtype == jnp.bfloat16:
+      return _split_op(q, k, v, key_scale, value_scale, mask)
     return _xla(q, k, v, key_scale, value_scale, mask)
   ones = jnp.ones((h, n), jnp.float32)
   return _pallas(q, k, v, ones if key_scale is None else key_scale,

@@ -127,7 +127,10 @@ def _block(cfg, p, x, *, mask=None, decoder=False):
     decoder = False
   else:
     ks, vs = (p["key_scale"], p["value_scale"]) if decoder else (None, None)
-    o = lina_attention_qkv(qkv, ks, vs, mask=mask, impl=cfg.get("attn_impl", "xla"))
+    # q, k, v in the compute dtype, as LINA's autocast Linear returns them; the operator then
+    # computes in float32.
+    o = lina_attention_qkv(qkv.astype(cfg.dtype), ks, vs, mask=mask,
+                           impl=cfg.get("attn_impl", "xla"))
     o = R.checkpoint_name(o, "attn_out")
     o = o.reshape(b, n, d).astype(jnp.dtype(cfg.dtype)).astype(jnp.float32)
   if decoder:
