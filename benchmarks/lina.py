@@ -43,7 +43,7 @@ ATTN_SHAPES = [(32, 320, 16, 96), (8, 1280, 16, 96), (2, 5120, 16, 96)]
 def attn_fns(kind):
   if kind.startswith("lina"):
     impl = kind.split()[1]
-    f = lambda q, k, v: lina_attention(q, k, v, impl=impl).astype(q.dtype)
+    f = lambda q, k, v: lina_attention(q, k, v, impl=impl, out_dtype=q.dtype)
   else:
     f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
   fwd = jax.jit(f)

@@ -2,31 +2,29 @@
 
     o_i = phi(q_i) . (mean_n k~_n v~_n^T) / (phi(q_i) . mean_n k~_n + 1e-6)   (see lina/attention.py)
 
-Why a kernel: written as XLA einsums the operator takes separate passes for phi, the gates, the
-two contractions (with layout transposes around them) and the division; at LINA's 256 px shapes
-that made it 1.4-2.8x slower than cuDNN softmax attention, and the whole sampler slower than the
-softmax variant at d48w1536 (BENCHMARKS.md). Here one program per (batch, head) reads k and v once
-to build kv [D, D] and sum k [D] in registers, then reads q once and writes o: two reads of the
-inputs' bytes and one write, nothing else in HBM.
+For bfloat16 q, k, v (what LINA's autocast Linear produces). With phi(x) = relu(x) + eps, relu of
+a bf16 number is a bf16 number, and the float32 operand of each contraction is cut into three bf16
+pieces (24 mantissa bits), so both contractions run as bf16 tensor-core dots with float32
+accumulation and exact products: float32 accuracy (tested against float64) at tensor-core speed.
+Writing a_n = mask_n key_scale_n value_scale_n / count and u_n = a_n v_n (float32):
 
-Status: opt-in (``lina_attention(..., impl="pallas")``). Measured on the H100 it is SLOWER than
-the XLA form: fwd 1.10 / 1.15 / 2.62 ms at (B, N, H, D) = (32, 320, 16, 96) / (8, 1280) /
-(2, 5120) vs XLA 0.64 / 0.59 / 0.64 ms. One program per (batch, head) walks N serially through
-small [64, 32] tiles (latency-bound; only B*H programs, 32 at the 1024 px shape). Next steps:
-split the kv accumulation over N blocks (a second pass sums them) and the output over column
-pieces, so the grid has B*H*(N/64) programs.
+    kv    = relu(k)^T u + eps U,                       U = sum_n u_n
+    num_i = relu(q_i) . R + eps (U |relu(q_i)|_1 + colsum(R) + K eps U),   R = relu(k)^T u
+    den_i = relu(q_i) . S + eps (A |relu(q_i)|_1 + sum(S) + K eps A) + eps
 
-Layout: any head dim D that is a multiple of 16. Triton tiles must be powers of two, so D is cut
-into P pieces of ``piece`` columns (96 = 3 x 32) and kv is held as P x P tiles. N is walked in
-blocks of ``block_n`` rows (padded up with masked-out rows when it does not divide).
+with S = relu(k)^T (a_n / value_scale_n) and A its weight sum (the key mean). Grid (B, H, D/piece):
+each program owns one ``piece``-column slice of the values, walks N once to build R[:, slice] and S
+in registers, then walks N again to write o[:, slice]. q, k, v are read from the fused
+[B, N, 3, H, D] projection (or separate arrays) in place: no transposes, no float32 copies, and the
+output is written in the caller's dtype (bf16 for the model).
 
-Precision: float32 everywhere as LINA; the contractions run as three bf16 tensor-core passes on
-hi / lo splits of their float32 operands (``kernels.lasad.pallas._sdot``; relative error ~1e-6,
-tested against float64), since Triton's IEEE float32 dots run without tensor cores.
+Triton tiles must be powers of two, so D is cut into P pieces of ``piece`` columns (96 = 3 x 32);
+N is walked in blocks of ``block_n`` rows (the wrapper pads N up with zero-weight rows when it does
+not divide). The same body runs under ``interpret=True`` on CPU, which is how CI tests it.
 
-Gradients: ``lina_pallas`` is a ``jax.custom_vjp`` whose backward differentiates the XLA form
-(recomputing it); the kernel is for inference and for forward-heavy work such as sampling.
-The same body runs under ``interpret=True`` on CPU, which is how CI tests it.
+Gradients: the custom_vjp in ``lasad_jax/lina/attention.py`` differentiates the float32 XLA form.
+History: a first version (session 4: one program per (batch, head), float32 operands split on both
+sides, 27 small dots per row block) was 1.7-6x slower than XLA and was replaced by this one.
 """
 
 import functools
@@ -37,10 +35,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.lasad.pallas import _sdot
-
 F32 = jnp.float32
+BF16 = jnp.bfloat16
 EPS = 1e-6
+TERMS = 3
 
 
 def piece_size(d):
@@ -51,57 +49,72 @@ def piece_size(d):
   return None
 
 
-def _kernel(q_ref, k_ref, v_ref, ks_ref, vs_ref, m_ref, o_ref, *, n, d, piece, block_n):
+def _terms(x):
+  """float32 x as TERMS bf16 pieces whose float32 sum is x to 8 * TERMS bits."""
+  out = []
+  for _ in range(TERMS):
+    hi = x.astype(BF16)
+    out.append(hi)
+    x = x - hi.astype(F32)
+  return out
+
+
+def _dot(a, b, trans_a=False):
+  dims = (((0 if trans_a else 1,), (0,)), ((), ()))
+  return lax.dot_general(a, b, dims, preferred_element_type=F32)
+
+
+def _kernel(q_ref, k_ref, v_ref, av_ref, ak_ref, o_ref, *, n, d, piece, block_n):
   parts = d // piece
+  c = pl.program_id(2)
   nb = n // block_n
 
-  def load(ref, i, a):
-    return ref[pl.ds(i * block_n, block_n), pl.ds(a * piece, piece)].astype(F32)
-
-  def phi(x):
-    return jnp.maximum(x, 0.0) + EPS
-
-  def dot(a, b, **kw):
-    return _sdot(a, b, jnp.bfloat16, True, **kw)
+  def relu_pieces(ref, rows):
+    return [jnp.maximum(ref[rows, pl.ds(a * piece, piece)], 0).astype(BF16) for a in range(parts)]
 
   def accumulate(i, carry):
-    kv, ksum, cnt = carry
+    r, s, usum, asum = carry
     rows = pl.ds(i * block_n, block_n)
-    m = m_ref[rows].astype(F32)
-    wk = (ks_ref[rows].astype(F32) * m)[:, None]
-    wv = vs_ref[rows].astype(F32)[:, None]
-    kp = [phi(load(k_ref, i, a)) * wk for a in range(parts)]
-    vp = [load(v_ref, i, c) * wv for c in range(parts)]
-    kv = [[kv[a][c] + dot(kp[a], vp[c], trans_a=True) for c in range(parts)]
-          for a in range(parts)]
-    ksum = [ksum[a] + jnp.sum(kp[a], axis=0) for a in range(parts)]
-    return kv, ksum, cnt + jnp.sum(m)
+    kp = relu_pieces(k_ref, rows)
+    av = av_ref[rows]
+    ak = ak_ref[rows]
+    u = v_ref[rows, pl.ds(c * piece, piece)].astype(F32) * av[:, None]
+    ut = _terms(u)
+    r = [r[a] + sum(_dot(kp[a], t, trans_a=True) for t in ut) for a in range(parts)]
+    s = [s[a] + jnp.sum(kp[a].astype(F32) * ak[:, None], axis=0) for a in range(parts)]
+    return r, s, usum + jnp.sum(u, axis=0), asum + jnp.sum(ak)
 
-  zero = jnp.zeros((piece, piece), F32)
-  init = ([[zero] * parts for _ in range(parts)], [jnp.zeros((piece,), F32)] * parts,
-          jnp.zeros((), F32))
-  kv, ksum, cnt = lax.fori_loop(0, nb, accumulate, init)
-  inv = 1.0 / jnp.maximum(cnt, 1.0)
-  kv = [[t * inv for t in row] for row in kv]
-  kmean = [s * inv for s in ksum]
+  init = ([jnp.zeros((piece, piece), F32)] * parts, [jnp.zeros((piece,), F32)] * parts,
+          jnp.zeros((piece,), F32), jnp.zeros((), F32))
+  r, s, usum, asum = lax.fori_loop(0, nb, accumulate, init)
+  rt = [_terms(x) for x in r]
+  rcol = sum(jnp.sum(x, axis=0) for x in r)                       # colsum(R) [piece]
+  ssum = sum(jnp.sum(x) for x in s)
+  num_c = EPS * rcol + (d * EPS * EPS) * usum
+  den_c = EPS * ssum + d * EPS * EPS * asum + EPS
 
   def emit(i, _):
     rows = pl.ds(i * block_n, block_n)
-    qp = [phi(load(q_ref, i, a)) for a in range(parts)]
-    den = sum(jnp.sum(qp[a] * kmean[a][None, :], axis=1) for a in range(parts)) + EPS
-    for c in range(parts):
-      num = sum(dot(qp[a], kv[a][c]) for a in range(parts))
-      o_ref[rows, pl.ds(c * piece, piece)] = (num / den[:, None]).astype(o_ref.dtype)
+    qp = relu_pieces(q_ref, rows)
+    q32 = [x.astype(F32) for x in qp]
+    l1 = sum(jnp.sum(x, axis=1) for x in q32)                      # |relu(q_i)|_1 [block_n]
+    num = sum(_dot(qp[a], t) for a in range(parts) for t in rt[a])
+    num = num + (EPS * l1)[:, None] * usum[None, :] + num_c[None, :]
+    den = sum(jnp.sum(q32[a] * s[a][None, :], axis=1) for a in range(parts))
+    den = den + EPS * asum * l1 + den_c
+    o_ref[rows, :] = (num / den[:, None]).astype(o_ref.dtype)
     return 0
 
   lax.fori_loop(0, nb, emit, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("fused", "block_n", "num_warps", "interpret"))
-def lina_forward(q, k, v, key_scale, value_scale, mask, *, fused=False, block_n=64, num_warps=4,
-                 interpret=False):
+@functools.partial(jax.jit, static_argnames=("fused", "out_dtype", "block_n", "num_warps",
+                                             "interpret"))
+def lina_forward(q, k, v, key_scale, value_scale, mask, *, fused=False, out_dtype=F32,
+                 block_n=64, num_warps=4, interpret=False):
   """The kernel. Either q, k, v [B, N, H, D] or (``fused=True``) q = qkv [B, N, 3, H, D] with k, v
-  None; key_scale, value_scale [H, N], mask [B, N] float32 (ones where unused). -> [B, N, H, D] f32."""
+  None, all bf16; key_scale, value_scale [H, N] float32 or None; mask [B, N] or None.
+  -> [B, N, H, D] in ``out_dtype``."""
   if fused:
     b, n, _, h, d = q.shape
   else:
@@ -110,32 +123,38 @@ def lina_forward(q, k, v, key_scale, value_scale, mask, *, fused=False, block_n=
   if piece is None:
     raise ValueError(f"the LINA Pallas kernel needs a head dim that is a multiple of 16, got {d}; "
                      f"use impl='xla'.")
+  # Row weights (tiny [B, H, N] float32 arrays): ak weights phi(k) in the key mean, av = ak *
+  # value_scale weights phi(k) v^T in the kv mean.
+  w = jnp.ones((b, n), F32) if mask is None else mask.astype(F32)
+  w = w / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1.0)
+  ak = jnp.broadcast_to(w[:, None, :], (b, h, n))
+  if key_scale is not None:
+    ak = ak * key_scale.astype(F32)[None]
+  av = ak if value_scale is None else ak * value_scale.astype(F32)[None]
   pad = -n % block_n
-  if pad:
-    npad = lambda x, axis, value=0.0: jnp.pad(
-        x, [(0, pad) if i == axis else (0, 0) for i in range(x.ndim)], constant_values=value)
+  if pad:   # zero-weight rows: relu(0) = 0 and a = 0, so they add nothing
+    def npad(x, axis):
+      return jnp.pad(x, [(0, pad) if i == axis else (0, 0) for i in range(x.ndim)])
     q = npad(q, 1)
     if not fused:
       k, v = npad(k, 1), npad(v, 1)
-    key_scale, value_scale = npad(key_scale, 1, 1.0), npad(value_scale, 1, 1.0)
-    mask = npad(mask, 1)
+    ak, av = npad(ak, 2), npad(av, 2)
   t = n + pad
   if fused:
-    specs = [pl.BlockSpec((None, t, None, None, d), lambda i, j, s=s: (i, 0, s, j, 0))
+    specs = [pl.BlockSpec((None, t, None, None, d), lambda i, j, c, s=s: (i, 0, s, j, 0))
              for s in range(3)]
     args = (q, q, q)
   else:
-    specs = [pl.BlockSpec((None, t, None, d), lambda i, j: (i, 0, j, 0))] * 3
+    specs = [pl.BlockSpec((None, t, None, d), lambda i, j, c: (i, 0, j, 0))] * 3
     args = (q, k, v)
-  row_h = pl.BlockSpec((None, t), lambda i, j: (j, 0))
-  row_b = pl.BlockSpec((None, t), lambda i, j: (i, 0))
+  row = pl.BlockSpec((None, None, t), lambda i, j, c: (i, j, 0))
   kern = functools.partial(_kernel, n=t, d=d, piece=piece, block_n=block_n)
   out = pl.pallas_call(
-      kern, grid=(b, h),
-      in_specs=specs + [row_h, row_h, row_b],
-      out_specs=pl.BlockSpec((None, t, None, d), lambda i, j: (i, 0, j, 0)),
-      out_shape=jax.ShapeDtypeStruct((b, t, h, d), F32),
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+      kern, grid=(b, h, d // piece),
+      in_specs=specs + [row, row],
+      out_specs=pl.BlockSpec((None, t, None, piece), lambda i, j, c: (i, 0, j, c)),
+      out_shape=jax.ShapeDtypeStruct((b, t, h, d), out_dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
       interpret=interpret, name="lina_attention",
-  )(*args, key_scale.astype(F32), value_scale.astype(F32), mask.astype(F32))
+  )(*args, av, ak)
   return out[:, :n] if pad else out

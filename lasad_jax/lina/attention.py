@@ -10,12 +10,14 @@ with static shapes: the outputs at masked positions are computed but meaningless
 per head, no N x N matrix.
 
 ``impl``: ``"xla"`` (the jnp form below, float32 einsums at ``Precision.HIGHEST``), ``"split"``
-(the same float32 arithmetic on tensor cores, for bf16 inputs; see :func:`_split`) or
-``"pallas"`` (``kernels/lina/pallas.py``: one fused kernel per (batch, head), forward only; its
-gradient differentiates the jnp form). The kernel is opt-in: on the H100 it is slower than the
-XLA form at every LINA shape measured (BENCHMARKS.md, 2026-11-23 session 4), so it is a tested
-starting point, not the default. ``lina_attention_qkv`` takes the fused projection
-[B, N, 3, H, D] as the model produces it, so the kernel reads q, k, v without slicing copies.
+(the same float32 arithmetic as bf16 tensor-core einsums, see :func:`_split`) or ``"pallas"``
+(``kernels/lina/pallas.py``: one fused forward kernel reading the fused projection in place, same
+arithmetic as ``"split"``). ``"split"`` and ``"pallas"`` apply to bfloat16 q, k, v (LINA's autocast
+Linear outputs); float32 inputs take the ``"xla"`` form. All three are float32-accurate (tests
+against float64) and share the float32 form's gradient. ``out_dtype`` (default float32) is the
+output's dtype; the kernel writes it directly (the model asks for bf16, which its output
+projection takes). ``lina_attention_qkv`` takes the fused projection [B, N, 3, H, D] as the model
+produces it.
 """
 
 import functools
@@ -145,19 +147,21 @@ def _xla_qkv(qkv, key_scale, value_scale, mask):
   return _xla(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_scale, value_scale, mask)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _pallas(q, k, v, key_scale, value_scale, mask, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _pallas(q, k, v, key_scale, value_scale, mask, out_dtype, interpret):
   from kernels.lina.pallas import lina_forward
-  return lina_forward(q, k, v, key_scale, value_scale, mask, fused=k is None, interpret=interpret)
+  return lina_forward(q, k, v, key_scale, value_scale, mask, fused=k is None,
+                      out_dtype=out_dtype, interpret=interpret)
 
 
-def _pallas_fwd(q, k, v, key_scale, value_scale, mask, interpret):
-  return _pallas(q, k, v, key_scale, value_scale, mask, interpret), (q, k, v, key_scale,
-                                                                      value_scale, mask)
+def _pallas_fwd(q, k, v, key_scale, value_scale, mask, out_dtype, interpret):
+  out = _pallas(q, k, v, key_scale, value_scale, mask, out_dtype, interpret)
+  return out, (q, k, v, key_scale, value_scale, mask)
 
 
-def _pallas_bwd(interpret, res, do):
+def _pallas_bwd(out_dtype, interpret, res, do):
   q, k, v, key_scale, value_scale, mask = res
+  do = do.astype(jnp.float32)
   if k is None:   # fused [B, N, 3, H, D]
     _, vjp = jax.vjp(_xla_qkv, q, key_scale, value_scale, mask)
     dq, dks, dvs, dm = vjp(do)
@@ -169,44 +173,42 @@ def _pallas_bwd(interpret, res, do):
 _pallas.defvjp(_pallas_fwd, _pallas_bwd)
 
 
-def _use_pallas(impl, d):
+def _run(q, k, v, key_scale, value_scale, mask, impl, out_dtype):
   if impl not in IMPLS:
     raise ValueError(f"`impl` must be one of {IMPLS}, got {impl!r}.")
+  d = q.shape[-1]
   if impl == "pallas" and d % 16:
     raise ValueError(f"impl='pallas' needs a head dim that is a multiple of 16, got {d}; "
                      f"use impl='xla'.")
-  return impl == "pallas"
+  out_dtype = jnp.dtype(out_dtype)
+  bf16 = all(x is None or x.dtype == jnp.bfloat16 for x in (q, k, v))
+  if impl == "pallas" and bf16:
+    return _pallas(q, k, v, key_scale, value_scale, mask, out_dtype,
+                   jax.default_backend() != "gpu")
+  if k is None:
+    q, k, v = q[:, :, 0], q[:, :, 1], q[:, :, 2]
+  if impl in ("split", "pallas") and bf16:
+    return _split_op(q, k, v, key_scale, value_scale, mask).astype(out_dtype)
+  return _xla(q, k, v, key_scale, value_scale, mask).astype(out_dtype)
 
 
-def _run(q, k, v, key_scale, value_scale, mask, impl):
-  b, n, h, d = q.shape[:2] + q.shape[-2:]
-  if not _use_pallas(impl, d):
-    if k is None:
-      q, k, v = q[:, :, 0], q[:, :, 1], q[:, :, 2]
-    if impl == "split" and q.dtype == k.dtype == v.dtype == jnp.bfloat16:
-      return _split_op(q, k, v, key_scale, value_scale, mask)
-    return _xla(q, k, v, key_scale, value_scale, mask)
-  ones = jnp.ones((h, n), jnp.float32)
-  return _pallas(q, k, v, ones if key_scale is None else key_scale,
-                 ones if value_scale is None else value_scale,
-                 jnp.ones((b, n), jnp.float32) if mask is None else mask.astype(jnp.float32),
-                 jax.default_backend() != "gpu")
-
-
-def lina_attention(q, k, v, key_scale=None, value_scale=None, *, mask=None, impl="xla"):
-  """q, k [B, N, H, K], v [B, N, H, V] -> o [B, N, H, V] float32 (see module docstring)."""
+def lina_attention(q, k, v, key_scale=None, value_scale=None, *, mask=None, impl="xla",
+                   out_dtype=jnp.float32):
+  """q, k [B, N, H, K], v [B, N, H, V] -> o [B, N, H, V] in ``out_dtype`` (computed in float32;
+  see the module docstring)."""
   _check(q, k, v, key_scale, value_scale, mask)
   if impl == "pallas" and k.shape[-1] != v.shape[-1]:
     raise ValueError(f"impl='pallas' needs equal key and value head dims (square kv tiles), got "
                      f"{k.shape[-1]} and {v.shape[-1]}; use impl='xla'.")
-  return _run(q, k, v, key_scale, value_scale, mask, impl)
+  return _run(q, k, v, key_scale, value_scale, mask, impl, out_dtype)
 
 
-def lina_attention_qkv(qkv, key_scale=None, value_scale=None, *, mask=None, impl="xla"):
-  """The same on the fused projection qkv [B, N, 3, H, D] -> o [B, N, H, D] float32."""
+def lina_attention_qkv(qkv, key_scale=None, value_scale=None, *, mask=None, impl="xla",
+                       out_dtype=jnp.float32):
+  """The same on the fused projection qkv [B, N, 3, H, D] -> o [B, N, H, D]."""
   if getattr(qkv, "ndim", None) != 5 or qkv.shape[2] != 3:
     raise ValueError(f"`qkv` must have shape [B, N, 3, H, D], got "
                      f"{getattr(qkv, 'shape', type(qkv).__name__)}.")
   q = qkv[:, :, 0]
   _check(q, q, q, key_scale, value_scale, mask)
-  return _run(qkv, None, None, key_scale, value_scale, mask, impl)
+  return _run(qkv, None, None, key_scale, value_scale, mask, impl, out_dtype)

@@ -130,9 +130,9 @@ def _block(cfg, p, x, *, mask=None, decoder=False):
     # q, k, v in the compute dtype, as LINA's autocast Linear returns them; the operator then
     # computes in float32.
     o = lina_attention_qkv(qkv.astype(cfg.dtype), ks, vs, mask=mask,
-                           impl=cfg.get("attn_impl", "xla"))
+                           impl=cfg.get("attn_impl", "xla"), out_dtype=cfg.dtype)
     o = R.checkpoint_name(o, "attn_out")
-    o = o.reshape(b, n, d).astype(jnp.dtype(cfg.dtype)).astype(jnp.float32)
+    o = o.reshape(b, n, d).astype(jnp.float32)
   if decoder:
     h, w = cfg.grid
     nc = n - h * w
