@@ -83,8 +83,11 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default="benchmarks/results/lina_h100.json")
   ap.add_argument("--skip", default="")
+  ap.add_argument("--kernel-variants", default="",
+                  help="also time kernels/lina/pallas.py lina_forward at block_n/num_warps/"
+                       "value_pieces settings, e.g. 64/4/1,64/8/3 (bf16 out)")
   ap.add_argument("--linear", default="auto/shift",
-                  help="comma-separated attn_impl/conv_impl pairs for the linear sampler runs")
+                  help="comma-separated attn_impl/conv_impl[/conv_dtype] for the linear sampler runs")
   args = ap.parse_args()
   skip = set(args.skip.split(","))
   dev = jax.devices()[0]
@@ -115,6 +118,28 @@ def main():
               f"{rec['fb_ms']:.3f} ms", flush=True)
         save()
 
+  if args.kernel_variants and "attn" not in skip:
+    from kernels.lina.pallas import lina_forward
+    for shape in ATTN_SHAPES:
+      ks = jax.random.split(jax.random.key(0), 3)
+      q, k, v = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in ks)
+      for spec in args.kernel_variants.split(","):
+        bn, nw, vp = (int(x) for x in spec.split("/"))
+        if shape[-1] // 32 % vp:
+          continue
+        fwd = jax.jit(lambda q, k, v, bn=bn, nw=nw, vp=vp: lina_forward(
+            q, k, v, None, None, None, out_dtype=q.dtype, block_n=bn, num_warps=nw,
+            value_pieces=vp))
+        try:
+          ms = time_jax(fwd, q, k, v)
+        except Exception as e:  # noqa: BLE001
+          print(f"  kernel {spec} {shape}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+          continue
+        records.append(dict(part="kernel", impl=f"lina pallas {spec}", shape=list(shape),
+                            dtype="bfloat16", fwd_ms=ms))
+        print(f"  kernel block_n/warps/value_pieces {spec:<8} {shape}: fwd {ms:.3f} ms", flush=True)
+        save()
+
   runs = []
   if "256" not in skip:
     runs += [("d48w768", 16, 8)]
@@ -130,6 +155,8 @@ def main():
       if opt is not None:   # "auto" keeps the config's attn_impl
         c.attn_impl = c.attn_impl if opt[0] == "auto" else opt[0]
         c.conv_impl = opt[1]
+        if len(opt) > 2:
+          c.conv_dtype = opt[2]
       cfg = ml_collections.FrozenConfigDict(c)
       try:
         first, sec = time_sampler(cfg, batch)

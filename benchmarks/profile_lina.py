@@ -34,7 +34,7 @@ def main():
   ap.add_argument("--grid", type=int, default=16)
   ap.add_argument("--images", type=int, default=8)
   ap.add_argument("--linear", default="auto/shift",
-                  help="comma-separated attn_impl/conv_impl pairs ('auto' keeps the config's)")
+                  help="comma-separated attn_impl/conv_impl[/conv_dtype] triples ('auto' keeps the config's)")
   ap.add_argument("--skip-softmax", action="store_true")
   ap.add_argument("--top", type=int, default=40)
   ap.add_argument("--hlo", action="store_true",
@@ -57,6 +57,8 @@ def main():
     if opt is not None:
       c.attn_impl = c.attn_impl if opt[0] == "auto" else opt[0]
       c.conv_impl = opt[1]
+      if len(opt) > 2:
+        c.conv_dtype = opt[2]
     cfg = ml_collections.FrozenConfigDict(c)
     params = random_params(cfg)
     first, sec = time_sampler(cfg, args.images, params=params)

@@ -74,6 +74,10 @@ def test_pallas_kernel_vs_float64(n, d, gates, masked):
   assert rel_rms(o[keep], ref[keep]) < 1e-6
   o2 = np.asarray(lina_attention_qkv(jnp.stack([q, k, v], 2), ks, vs, mask=mask, impl="pallas"))
   np.testing.assert_array_equal(o2, o)
+  if d == 96:   # one program per (b, h) (all three value pieces) and 32-row blocks
+    from kernels.lina.pallas import lina_forward
+    o4 = lina_forward(q, k, v, ks, vs, mask, value_pieces=3, block_n=32, interpret=True)
+    assert rel_rms(np.asarray(o4)[keep], ref[keep]) < 1e-6
   o3 = lina_attention_qkv(jnp.stack([q, k, v], 2), ks, vs, mask=mask, impl="pallas",
                           out_dtype=jnp.bfloat16)
   assert o3.dtype == jnp.bfloat16
@@ -462,6 +466,15 @@ def test_depthwise_conv_impls_agree():
   a = M.depthwise_conv5(img, w, "shift")
   b = M.depthwise_conv5(img, w, "xla")
   assert rel_rms(b, a) < 1e-6
+  # bf16 inputs (LINA's autocast conv): both impls sum the same bf16 products in float32
+  a16 = M.depthwise_conv5(img, w, "shift", jnp.bfloat16)
+  b16 = M.depthwise_conv5(img, w, "xla", jnp.bfloat16)
+  assert a16.dtype == b16.dtype == jnp.float32
+  assert rel_rms(b16, a16) < 1e-6
+  r16 = M.depthwise_conv5(np.asarray(jnp.asarray(img, jnp.bfloat16), np.float32),
+                          np.asarray(jnp.asarray(w, jnp.bfloat16), np.float32), "shift")
+  np.testing.assert_allclose(np.asarray(a16), np.asarray(r16), rtol=1e-6, atol=1e-6)
+  assert 1e-4 < rel_rms(a16, a) < 1e-2    # it is a different (bf16-rounded) conv
   with pytest.raises(ValueError, match="conv_impl"):
     M.depthwise_conv5(img, w, "fft")
 

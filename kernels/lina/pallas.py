@@ -64,7 +64,8 @@ def _dot(a, b, trans_a=False):
   return lax.dot_general(a, b, dims, preferred_element_type=F32)
 
 
-def _kernel(q_ref, k_ref, v_ref, av_ref, ak_ref, o_ref, *, n, d, piece, block_n):
+def _kernel(q_ref, k_ref, v_ref, av_ref, ak_ref, o_ref, *, n, d, piece, vp, block_n):
+  """One program: the values' columns [c * vp * piece, (c + 1) * vp * piece) of one (b, h)."""
   parts = d // piece
   c = pl.program_id(2)
   nb = n // block_n
@@ -78,43 +79,50 @@ def _kernel(q_ref, k_ref, v_ref, av_ref, ak_ref, o_ref, *, n, d, piece, block_n)
     kp = relu_pieces(k_ref, rows)
     av = av_ref[rows]
     ak = ak_ref[rows]
-    u = v_ref[rows, pl.ds(c * piece, piece)].astype(F32) * av[:, None]
-    ut = _terms(u)
-    r = [r[a] + sum(_dot(kp[a], t, trans_a=True) for t in ut) for a in range(parts)]
+    u = [v_ref[rows, pl.ds((c * vp + j) * piece, piece)].astype(F32) * av[:, None]
+         for j in range(vp)]
+    ut = [_terms(x) for x in u]
+    r = [[r[a][j] + sum(_dot(kp[a], t, trans_a=True) for t in ut[j]) for j in range(vp)]
+         for a in range(parts)]
     s = [s[a] + jnp.sum(kp[a].astype(F32) * ak[:, None], axis=0) for a in range(parts)]
-    return r, s, usum + jnp.sum(u, axis=0), asum + jnp.sum(ak)
+    usum = [usum[j] + jnp.sum(u[j], axis=0) for j in range(vp)]
+    return r, s, usum, asum + jnp.sum(ak)
 
-  init = ([jnp.zeros((piece, piece), F32)] * parts, [jnp.zeros((piece,), F32)] * parts,
-          jnp.zeros((piece,), F32), jnp.zeros((), F32))
+  zt = jnp.zeros((piece, piece), F32)
+  zv = jnp.zeros((piece,), F32)
+  init = ([[zt] * vp for _ in range(parts)], [zv] * parts, [zv] * vp, jnp.zeros((), F32))
   r, s, usum, asum = lax.fori_loop(0, nb, accumulate, init)
-  rt = [_terms(x) for x in r]
-  rcol = sum(jnp.sum(x, axis=0) for x in r)                       # colsum(R) [piece]
+  rt = [[_terms(x) for x in row] for row in r]
   ssum = sum(jnp.sum(x) for x in s)
-  num_c = EPS * rcol + (d * EPS * EPS) * usum
   den_c = EPS * ssum + d * EPS * EPS * asum + EPS
+  # eps terms of num: eps (colsum(R) + K eps U) per column, plus eps U |relu(q_i)|_1 per row
+  num_c = [EPS * sum(jnp.sum(r[a][j], axis=0) for a in range(parts)) + (d * EPS * EPS) * usum[j]
+           for j in range(vp)]
 
   def emit(i, _):
     rows = pl.ds(i * block_n, block_n)
     qp = relu_pieces(q_ref, rows)
     q32 = [x.astype(F32) for x in qp]
     l1 = sum(jnp.sum(x, axis=1) for x in q32)                      # |relu(q_i)|_1 [block_n]
-    num = sum(_dot(qp[a], t) for a in range(parts) for t in rt[a])
-    num = num + (EPS * l1)[:, None] * usum[None, :] + num_c[None, :]
     den = sum(jnp.sum(q32[a] * s[a][None, :], axis=1) for a in range(parts))
     den = den + EPS * asum * l1 + den_c
-    o_ref[rows, :] = (num / den[:, None]).astype(o_ref.dtype)
+    for j in range(vp):
+      num = sum(_dot(qp[a], t) for a in range(parts) for t in rt[a][j])
+      num = num + (EPS * l1)[:, None] * usum[j][None, :] + num_c[j][None, :]
+      o_ref[rows, pl.ds(j * piece, piece)] = (num / den[:, None]).astype(o_ref.dtype)
     return 0
 
   lax.fori_loop(0, nb, emit, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("fused", "out_dtype", "block_n", "num_warps",
-                                             "interpret"))
+                                             "value_pieces", "interpret"))
 def lina_forward(q, k, v, key_scale, value_scale, mask, *, fused=False, out_dtype=F32,
-                 block_n=64, num_warps=4, interpret=False):
+                 block_n=64, num_warps=4, value_pieces=1, interpret=False):
   """The kernel. Either q, k, v [B, N, H, D] or (``fused=True``) q = qkv [B, N, 3, H, D] with k, v
   None, all bf16; key_scale, value_scale [H, N] float32 or None; mask [B, N] or None.
-  -> [B, N, H, D] in ``out_dtype``."""
+  -> [B, N, H, D] in ``out_dtype``. ``value_pieces``: value column pieces per program (1: grid
+  B x H x D/piece, k and q re-read per piece; D/piece: one program per (b, h))."""
   if fused:
     b, n, _, h, d = q.shape
   else:
@@ -131,6 +139,10 @@ def lina_forward(q, k, v, key_scale, value_scale, mask, *, fused=False, out_dtyp
   if key_scale is not None:
     ak = ak * key_scale.astype(F32)[None]
   av = ak if value_scale is None else ak * value_scale.astype(F32)[None]
+  parts = d // piece
+  if parts % value_pieces:
+    raise ValueError(f"value_pieces={value_pieces} must divide the {parts} column pieces of head "
+                     f"dim {d}")
   pad = -n % block_n
   if pad:   # zero-weight rows: relu(0) = 0 and a = 0, so they add nothing
     def npad(x, axis):
@@ -148,11 +160,12 @@ def lina_forward(q, k, v, key_scale, value_scale, mask, *, fused=False, out_dtyp
     specs = [pl.BlockSpec((None, t, None, d), lambda i, j, c: (i, 0, j, 0))] * 3
     args = (q, k, v)
   row = pl.BlockSpec((None, None, t), lambda i, j, c: (i, j, 0))
-  kern = functools.partial(_kernel, n=t, d=d, piece=piece, block_n=block_n)
+  kern = functools.partial(_kernel, n=t, d=d, piece=piece, vp=value_pieces, block_n=block_n)
+  cols = piece * value_pieces
   out = pl.pallas_call(
-      kern, grid=(b, h, d // piece),
+      kern, grid=(b, h, parts // value_pieces),
       in_specs=specs + [row, row],
-      out_specs=pl.BlockSpec((None, t, None, piece), lambda i, j, c: (i, 0, j, c)),
+      out_specs=pl.BlockSpec((None, t, None, cols), lambda i, j, c: (i, 0, j, c)),
       out_shape=jax.ShapeDtypeStruct((b, t, h, d), out_dtype),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
       interpret=interpret, name="lina_attention",

@@ -91,23 +91,27 @@ def num_cond(cfg):
 
 
 # --------------------------------------------------------------------------- blocks
-def depthwise_conv5(img, w, impl="shift"):
-  """5 x 5 depthwise conv, zero padding 2: img [B, h, w, D], w [5, 5, D], float32. ``impl="shift"``:
-  25 shifted multiply-adds (XLA's grouped-conv gradient is very slow on CPU); ``"xla"``:
-  ``lax.conv_general_dilated`` with one group per channel."""
+def depthwise_conv5(img, w, impl="shift", dtype=jnp.float32):
+  """5 x 5 depthwise conv, zero padding 2: img [B, h, w, D], w [5, 5, D] -> float32. Inputs and
+  weights are rounded to ``dtype`` (float32 by default; bfloat16 is what LINA's autocast conv
+  sees), products are summed in float32. ``impl="shift"``: 25 shifted multiply-adds (XLA's
+  grouped-conv gradient is very slow on CPU); ``"xla"``: ``lax.conv_general_dilated`` with one
+  group per channel."""
+  dtype = jnp.dtype(dtype)
   if impl == "xla":
     return jax.lax.conv_general_dilated(
-        img.astype(jnp.float32), w.astype(jnp.float32)[:, :, None, :], (1, 1), ((2, 2), (2, 2)),
+        img.astype(dtype), w.astype(dtype)[:, :, None, :], (1, 1), ((2, 2), (2, 2)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=img.shape[-1],
-        precision=jax.lax.Precision.HIGHEST)
+        precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
   if impl != "shift":
     raise ValueError(f"config.conv_impl must be 'shift' or 'xla', got {impl!r}")
   hh, ww = img.shape[1:3]
-  xp = jnp.pad(img.astype(jnp.float32), ((0, 0), (2, 2), (2, 2), (0, 0)))
+  xp = jnp.pad(img.astype(dtype), ((0, 0), (2, 2), (2, 2), (0, 0)))
+  w = w.astype(dtype).astype(jnp.float32)
   out = jnp.zeros(img.shape, jnp.float32)
   for i in range(5):
     for j in range(5):
-      out = out + xp[:, i:i + hh, j:j + ww] * w[i, j]
+      out = out + xp[:, i:i + hh, j:j + ww].astype(jnp.float32) * w[i, j]
   return out
 
 
@@ -137,7 +141,8 @@ def _block(cfg, p, x, *, mask=None, decoder=False):
     h, w = cfg.grid
     nc = n - h * w
     img = x[:, nc:].reshape(b, h, w, d)
-    conv = depthwise_conv5(img, p["conv_w"], cfg.get("conv_impl", "shift")) + p["conv_b"]
+    conv = depthwise_conv5(img, p["conv_w"], cfg.get("conv_impl", "shift"),
+                           cfg.get("conv_dtype", "float32")) + p["conv_b"]
     o = o + jnp.concatenate([jnp.zeros((b, nc, d), jnp.float32), conv.reshape(b, h * w, d)], 1)
   x = x + layer_norm(dense(cfg, o, p, "proj"), p["norm1_w"], p["norm1_b"])
   hid = jax.nn.gelu(dense(cfg, x, p, "fc1"), approximate=False)
