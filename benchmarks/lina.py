@@ -85,7 +85,7 @@ def main():
   ap.add_argument("--skip", default="")
   ap.add_argument("--kernel-variants", default="",
                   help="also time kernels/lina/pallas.py lina_forward at block_n/num_warps/"
-                       "value_pieces settings, e.g. 64/4/1,64/8/3 (bf16 out)")
+                       "value_pieces[/defer_sums] settings, e.g. 64/4/1,64/8/3,64/4/1/1 (bf16 out)")
   ap.add_argument("--linear", default="auto/shift",
                   help="comma-separated attn_impl/conv_impl[/conv_dtype] for the linear sampler runs")
   args = ap.parse_args()
@@ -124,12 +124,12 @@ def main():
       ks = jax.random.split(jax.random.key(0), 3)
       q, k, v = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in ks)
       for spec in args.kernel_variants.split(","):
-        bn, nw, vp = (int(x) for x in spec.split("/"))
+        bn, nw, vp, *df = (int(x) for x in spec.split("/"))
         if shape[-1] // 32 % vp:
           continue
         fwd = jax.jit(lambda q, k, v, bn=bn, nw=nw, vp=vp: lina_forward(
             q, k, v, None, None, None, out_dtype=q.dtype, block_n=bn, num_warps=nw,
-            value_pieces=vp))
+            value_pieces=vp, defer_sums=bool(df and df[0])))
         try:
           ms = time_jax(fwd, q, k, v)
         except Exception as e:  # noqa: BLE001

@@ -31,7 +31,8 @@ def get_config(variant="d48w768"):
   c.dtype = "float32" if tiny else "bfloat16"
   c.attention = "linear"        # linear (LINA) | softmax (baseline for speed comparisons)
   # lina_attention: xla | split | pallas (lasad_jax/lina/attention.py); the decoder's 5 x 5
-  # depthwise conv: shift (25 shifted multiply-adds) | xla (lax.conv_general_dilated, grouped),
+  # depthwise conv: shift (25 shifted multiply-adds) | flat (the same on the raster token axis) |
+  # xla (lax.conv_general_dilated, grouped),
   # with inputs in conv_dtype (float32, or bfloat16 as LINA's autocast conv), float32 sums.
   c.attn_impl = "xla"
   c.conv_impl = "shift"

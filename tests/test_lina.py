@@ -78,6 +78,8 @@ def test_pallas_kernel_vs_float64(n, d, gates, masked):
     from kernels.lina.pallas import lina_forward
     o4 = lina_forward(q, k, v, ks, vs, mask, value_pieces=3, block_n=32, interpret=True)
     assert rel_rms(np.asarray(o4)[keep], ref[keep]) < 1e-6
+    o5 = lina_forward(q, k, v, ks, vs, mask, defer_sums=True, interpret=True)
+    assert rel_rms(np.asarray(o5)[keep], ref[keep]) < 1e-6
   o3 = lina_attention_qkv(jnp.stack([q, k, v], 2), ks, vs, mask=mask, impl="pallas",
                           out_dtype=jnp.bfloat16)
   assert o3.dtype == jnp.bfloat16
@@ -466,6 +468,12 @@ def test_depthwise_conv_impls_agree():
   a = M.depthwise_conv5(img, w, "shift")
   b = M.depthwise_conv5(img, w, "xla")
   assert rel_rms(b, a) < 1e-6
+  # the raster-axis form, also on a non-square grid (a wrong column mask would leak across rows)
+  assert rel_rms(M.depthwise_conv5(img, w, "flat"), a) < 1e-6
+  img2 = rng.standard_normal((2, 4, 7, 8)).astype(np.float32)
+  assert rel_rms(M.depthwise_conv5(img2, w, "flat"), M.depthwise_conv5(img2, w, "shift")) < 1e-6
+  assert rel_rms(M.depthwise_conv5(img, w, "flat", jnp.bfloat16),
+                 M.depthwise_conv5(img, w, "shift", jnp.bfloat16)) < 1e-6
   # bf16 inputs (LINA's autocast conv): both impls sum the same bf16 products in float32
   a16 = M.depthwise_conv5(img, w, "shift", jnp.bfloat16)
   b16 = M.depthwise_conv5(img, w, "xla", jnp.bfloat16)

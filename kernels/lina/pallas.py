@@ -64,7 +64,7 @@ def _dot(a, b, trans_a=False):
   return lax.dot_general(a, b, dims, preferred_element_type=F32)
 
 
-def _kernel(q_ref, k_ref, v_ref, av_ref, ak_ref, o_ref, *, n, d, piece, vp, block_n):
+def _kernel(q_ref, k_ref, v_ref, av_ref, ak_ref, o_ref, *, n, d, piece, vp, block_n, defer):
   """One program: the values' columns [c * vp * piece, (c + 1) * vp * piece) of one (b, h)."""
   parts = d // piece
   c = pl.program_id(2)
@@ -84,14 +84,23 @@ def _kernel(q_ref, k_ref, v_ref, av_ref, ak_ref, o_ref, *, n, d, piece, vp, bloc
     ut = [_terms(x) for x in u]
     r = [[r[a][j] + sum(_dot(kp[a], t, trans_a=True) for t in ut[j]) for j in range(vp)]
          for a in range(parts)]
+    if defer:   # elementwise [block_n, piece] partial sums, reduced once after the loop
+      s = [s[a] + kp[a].astype(F32) * ak[:, None] for a in range(parts)]
+      usum = [usum[j] + u[j] for j in range(vp)]
+      return r, s, usum, asum + ak
     s = [s[a] + jnp.sum(kp[a].astype(F32) * ak[:, None], axis=0) for a in range(parts)]
     usum = [usum[j] + jnp.sum(u[j], axis=0) for j in range(vp)]
     return r, s, usum, asum + jnp.sum(ak)
 
   zt = jnp.zeros((piece, piece), F32)
-  zv = jnp.zeros((piece,), F32)
-  init = ([[zt] * vp for _ in range(parts)], [zv] * parts, [zv] * vp, jnp.zeros((), F32))
+  zv = jnp.zeros((block_n, piece) if defer else (piece,), F32)
+  init = ([[zt] * vp for _ in range(parts)], [zv] * parts, [zv] * vp,
+          jnp.zeros((block_n,) if defer else (), F32))
   r, s, usum, asum = lax.fori_loop(0, nb, accumulate, init)
+  if defer:
+    s = [jnp.sum(x, axis=0) for x in s]
+    usum = [jnp.sum(x, axis=0) for x in usum]
+    asum = jnp.sum(asum)
   rt = [[_terms(x) for x in row] for row in r]
   ssum = sum(jnp.sum(x) for x in s)
   den_c = EPS * ssum + d * EPS * EPS * asum + EPS
@@ -116,13 +125,15 @@ def _kernel(q_ref, k_ref, v_ref, av_ref, ak_ref, o_ref, *, n, d, piece, vp, bloc
 
 
 @functools.partial(jax.jit, static_argnames=("fused", "out_dtype", "block_n", "num_warps",
-                                             "value_pieces", "interpret"))
+                                             "value_pieces", "defer_sums", "interpret"))
 def lina_forward(q, k, v, key_scale, value_scale, mask, *, fused=False, out_dtype=F32,
-                 block_n=64, num_warps=4, value_pieces=1, interpret=False):
+                 block_n=64, num_warps=4, value_pieces=1, defer_sums=False, interpret=False):
   """The kernel. Either q, k, v [B, N, H, D] or (``fused=True``) q = qkv [B, N, 3, H, D] with k, v
   None, all bf16; key_scale, value_scale [H, N] float32 or None; mask [B, N] or None.
   -> [B, N, H, D] in ``out_dtype``. ``value_pieces``: value column pieces per program (1: grid
-  B x H x D/piece, k and q re-read per piece; D/piece: one program per (b, h))."""
+  B x H x D/piece, k and q re-read per piece; D/piece: one program per (b, h)). ``defer_sums``:
+  keep the key/value sums as [block_n, piece] tiles over the N loop and reduce them once after it
+  (fewer cross-thread reductions, more registers)."""
   if fused:
     b, n, _, h, d = q.shape
   else:
@@ -160,7 +171,8 @@ def lina_forward(q, k, v, key_scale, value_scale, mask, *, fused=False, out_dtyp
     specs = [pl.BlockSpec((None, t, None, d), lambda i, j, c: (i, 0, j, 0))] * 3
     args = (q, k, v)
   row = pl.BlockSpec((None, None, t), lambda i, j, c: (i, j, 0))
-  kern = functools.partial(_kernel, n=t, d=d, piece=piece, vp=value_pieces, block_n=block_n)
+  kern = functools.partial(_kernel, n=t, d=d, piece=piece, vp=value_pieces, block_n=block_n,
+                           defer=defer_sums)
   cols = piece * value_pieces
   out = pl.pallas_call(
       kern, grid=(b, h, parts // value_pieces),

@@ -96,15 +96,19 @@ def depthwise_conv5(img, w, impl="shift", dtype=jnp.float32):
   weights are rounded to ``dtype`` (float32 by default; bfloat16 is what LINA's autocast conv
   sees), products are summed in float32. ``impl="shift"``: 25 shifted multiply-adds (XLA's
   grouped-conv gradient is very slow on CPU); ``"xla"``: ``lax.conv_general_dilated`` with one
-  group per channel."""
+  group per channel; ``"flat"``: the 25 taps as shifts of the raster-order token axis (channels stay
+  the minor axis, so XLA fuses it into one pass without transposes), with a column mask where a
+  shift would wrap into the next row."""
   dtype = jnp.dtype(dtype)
   if impl == "xla":
     return jax.lax.conv_general_dilated(
         img.astype(dtype), w.astype(dtype)[:, :, None, :], (1, 1), ((2, 2), (2, 2)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=img.shape[-1],
         precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+  if impl == "flat":
+    return _conv5_flat(img, w, dtype)
   if impl != "shift":
-    raise ValueError(f"config.conv_impl must be 'shift' or 'xla', got {impl!r}")
+    raise ValueError(f"config.conv_impl must be 'shift', 'flat' or 'xla', got {impl!r}")
   hh, ww = img.shape[1:3]
   xp = jnp.pad(img.astype(dtype), ((0, 0), (2, 2), (2, 2), (0, 0)))
   w = w.astype(dtype).astype(jnp.float32)
@@ -113,6 +117,23 @@ def depthwise_conv5(img, w, impl="shift", dtype=jnp.float32):
     for j in range(5):
       out = out + xp[:, i:i + hh, j:j + ww].astype(jnp.float32) * w[i, j]
   return out
+
+
+def _conv5_flat(img, w, dtype):
+  b, hh, ww, d = img.shape
+  n = hh * ww
+  pad = 2 * ww + 2                      # the largest |shift|: rows above/below read zeros
+  xp = jnp.pad(img.astype(dtype).reshape(b, n, d), ((0, 0), (pad, pad), (0, 0)))
+  w = w.astype(dtype).astype(jnp.float32)
+  col = np.arange(n) % ww
+  out = jnp.zeros((b, n, d), jnp.float32)
+  for i in range(5):
+    for j in range(5):
+      s = pad + (i - 2) * ww + (j - 2)
+      tap = xp[:, s:s + n].astype(jnp.float32) * w[i, j]
+      valid = (col + j - 2 >= 0) & (col + j - 2 < ww)
+      out = out + (tap if valid.all() else jnp.where(valid[None, :, None], tap, 0.0))
+  return out.reshape(b, hh, ww, d)
 
 
 def _block(cfg, p, x, *, mask=None, decoder=False):
