@@ -86,7 +86,7 @@ def main():
   ap.add_argument("--kernel-variants", default="",
                   help="also time kernels/lina/pallas.py lina_forward at block_n/num_warps/"
                        "value_pieces[/defer_sums] settings, e.g. 64/4/1,64/8/3,64/4/1/1 (bf16 out)")
-  ap.add_argument("--linear", default="auto/shift",
+  ap.add_argument("--linear", default="auto/auto",
                   help="comma-separated attn_impl/conv_impl[/conv_dtype] for the linear sampler runs")
   args = ap.parse_args()
   skip = set(args.skip.split(","))

@@ -33,7 +33,7 @@ def main():
   ap.add_argument("--variant", default="d48w1536")
   ap.add_argument("--grid", type=int, default=16)
   ap.add_argument("--images", type=int, default=8)
-  ap.add_argument("--linear", default="auto/shift",
+  ap.add_argument("--linear", default="auto/auto",
                   help="comma-separated attn_impl/conv_impl[/conv_dtype] triples ('auto' keeps the config's)")
   ap.add_argument("--skip-softmax", action="store_true")
   ap.add_argument("--top", type=int, default=40)

@@ -30,13 +30,15 @@ def get_config(variant="d48w768"):
   c.num_classes = 10 if tiny else 1000
   c.dtype = "float32" if tiny else "bfloat16"
   c.attention = "linear"        # linear (LINA) | softmax (baseline for speed comparisons)
-  # lina_attention: xla | split | pallas (lasad_jax/lina/attention.py); the decoder's 5 x 5
-  # depthwise conv: shift (25 shifted multiply-adds) | flat (the same on the raster token axis) |
-  # xla (lax.conv_general_dilated, grouped),
-  # with inputs in conv_dtype (float32, or bfloat16 as LINA's autocast conv), float32 sums.
-  c.attn_impl = "xla"
-  c.conv_impl = "shift"
-  c.conv_dtype = "float32"
+  # lina_attention: auto (pallas on a GPU, else xla) | xla | split | pallas
+  # (lasad_jax/lina/attention.py; all float32-accurate). The decoder's 5 x 5 depthwise conv:
+  # auto (xla on a GPU, else shift) | shift (25 shifted multiply-adds) | flat (the same on the
+  # raster token axis) | xla (lax.conv_general_dilated, grouped); inputs rounded to conv_dtype
+  # (auto = the compute dtype, as LINA's autocast conv), float32 sums. On the H100 the GPU
+  # choices were the fastest sampler (BENCHMARKS.md, session 6).
+  c.attn_impl = "auto"
+  c.conv_impl = "auto"
+  c.conv_dtype = "auto"
   # Training objective (LINA.md "Training").
   c.loss_repeat = 4
   c.mask_ratio = ml_collections.ConfigDict(dict(min=0.7, max=1.0, mean=1.0, std=0.25))

@@ -136,6 +136,14 @@ def _conv5_flat(img, w, dtype):
   return out.reshape(b, hh, ww, d)
 
 
+def _impl(cfg, field, gpu, other):
+  """config.<field>, where "auto" (the default) means ``gpu`` on a GPU backend, else ``other``."""
+  impl = cfg.get(field, "auto")
+  if impl == "auto":
+    return gpu if jax.default_backend() == "gpu" else other
+  return impl
+
+
 def _block(cfg, p, x, *, mask=None, decoder=False):
   """One transformer block on x [B, N, D] float32."""
   b, n, d = x.shape
@@ -155,15 +163,16 @@ def _block(cfg, p, x, *, mask=None, decoder=False):
     # q, k, v in the compute dtype, as LINA's autocast Linear returns them; the operator then
     # computes in float32.
     o = lina_attention_qkv(qkv.astype(cfg.dtype), ks, vs, mask=mask,
-                           impl=cfg.get("attn_impl", "xla"), out_dtype=cfg.dtype)
+                           impl=_impl(cfg, "attn_impl", "pallas", "xla"), out_dtype=cfg.dtype)
     o = R.checkpoint_name(o, "attn_out")
     o = o.reshape(b, n, d).astype(jnp.float32)
   if decoder:
     h, w = cfg.grid
     nc = n - h * w
     img = x[:, nc:].reshape(b, h, w, d)
-    conv = depthwise_conv5(img, p["conv_w"], cfg.get("conv_impl", "shift"),
-                           cfg.get("conv_dtype", "float32")) + p["conv_b"]
+    conv_dtype = cfg.get("conv_dtype", "auto")
+    conv = depthwise_conv5(img, p["conv_w"], _impl(cfg, "conv_impl", "xla", "shift"),
+                           cfg.dtype if conv_dtype == "auto" else conv_dtype) + p["conv_b"]
     o = o + jnp.concatenate([jnp.zeros((b, nc, d), jnp.float32), conv.reshape(b, h * w, d)], 1)
   x = x + layer_norm(dense(cfg, o, p, "proj"), p["norm1_w"], p["norm1_b"])
   hid = jax.nn.gelu(dense(cfg, x, p, "fc1"), approximate=False)
