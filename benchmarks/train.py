@@ -3,6 +3,7 @@ baseline) on synthetic ImageNet-shaped code batches (16x16 tokens, 1000 classes)
 
     python benchmarks/train.py --variants B,L [--attention lasad,softmax] [--batches 512,256,128]
         [--mesh data|fsdp] [--remat [--remat-policy full|dots|dots_attn]] [--kernel-sub 16]
+        [--profile N]
         [--out benchmarks/results/train_h100.json]
 
 For each variant and attention, tries the global batch sizes in ``--batches`` from the largest and
@@ -17,6 +18,7 @@ import datetime
 import json
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -30,8 +32,12 @@ from lasad_jax import model as M  # noqa: E402
 from lasad_jax import sharding as S  # noqa: E402
 from lasad_jax import training as T  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmarks_common import profile_call  # noqa: E402
 
-def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", kernel_sub=32):
+
+def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", kernel_sub=32,
+            profile=0):
   n = jax.device_count()
   cfg = get_config(variant)
   cfg.attention = attention
@@ -67,6 +73,17 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
     ts.append(time.perf_counter() - t0)
   loss = float(m["loss"])
   sec = statistics.median(ts)
+  kernels = None
+  if profile:   # one traced step: device time per kernel, summed over GPUs (collectives show)
+    stats, span = profile_call(lambda: step(state, batches[0])[1])
+    if span:
+      tot = sorted(stats.items(), key=lambda kv: -kv[1][1])
+      kernels = {k: dict(calls=c, ms=round(t / 1e6, 3)) for k, (c, t) in tot[:profile]}
+      nccl = sum(t for k, (c, t) in stats.items() if "nccl" in k.lower()) / 1e6
+      print(f"  traced step: {(span[1] - span[0]) / 1e6:.1f} ms wall, {span[2] / 1e6:.1f} ms busy "
+            f"(union over GPUs); nccl kernels {nccl:.1f} ms summed over GPUs")
+      for k, v in kernels.items():
+        print(f"    {k[:70]:<70} {v['calls']:6d} {v['ms']:9.2f} ms")
   tps = batch * n_tok / sec
   peak = T.peak_flops(jax.devices()[0])
   mem = [d.memory_stats() or {} for d in jax.local_devices()]
@@ -77,7 +94,7 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
               images_per_s=round(batch / sec, 1),
               mfu=round(tps * T.flops_per_token(cfg) / (peak * n), 4) if peak else None,
               peak_gib=round(max(x.get("peak_bytes_in_use", 0) for x in mem) / 2 ** 30, 2),
-              compile_s=round(compile_s, 1), loss=round(loss, 4))
+              compile_s=round(compile_s, 1), loss=round(loss, 4), kernels=kernels)
 
 
 def main():
@@ -90,6 +107,8 @@ def main():
   ap.add_argument("--remat", action="store_true")
   ap.add_argument("--remat-policy", default="full", help="full | dots | dots_attn (with --remat)")
   ap.add_argument("--kernel-sub", type=int, default=32, help="Pallas kernel sub-chunk: 16 | 32")
+  ap.add_argument("--profile", type=int, default=0,
+                  help="trace one step after timing and print its N most expensive kernels")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
   dev = jax.devices()[0]
@@ -104,7 +123,7 @@ def main():
       for batch in [int(b) for b in args.batches.split(",")]:
         try:
           r = run_one(variant, attention, batch, args.mesh, args.iters, args.remat,
-                      args.remat_policy, args.kernel_sub)
+                      args.remat_policy, args.kernel_sub, args.profile)
         except Exception as e:  # noqa: BLE001  (out of memory: try the next smaller batch)
           msg = str(e).splitlines()[0][:120]
           if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():

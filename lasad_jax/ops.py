@@ -15,6 +15,7 @@ import numpy as np
 from kernels.lasad.chunk import lasad_chunk
 from kernels.lasad.reference import lasad_reference
 from lasad_jax.lina.attention import lina_attention  # noqa: F401  (LINA's operator, beside ours)
+from lasad_jax.sharding import over_batch
 
 IMPLS = ("auto", "reference", "chunk", "pallas")
 
@@ -144,7 +145,10 @@ def lasad_attention(q, k, v, g, *, width=None, prefix=0, boundary=0.0, scale=Non
     except ImportError as e:
       raise ValueError(f"impl='pallas' is not available in this build: {e}") from e
     kw = {} if block_sizes is None else dict(block_sizes=block_sizes)
-    o, final = lasad_pallas(*args, scale=float(scale), use_mask=use_mask, **kw)
+    # per device on its batch rows under a sharded train step (XLA cannot partition the kernel)
+    o, final = over_batch(
+        lambda *a: lasad_pallas(*a, scale=float(scale), use_mask=use_mask, **kw), args,
+        batched=(True, True, True, True, True, True, False, True))
   o = o.astype(out_dtype)
   return (o, final) if return_final_state else o
 

@@ -138,9 +138,14 @@ train_step.__doc__ = """One optimizer step, unsharded. ``cfg`` must be hashable 
 
 def make_train_step(cfg, mesh, state_sharding):
   """The sharded step: ``state`` keeps ``state_sharding``, the batch is split over every device."""
-  return jax.jit(functools.partial(_train_step, cfg),
+  step = jax.jit(functools.partial(_train_step, cfg),
                  in_shardings=(state_sharding, S.batch_sharding(mesh)),
                  out_shardings=(state_sharding, S.replicated(mesh)), donate_argnums=(0,))
+
+  def sharded_step(state, batch):
+    with jax.set_mesh(mesh):   # traced under the mesh: Pallas kernels run per device (over_batch)
+      return step(state, batch)
+  return sharded_step
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -235,7 +240,8 @@ def evaluate(cfg, params, mesh):
   for i, batch in enumerate(loader):
     if i >= cfg.eval_batches:
       break
-    total += float(eval_nll(cfg, params, S.global_batch(mesh, batch)))
+    with jax.set_mesh(mesh):
+      total += float(eval_nll(cfg, params, S.global_batch(mesh, batch)))
     count += 1
   return total / max(count, 1)
 

@@ -183,8 +183,11 @@ def _run(q, k, v, key_scale, value_scale, mask, impl, out_dtype):
   out_dtype = jnp.dtype(out_dtype)
   bf16 = all(x is None or x.dtype == jnp.bfloat16 for x in (q, k, v))
   if impl == "pallas" and bf16:
-    return _pallas(q, k, v, key_scale, value_scale, mask, out_dtype,
-                   jax.default_backend() != "gpu")
+    from lasad_jax.sharding import over_batch
+    interpret = jax.default_backend() != "gpu"
+    return over_batch(   # per device on its batch rows under a sharded step
+        lambda *a: _pallas(*a, out_dtype, interpret), (q, k, v, key_scale, value_scale, mask),
+        batched=(True, True, True, False, False, True))
   if k is None:
     q, k, v = q[:, :, 0], q[:, :, 1], q[:, :, 2]
   if impl in ("split", "pallas") and bf16:
