@@ -38,7 +38,8 @@ for stage in "$@"; do
               done; done ;;
     sad)      timeout ${SAD_TIMEOUT:-560} python3 scripts/sad_ablation.py --out "$OUT/sad" \
                 --datasets "${SAD_DATASETS:-digits,shapes,photos}" \
-                --variants "${SAD_VARIANTS:-carry,reset,learned,none,softmax}" 2>&1 | tee -a "$OUT/sad.log"
+                --variants "${SAD_VARIANTS:-carry,reset,learned,none,softmax}" \
+                --seeds "${SAD_SEEDS:-0,1,2}" 2>&1 | tee -a "$OUT/sad.log"
               tar czf "$OUT/sad.tgz" -C "$OUT" sad && rm -rf "$OUT/sad" ;;   # one file comes back
     fla)      timeout 560 python3 -m pytest -q -s tests/test_gpu.py -k fla 2>&1 | tee "$OUT/test_gpu_fla.log" ;;
     ops)      timeout ${OPS_TIMEOUT:-560} python3 benchmarks/ops.py ${OPS_ARGS:-} \
@@ -48,7 +49,7 @@ for stage in "$@"; do
     plina)    timeout ${PLINA_TIMEOUT:-300} python3 benchmarks/profile_lina.py ${PLINA_ARGS:-} \
                 --out "$OUT/profile_lina_h100${PLINA_TAG:-}.json" 2>&1 | tee "$OUT/profile_lina${PLINA_TAG:-}.log" ;;
     lina)     timeout ${LINA_TIMEOUT:-330} python3 benchmarks/lina.py ${LINA_ARGS:-} \
-                --out "$OUT/lina_h100.json" 2>&1 | tee "$OUT/lina.log" ;;
+                --out "$OUT/lina_h100${LINA_TAG:-}.json" 2>&1 | tee "$OUT/lina${LINA_TAG:-}.log" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
