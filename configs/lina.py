@@ -30,7 +30,8 @@ def get_config(variant="d48w768"):
   c.num_classes = 10 if tiny else 1000
   c.dtype = "float32" if tiny else "bfloat16"
   c.attention = "linear"        # linear (LINA) | softmax (baseline for speed comparisons)
-  # lina_attention: auto (pallas on a GPU, else xla) | xla | split | pallas
+  # lina_attention: auto (on a GPU pallas up to 2048 tokens, where it was faster on the H100,
+  # else xla) | xla | split | pallas
   # (lasad_jax/lina/attention.py; all float32-accurate). The decoder's 5 x 5 depthwise conv:
   # auto (xla on a GPU, else shift) | shift (25 shifted multiply-adds) | flat (the same on the
   # raster token axis) | xla (lax.conv_general_dilated, grouped); inputs rounded to conv_dtype

@@ -163,7 +163,8 @@ def _block(cfg, p, x, *, mask=None, decoder=False):
     # q, k, v in the compute dtype, as LINA's autocast Linear returns them; the operator then
     # computes in float32.
     o = lina_attention_qkv(qkv.astype(cfg.dtype), ks, vs, mask=mask,
-                           impl=_impl(cfg, "attn_impl", "pallas", "xla"), out_dtype=cfg.dtype)
+                           impl=_impl(cfg, "attn_impl", "pallas" if n <= 2048 else "xla", "xla"),
+                           out_dtype=cfg.dtype)
     o = R.checkpoint_name(o, "attn_out")
     o = o.reshape(b, n, d).astype(jnp.float32)
   if decoder:
