@@ -1,7 +1,7 @@
 """Run by tests/test_train.py::test_pallas_kernels_run_per_device_under_a_mesh in a subprocess with
 2 simulated CPU devices: the LASAD and LINA Pallas kernels (interpreter) inside a jit traced under
-``jax.set_mesh`` on batch-sharded inputs give the unsharded results and gradients, with no
-all-gather in the compiled program."""
+``jax.set_mesh`` on batch-sharded inputs give the unsharded results and gradients (LINA's: bitwise),
+with no all-gather in the compiled programs."""
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +28,12 @@ qkv = jnp.asarray(rng.standard_normal((b, t, 3, h, 32)), jnp.bfloat16)
 ks = jnp.asarray(rng.uniform(0.5, 1.5, (h, t)), jnp.float32)
 
 
+w2 = jnp.asarray(rng.standard_normal((b, t, h, 32)), jnp.float32)
+
+
 def lina_out(qkv):
-  return lina_attention_qkv(qkv, ks, ks, impl="pallas")
+  o = lina_attention_qkv(qkv, ks, ks, impl="pallas")
+  return o, jax.grad(lambda x: jnp.sum(lina_attention_qkv(x, ks, ks, impl="pallas") * w2))(qkv)
 
 
 ref = jax.jit(jax.value_and_grad(lasad_loss, argnums=(0, 1, 2, 3)))(q, k, v, g)
@@ -45,7 +49,8 @@ with jax.set_mesh(mesh):
   got_lina = f2(jax.device_put(qkv, sh))
 for a, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
   np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=2e-5, atol=2e-5)
-np.testing.assert_array_equal(np.asarray(got_lina), np.asarray(ref_lina))
+np.testing.assert_array_equal(np.asarray(got_lina[0]), np.asarray(ref_lina[0]))
+np.testing.assert_array_equal(np.asarray(got_lina[1], np.float32), np.asarray(ref_lina[1], np.float32))
 assert "all-gather" not in hlo, "the LASAD kernel was fed the gathered batch"
 assert "all-gather" not in hlo2, "the LINA kernel was fed the gathered batch"
 print("per-device kernels: ok", got[1][0].sharding)
