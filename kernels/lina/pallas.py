@@ -27,7 +27,7 @@ Status (H100, BENCHMARKS.md session 6): the model's default on a GPU up to 2048 
 beats the XLA float32 form (fwd 0.46 vs 0.60 ms at (32, 320, 16, 96) with 2 warps) and makes LINA's
 sampler 1-2% faster than the softmax variant at 256 px; at (2, 5120) XLA's form is faster (0.66 vs
 0.83 ms), so the model uses that there. A first version (session 4: one program per (batch, head),
-float32 operands split on both sides) was 1.7-6x slower than XLA and was replaced by this one.
+float32 operands split on both sides) was 1.6-6.6x slower than XLA and was replaced by this one.
 """
 
 import functools
