@@ -112,7 +112,7 @@ def main():
   ap.add_argument("--out", default="benchmarks/results/ops_h100.json")
   ap.add_argument("--shapes", nargs="*", default=None, help="B,T,H,D entries")
   ap.add_argument("--widths", default="16,32,64,128")
-  ap.add_argument("--skip", default="", help="comma list of impls to skip: chunk,fla,cudnn,loop,tuning")
+  ap.add_argument("--skip", default="", help="comma list of impls to skip: chunk,fla,cudnn,loop,tuning,fused")
   args = ap.parse_args()
   shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
   widths = [int(w) for w in args.widths.split(",") if w]
@@ -145,6 +145,11 @@ def main():
       variants += [("pallas sub=16", "pallas", widths[:1], BlockSizes(sub=16))]
       if b * h < 132:   # the default splits the sequence here (seq_split=None -> 4); without:
         variants += [("pallas seq_split=1", "pallas", widths[:1], BlockSizes(seq_split=1))]
+    if "fused" not in skip:   # the one-pass forward (state on chip), with sequence splits
+      variants += [("pallas fused", "pallas", widths[:1], BlockSizes(fused_forward=True))]
+      for s in (2, 8) if b * h < 132 else (2, 4):
+        variants += [(f"pallas fused seq_split={s}", "pallas", widths[:1],
+                      BlockSizes(fused_forward=True, seq_split=s))]
     if "chunk" not in skip:
       variants.append(("chunk (XLA)", "chunk", widths[:1], None))
     for label, impl, ws, bsz in variants:

@@ -2,7 +2,7 @@
 baseline) on synthetic ImageNet-shaped code batches (16x16 tokens, 1000 classes).
 
     python benchmarks/train.py --variants B,L [--attention lasad,softmax] [--batches 512,256,128]
-        [--mesh data|fsdp] [--remat [--remat-policy full|dots|dots_attn]] [--kernel-sub 16]
+        [--mesh data|fsdp] [--remat [--remat-policy full|dots|dots_attn]] [--kernel-sub 16] [--kernel-forward one_pass]
         [--profile N]
         [--out benchmarks/results/train_h100.json]
 
@@ -37,7 +37,7 @@ from benchmarks_common import profile_call  # noqa: E402
 
 
 def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", kernel_sub=32,
-            profile=0):
+            profile=0, forward="auto"):
   n = jax.device_count()
   cfg = get_config(variant)
   cfg.attention = attention
@@ -45,6 +45,7 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
   cfg.remat = remat
   cfg.remat_policy = policy
   cfg.kernel_sub = kernel_sub
+  cfg.kernel_forward = forward
   cfg.warmup_steps = 10
   cfg.mesh.data, cfg.mesh.fsdp = (n, 1) if mesh_kind == "data" else (1, n)
   cfg = ml_collections.FrozenConfigDict(cfg)
@@ -89,6 +90,7 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
   mem = [d.memory_stats() or {} for d in jax.local_devices()]
   return dict(variant=variant, attention=attention, batch=batch, mesh=mesh_kind, devices=n,
               remat=policy if remat else False, kernel_sub=kernel_sub,
+              kernel_forward=forward,
               params_m=round(M.count_params(cfg) / 1e6, 2),
               step_ms=round(sec * 1e3, 2), tokens_per_s=round(tps),
               images_per_s=round(batch / sec, 1),
@@ -107,6 +109,8 @@ def main():
   ap.add_argument("--remat", action="store_true")
   ap.add_argument("--remat-policy", default="full", help="full | dots | dots_attn (with --remat)")
   ap.add_argument("--kernel-sub", type=int, default=32, help="Pallas kernel sub-chunk: 16 | 32")
+  ap.add_argument("--kernel-forward", default="auto", choices=("auto", "one_pass", "two_pass"),
+                  help="Pallas forward kernels (config.kernel_forward)")
   ap.add_argument("--profile", type=int, default=0,
                   help="trace one step after timing and print its N most expensive kernels")
   ap.add_argument("--out", default=None)
@@ -123,7 +127,8 @@ def main():
       for batch in [int(b) for b in args.batches.split(",")]:
         try:
           r = run_one(variant, attention, batch, args.mesh, args.iters, args.remat,
-                      args.remat_policy, args.kernel_sub, args.profile)
+                      args.remat_policy, args.kernel_sub, args.profile,
+                      args.kernel_forward)
         except Exception as e:  # noqa: BLE001  (out of memory: try the next smaller batch)
           msg = str(e).splitlines()[0][:120]
           if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():

@@ -33,6 +33,7 @@ def get_config(variant="B"):
   c.decode_impl = "auto"   # sampler's attention step: auto (Pallas kernel on GPU) | xla | pallas
   c.kernel_sub = 32   # Pallas kernel sub-chunk (16 | 32; 32 was 33% faster fwd+bwd on an H100 at
                       # the training shape: kernels/lasad/pallas.py BlockSizes)
+  c.kernel_forward = "auto"   # Pallas forward: one_pass | two_pass | auto (the kernel's default)
   # The VQ tokenizer sample.py decodes codes with: LlamaGen's vq_ds16_c2i.pt (user-supplied path;
   # empty = write token grids only) and its architecture (lasad_jax.tokenizer.vq.VQConfig; VQ-16).
   c.vq_checkpoint = ""

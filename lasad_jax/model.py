@@ -124,6 +124,25 @@ def _softmax_out(cfg, p, o):
   return o.reshape(o.shape[:-2] + (cfg.dim,)).astype(dt) @ p["wo"].astype(dt)
 
 
+def _kernel_kw(cfg):
+  """Pallas block sizes from config.kernel_sub / config.kernel_forward ({} = the defaults)."""
+  fields = {}
+  if "kernel_sub" in cfg:
+    if cfg.kernel_sub not in (16, 32):
+      raise ValueError(f"config.kernel_sub must be 16 or 32, got {cfg.kernel_sub}")
+    fields["sub"] = cfg.kernel_sub
+  mode = cfg.get("kernel_forward", "auto")
+  if mode not in ("auto", "one_pass", "two_pass"):
+    raise ValueError(f"config.kernel_forward must be 'auto', 'one_pass' or 'two_pass', got "
+                     f"{mode!r}")
+  if mode != "auto":
+    fields["fused_forward"] = mode == "one_pass"
+  from kernels.lasad.pallas import BlockSizes
+  if all(getattr(BlockSizes, k) == v for k, v in fields.items()):
+    return {}
+  return dict(block_sizes=BlockSizes(**fields))
+
+
 def forward(cfg, params, tokens, labels, width=None):
   """Parallel (teacher-forced) logits [B, N, vocab] float32 for image tokens [B, N]."""
   tokens = jnp.asarray(tokens, jnp.int32)
@@ -134,13 +153,7 @@ def forward(cfg, params, tokens, labels, width=None):
 
   if cfg.attention == "softmax":
     cos, sin = rope_2d(jnp.arange(x.shape[1]), width, cfg.head_dim)
-  kernel_kw = {}
-  if "kernel_sub" in cfg:
-    if cfg.kernel_sub not in (16, 32):
-      raise ValueError(f"config.kernel_sub must be 16 or 32, got {cfg.kernel_sub}")
-    from kernels.lasad.pallas import BlockSizes
-    if cfg.kernel_sub != BlockSizes.sub:
-      kernel_kw = dict(block_sizes=BlockSizes(sub=cfg.kernel_sub))
+  kernel_kw = _kernel_kw(cfg)
 
   def layer(x, xs):
     p, lb = xs

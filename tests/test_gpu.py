@@ -52,6 +52,27 @@ def test_pallas_bf16_vs_fp64_oracle(t, boundary, sub):
   assert max(errs.values()) < 1e-2, errs  # bf16 operands: 1e-3 .. 1e-2 (see DESIGN §6)
 
 
+@pytest.mark.parametrize("t,b,h", [(1000, 2, 4), (4096, 2, 4), (2048, 16, 16)])
+@pytest.mark.parametrize("boundary", [0.0, -np.inf, -0.5])
+def test_pallas_one_pass_forward_bf16(t, b, h, boundary):
+  """The one-pass forward (BlockSizes(fused_forward=True); with its sequence split at B*H = 8 and
+  T = 4096) compiled, against the float64 oracle and no less accurate than the two-pass form."""
+  from kernels.lasad.pallas import BlockSizes
+  q, k, v, g, _, _ = _bf16_inputs(t + 7, b, t, h, 64)
+  kw = dict(width=16, prefix=1, boundary=boundary, impl="pallas", return_final_state=True)
+  o_ref, st_ref, _ = oracle.forward(*[np.asarray(a, np.float64) for a in (q, k, v, g)],
+                                    width=16, prefix=1, boundary=boundary)
+  errs = {}
+  for name, fused in (("one_pass", True), ("two_pass", False)):
+    o, st = jax.jit(lambda q, k, v, g, f=fused: lasad_attention(
+        q, k, v, g, block_sizes=BlockSizes(fused_forward=f), **kw))(q, k, v, g)
+    assert np.isfinite(np.asarray(o, np.float32)).all() and np.isfinite(np.asarray(st)).all()
+    errs[name] = (oracle.rel_rms(o, o_ref), oracle.rel_rms(st, st_ref))
+  print(f"forward bf16 T={t} B={b} H={h} boundary={boundary}: (o, S) {errs}")
+  assert max(errs["one_pass"]) < 1e-2, errs
+  assert errs["one_pass"][0] < 1.2 * errs["two_pass"][0] + 1e-4, errs
+
+
 def test_pallas_float32_compiled_matches_reference():
   rng = np.random.default_rng(0)
   b, t, h, d = 2, 333, 3, 32

@@ -275,13 +275,15 @@ def test_pallas_bf16_gradient_accuracy(split):
     assert ratio["dg"] > 2.0, ratio  # the measured gap the split closes
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("seq_split,t", [(2, 256), (4, 256), (4, 200)])
-def test_pallas_sequence_split(seq_split, t):
+def test_pallas_sequence_split(seq_split, t, fused):
   """BlockSizes(seq_split=S): the two sequential kernels run on S segments from zero states and an
   XLA scan over segment ends fixes the per-chunk states and state gradients up. Against the
   float64 oracle, every gradient, a carry head and a partial head (so state crosses segment
   borders), per-example width and prefix, h0 and a final-state cotangent. T = 200 needs padding,
-  where the split falls back to one segment."""
+  where the split falls back to one segment. ``fused``: the one-pass forward, whose split runs a
+  segment-ends-only states pass first."""
   from kernels.lasad.pallas import BlockSizes
   q, k, v, g, s0 = make_inputs(11, 2, t, 2, 16, 16, 20.0, h0=True)   # mild decay: e^-4 per chunk
   rng = np.random.default_rng(4)
@@ -289,13 +291,31 @@ def test_pallas_sequence_split(seq_split, t):
   bnd = np.array([0.0, -0.3], np.float32)
   kw = dict(width=np.array([12, 16]), prefix=np.array([1, 5]), boundary=bnd)
   o, st, grads = run("pallas", q, k, v, g, s0, do.astype(np.float32), dst.astype(np.float32),
-                     block_sizes=BlockSizes(seq_split=seq_split), **kw)
+                     block_sizes=BlockSizes(seq_split=seq_split, fused_forward=fused), **kw)
   o_ref, st_ref, _ = oracle.forward(q, k, v, g, h0=s0, **kw)
   g_ref = oracle.backward(q, k, v, g, do, dst, h0=s0, **kw)
   assert oracle.rel_rms(o, o_ref) < 1e-4 and oracle.rel_rms(st, st_ref) < 1e-4
   for name in ("dq", "dk", "dv", "dg", "dh0"):
     assert oracle.rel_rms(grads[name], g_ref[name]) < 5e-4, name
   assert oracle.rel_rms(grads["dboundary"][1], g_ref["dboundary"][1]) < 5e-4
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[1]}-w{c[6]}-b{c[8]}")
+def test_pallas_fused_forward(case):
+  """BlockSizes(fused_forward=True): the one-pass forward kernel (state on chip, no per-chunk
+  states in HBM) against the float64 oracle, output and final state, every mask mode."""
+  from kernels.lasad.pallas import BlockSizes
+  b, t, h, dk, dv, norm, width, prefix, boundary, h0 = case
+  q, k, v, g, s0 = make_inputs(CASES.index(case), b, t, h, dk, dv, norm, h0)
+  arr = lambda x: jnp.asarray(x, jnp.int32) if isinstance(x, list) else x  # noqa: E731
+  o, st = lasad_attention(q, k, v, g, width=arr(width), prefix=arr(prefix),
+                          boundary=np.asarray(boundary, np.float32), impl="pallas",
+                          initial_state=s0, return_final_state=True,
+                          block_sizes=BlockSizes(fused_forward=True))
+  o_ref, st_ref, _ = oracle.forward(q, k, v, g, width=width, prefix=prefix, boundary=boundary,
+                                    h0=s0)
+  assert oracle.rel_rms(o, o_ref) < TOL["pallas"]
+  assert oracle.rel_rms(st, st_ref) < TOL["pallas"]
 
 
 def test_sequence_split_auto_choice_and_block_size_errors():

@@ -76,6 +76,12 @@ class BlockSizes:
   # at (8, 4096, 16, 64) on the H100 it took fwd / fwd+bwd 1.04 / 3.10 -> 0.90 / 2.65 ms, at
   # (2, 16384, 16, 64) 1.14 / 3.39 -> 1.08 / 3.26 (benchmarks/results/ops_h100_s5.json).
   seq_split: int | None = None
+  # Forward in one pass: ``_fused_kernel`` walks the chunks of a (batch, head, V block) keeping
+  # the state on chip and writes o, so the per-chunk states never go to HBM (the two-launch form
+  # writes and re-reads S_n [B, H, N, K, V] float32: twice the bytes of q, k, v, g, o at D = 64).
+  # With a sequence split, a states pass over the segments (segment ends only) and an XLA scan
+  # over them give each segment's incoming state first. The backward is unchanged.
+  fused_forward: bool = False
 
   def __post_init__(self):
     if self.sub not in (16, 32) or self.chunk % self.sub:
@@ -141,12 +147,14 @@ def _mx(x, dtype):
 # --------------------------------------------------------------------------- forward kernels
 def _states_kernel(k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, s_ref, ht_ref, *dec_ref,
                    chunk, n_chunks, seq_len, dtype):
-  """``dec_ref`` (only with a sequence split): each chunk's state decay e^{tot} (0 after a reset)."""
+  """``dec_ref`` (only with a sequence split): each chunk's state decay e^{tot} (0 after a reset).
+  ``s_ref`` None: only the last state (and decays) are written."""
   width, prefix, bnd = _scalars(w_ref, p_ref, bd_ref)
   pos0 = jnp.arange(chunk, dtype=jnp.int32)
 
   def body(n, s):
-    s_ref[n] = s
+    if s_ref is not None:
+      s_ref[n] = s
     rows = pl.ds(n * chunk, chunk)
     k, v = k_ref[rows, :], v_ref[rows, :]
     gf, rs, _ = _gate(g_ref[rows, :].astype(F32), n * chunk + pos0, seq_len, width, prefix, bnd)
@@ -208,38 +216,63 @@ def _causal_same_seg(seg):
   return (s_i <= t_i) & (seg[:, None] == seg[None, :])
 
 
+def _sub_chunk(q_ref, k_ref, v_ref, g_ref, s, base, pos0, gate_args, *, sub, dtype, diag,
+               fast_limit, split, update):
+  """One sub-chunk of ``sub`` rows starting at row ``base`` of the refs (global position
+  ``pos0``), entered with state ``s`` [K, V] float32: (unscaled o [sub, V], the state leaving it,
+  or None without ``update``)."""
+  rows = pl.ds(base, sub)
+  q, k, v = q_ref[rows, :].astype(F32), k_ref[rows, :], v_ref[rows, :]
+  pos = pos0 + jnp.arange(sub, dtype=jnp.int32)
+  gf, rs, _ = _gate(g_ref[rows, :].astype(F32), pos, *gate_args)
+  b = jnp.cumsum(gf, axis=0)            # log decay since the end of the previous sub-chunk
+  seg = jnp.cumsum(rs.astype(jnp.int32))
+  qh = q * jnp.exp(b) * (seg == 0)[:, None]
+  o = _dot(_mx(qh, dtype), _mx(s, dtype))
+  loop = functools.partial(_diag_out, q, k_ref, v_ref, g_ref, b, seg, base, pos0, gate_args)
+  if diag == "bcast":
+    e, _ = _pairwise(b, seg)
+    a = jnp.sum(q[:, None, :] * k.astype(F32)[None, :, :] * e, axis=2)
+    o = o + _dot(_mx(a, dtype), v)
+  elif diag == "loop":
+    o = o + loop()
+  else:
+    def fast():
+      a = _sdot(q * jnp.exp(b), k.astype(F32) * jnp.exp(-b), dtype, split, trans_b=True)
+      return _sdot(jnp.where(_causal_same_seg(seg), a, 0.0), v, dtype, split)
+    o = o + lax.cond(jnp.min(jnp.sum(gf, axis=0)) > -fast_limit, fast, loop)
+  if not update:
+    return o, None
+  tot, seg_end = jnp.sum(gf, axis=0), jnp.sum(rs.astype(jnp.int32))
+  kd = k.astype(F32) * jnp.exp(tot[None, :] - b) * (seg == seg_end)[:, None]
+  return o, (jnp.exp(tot) * (seg_end == 0))[:, None] * s + _dot(_mx(kd, dtype), v, trans_a=True)
+
+
 def _output_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, s_ref, o_ref, *,
-                   chunk, sub, seq_len, scale, dtype, diag, fast_limit, split):
+                   chunk, sub, seq_len, scale, **kw):
   n = pl.program_id(1)
-  width, prefix, bnd = _scalars(w_ref, p_ref, bd_ref)
+  gate_args = (seq_len,) + _scalars(w_ref, p_ref, bd_ref)
   s = s_ref[...]
   for i in range(chunk // sub):
-    rows = pl.ds(i * sub, sub)
-    q, k, v = q_ref[rows, :].astype(F32), k_ref[rows, :], v_ref[rows, :]
-    pos = n * chunk + i * sub + jnp.arange(sub, dtype=jnp.int32)
-    gf, rs, _ = _gate(g_ref[rows, :].astype(F32), pos, seq_len, width, prefix, bnd)
-    b = jnp.cumsum(gf, axis=0)            # log decay since the end of the previous sub-chunk
-    seg = jnp.cumsum(rs.astype(jnp.int32))
-    qh = q * jnp.exp(b) * (seg == 0)[:, None]
-    o = _dot(_mx(qh, dtype), _mx(s, dtype))
-    loop = functools.partial(_diag_out, q, k_ref, v_ref, g_ref, b, seg, i * sub,
-                             n * chunk + i * sub, (seq_len, width, prefix, bnd))
-    if diag == "bcast":
-      e, _ = _pairwise(b, seg)
-      a = jnp.sum(q[:, None, :] * k.astype(F32)[None, :, :] * e, axis=2)
-      o = o + _dot(_mx(a, dtype), v)
-    elif diag == "loop":
-      o = o + loop()
-    else:
-      def fast():
-        a = _sdot(q * jnp.exp(b), k.astype(F32) * jnp.exp(-b), dtype, split, trans_b=True)
-        return _sdot(jnp.where(_causal_same_seg(seg), a, 0.0), v, dtype, split)
-      o = o + lax.cond(jnp.min(jnp.sum(gf, axis=0)) > -fast_limit, fast, loop)
-    o_ref[rows, :] = (scale * o).astype(o_ref.dtype)
-    if i + 1 < chunk // sub:
-      tot, seg_end = jnp.sum(gf, axis=0), jnp.sum(rs.astype(jnp.int32))
-      kd = k.astype(F32) * jnp.exp(tot[None, :] - b) * (seg == seg_end)[:, None]
-      s = (jnp.exp(tot) * (seg_end == 0))[:, None] * s + _dot(_mx(kd, dtype), v, trans_a=True)
+    o, s = _sub_chunk(q_ref, k_ref, v_ref, g_ref, s, i * sub, n * chunk + i * sub, gate_args,
+                      sub=sub, update=i + 1 < chunk // sub, **kw)
+    o_ref[pl.ds(i * sub, sub), :] = (scale * o).astype(o_ref.dtype)
+
+
+def _fused_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, o_ref, ht_ref, *,
+                  chunk, sub, n_chunks, seq_len, scale, **kw):
+  """The forward in one pass over a whole (segment of a) sequence: the state stays on chip."""
+  gate_args = (seq_len,) + _scalars(w_ref, p_ref, bd_ref)
+
+  def body(n, s):
+    for i in range(chunk // sub):
+      base = n * chunk + i * sub
+      o, s = _sub_chunk(q_ref, k_ref, v_ref, g_ref, s, base, base, gate_args, sub=sub,
+                        update=True, **kw)
+      o_ref[pl.ds(base, sub), :] = (scale * o).astype(o_ref.dtype)
+    return s
+
+  ht_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(F32))
 
 
 # --------------------------------------------------------------------------- backward kernels
@@ -396,10 +429,12 @@ def _params(bs, num_warps=None):
   return plgpu.CompilerParams(num_warps=num_warps or bs.num_warps, num_stages=bs.num_stages)
 
 
-def _scan_call(kernel, name, x, y, g, width, prefix, bnd, init, *, bs, interpret, decay=False):
+def _scan_call(kernel, name, x, y, g, width, prefix, bnd, init, *, bs, interpret, decay=False,
+               per_chunk=True):
   """The two sequential kernels: grid (B, H, V/bv); inputs x, g [B, T, H, K] whole, y [B, T, H, V]
-  in V blocks, init [B, H, K, V]; outputs per-chunk states [B, H, N, K, V] and the last state
-  (and with ``decay`` each chunk's decay [B, H, N, K], from the first V block)."""
+  in V blocks, init [B, H, K, V]; outputs per-chunk states [B, H, N, K, V] (not with
+  ``per_chunk=False``: then None) and the last state (and with ``decay`` each chunk's decay
+  [B, H, N, K], from the first V block)."""
   b, t, h, dk = x.shape
   dv = y.shape[-1]
   n = t // bs.chunk
@@ -410,17 +445,22 @@ def _scan_call(kernel, name, x, y, g, width, prefix, bnd, init, *, bs, interpret
   state = pl.BlockSpec((None, None, dk, bv), lambda i, j, kv: (i, j, 0, kv))
   out_specs = [pl.BlockSpec((None, None, n, dk, bv), lambda i, j, kv: (i, j, 0, 0, kv)), state]
   out_shape = [jax.ShapeDtypeStruct((b, h, n, dk, dv), F32), jax.ShapeDtypeStruct((b, h, dk, dv), F32)]
+  body = functools.partial(kernel, chunk=bs.chunk, n_chunks=n)
+  if not per_chunk:
+    out_specs, out_shape = out_specs[1:], out_shape[1:]
+    body = lambda *refs, f=body: f(*refs[:7], None, *refs[7:])  # noqa: E731
   if decay:   # one copy per V block (each program writes its own; identical values)
     out_specs.append(pl.BlockSpec((None, None, None, n, dk), lambda i, j, kv: (i, j, kv, 0, 0)))
     out_shape.append(jax.ShapeDtypeStruct((b, h, nv, n, dk), F32))
   out = pl.pallas_call(
-      functools.partial(kernel, chunk=bs.chunk, n_chunks=n),
-      grid=(b, h, nv),
+      body, grid=(b, h, nv),
       in_specs=[seq_k, seq_v, seq_k] + _scalar_specs(lambda i, j, kv: (i, j)) + [state],
       out_specs=out_specs, out_shape=out_shape,
       compiler_params=_params(bs), interpret=interpret, name=name,
   )(x, y, g, width, prefix, bnd, init)
-  return (out[0], out[1], out[2][:, :, 0]) if decay else out
+  if not per_chunk:
+    out = [None] + list(out)
+  return (out[0], out[1], out[2][:, :, 0]) if decay else tuple(out)
 
 
 def _segments(bs, t, seq_len, bh):
@@ -491,14 +531,63 @@ def _join_segments(loc, loc_end, dec, init, s, *, reverse):
     loc, loc_end, dec = jnp.flip(loc, (1, 3)), jnp.flip(loc_end, 1), jnp.flip(dec, (1, 3))
   incl = jnp.cumprod(dec, axis=3)                                # through chunks 0..n
   before = jnp.concatenate([jnp.ones_like(incl[:, :, :, :1]), incl[:, :, :, :-1]], axis=3)
-  carry, entering = init.astype(F32), []
-  for i in range(s):                                             # scan over segment ends
-    entering.append(carry)
-    carry = incl[:, i, :, -1, :, None] * carry + loc_end[:, i]
-  out = loc + before[..., None] * jnp.stack(entering, 1)[:, :, :, None]
+  entering, carry = _walk_segments(loc_end, incl[:, :, :, -1], init)
+  out = loc + before[..., None] * entering[:, :, :, None]
   if reverse:
     out = jnp.flip(out, (1, 3))
   return jnp.swapaxes(out, 1, 2).reshape(b, h, s * m, dk, dv), carry
+
+
+def _walk_segments(loc_end, seg_dec, init):
+  """The scan over S segment ends: loc_end [B, S, H, K, V] (what leaves each segment started from
+  zero), seg_dec [B, S, H, K] (each segment's total decay), init [B, H, K, V] -> (what enters
+  each segment [B, S, H, K, V], what leaves the last)."""
+  carry, entering = init.astype(F32), []
+  for i in range(loc_end.shape[1]):
+    entering.append(carry)
+    carry = seg_dec[:, i, :, :, None] * carry + loc_end[:, i]
+  return jnp.stack(entering, 1), carry
+
+
+def _fused_forward(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, interpret):
+  """(o, final state) by ``_fused_kernel``; with a sequence split, a states pass that writes only
+  each segment's end state and decays, and ``_walk_segments``, give each segment its start."""
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  s = _segments(bs, t, seq_len, b * h)
+  if s == 1:
+    return _fused_call(q, k, v, g, width, prefix, bnd, h0, seq_len=seq_len, scale=scale, bs=bs,
+                       interpret=interpret)
+  (qs, ks, vs, gs), w, p = _split_inputs(s, width, prefix, q, k, v, g)
+  kern = functools.partial(_states_kernel, seq_len=seq_len, dtype=k.dtype)
+  _, loc_end, dec = _scan_call(kern, "lasad_segment_states", ks, vs, gs, w, p, bnd,
+                               jnp.zeros((b * s, h, dk, dv), F32), bs=bs, interpret=interpret,
+                               decay=True, per_chunk=False)
+  seg_dec = jnp.prod(dec, axis=2).reshape(b, s, h, dk)
+  entering, final = _walk_segments(loc_end.reshape(b, s, h, dk, dv), seg_dec, h0)
+  o, _ = _fused_call(qs, ks, vs, gs, w, p, bnd, entering.reshape(b * s, h, dk, dv),
+                     seq_len=seq_len, scale=scale, bs=bs, interpret=interpret)
+  return o.reshape(b, t, h, dv), final
+
+
+def _fused_call(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, interpret):
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  bv = _block_v(bs, b * h, dv)
+  seq_k = pl.BlockSpec((None, t, None, dk), lambda i, j, kv: (i, 0, j, 0))
+  seq_v = pl.BlockSpec((None, t, None, bv), lambda i, j, kv: (i, 0, j, kv))
+  state = pl.BlockSpec((None, None, dk, bv), lambda i, j, kv: (i, j, 0, kv))
+  kern = functools.partial(_fused_kernel, chunk=bs.chunk, sub=bs.sub, n_chunks=t // bs.chunk,
+                           seq_len=seq_len, scale=scale, dtype=q.dtype, diag=bs.diag,
+                           fast_limit=bs.fast_limit, split=bs.split_dots)
+  return pl.pallas_call(
+      kern, grid=(b, h, dv // bv),
+      in_specs=[seq_k, seq_k, seq_v, seq_k] + _scalar_specs(lambda i, j, kv: (i, j)) + [state],
+      out_specs=[seq_v, state],
+      out_shape=[jax.ShapeDtypeStruct((b, t, h, dv), q.dtype),
+                 jax.ShapeDtypeStruct((b, h, dk, dv), F32)],
+      compiler_params=_params(bs), interpret=interpret, name="lasad_fused_forward",
+  )(q, k, v, g, width, prefix, bnd, h0)
 
 
 def _chunk_spec(d, c):
@@ -577,8 +666,11 @@ def _lasad(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret):
 
 def _lasad_fwd(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret):
   kw = dict(seq_len=seq_len, bs=bs, interpret=interpret)
-  states, final = _chunk_states(k, v, g, width, prefix, bnd, h0, **kw)
-  o = _outputs(q, k, v, g, width, prefix, bnd, states, scale=scale, **kw)
+  if bs.fused_forward:
+    o, final = _fused_forward(q, k, v, g, width, prefix, bnd, h0, scale=scale, **kw)
+  else:
+    states, final = _chunk_states(k, v, g, width, prefix, bnd, h0, **kw)
+    o = _outputs(q, k, v, g, width, prefix, bnd, states, scale=scale, **kw)
   return (o, final), (q, k, v, g, width, prefix, bnd, h0)
 
 
