@@ -132,7 +132,7 @@ def test_remat_policies_give_the_same_gradients(attention):
 
 def test_kernel_sub_config_reaches_the_kernel(monkeypatch):
   """config.kernel_sub 16 and 32 (Pallas sub-chunks; 32 is the default) and config.kernel_forward
-  one_pass reach the kernel's block sizes and give the same logits; bad values are refused."""
+  two_pass reach the kernel's block sizes and give the same logits; bad values are refused."""
   import ml_collections
   seen = []
 
@@ -156,9 +156,9 @@ def test_kernel_sub_config_reaches_the_kernel(monkeypatch):
   seen_fused = []
   monkeypatch.setattr(M, "lasad_attention", lambda *a, **kw: (
       seen_fused.append(kw["block_sizes"].fused_forward), lasad_attention(*a, **kw))[1])
-  c.kernel_forward = "one_pass"
+  c.kernel_forward = "two_pass"   # the default is the one-pass forward
   one = M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
-  assert seen_fused and set(seen_fused) == {True}, seen_fused
+  assert seen_fused and set(seen_fused) == {False}, seen_fused
   np.testing.assert_allclose(np.asarray(one), np.asarray(out[32]), rtol=1e-4, atol=1e-5)
   c.kernel_forward = "fused"
   with pytest.raises(ValueError, match="kernel_forward"):

@@ -301,9 +301,10 @@ def test_pallas_sequence_split(seq_split, t, fused):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[1]}-w{c[6]}-b{c[8]}")
-def test_pallas_fused_forward(case):
-  """BlockSizes(fused_forward=True): the one-pass forward kernel (state on chip, no per-chunk
-  states in HBM) against the float64 oracle, output and final state, every mask mode."""
+def test_pallas_two_pass_forward(case):
+  """BlockSizes(fused_forward=False): the two-launch forward (per-chunk states through HBM; the
+  default is the one-pass kernel, which test_against_oracle covers) against the float64 oracle,
+  output and final state, every mask mode."""
   from kernels.lasad.pallas import BlockSizes
   b, t, h, dk, dv, norm, width, prefix, boundary, h0 = case
   q, k, v, g, s0 = make_inputs(CASES.index(case), b, t, h, dk, dv, norm, h0)
@@ -311,7 +312,7 @@ def test_pallas_fused_forward(case):
   o, st = lasad_attention(q, k, v, g, width=arr(width), prefix=arr(prefix),
                           boundary=np.asarray(boundary, np.float32), impl="pallas",
                           initial_state=s0, return_final_state=True,
-                          block_sizes=BlockSizes(fused_forward=True))
+                          block_sizes=BlockSizes(fused_forward=False))
   o_ref, st_ref, _ = oracle.forward(q, k, v, g, width=width, prefix=prefix, boundary=boundary,
                                     h0=s0)
   assert oracle.rel_rms(o, o_ref) < TOL["pallas"]
@@ -321,7 +322,7 @@ def test_pallas_fused_forward(case):
 def test_sequence_split_auto_choice_and_block_size_errors():
   """seq_split=None (default) splits in 4 only for few (batch x head) programs and >= 16 chunks,
   and never where T needs padding; bad block sizes are refused with the field's name."""
-  from kernels.lasad.pallas import BlockSizes, _segments
+  from kernels.lasad.pallas import BlockSizes, _fused_segments, _segments
   auto = BlockSizes()
   assert _segments(auto, 1024, 1024, 8) == 4            # 16 chunks, 8 programs
   assert _segments(auto, 16384, 16384, 131) == 4
@@ -330,6 +331,11 @@ def test_sequence_split_auto_choice_and_block_size_errors():
   assert _segments(auto, 1024, 1000, 8) == 1            # padded T
   assert _segments(BlockSizes(seq_split=1), 16384, 16384, 8) == 1
   assert _segments(BlockSizes(seq_split=8), 1024, 1024, 4096) == 8
+  # the one-pass forward's own split: B*H*S >= 1024, >= 4 chunks per segment, none from 512
+  assert [_fused_segments(auto, t, t, bh) for t, bh in
+          ((1024, 512), (256, 512), (4096, 128), (16384, 32), (256, 8), (1024, 8), (1000, 8))] \
+      == [1, 1, 8, 32, 1, 4, 1]
+  assert _fused_segments(BlockSizes(seq_split=2), 1024, 1024, 512) == 2
   with pytest.raises(ValueError, match="seq_split"):
     BlockSizes(seq_split=0)
   with pytest.raises(ValueError, match="sub"):

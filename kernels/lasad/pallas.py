@@ -80,8 +80,13 @@ class BlockSizes:
   # the state on chip and writes o, so the per-chunk states never go to HBM (the two-launch form
   # writes and re-reads S_n [B, H, N, K, V] float32: twice the bytes of q, k, v, g, o at D = 64).
   # With a sequence split, a states pass over the segments (segment ends only) and an XLA scan
-  # over them give each segment's incoming state first. The backward is unchanged.
-  fused_forward: bool = False
+  # over them give each segment's incoming state first. The backward is unchanged. Its split
+  # (``seq_split`` None) is its own: none for B*H >= 512, else the smallest power of two S with
+  # B*H*S >= 1024 and >= 4 chunks per segment. H100, forward ms two-pass -> one-pass (session 7,
+  # benchmarks/results/ops_h100_s7_fused.json): (32, 256) 0.28 -> 0.23, (32, 1024) 0.73 -> 0.52,
+  # (8, 4096) 0.83 -> 0.63 (S = 8; S = 4: 0.68), (2, 16384) 1.03 -> 1.05 (S = 8; S = 4: 1.86).
+  fused_forward: bool = True
+  fused_num_warps: int | None = None    # the one-pass kernel's warps (None: num_warps)
 
   def __post_init__(self):
     if self.sub not in (16, 32) or self.chunk % self.sub:
@@ -473,6 +478,19 @@ def _segments(bs, t, seq_len, bh):
   return s if s > 1 and n % s == 0 and seq_len == t else 1
 
 
+def _fused_segments(bs, t, seq_len, bh):
+  """Sequence split of the one-pass forward: ``bs.seq_split``, or (None) 1 for B*H = ``bh`` >= 512,
+  else the smallest power of two S with bh*S >= 1024 keeping >= 4 chunks per segment; only where
+  S divides the chunks and T needs no padding."""
+  n = t // bs.chunk
+  s = bs.seq_split
+  if s is None:
+    s = 1
+    while bh < 512 and bh * s < 1024 and n % (2 * s) == 0 and n // (2 * s) >= 4:
+      s *= 2
+  return s if s > 1 and n % s == 0 and seq_len == t else 1
+
+
 def _split_inputs(s, width, prefix, *xs):
   """[B, T, ...] -> [B*S, T/S, ...] segments, with per-segment width / prefix (a segment's local
   position p is global position s*T/S + p, so its prefix is prefix - s*T/S)."""
@@ -554,7 +572,7 @@ def _fused_forward(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, in
   each segment's end state and decays, and ``_walk_segments``, give each segment its start."""
   b, t, h, dk = q.shape
   dv = v.shape[-1]
-  s = _segments(bs, t, seq_len, b * h)
+  s = _fused_segments(bs, t, seq_len, b * h)
   if s == 1:
     return _fused_call(q, k, v, g, width, prefix, bnd, h0, seq_len=seq_len, scale=scale, bs=bs,
                        interpret=interpret)
@@ -586,7 +604,8 @@ def _fused_call(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, inter
       out_specs=[seq_v, state],
       out_shape=[jax.ShapeDtypeStruct((b, t, h, dv), q.dtype),
                  jax.ShapeDtypeStruct((b, h, dk, dv), F32)],
-      compiler_params=_params(bs), interpret=interpret, name="lasad_fused_forward",
+      compiler_params=_params(bs, bs.fused_num_warps), interpret=interpret,
+      name="lasad_fused_forward",
   )(q, k, v, g, width, prefix, bnd, h0)
 
 
