@@ -1,8 +1,9 @@
 """Time each of the Pallas kernel's four launches separately, over a few block-size variants.
 
-    python benchmarks/ops_parts.py [--shape 32,1024,16,64]
+    python benchmarks/ops_parts.py [--shape 32,1024,16,64] [--only forward]
 
-Where the forward and backward time goes (states scan, outputs, state-gradient scan, gradients),
+First the one-pass forward kernel (the default forward) under several block sizes. Then
+where the two-pass forward and the backward time goes (states scan, outputs, state-gradient scan, gradients),
 so tuning starts from the largest term. bf16, row mask on (width 16, prefix 1, reset). Then the
 whole operator (``lasad_attention(impl="pallas")``, forward and forward+backward, default and
 one-pass bf16 dots) and cuDNN causal softmax attention at the same shape: the gap between the
@@ -32,10 +33,24 @@ VARIANTS = {
     "onepass": P.BlockSizes(split_dots=False),
 }
 
+INTERPRET = jax.default_backend() != "gpu"   # CPU: a smoke run of the code paths
+FORWARD_VARIANTS = {
+    "default": P.BlockSizes(),
+    "warps=2": P.BlockSizes(fused_num_warps=2),
+    "warps=2 bv=32": P.BlockSizes(fused_num_warps=2, block_v_scan=32),
+    "bv=32": P.BlockSizes(block_v_scan=32),
+    "stages=1": P.BlockSizes(num_stages=1),
+    "stages=3": P.BlockSizes(num_stages=3),
+    "sub=16": P.BlockSizes(sub=16),
+    "one-pass bf16 dots": P.BlockSizes(split_dots=False),
+    "diag=loop": P.BlockSizes(diag="loop"),
+}
+
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--shape", default="32,1024,16,64")
+  ap.add_argument("--only", default="", help="'forward': only the one-pass forward variants")
   args = ap.parse_args()
   shape = tuple(int(x) for x in args.shape.split(","))
   b, t, h, d = shape
@@ -46,6 +61,17 @@ def main():
   h0 = jnp.zeros((b, h, d, d), jnp.float32)
   dht = jnp.zeros((b, h, d, d), jnp.float32)
   print(f"{jax.devices()[0].device_kind}  shape {shape} bf16; ms per launch (median)")
+  print("one-pass forward (its sequence split's states pass included), ms")
+  for name, bs in FORWARD_VARIANTS.items():
+    f = jax.jit(lambda q, k, v, g, bs=bs: P._fused_forward(q, k, v, g, width, prefix, bnd, h0,
+                                                             seq_len=t, scale=1.0, bs=bs,
+                                                             interpret=INTERPRET)[0])
+    try:
+      print(f"  {name:<22} {time_jax(f, q, k, v, g):8.3f}", flush=True)
+    except Exception as e:  # noqa: BLE001
+      print(f"  {name:<22} failed: {type(e).__name__}: {str(e)[:200]}")
+  if args.only == "forward":
+    return
   print(f"{'variant':<10} {'states':>8} {'outputs':>8} {'dstates':>8} {'grads':>8}")
   for name, bs in VARIANTS.items():
     kw = dict(seq_len=t, bs=bs, interpret=False)

@@ -741,4 +741,4 @@ def lasad_pallas(q, k, v, g, width, prefix, boundary, initial_state, *, scale, u
   h0 = jnp.pad(initial_state, ((0, 0), (0, 0), (0, kp), (0, vp)))
   o, final = _lasad(qp, kp_, pad(v, vp), gp, width, prefix, boundary, h0, seq_len, scale, bs,
                     interpret)
-  return o[:, :seq_len, :, :dv].astype(F32), final[:, :, :dk, :dv]
+  return o[:, :seq_len, :, :dv], final[:, :, :dk, :dv]   # o in the kernel dtype; ops casts
