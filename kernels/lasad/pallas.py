@@ -1,15 +1,18 @@
 """LASAD operator as Pallas GPU kernels (Triton backend), forward and backward under custom_vjp.
 
-Reads top to bottom: block sizes, the in-kernel row mask, the four kernels, then the public
+Reads top to bottom: block sizes, the in-kernel row mask, the five kernels, then the public
 ``lasad_pallas`` that pads, dispatches and defines the VJP. The chunked math is the one in
 README.md; here every kernel works on one (batch, head) and chunks of C = 64 tokens split into
 sub-chunks of c = 32 (or 16):
 
+  _fused_kernel    grid (B, H, V/bv): the forward in one pass (default): walks the chunks in
+                   order with the state on chip, writes o and the final state.
   _states_kernel   grid (B, H, V/bv): walks the chunks in order and writes the state entering
-                   each chunk, S_n [B, H, N, K, V] float32, and the final state.
+                   each chunk, S_n [B, H, N, K, V] float32, and the final state (the backward's
+                   recompute; the two-pass forward; segment ends for the one-pass forward's split).
   _output_kernel   grid (B, N, H): one chunk; a c-token recurrence from S_n over its C/c
                    sub-chunks (every exponent <= 0) plus the exact pairwise term inside each
-                   sub-chunk; writes o.
+                   sub-chunk; writes o (the two-pass forward, BlockSizes(fused_forward=False)).
   _dstates_kernel  grid (B, H, V/bv): walks the chunks backwards and writes dS_n, the gradient
                    of the state leaving each chunk, and d initial_state.
   _grads_kernel    grid (B, N, H): one chunk; dq, dk, dv, dg (zero on row starts) and the
