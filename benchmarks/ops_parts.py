@@ -25,25 +25,21 @@ from kernels.lasad import pallas as P  # noqa: E402
 
 VARIANTS = {
     "default": P.BlockSizes(),
-    "grads4": P.BlockSizes(grads_num_warps=4),
-    "sub16": P.BlockSizes(sub=16),
-    "c128": P.BlockSizes(chunk=128),
-    "split1": P.BlockSizes(seq_split=1),
-    "split4": P.BlockSizes(seq_split=4),
+    "tf32": P.BlockSizes(tf32_dots=True),
+    "fast": P.BlockSizes(diag="fast"),
     "onepass": P.BlockSizes(split_dots=False),
 }
 
 INTERPRET = jax.default_backend() != "gpu"   # CPU: a smoke run of the code paths
-FORWARD_VARIANTS = {
+FORWARD_VARIANTS = {   # session 7 also timed 2 / 8 warps, bv = 32, 1 / 3 stages: all slower
     "default": P.BlockSizes(),
-    "warps=2": P.BlockSizes(fused_num_warps=2),
-    "warps=2 bv=32": P.BlockSizes(fused_num_warps=2, block_v_scan=32),
-    "bv=32": P.BlockSizes(block_v_scan=32),
-    "stages=1": P.BlockSizes(num_stages=1),
-    "stages=3": P.BlockSizes(num_stages=3),
-    "sub=16": P.BlockSizes(sub=16),
+    "prefetch": P.BlockSizes(fused_prefetch=True),
+    "prefetch sub=16": P.BlockSizes(fused_prefetch=True, sub=16),
+    "tf32 diag dots": P.BlockSizes(tf32_dots=True),
+    "tf32 prefetch": P.BlockSizes(tf32_dots=True, fused_prefetch=True),
+    "diag=fast (no fallback)": P.BlockSizes(diag="fast"),
+    "diag=fast tf32": P.BlockSizes(diag="fast", tf32_dots=True),
     "one-pass bf16 dots": P.BlockSizes(split_dots=False),
-    "diag=loop": P.BlockSizes(diag="loop"),
 }
 
 
@@ -67,9 +63,9 @@ def main():
                                                              seq_len=t, scale=1.0, bs=bs,
                                                              interpret=INTERPRET)[0])
     try:
-      print(f"  {name:<22} {time_jax(f, q, k, v, g):8.3f}", flush=True)
+      print(f"  {name:<24} {time_jax(f, q, k, v, g):8.3f}", flush=True)
     except Exception as e:  # noqa: BLE001
-      print(f"  {name:<22} failed: {type(e).__name__}: {str(e)[:200]}")
+      print(f"  {name:<24} failed: {type(e).__name__}: {str(e)[:200]}")
   if args.only == "forward":
     return
   print(f"{'variant':<10} {'states':>8} {'outputs':>8} {'dstates':>8} {'grads':>8}")
@@ -92,7 +88,8 @@ def main():
       print(f"{name:<10} failed: {type(e).__name__}: {str(e)[:200]}")
 
   print("whole operator, ms fwd / fwd+bwd")
-  for name, bs in (("default", P.BlockSizes()), ("sub16", P.BlockSizes(sub=16)),
+  for name, bs in (("default", P.BlockSizes()), ("tf32", P.BlockSizes(tf32_dots=True)),
+                   ("prefetch", P.BlockSizes(fused_prefetch=True)),
                    ("one-pass", P.BlockSizes(split_dots=False))):
     f = lambda q, k, v, g, bs=bs: lasad_attention(q, k, v, g, width=width, prefix=prefix,
                                                   boundary=bnd, scale=1.0, impl="pallas",
