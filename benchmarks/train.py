@@ -3,6 +3,7 @@ baseline) on synthetic ImageNet-shaped code batches (16x16 tokens, 1000 classes)
 
     python benchmarks/train.py --variants B,L [--attention lasad,softmax] [--batches 512,256,128]
         [--mesh data|fsdp] [--remat [--remat-policy full|dots|dots_attn]] [--kernel-sub 16] [--kernel-forward one_pass]
+        [--kernel-dots tf32]
         [--profile N]
         [--out benchmarks/results/train_h100.json]
 
@@ -37,7 +38,7 @@ from benchmarks_common import profile_call  # noqa: E402
 
 
 def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", kernel_sub=32,
-            profile=0, forward="auto"):
+            profile=0, forward="auto", dots="split"):
   n = jax.device_count()
   cfg = get_config(variant)
   cfg.attention = attention
@@ -46,6 +47,7 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
   cfg.remat_policy = policy
   cfg.kernel_sub = kernel_sub
   cfg.kernel_forward = forward
+  cfg.kernel_dots = dots
   cfg.warmup_steps = 10
   cfg.mesh.data, cfg.mesh.fsdp = (n, 1) if mesh_kind == "data" else (1, n)
   cfg = ml_collections.FrozenConfigDict(cfg)
@@ -111,6 +113,8 @@ def main():
   ap.add_argument("--kernel-sub", type=int, default=32, help="Pallas kernel sub-chunk: 16 | 32")
   ap.add_argument("--kernel-forward", default="auto", choices=("auto", "one_pass", "two_pass"),
                   help="Pallas forward kernels (config.kernel_forward)")
+  ap.add_argument("--kernel-dots", default="split", choices=("split", "tf32", "bf16"),
+                  help="Pallas float32-operand dots (config.kernel_dots)")
   ap.add_argument("--profile", type=int, default=0,
                   help="trace one step after timing and print its N most expensive kernels")
   ap.add_argument("--out", default=None)
@@ -128,7 +132,7 @@ def main():
         try:
           r = run_one(variant, attention, batch, args.mesh, args.iters, args.remat,
                       args.remat_policy, args.kernel_sub, args.profile,
-                      args.kernel_forward)
+                      args.kernel_forward, args.kernel_dots)
         except Exception as e:  # noqa: BLE001  (out of memory: try the next smaller batch)
           msg = str(e).splitlines()[0][:120]
           if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():

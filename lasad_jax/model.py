@@ -125,7 +125,7 @@ def _softmax_out(cfg, p, o):
 
 
 def _kernel_kw(cfg):
-  """Pallas block sizes from config.kernel_sub / config.kernel_forward ({} = the defaults)."""
+  """Pallas block sizes from config.kernel_sub / kernel_forward / kernel_dots ({} = the defaults)."""
   fields = {}
   if "kernel_sub" in cfg:
     if cfg.kernel_sub not in (16, 32):
@@ -137,6 +137,11 @@ def _kernel_kw(cfg):
                      f"{mode!r}")
   if mode != "auto":
     fields["fused_forward"] = mode == "one_pass"
+  dots = cfg.get("kernel_dots", "split")
+  if dots not in ("split", "tf32", "bf16"):
+    raise ValueError(f"config.kernel_dots must be 'split', 'tf32' or 'bf16', got {dots!r}")
+  fields["tf32_dots"] = dots == "tf32"
+  fields["split_dots"] = dots != "bf16"
   from kernels.lasad.pallas import BlockSizes
   if all(getattr(BlockSizes, k) == v for k, v in fields.items()):
     return {}

@@ -131,8 +131,9 @@ def test_remat_policies_give_the_same_gradients(attention):
 
 
 def test_kernel_sub_config_reaches_the_kernel(monkeypatch):
-  """config.kernel_sub 16 and 32 (Pallas sub-chunks; 32 is the default) and config.kernel_forward
-  two_pass reach the kernel's block sizes and give the same logits; bad values are refused."""
+  """config.kernel_sub 16 and 32 (Pallas sub-chunks; 32 is the default), config.kernel_forward
+  two_pass and config.kernel_dots reach the kernel's block sizes (the first two give the same
+  logits); bad values are refused."""
   import ml_collections
   seen = []
 
@@ -164,6 +165,19 @@ def test_kernel_sub_config_reaches_the_kernel(monkeypatch):
   with pytest.raises(ValueError, match="kernel_forward"):
     M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
   c.kernel_forward = "auto"
+  seen_dots = []
+  monkeypatch.setattr(M, "lasad_attention", lambda *a, **kw: (
+      seen_dots.append((kw["block_sizes"].tf32_dots, kw["block_sizes"].split_dots)),
+      lasad_attention(*a, **kw))[1])
+  for dots, want in (("tf32", (True, True)), ("bf16", (False, False))):
+    c.kernel_dots = dots
+    seen_dots.clear()
+    M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
+    assert seen_dots and set(seen_dots) == {want}, (dots, seen_dots)
+  c.kernel_dots = "fp8"
+  with pytest.raises(ValueError, match="kernel_dots"):
+    M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
+  c.kernel_dots = "split"
   c.kernel_sub = 24
   with pytest.raises(ValueError, match="kernel_sub"):
     M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
