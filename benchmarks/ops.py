@@ -145,11 +145,11 @@ def main():
       variants += [("pallas sub=16", "pallas", widths[:1], BlockSizes(sub=16))]
       if b * h < 132:   # the default splits the sequence here (seq_split=None -> 4); without:
         variants += [("pallas seq_split=1", "pallas", widths[:1], BlockSizes(seq_split=1))]
-    if "fused" not in skip:   # the default is the one-pass forward; the two-pass one, warps
-      from kernels.lasad.pallas import _fused_segments
+    if "fused" not in skip:   # the default is the one-pass forward; the two-pass one, no
+      from kernels.lasad.pallas import _fused_segments    # prefetch, other sequence splits
       auto = _fused_segments(BlockSizes(), t, t, b * h)
       variants += [("pallas two-pass", "pallas", widths[:1], BlockSizes(fused_forward=False)),
-                   ("pallas fused warps=8", "pallas", widths[:1], BlockSizes(fused_num_warps=8))]
+                   ("pallas no prefetch", "pallas", widths[:1], BlockSizes(fused_prefetch=False))]
       for s in sorted({max(1, auto // 2), auto * 2} - {auto}):
         variants += [(f"pallas fused seq_split={s}", "pallas", widths[:1],
                       BlockSizes(seq_split=s))]

@@ -25,20 +25,16 @@ from kernels.lasad import pallas as P  # noqa: E402
 
 VARIANTS = {
     "default": P.BlockSizes(),
-    "tf32": P.BlockSizes(tf32_dots=True),
-    "fast": P.BlockSizes(diag="fast"),
     "onepass": P.BlockSizes(split_dots=False),
 }
 
 INTERPRET = jax.default_backend() != "gpu"   # CPU: a smoke run of the code paths
-FORWARD_VARIANTS = {   # session 7 also timed 2 / 8 warps, bv = 32, 1 / 3 stages: all slower
+# Session 7 also timed 2 / 8 warps, bv = 32, 1 / 3 stages (all slower); session 8 TF32 diagonal
+# dots and no exact fallback (no faster): ops_parts_h100_s{7,8}_*.log in benchmarks/results.
+FORWARD_VARIANTS = {
     "default": P.BlockSizes(),
-    "prefetch": P.BlockSizes(fused_prefetch=True),
-    "prefetch sub=16": P.BlockSizes(fused_prefetch=True, sub=16),
-    "tf32 diag dots": P.BlockSizes(tf32_dots=True),
-    "tf32 prefetch": P.BlockSizes(tf32_dots=True, fused_prefetch=True),
-    "diag=fast (no fallback)": P.BlockSizes(diag="fast"),
-    "diag=fast tf32": P.BlockSizes(diag="fast", tf32_dots=True),
+    "no prefetch": P.BlockSizes(fused_prefetch=False),
+    "sub=16": P.BlockSizes(sub=16),
     "one-pass bf16 dots": P.BlockSizes(split_dots=False),
 }
 
@@ -88,8 +84,7 @@ def main():
       print(f"{name:<10} failed: {type(e).__name__}: {str(e)[:200]}")
 
   print("whole operator, ms fwd / fwd+bwd")
-  for name, bs in (("default", P.BlockSizes()), ("tf32", P.BlockSizes(tf32_dots=True)),
-                   ("prefetch", P.BlockSizes(fused_prefetch=True)),
+  for name, bs in (("default", P.BlockSizes()), ("no prefetch", P.BlockSizes(fused_prefetch=False)),
                    ("one-pass", P.BlockSizes(split_dots=False))):
     f = lambda q, k, v, g, bs=bs: lasad_attention(q, k, v, g, width=width, prefix=prefix,
                                                   boundary=bnd, scale=1.0, impl="pallas",

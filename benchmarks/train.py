@@ -3,7 +3,7 @@ baseline) on synthetic ImageNet-shaped code batches (16x16 tokens, 1000 classes)
 
     python benchmarks/train.py --variants B,L [--attention lasad,softmax] [--batches 512,256,128]
         [--mesh data|fsdp] [--remat [--remat-policy full|dots|dots_attn]] [--kernel-sub 16] [--kernel-forward one_pass]
-        [--kernel-dots tf32]
+        [--kernel-dots bf16]
         [--profile N]
         [--out benchmarks/results/train_h100.json]
 
@@ -113,7 +113,7 @@ def main():
   ap.add_argument("--kernel-sub", type=int, default=32, help="Pallas kernel sub-chunk: 16 | 32")
   ap.add_argument("--kernel-forward", default="auto", choices=("auto", "one_pass", "two_pass"),
                   help="Pallas forward kernels (config.kernel_forward)")
-  ap.add_argument("--kernel-dots", default="split", choices=("split", "tf32", "bf16"),
+  ap.add_argument("--kernel-dots", default="split", choices=("split", "bf16"),
                   help="Pallas float32-operand dots (config.kernel_dots)")
   ap.add_argument("--profile", type=int, default=0,
                   help="trace one step after timing and print its N most expensive kernels")

@@ -34,8 +34,8 @@ def get_config(variant="B"):
   c.kernel_sub = 32   # Pallas kernel sub-chunk (16 | 32; 32 was 33% faster fwd+bwd on an H100 at
                       # the training shape: kernels/lasad/pallas.py BlockSizes)
   c.kernel_forward = "auto"   # Pallas forward: one_pass | two_pass | auto (the kernel's default)
-  # Pallas dots with float32 operands at bf16: split (hi + lo bf16, accurate, default) | tf32
-  # (TF32 diagonal dots: faster, dg ~1.5x the error) | bf16 (fastest, dg ~9x): BlockSizes docs
+  # Pallas dots with float32 operands at bf16: split (hi + lo bf16 parts; default) | bf16 (one
+  # pass: L's training step 502 -> 489 ms on an H100, but dg ~9x the error; BlockSizes.split_dots)
   c.kernel_dots = "split"
   # The VQ tokenizer sample.py decodes codes with: LlamaGen's vq_ds16_c2i.pt (user-supplied path;
   # empty = write token grids only) and its architecture (lasad_jax.tokenizer.vq.VQConfig; VQ-16).

@@ -138,10 +138,9 @@ def _kernel_kw(cfg):
   if mode != "auto":
     fields["fused_forward"] = mode == "one_pass"
   dots = cfg.get("kernel_dots", "split")
-  if dots not in ("split", "tf32", "bf16"):
-    raise ValueError(f"config.kernel_dots must be 'split', 'tf32' or 'bf16', got {dots!r}")
-  fields["tf32_dots"] = dots == "tf32"
-  fields["split_dots"] = dots != "bf16"
+  if dots not in ("split", "bf16"):
+    raise ValueError(f"config.kernel_dots must be 'split' or 'bf16', got {dots!r}")
+  fields["split_dots"] = dots == "split"
   from kernels.lasad.pallas import BlockSizes
   if all(getattr(BlockSizes, k) == v for k, v in fields.items()):
     return {}

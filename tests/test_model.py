@@ -167,14 +167,14 @@ def test_kernel_sub_config_reaches_the_kernel(monkeypatch):
   c.kernel_forward = "auto"
   seen_dots = []
   monkeypatch.setattr(M, "lasad_attention", lambda *a, **kw: (
-      seen_dots.append((kw["block_sizes"].tf32_dots, kw["block_sizes"].split_dots)),
+      seen_dots.append(kw["block_sizes"].split_dots if "block_sizes" in kw else True),
       lasad_attention(*a, **kw))[1])
-  for dots, want in (("tf32", (True, True)), ("bf16", (False, False))):
+  for dots, want in (("split", True), ("bf16", False)):
     c.kernel_dots = dots
     seen_dots.clear()
     M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
     assert seen_dots and set(seen_dots) == {want}, (dots, seen_dots)
-  c.kernel_dots = "fp8"
+  c.kernel_dots = "tf32"
   with pytest.raises(ValueError, match="kernel_dots"):
     M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
   c.kernel_dots = "split"

@@ -63,8 +63,8 @@ class BlockSizes:
   # Exact within-sub-chunk term. "auto": tensor-core factorisation e^{b_t} e^{-b_s} (b relative to
   # the sub-chunk start) when the sub-chunk's total log decay is > -fast_limit on every channel,
   # so no factor exceeds e^fast_limit; else the column loop. "loop" walks the c key columns;
-  # "bcast" forms the [c, c, K] pairwise tile at once. "fast": the factorisation always, no
-  # fallback (inf / NaN once a sub-chunk's decay passes e^-88; for timing the fallback's cost).
+  # "bcast" forms the [c, c, K] pairwise tile at once. (Dropping the fallback and its lax.cond
+  # made the kernels no faster on the H100, session 8.)
   diag: str = "auto"
   fast_limit: float = 60.0
   # bf16 inputs: float32 operands of the diagonal dots (q e^{b}, k e^{-b}, score tiles) and of
@@ -72,12 +72,6 @@ class BlockSizes:
   # to ~16 mantissa bits (dropping lo*lo). False rounds them to bf16: one pass, but o 3.3e-3 and
   # dg 2.1e-2 vs float64 on the H100, where fla chunk_gla has 2.4e-3 (BENCHMARKS.md).
   split_dots: bool = True
-  # bf16 inputs: the float32 operands of the diagonal dots meet the tensor cores as TF32 (10
-  # mantissa bits, one pass at half the bf16 rate) instead of hi + lo bf16 parts (the backward's
-  # state dots stay split: TF32 there took dg from 1.55x to 1.71x the XLA chunk form's error,
-  # split dots give 1.0x). The interpreter emulates it (operands truncated to TF32, f32 dots):
-  # o 2.0e-3 vs split 1.7e-3 on tests/test_ops.py's bf16 case.
-  tf32_dots: bool = False
   # Sequence split of the two sequential kernels (states, state gradients): S segments of T/S
   # run as separate programs from zero states, then a scan over the S segment ends and one fix-up
   # pass over the per-chunk states (XLA) add what enters each segment. For small B*H with long T,
@@ -98,16 +92,18 @@ class BlockSizes:
   fused_forward: bool = True
   fused_num_warps: int | None = None    # the one-pass kernel's warps (None: num_warps)
   # The one-pass kernel loops over sub-chunks and loads the next one's q, k, v, g while it
-  # computes the current one (a manual two-stage pipeline; Triton does not pipeline loads that
-  # do not feed a dot directly).
-  fused_prefetch: bool = False
+  # computes the current one (a manual two-stage pipeline: the loads pass through float32
+  # gate math before any dot, which Triton's pipeliner does not cover). H100 (session 8,
+  # benchmarks/results/ops_parts_h100_s8_*.log), kernel ms without -> with: (32, 1024) 0.450 ->
+  # 0.452, (8, 4096) 0.597 -> 0.581, (256, 256) 0.917 -> 0.850, (2, 16384) 0.704 -> 0.634.
+  fused_prefetch: bool = True
 
   def __post_init__(self):
     if self.sub not in (16, 32) or self.chunk % self.sub:
       raise ValueError(f"BlockSizes: sub must be 16 or 32 and divide chunk, got sub={self.sub}, "
                        f"chunk={self.chunk}")
-    if self.diag not in ("auto", "loop", "bcast", "fast"):
-      raise ValueError(f"BlockSizes: diag must be auto, loop, bcast or fast, got {self.diag!r}")
+    if self.diag not in ("auto", "loop", "bcast"):
+      raise ValueError(f"BlockSizes: diag must be auto, loop or bcast, got {self.diag!r}")
     if self.seq_split is not None and (not isinstance(self.seq_split, int) or self.seq_split < 1):
       raise ValueError(f"BlockSizes: seq_split must be None (auto) or an int >= 1, got "
                        f"{self.seq_split!r}")
@@ -126,37 +122,13 @@ def _hi_lo(x):
   return hi, (x - hi.astype(F32)).astype(jnp.bfloat16)
 
 
-def _tf32(x):
-  """x truncated to TF32 (10 mantissa bits), as the tensor cores read a float32 operand."""
-  bits = lax.bitcast_convert_type(x.astype(F32), jnp.uint32)
-  return lax.bitcast_convert_type(bits & jnp.uint32(0xFFFFE000), F32)
-
-
-def _tf32_dot(a, b, trans_a=False, trans_b=False):
-  """a @ b with TF32 operands, float32 accumulation; off the GPU the same products emulated."""
-  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-  if jax.default_backend() == "gpu":
-    return lax.dot_general(a.astype(F32), b.astype(F32), dims,
-                           precision=lax.DotAlgorithmPreset.TF32_TF32_F32,
-                           preferred_element_type=F32)
-  return lax.dot_general(_tf32(a), _tf32(b), dims, precision=lax.Precision.HIGHEST,
-                         preferred_element_type=F32)
-
-
-def _dot_mode(bs):
-  """How ``_sdot`` treats float32 operands meeting bf16 inputs: "tf32", "split" or "bf16"."""
-  return "tf32" if bs.tf32_dots else ("split" if bs.split_dots else "bf16")
-
-
 def _sdot(a, b, dtype, split, **kw):
-  """a @ b, float32 accumulation. With bf16 inputs and ``split`` ("split" or True), float32
-  operands enter as hi + lo bf16 parts (bf16 operands are exact as they are): hi*hi + hi*lo +
-  lo*hi. Plain bf16 dots only, so the CPU interpreter computes exactly what the GPU does.
-  ``split`` "tf32": one TF32 dot; "bf16" or False: operands rounded to bf16."""
-  if dtype == F32 or split in (False, "bf16"):
+  """a @ b, float32 accumulation. With bf16 inputs and ``split``, float32 operands enter as hi + lo
+  bf16 parts (bf16 operands are exact as they are): hi*hi + hi*lo + lo*hi. Plain bf16 dots only,
+  so the CPU interpreter computes exactly what the GPU does. (One TF32 dot instead measured no
+  faster on the H100 and cost dg 1.5x, session 8.)"""
+  if dtype == F32 or not split:
     return _dot(_mx(a, dtype), _mx(b, dtype), **kw)
-  if split == "tf32":
-    return _tf32_dot(a, b, **kw)
   pa = (a,) if a.dtype == jnp.bfloat16 else _hi_lo(a)
   pb = (b,) if b.dtype == jnp.bfloat16 else _hi_lo(b)
   out = _dot(pa[0], pb[0], **kw)
@@ -293,10 +265,7 @@ def _sub_chunk(q_ref, k_ref, v_ref, g_ref, s, base, pos0, gate_args, *, sub, dty
     def fast():
       a = _sdot(q * jnp.exp(b), k.astype(F32) * jnp.exp(-b), dtype, split, trans_b=True)
       return _sdot(jnp.where(_causal_same_seg(seg), a, 0.0), v, dtype, split)
-    if diag == "fast":
-      o = o + fast()
-    else:
-      o = o + lax.cond(jnp.min(jnp.sum(gf, axis=0)) > -fast_limit, fast, loop)
+    o = o + lax.cond(jnp.min(jnp.sum(gf, axis=0)) > -fast_limit, fast, loop)
   if not update:
     return o, None
   tot, seg_end = jnp.sum(gf, axis=0), jnp.sum(rs.astype(jnp.int32))
@@ -388,10 +357,7 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
   def mm(a, b, **kw):  # tensor-core operands in the input dtype (bf16), float32 accumulation
     return _dot(_mx(a, dtype), _mx(b, dtype), **kw)
 
-  def sm(a, b, **kw):  # state dots: float32 operands split (see _sdot; TF32 would cost dg 1.7x)
-    return _sdot(a, b, dtype, "split" if split == "tf32" else split, **kw)
-
-  def dm(a, b, **kw):  # diagonal dots: float32 operands split or TF32 (see _sdot)
+  def sm(a, b, **kw):  # state and diagonal dots: float32 operands split (see _sdot)
     return _sdot(a, b, dtype, split, **kw)
 
   def load(i):
@@ -455,17 +421,15 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
       def fast(dq, dk, dv, x=x, q=q, k=k, v=v, do=do):
         ok = _causal_same_seg(x["seg"])
         qt, kt = q * jnp.exp(x["b"]), k * jnp.exp(-x["b"])
-        a = jnp.where(ok, dm(qt, kt, trans_b=True), 0.0)
+        a = jnp.where(ok, sm(qt, kt, trans_b=True), 0.0)
         da = jnp.where(ok, scale * mm(do, v, trans_b=True), 0.0)  # exact products of inputs
-        dq = dq + dm(da, kt) * jnp.exp(x["b"])
-        dk = dk + dm(da, qt, trans_a=True) * jnp.exp(-x["b"])
-        dv = dv + scale * dm(a, do.astype(dtype), trans_a=True)
+        dq = dq + sm(da, kt) * jnp.exp(x["b"])
+        dk = dk + sm(da, qt, trans_a=True) * jnp.exp(-x["b"])
+        dv = dv + scale * sm(a, do.astype(dtype), trans_a=True)
         return dq, dk, dv
 
       if diag == "loop":
         dq, dk, dv = loop(dq, dk, dv)
-      elif diag == "fast":
-        dq, dk, dv = fast(dq, dk, dv)
       else:
         dq, dk, dv = lax.cond(jnp.min(x["tot"]) > -fast_limit, fast, loop, dq, dk, dv)
     db = q * dq - k * dk
@@ -668,7 +632,7 @@ def _fused_call(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, inter
   state = pl.BlockSpec((None, None, dk, bv), lambda i, j, kv: (i, j, 0, kv))
   kern = functools.partial(_fused_kernel, chunk=bs.chunk, sub=bs.sub, n_chunks=t // bs.chunk,
                            seq_len=seq_len, scale=scale, dtype=q.dtype, diag=bs.diag,
-                           fast_limit=bs.fast_limit, split=_dot_mode(bs),
+                           fast_limit=bs.fast_limit, split=bs.split_dots,
                            prefetch=bs.fused_prefetch)
   return pl.pallas_call(
       kern, grid=(b, h, dv // bv),
@@ -695,7 +659,7 @@ def _outputs(q, k, v, g, width, prefix, bnd, states, *, seq_len, scale, bs, inte
   c = bs.chunk
   kern = functools.partial(_output_kernel, chunk=c, sub=bs.sub, seq_len=seq_len, scale=scale,
                            dtype=q.dtype, diag=bs.diag, fast_limit=bs.fast_limit,
-                           split=_dot_mode(bs))
+                           split=bs.split_dots)
   return pl.pallas_call(
       kern, grid=(b, t // c, h),
       in_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c), _chunk_spec(dk, c)]
@@ -734,7 +698,7 @@ def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scal
   n = t // c
   kern = functools.partial(_grads_kernel, chunk=c, sub=bs.sub, seq_len=seq_len, scale=scale,
                            dtype=q.dtype, diag=bs.diag, fast_limit=bs.fast_limit,
-                           split=_dot_mode(bs))
+                           split=bs.split_dots)
   return pl.pallas_call(
       kern, grid=(b, n, h),
       in_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c), _chunk_spec(dk, c),
