@@ -25,6 +25,7 @@ from kernels.lasad import pallas as P  # noqa: E402
 
 VARIANTS = {
     "default": P.BlockSizes(),
+    "grads16": P.BlockSizes(grads_num_warps=16),   # register-limited at 8 (ncu, session 8)
     "onepass": P.BlockSizes(split_dots=False),
 }
 
@@ -33,9 +34,11 @@ INTERPRET = jax.default_backend() != "gpu"   # CPU: a smoke run of the code path
 # dots and no exact fallback (no faster): ops_parts_h100_s{7,8}_*.log in benchmarks/results.
 FORWARD_VARIANTS = {
     "default": P.BlockSizes(),
+    "grads16": P.BlockSizes(grads_num_warps=16),   # register-limited at 8 (ncu, session 8)
     "no prefetch": P.BlockSizes(fused_prefetch=False),
     "sub=16": P.BlockSizes(sub=16),
     "one-pass bf16 dots": P.BlockSizes(split_dots=False),
+    "warps=8": P.BlockSizes(fused_num_warps=8),
 }
 
 
