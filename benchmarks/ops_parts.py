@@ -25,7 +25,8 @@ from kernels.lasad import pallas as P  # noqa: E402
 
 VARIANTS = {
     "default": P.BlockSizes(),
-    "grads16": P.BlockSizes(grads_num_warps=16),   # register-limited at 8 (ncu, session 8)
+    # (16-warp gradient kernel: 15.8 vs 3.9 ms at (256, 256), it spills; session 8)
+    "c32": P.BlockSizes(chunk=32),   # one sub-chunk per chunk: fewer live values per thread
     "onepass": P.BlockSizes(split_dots=False),
 }
 
@@ -34,11 +35,12 @@ INTERPRET = jax.default_backend() != "gpu"   # CPU: a smoke run of the code path
 # dots and no exact fallback (no faster): ops_parts_h100_s{7,8}_*.log in benchmarks/results.
 FORWARD_VARIANTS = {
     "default": P.BlockSizes(),
-    "grads16": P.BlockSizes(grads_num_warps=16),   # register-limited at 8 (ncu, session 8)
+    # (16-warp gradient kernel: 15.8 vs 3.9 ms at (256, 256), it spills; session 8)
+    "c32": P.BlockSizes(chunk=32),   # one sub-chunk per chunk: fewer live values per thread
     "no prefetch": P.BlockSizes(fused_prefetch=False),
     "sub=16": P.BlockSizes(sub=16),
     "one-pass bf16 dots": P.BlockSizes(split_dots=False),
-    "warps=8": P.BlockSizes(fused_num_warps=8),
+    "chunk=32": P.BlockSizes(chunk=32),
 }
 
 
@@ -88,6 +90,7 @@ def main():
 
   print("whole operator, ms fwd / fwd+bwd")
   for name, bs in (("default", P.BlockSizes()), ("no prefetch", P.BlockSizes(fused_prefetch=False)),
+                   ("c32", P.BlockSizes(chunk=32)),
                    ("one-pass", P.BlockSizes(split_dots=False))):
     f = lambda q, k, v, g, bs=bs: lasad_attention(q, k, v, g, width=width, prefix=prefix,
                                                   boundary=bnd, scale=1.0, impl="pallas",
