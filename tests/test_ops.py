@@ -64,6 +64,18 @@ CASES = [
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[1]}-w{c[6]}-b{c[8]}")
 def test_against_oracle(impl, case):
+  _check_against_oracle(impl, case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[1]}-w{c[6]}-b{c[8]}")
+def test_pallas_backward_chunk_64(case):
+  """The backward on 64-token chunks of two sub-chunks each (``BlockSizes(bwd_chunk=64)``; the
+  default runs it on 32-token chunks, one sub-chunk per gradient program)."""
+  from kernels.lasad.pallas import BlockSizes
+  _check_against_oracle("pallas", case, block_sizes=BlockSizes(bwd_chunk=64))
+
+
+def _check_against_oracle(impl, case, **extra):
   b, t, h, dk, dv, norm, width, prefix, boundary, h0 = case
   q, k, v, g, s0 = make_inputs(CASES.index(case), b, t, h, dk, dv, norm, h0)
   rng = np.random.default_rng(1)
@@ -73,7 +85,7 @@ def test_against_oracle(impl, case):
             isinstance(width, list) else width,
             prefix=jnp.asarray(prefix, jnp.int32) if isinstance(prefix, list) else prefix)
   o, st, grads = run(impl, q, k, v, g, s0, do.astype(np.float32), dst.astype(np.float32),
-                     boundary=np.asarray(boundary, np.float32), **kw)
+                     boundary=np.asarray(boundary, np.float32), **kw, **extra)
   okw = dict(width=width, prefix=prefix, boundary=boundary, h0=s0)
   o_ref, st_ref, _ = oracle.forward(q, k, v, g, **okw)
   g_ref = oracle.backward(q, k, v, g, do, dst, **okw)
@@ -350,5 +362,39 @@ def test_sequence_split_auto_choice_and_block_size_errors():
   assert _fused_segments(BlockSizes(seq_split=2), 1024, 1024, 512) == 2
   with pytest.raises(ValueError, match="seq_split"):
     BlockSizes(seq_split=0)
+  with pytest.raises(ValueError, match="bwd_chunk"):
+    BlockSizes(bwd_chunk=48)
+  from kernels.lasad.pallas import _bwd_chunk
+  assert [_bwd_chunk(b) for b in (auto, BlockSizes(sub=16), BlockSizes(chunk=32),
+                                  BlockSizes(bwd_chunk=64))] == [32, 64, 32, 64]
   with pytest.raises(ValueError, match="sub"):
     BlockSizes(sub=24)
+
+
+def _pallas_grids(fn, *args):
+  """{kernel name: grid} of the pallas_calls in fn's jaxpr (nested jaxprs included)."""
+  grids = {}
+
+  def walk(jaxpr):
+    for e in jaxpr.eqns:
+      if e.primitive.name == "pallas_call":
+        grids[str(e.params["name"])] = tuple(e.params["grid_mapping"].grid)
+      for v in e.params.values():
+        inner = getattr(v, "jaxpr", None)
+        if inner is not None:
+          walk(inner if hasattr(inner, "eqns") else inner.jaxpr)
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return grids
+
+
+def test_pallas_backward_runs_on_32_token_chunks():
+  """By default the backward's kernels run on 32-token chunks (grid (B, T/32, H) for the gradient
+  kernel), the forward keeps 64; ``BlockSizes(bwd_chunk=64)`` restores 64."""
+  from kernels.lasad.pallas import BlockSizes
+  x = jnp.ones((1, 128, 2, 16))
+
+  def grids(**kw):
+    f = lambda q: jnp.sum(lasad_attention(q, x, x, -x, width=8, impl="pallas", **kw))  # noqa: E731
+    return _pallas_grids(jax.grad(f), x)
+  assert grids()["lasad_grads"] == (1, 4, 2)
+  assert grids(block_sizes=BlockSizes(bwd_chunk=64))["lasad_grads"] == (1, 2, 2)

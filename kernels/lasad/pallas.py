@@ -2,8 +2,8 @@
 
 Reads top to bottom: block sizes, the in-kernel row mask, the five kernels, then the public
 ``lasad_pallas`` that pads, dispatches and defines the VJP. The chunked math is the one in
-README.md; here every kernel works on one (batch, head) and chunks of C = 64 tokens split into
-sub-chunks of c = 32 (or 16):
+README.md; here every kernel works on one (batch, head) and chunks of C = 64 tokens (32 in the
+backward) split into sub-chunks of c = 32 (or 16):
 
   _fused_kernel    grid (B, H, V/bv): the forward in one pass (default): walks the chunks in
                    order with the state on chip, writes o and the final state.
@@ -97,16 +97,31 @@ class BlockSizes:
   # benchmarks/results/ops_parts_h100_s8_*.log), kernel ms without -> with: (32, 1024) 0.450 ->
   # 0.452, (8, 4096) 0.597 -> 0.581, (256, 256) 0.917 -> 0.850, (2, 16384) 0.704 -> 0.634.
   fused_prefetch: bool = True
+  # Chunk of the backward's kernels; None: 32 when sub = 32 (and 32 divides chunk), else chunk.
+  # 32 with sub = 32: each gradient program is one sub-chunk, so it carries no per-sub-chunk state and far fewer live values (the
+  # kernels are register-bound: Nsight Compute, BENCHMARKS.md). H100 (session 8,
+  # ops_parts_h100_s8_*_c32.log): gradient kernel 3.94 -> 3.38 ms at (256, 256, 16, 64) and
+  # 2.30 -> 1.89 at (32, 1024, 16, 64); the state scans write twice the per-chunk states.
+  bwd_chunk: int | None = None
 
   def __post_init__(self):
     if self.sub not in (16, 32) or self.chunk % self.sub:
       raise ValueError(f"BlockSizes: sub must be 16 or 32 and divide chunk, got sub={self.sub}, "
                        f"chunk={self.chunk}")
+    if self.bwd_chunk is not None and (self.bwd_chunk % self.sub or self.chunk % self.bwd_chunk):
+      raise ValueError(f"BlockSizes: bwd_chunk must be a multiple of sub and divide chunk, got "
+                       f"bwd_chunk={self.bwd_chunk}, sub={self.sub}, chunk={self.chunk}")
     if self.diag not in ("auto", "loop", "bcast"):
       raise ValueError(f"BlockSizes: diag must be auto, loop or bcast, got {self.diag!r}")
     if self.seq_split is not None and (not isinstance(self.seq_split, int) or self.seq_split < 1):
       raise ValueError(f"BlockSizes: seq_split must be None (auto) or an int >= 1, got "
                        f"{self.seq_split!r}")
+
+
+def _bwd_chunk(bs):
+  if bs.bwd_chunk is not None:
+    return bs.bwd_chunk
+  return 32 if bs.sub == 32 and bs.chunk % 32 == 0 else bs.chunk
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -732,6 +747,8 @@ def _lasad_fwd(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret
 def _lasad_bwd(seq_len, scale, bs, interpret, res, cts):
   q, k, v, g, width, prefix, bnd, h0 = res
   do, dht = cts
+  if _bwd_chunk(bs) != bs.chunk:
+    bs = dataclasses.replace(bs, chunk=_bwd_chunk(bs), bwd_chunk=None)
   kw = dict(seq_len=seq_len, bs=bs, interpret=interpret)
   states, _, dec = _chunk_states_dec(k, v, g, width, prefix, bnd, h0, **kw)
   dstates, dh0 = _dstates(q, do.astype(q.dtype), g, width, prefix, bnd, dht.astype(F32),
