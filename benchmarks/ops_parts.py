@@ -11,6 +11,7 @@ sum of the launches and the whole is the XLA glue around them.
 """
 
 import argparse
+import dataclasses
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -23,10 +24,13 @@ from lasad_jax.ops import lasad_attention  # noqa: E402
 from benchmarks_common import inputs, time_jax  # noqa: E402
 from kernels.lasad import pallas as P  # noqa: E402
 
+# The per-launch table: states, state gradients and gradients at the backward's chunk
+# (BlockSizes.bwd_chunk), the two-pass forward's outputs kernel at the forward's.
 VARIANTS = {
     "default": P.BlockSizes(),
     # (16-warp gradient kernel: 15.8 vs 3.9 ms at (256, 256), it spills; session 8)
-    "c32": P.BlockSizes(chunk=32),   # one sub-chunk per chunk: fewer live values per thread
+    "bwd64": P.BlockSizes(bwd_chunk=64),   # the backward on 64-token chunks (before session 8)
+    "grads4": P.BlockSizes(grads_num_warps=4),
     "onepass": P.BlockSizes(split_dots=False),
 }
 
@@ -71,18 +75,21 @@ def main():
     return
   print(f"{'variant':<10} {'states':>8} {'outputs':>8} {'dstates':>8} {'grads':>8}")
   for name, bs in VARIANTS.items():
-    kw = dict(seq_len=t, bs=bs, interpret=False)
+    kw_f = dict(seq_len=t, bs=bs, interpret=INTERPRET)
+    bsb = dataclasses.replace(bs, chunk=P._bwd_chunk(bs), bwd_chunk=None)
+    kw = dict(seq_len=t, bs=bsb, interpret=INTERPRET)
     try:
       st = jax.jit(lambda k, v, g: P._chunk_states_dec(k, v, g, width, prefix, bnd, h0, **kw))
       states, _, dec = st(k, v, g)
+      states_f = P._chunk_states(k, v, g, width, prefix, bnd, h0, **kw_f)[0]
       out = jax.jit(lambda q, k, v, g, s: P._outputs(q, k, v, g, width, prefix, bnd, s,
-                                                     scale=1.0, **kw))
+                                                     scale=1.0, **kw_f))
       dst = jax.jit(lambda q, do, g, dec: P._dstates(q, do, g, width, prefix, bnd, dht,
                                                      scale=1.0, dec=dec, **kw))
       dstates, _ = dst(q, do, g, dec)
       gr = jax.jit(lambda q, k, v, g, do, s, ds: P._grads(q, k, v, g, do, width, prefix, bnd, s,
                                                           ds, scale=1.0, **kw))
-      ms = [time_jax(st, k, v, g), time_jax(out, q, k, v, g, states),
+      ms = [time_jax(st, k, v, g), time_jax(out, q, k, v, g, states_f),
             time_jax(dst, q, do, g, dec), time_jax(gr, q, k, v, g, do, states, dstates)]
       print(f"{name:<10} " + " ".join(f"{m:8.3f}" for m in ms), flush=True)
     except Exception as e:  # noqa: BLE001
@@ -90,7 +97,7 @@ def main():
 
   print("whole operator, ms fwd / fwd+bwd")
   for name, bs in (("default", P.BlockSizes()), ("no prefetch", P.BlockSizes(fused_prefetch=False)),
-                   ("c32", P.BlockSizes(chunk=32)),
+                   ("bwd64", P.BlockSizes(bwd_chunk=64)),
                    ("one-pass", P.BlockSizes(split_dots=False))):
     f = lambda q, k, v, g, bs=bs: lasad_attention(q, k, v, g, width=width, prefix=prefix,
                                                   boundary=bnd, scale=1.0, impl="pallas",
