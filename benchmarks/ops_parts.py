@@ -30,7 +30,7 @@ VARIANTS = {
     "default": P.BlockSizes(),
     # (16-warp gradient kernel: 15.8 vs 3.9 ms at (256, 256), it spills; session 8)
     "bwd64": P.BlockSizes(bwd_chunk=64),   # the backward on 64-token chunks (before session 8)
-    "grads4": P.BlockSizes(grads_num_warps=4),
+    "grads8": P.BlockSizes(grads_num_warps=8),   # the default before session 8's 4
     "onepass": P.BlockSizes(split_dots=False),
 }
 

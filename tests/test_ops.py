@@ -367,6 +367,9 @@ def test_sequence_split_auto_choice_and_block_size_errors():
   from kernels.lasad.pallas import _bwd_chunk
   assert [_bwd_chunk(b) for b in (auto, BlockSizes(sub=16), BlockSizes(chunk=32),
                                   BlockSizes(bwd_chunk=64))] == [32, 64, 32, 64]
+  from kernels.lasad.pallas import _grads_warps   # given the backward's chunk: 4 for one sub-chunk
+  assert [_grads_warps(b) for b in (BlockSizes(chunk=32), auto, BlockSizes(chunk=32,
+                                    grads_num_warps=8))] == [4, 8, 8]
   with pytest.raises(ValueError, match="sub"):
     BlockSizes(sub=24)
 

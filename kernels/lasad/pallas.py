@@ -57,9 +57,11 @@ class BlockSizes:
   block_v_scan: int | None = None
   num_warps: int = 4
   num_stages: int = 2
-  # The gradient kernel's warps (None: num_warps). 8: its time at (256, 256, 16, 64) fell
-  # 6.72 -> 6.03 ms and 6.77 -> 6.29 ms in two H100 runs (benchmarks/ops_parts.py).
-  grads_num_warps: int | None = 8
+  # The gradient kernel's warps. None: 4 when a gradient program is one sub-chunk (the default
+  # 32-token backward: 3.27 -> 2.40 ms at (256, 256, 16, 64), 1.74 -> 1.38 at (32, 1024) against
+  # 8 warps, ops_parts_h100_s8_*_bwd.log), else 8 (with 64-token chunks of 16-token sub-chunks
+  # 8 warps took it 6.72 -> 6.03 and 6.77 -> 6.29 ms in two H100 runs).
+  grads_num_warps: int | None = None
   # Exact within-sub-chunk term. "auto": tensor-core factorisation e^{b_t} e^{-b_s} (b relative to
   # the sub-chunk start) when the sub-chunk's total log decay is > -fast_limit on every channel,
   # so no factor exceeds e^fast_limit; else the column loop. "loop" walks the c key columns;
@@ -116,6 +118,13 @@ class BlockSizes:
     if self.seq_split is not None and (not isinstance(self.seq_split, int) or self.seq_split < 1):
       raise ValueError(f"BlockSizes: seq_split must be None (auto) or an int >= 1, got "
                        f"{self.seq_split!r}")
+
+
+def _grads_warps(bs):
+  """Warps of the gradient kernel; ``bs`` holds the backward's chunk."""
+  if bs.grads_num_warps is not None:
+    return bs.grads_num_warps
+  return 4 if bs.chunk == bs.sub else 8
 
 
 def _bwd_chunk(bs):
@@ -724,7 +733,7 @@ def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scal
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(g.shape, g.dtype),
                  jax.ShapeDtypeStruct((b, n, h, 1, dk), F32)],
-      compiler_params=_params(bs, bs.grads_num_warps), interpret=interpret, name="lasad_grads",
+      compiler_params=_params(bs, _grads_warps(bs)), interpret=interpret, name="lasad_grads",
   )(q, k, v, g, do, width, prefix, bnd, states, dstates)
 
 
