@@ -39,8 +39,6 @@ INTERPRET = jax.default_backend() != "gpu"   # CPU: a smoke run of the code path
 # dots and no exact fallback (no faster): ops_parts_h100_s{7,8}_*.log in benchmarks/results.
 FORWARD_VARIANTS = {
     "default": P.BlockSizes(),
-    # (16-warp gradient kernel: 15.8 vs 3.9 ms at (256, 256), it spills; session 8)
-    "c32": P.BlockSizes(chunk=32),   # one sub-chunk per chunk: fewer live values per thread
     "no prefetch": P.BlockSizes(fused_prefetch=False),
     "sub=16": P.BlockSizes(sub=16),
     "one-pass bf16 dots": P.BlockSizes(split_dots=False),

@@ -92,7 +92,7 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
   mem = [d.memory_stats() or {} for d in jax.local_devices()]
   return dict(variant=variant, attention=attention, batch=batch, mesh=mesh_kind, devices=n,
               remat=policy if remat else False, kernel_sub=kernel_sub,
-              kernel_forward=forward,
+              kernel_forward=forward, kernel_dots=dots,
               params_m=round(M.count_params(cfg) / 1e6, 2),
               step_ms=round(sec * 1e3, 2), tokens_per_s=round(tps),
               images_per_s=round(batch / sec, 1),

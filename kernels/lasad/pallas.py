@@ -100,8 +100,9 @@ class BlockSizes:
   # 0.452, (8, 4096) 0.597 -> 0.581, (256, 256) 0.917 -> 0.850, (2, 16384) 0.704 -> 0.634.
   fused_prefetch: bool = True
   # Chunk of the backward's kernels; None: 32 when sub = 32 (and 32 divides chunk), else chunk.
-  # 32 with sub = 32: each gradient program is one sub-chunk, so it carries no per-sub-chunk state and far fewer live values (the
-  # kernels are register-bound: Nsight Compute, BENCHMARKS.md). H100 (session 8,
+  # 32 with sub = 32: each gradient program is one sub-chunk, so it carries no per-sub-chunk
+  # state and far fewer live values (the kernels are register-bound: Nsight Compute,
+  # BENCHMARKS.md). H100 (session 8,
   # ops_parts_h100_s8_*_c32.log): gradient kernel 3.94 -> 3.38 ms at (256, 256, 16, 64) and
   # 2.30 -> 1.89 at (32, 1024, 16, 64); the state scans write twice the per-chunk states.
   bwd_chunk: int | None = None
@@ -489,6 +490,14 @@ def _block_v(bs, bh, dv):
   return min(16, dv)
 
 
+def _walk_specs(t, dk, bv):
+  """BlockSpecs of the kernels that walk a whole sequence, grid (B, H, V/bv): a [T, K] input,
+  a [T, bv] V block, a [K, bv] state."""
+  return (pl.BlockSpec((None, t, None, dk), lambda i, j, kv: (i, 0, j, 0)),
+          pl.BlockSpec((None, t, None, bv), lambda i, j, kv: (i, 0, j, kv)),
+          pl.BlockSpec((None, None, dk, bv), lambda i, j, kv: (i, j, 0, kv)))
+
+
 def _params(bs, num_warps=None):
   return plgpu.CompilerParams(num_warps=num_warps or bs.num_warps, num_stages=bs.num_stages)
 
@@ -504,9 +513,7 @@ def _scan_call(kernel, name, x, y, g, width, prefix, bnd, init, *, bs, interpret
   n = t // bs.chunk
   bv = _block_v(bs, b * h, dv)
   nv = dv // bv
-  seq_k = pl.BlockSpec((None, t, None, dk), lambda i, j, kv: (i, 0, j, 0))
-  seq_v = pl.BlockSpec((None, t, None, bv), lambda i, j, kv: (i, 0, j, kv))
-  state = pl.BlockSpec((None, None, dk, bv), lambda i, j, kv: (i, j, 0, kv))
+  seq_k, seq_v, state = _walk_specs(t, dk, bv)
   out_specs = [pl.BlockSpec((None, None, n, dk, bv), lambda i, j, kv: (i, j, 0, 0, kv)), state]
   out_shape = [jax.ShapeDtypeStruct((b, h, n, dk, dv), F32), jax.ShapeDtypeStruct((b, h, dk, dv), F32)]
   body = functools.partial(kernel, chunk=bs.chunk, n_chunks=n)
@@ -651,9 +658,7 @@ def _fused_call(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, inter
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   bv = _block_v(bs, b * h, dv)
-  seq_k = pl.BlockSpec((None, t, None, dk), lambda i, j, kv: (i, 0, j, 0))
-  seq_v = pl.BlockSpec((None, t, None, bv), lambda i, j, kv: (i, 0, j, kv))
-  state = pl.BlockSpec((None, None, dk, bv), lambda i, j, kv: (i, j, 0, kv))
+  seq_k, seq_v, state = _walk_specs(t, dk, bv)
   kern = functools.partial(_fused_kernel, chunk=bs.chunk, sub=bs.sub, n_chunks=t // bs.chunk,
                            seq_len=seq_len, scale=scale, dtype=q.dtype, diag=bs.diag,
                            fast_limit=bs.fast_limit, split=bs.split_dots,
