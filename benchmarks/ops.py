@@ -145,6 +145,10 @@ def main():
       variants += [("pallas sub=16", "pallas", widths[:1], BlockSizes(sub=16))]
       if b * h < 132:   # the default splits the sequence here (seq_split=None -> 4); without:
         variants += [("pallas seq_split=1", "pallas", widths[:1], BlockSizes(seq_split=1))]
+        from kernels.lasad.pallas import _bwd_blocks, _segments     # the backward's split
+        auto_b = _segments(_bwd_blocks(BlockSizes()), t, t, b * h)
+        variants += [(f"pallas bwd seq_split={s}", "pallas", widths[:1],
+                      BlockSizes(bwd_seq_split=s)) for s in (1, 4, 8, 16, 32) if s != auto_b]
     if "fused" not in skip:   # the default is the one-pass forward; the two-pass one, no
       from kernels.lasad.pallas import _fused_segments    # prefetch, other sequence splits
       auto = _fused_segments(BlockSizes(), t, t, b * h)

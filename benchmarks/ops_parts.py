@@ -74,7 +74,7 @@ def main():
   print(f"{'variant':<10} {'states':>8} {'outputs':>8} {'dstates':>8} {'grads':>8}")
   for name, bs in VARIANTS.items():
     kw_f = dict(seq_len=t, bs=bs, interpret=INTERPRET)
-    bsb = dataclasses.replace(bs, chunk=P._bwd_chunk(bs), bwd_chunk=None)
+    bsb = P._bwd_blocks(bs)
     kw = dict(seq_len=t, bs=bsb, interpret=INTERPRET)
     try:
       st = jax.jit(lambda k, v, g: P._chunk_states_dec(k, v, g, width, prefix, bnd, h0, **kw))

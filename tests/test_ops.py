@@ -295,11 +295,27 @@ def test_pallas_bf16_gradient_accuracy(split):
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("seq_split,t", [(2, 256), (4, 256), (4, 200)])
 def test_pallas_sequence_split(seq_split, t, fused):
+  _check_split(t, seq_split=seq_split, fused_forward=fused)
+
+
+@pytest.mark.parametrize("fwd,bwd", [(1, 4), (4, 1), (2, 8)])
+def test_pallas_backward_own_split(fwd, bwd):
+  """BlockSizes(bwd_seq_split=S): the backward splits the sequence on its own, whatever the forward
+  does; same oracle checks, and the dstates kernel's grid shows S segments (B*S programs)."""
+  from kernels.lasad.pallas import BlockSizes
+  bs = BlockSizes(seq_split=fwd, bwd_seq_split=bwd)
+  _check_split(256, seq_split=fwd, bwd_seq_split=bwd)
+  x = jnp.ones((2, 256, 2, 16))
+  f = lambda q: jnp.sum(lasad_attention(q, x, x, -x, width=8, impl="pallas", block_sizes=bs))  # noqa: E731
+  assert _pallas_grids(jax.grad(f), x)["lasad_dstates"][0] == 2 * bwd
+
+
+def _check_split(t, **block_sizes):
   """BlockSizes(seq_split=S): the two sequential kernels run on S segments from zero states and an
   XLA scan over segment ends fixes the per-chunk states and state gradients up. Against the
   float64 oracle, every gradient, a carry head and a partial head (so state crosses segment
   borders), per-example width and prefix, h0 and a final-state cotangent. T = 200 needs padding,
-  where the split falls back to one segment. ``fused``: the one-pass forward, whose split runs a
+  where the split falls back to one segment. ``fused_forward``: the one-pass forward, whose split runs a
   segment-ends-only states pass first."""
   from kernels.lasad.pallas import BlockSizes
   q, k, v, g, s0 = make_inputs(11, 2, t, 2, 16, 16, 20.0, h0=True)   # mild decay: e^-4 per chunk
@@ -308,7 +324,7 @@ def test_pallas_sequence_split(seq_split, t, fused):
   bnd = np.array([0.0, -0.3], np.float32)
   kw = dict(width=np.array([12, 16]), prefix=np.array([1, 5]), boundary=bnd)
   o, st, grads = run("pallas", q, k, v, g, s0, do.astype(np.float32), dst.astype(np.float32),
-                     block_sizes=BlockSizes(seq_split=seq_split, fused_forward=fused), **kw)
+                     block_sizes=BlockSizes(**block_sizes), **kw)
   o_ref, st_ref, _ = oracle.forward(q, k, v, g, h0=s0, **kw)
   g_ref = oracle.backward(q, k, v, g, do, dst, h0=s0, **kw)
   assert oracle.rel_rms(o, o_ref) < 1e-4 and oracle.rel_rms(st, st_ref) < 1e-4
@@ -348,8 +364,14 @@ def test_sequence_split_auto_choice_and_block_size_errors():
   and never where T needs padding; bad block sizes are refused with the field's name."""
   from kernels.lasad.pallas import BlockSizes, _fused_segments, _segments
   auto = BlockSizes()
-  assert _segments(auto, 1024, 1024, 8) == 4            # 16 chunks, 8 programs
+  # B*H*S >= 512 with >= 8 chunks per segment, for B*H < 132
+  assert _segments(auto, 1024, 1024, 8) == 2            # 16 chunks
   assert _segments(auto, 16384, 16384, 131) == 4
+  from kernels.lasad.pallas import _bwd_blocks          # the backward's 32-token chunks
+  assert [_segments(_bwd_blocks(auto), t, t, bh) for t, bh in
+          ((16384, 32), (4096, 128), (1024, 8), (256, 8))] == [16, 4, 4, 1]
+  assert _segments(_bwd_blocks(BlockSizes(bwd_seq_split=2)), 16384, 16384, 32) == 2
+  assert _segments(_bwd_blocks(BlockSizes(seq_split=8)), 16384, 16384, 32) == 8
   assert _segments(auto, 16384, 16384, 132) == 1        # enough programs already
   assert _segments(auto, 960, 960, 8) == 1              # 15 chunks
   assert _segments(auto, 1024, 1000, 8) == 1            # padded T
@@ -362,6 +384,8 @@ def test_sequence_split_auto_choice_and_block_size_errors():
   assert _fused_segments(BlockSizes(seq_split=2), 1024, 1024, 512) == 2
   with pytest.raises(ValueError, match="seq_split"):
     BlockSizes(seq_split=0)
+  with pytest.raises(ValueError, match="bwd_seq_split"):
+    BlockSizes(bwd_seq_split=1.5)
   with pytest.raises(ValueError, match="bwd_chunk"):
     BlockSizes(bwd_chunk=48)
   from kernels.lasad.pallas import _bwd_chunk

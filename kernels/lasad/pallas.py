@@ -78,8 +78,9 @@ class BlockSizes:
   # run as separate programs from zero states, then a scan over the S segment ends and one fix-up
   # pass over the per-chunk states (XLA) add what enters each segment. For small B*H with long T,
   # where B*H*V/bv programs leave SMs idle. Used when S divides T/chunk and T is a multiple of the
-  # chunk (else 1). None (default): 4 when B*H < 132 (the H100's SMs) and T/chunk >= 16, else 1;
-  # at (8, 4096, 16, 64) on the H100 it took fwd / fwd+bwd 1.04 / 3.10 -> 0.90 / 2.65 ms, at
+  # chunk (else 1). None (default): see ``_segments`` (for B*H < 132, the H100's SMs, the
+  # smallest power of two S with B*H*S >= 512 and >= 8 chunks per segment; else 1). Session 5's
+  # S = 4 took fwd / fwd+bwd at (8, 4096, 16, 64) on the H100 1.04 / 3.10 -> 0.90 / 2.65 ms, at
   # (2, 16384, 16, 64) 1.14 / 3.39 -> 1.08 / 3.26 (benchmarks/results/ops_h100_s5.json).
   seq_split: int | None = None
   # Forward in one pass: ``_fused_kernel`` walks the chunks of a (batch, head, V block) keeping
@@ -106,6 +107,9 @@ class BlockSizes:
   # ops_parts_h100_s8_*_c32.log): gradient kernel 3.94 -> 3.38 ms at (256, 256, 16, 64) and
   # 2.30 -> 1.89 at (32, 1024, 16, 64); the state scans write twice the per-chunk states.
   bwd_chunk: int | None = None
+  # Sequence split of the backward's two sequential kernels (its chunks are ``bwd_chunk``);
+  # None: ``seq_split`` if given, else the automatic rule of ``_segments``.
+  bwd_seq_split: int | None = None
 
   def __post_init__(self):
     if self.sub not in (16, 32) or self.chunk % self.sub:
@@ -116,9 +120,10 @@ class BlockSizes:
                        f"bwd_chunk={self.bwd_chunk}, sub={self.sub}, chunk={self.chunk}")
     if self.diag not in ("auto", "loop", "bcast"):
       raise ValueError(f"BlockSizes: diag must be auto, loop or bcast, got {self.diag!r}")
-    if self.seq_split is not None and (not isinstance(self.seq_split, int) or self.seq_split < 1):
-      raise ValueError(f"BlockSizes: seq_split must be None (auto) or an int >= 1, got "
-                       f"{self.seq_split!r}")
+    for name in ("seq_split", "bwd_seq_split"):
+      val = getattr(self, name)
+      if val is not None and (not isinstance(val, int) or val < 1):
+        raise ValueError(f"BlockSizes: {name} must be None (auto) or an int >= 1, got {val!r}")
 
 
 def _grads_warps(bs):
@@ -126,6 +131,13 @@ def _grads_warps(bs):
   if bs.grads_num_warps is not None:
     return bs.grads_num_warps
   return 4 if bs.chunk == bs.sub else 8
+
+
+def _bwd_blocks(bs):
+  """The block sizes the backward runs with: its chunk and its sequence split."""
+  split = bs.seq_split if bs.bwd_seq_split is None else bs.bwd_seq_split
+  return dataclasses.replace(bs, chunk=_bwd_chunk(bs), bwd_chunk=None, seq_split=split,
+                             bwd_seq_split=None)
 
 
 def _bwd_chunk(bs):
@@ -535,12 +547,18 @@ def _scan_call(kernel, name, x, y, g, width, prefix, bnd, init, *, bs, interpret
 
 
 def _segments(bs, t, seq_len, bh):
-  """Sequence split in use: ``bs.seq_split`` (None: 4 for B*H = ``bh`` < 132 with >= 16 chunks)
-  when it divides the chunks and T needs no padding."""
+  """Sequence split of the two sequential kernels: ``bs.seq_split``, or (None) for B*H = ``bh`` <
+  132 the smallest power of two S with bh*S >= 512 keeping >= 8 chunks per segment (else 1);
+  only where S divides the chunks and T needs no padding. H100, forward+backward ms with the
+  backward's S = 4 (the rule before session 9) -> 16 at (2, 16384, 16, 64): 3.01 -> 2.36
+  (S = 32: 2.33, 8: 2.46); at (8, 4096, 16, 64), S = 1 / 4 / 8 / 16: 2.32 / 2.39 / 2.29 / 2.38
+  (benchmarks/results/ops_h100_s9_bwd_split.json)."""
   n = t // bs.chunk
   s = bs.seq_split
   if s is None:
-    s = 4 if bh < 132 and n >= 16 else 1
+    s = 1
+    while bh < 132 and bh * s < 512 and n % (2 * s) == 0 and n // (2 * s) >= 8:
+      s *= 2
   return s if s > 1 and n % s == 0 and seq_len == t else 1
 
 
@@ -761,8 +779,7 @@ def _lasad_fwd(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret
 def _lasad_bwd(seq_len, scale, bs, interpret, res, cts):
   q, k, v, g, width, prefix, bnd, h0 = res
   do, dht = cts
-  if _bwd_chunk(bs) != bs.chunk:
-    bs = dataclasses.replace(bs, chunk=_bwd_chunk(bs), bwd_chunk=None)
+  bs = _bwd_blocks(bs)
   kw = dict(seq_len=seq_len, bs=bs, interpret=interpret)
   states, _, dec = _chunk_states_dec(k, v, g, width, prefix, bnd, h0, **kw)
   dstates, dh0 = _dstates(q, do.astype(q.dtype), g, width, prefix, bnd, dht.astype(F32),
