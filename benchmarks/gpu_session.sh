@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the GPU runs recorded in BENCHMARKS.md / RESULTS.md executed, stage by stage, on the device
 # machine (its python3 has jax[cuda], torch; grain, ml_collections and fla come as wheels in .whl/).
-#   bash benchmarks/gpu_session.sh STAGE...   stages: tests train sampling profile scaling sad fla ops parts lina plina
+#   bash benchmarks/gpu_session.sh STAGE...   stages: tests train sampling profile scaling sad fla ops parts lina plina ncu hlo
 # Logs and JSON go to $OUT (default: ./out).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -50,6 +50,24 @@ for stage in "$@"; do
                 --out "$OUT/profile_lina_h100${PLINA_TAG:-}.json" 2>&1 | tee "$OUT/profile_lina${PLINA_TAG:-}.log" ;;
     lina)     timeout ${LINA_TIMEOUT:-330} python3 benchmarks/lina.py ${LINA_ARGS:-} \
                 --out "$OUT/lina_h100${LINA_TAG:-}.json" 2>&1 | tee "$OUT/lina${LINA_TAG:-}.log" ;;
+    # Nsight Compute on one launch of the kernels matching NCU_KERNEL (default lasad_fused), then
+    # its per-instruction page summarised by ncu_sass.py (where the warps stall).
+    ncu)      tag=${NCU_TAG:-fused}; rep="$OUT/ncu_$tag"
+              timeout ${NCU_TIMEOUT:-240} /usr/local/cuda/bin/ncu --kernel-name "regex:${NCU_KERNEL:-lasad_fused}" \
+                --launch-skip 1 --launch-count 1 --set full -f -o "$rep" \
+                python3 benchmarks/kernel_once.py ${NCU_ARGS:-} > "$rep.log" 2>&1
+              tail -5 "$rep.log"
+              /usr/local/cuda/bin/ncu --import "$rep.ncu-rep" --page details >> "$rep.log" 2>&1
+              /usr/local/cuda/bin/ncu --import "$rep.ncu-rep" --page source --csv --print-source sass \
+                > "$rep.sass.csv" 2>> "$rep.log"
+              python3 benchmarks/ncu_sass.py "$rep.sass.csv" 2>&1 | tee "$rep.sass.txt"
+              gzip -f "$rep.sass.csv"; rm -f "$rep.ncu-rep" ;;
+    # The optimised HLO of the training step (to name the fusions a profile lists).
+    hlo)      XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=${HLO_RE:-.*step.*}" \
+                XLA_PYTHON_CLIENT_MEM_FRACTION=.95 timeout 240 python3 benchmarks/train.py --variants L \
+                --batches 256 --remat --iters 2 ${HLO_ARGS:-} --out "$OUT/hlo_train.json" 2>&1 | tail -3
+              find "$OUT/hlo" -type f ! -name '*after_optimizations.txt' -delete
+              tar czf "$OUT/hlo.tgz" -C "$OUT" hlo && rm -rf "$OUT/hlo" && ls -la "$OUT/hlo.tgz" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -29,6 +29,7 @@ Backend: Triton lowering of plain ``pl.pallas_call`` (see README.md for why not 
 The same kernel bodies run under ``interpret=True`` on CPU, which is how CI tests them.
 """
 
+import contextvars
 import dataclasses
 import functools
 
@@ -176,17 +177,54 @@ def _sdot(a, b, dtype, split, **kw):
   return out
 
 
+LOG2E = 1.4426950408889634
+
+
+_GPU_EXP = contextvars.ContextVar("lasad_gpu_exp", default=False)
+
+
+def _exp(x):
+  """e^y for x = y log2(e), float32: the kernels keep log decays in base 2 (``_gate`` scales
+  them), so each exponential is one exp2. Compiled for the GPU (``_pallas_call`` with interpret
+  off) it is the bare ``ex2.approx.ftz.f32`` instruction (relative error ~2^-22; results below
+  2^-126 flush to 0, decays of e^-87 that change nothing here): libdevice's expf spent ~6 extra
+  instructions per call on argument reduction, and its exp2f 3 on subnormal handling (Nsight
+  Compute, session 9: most of the one-pass kernel's FFMA, FSETP and predicated FMUL). The
+  interpreter uses jnp.exp2."""
+  if not _GPU_EXP.get():
+    return jnp.exp2(x)
+  [y] = plgpu.elementwise_inline_asm(
+      "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, F32)])
+  return y
+
+
+def _pallas_call(kernel, *, interpret, **kw):
+  """``pl.pallas_call`` whose kernel body is traced with the GPU exponential of ``_exp`` unless
+  it runs in the interpreter."""
+  call = pl.pallas_call(kernel, interpret=interpret, **kw)
+
+  def run(*args):
+    token = _GPU_EXP.set(not interpret)
+    try:
+      return call(*args)
+    finally:
+      _GPU_EXP.reset(token)
+  return run
+
+
 def _gate(g, pos, seq_len, width, prefix, bnd):
   """Row mask inside the kernel. g [r, K] f32, pos [r] int32 global positions.
 
-  Returns (finite log decay [r, K], reset [r] bool, row_start [r] bool).
+  Returns (finite log decay [r, K] in base 2, i.e. times log2(e): exponentiate with ``_exp``;
+  reset [r] bool; row_start [r] bool).
   """
   rel = pos - prefix
   safe_w = jnp.maximum(width, 1)
   start = (width > 0) & (rel >= safe_w) & (lax.rem(rel, safe_w) == 0) & (pos < seq_len)
   is_reset = bnd == -jnp.inf
   b_fin = jnp.where(is_reset, 0.0, bnd)
-  gf = jnp.where(start[:, None], b_fin, g)
+  gf = jnp.where(start[:, None], b_fin, g) * LOG2E
   return gf, start & is_reset, start
 
 
@@ -216,8 +254,8 @@ def _states_kernel(k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, s_ref, ht_
     b = jnp.cumsum(gf, axis=0)
     seg = jnp.cumsum(rs.astype(jnp.int32))
     tot, seg_end = jnp.sum(gf, axis=0), jnp.sum(rs.astype(jnp.int32))
-    kd = k.astype(F32) * jnp.exp(tot[None, :] - b) * (seg == seg_end)[:, None]
-    decay = jnp.exp(tot) * (seg_end == 0)
+    kd = k.astype(F32) * _exp(tot[None, :] - b) * (seg == seg_end)[:, None]
+    decay = _exp(tot) * (seg_end == 0)
     if dec_ref:
       dec_ref[0][pl.ds(n, 1), :] = decay[None, :]
     return decay[:, None] * s + _dot(_mx(kd, dtype), v, trans_a=True)
@@ -248,7 +286,7 @@ def _diag_out(q, k_ref, v_ref, g_ref, b, seg, base, pos0, gate_args):
     ks = k_ref[pl.ds(base + s, 1), :].astype(F32)
     vs = v_ref[pl.ds(base + s, 1), :].astype(F32)
     ok = (rows >= s) & (seg == segs)
-    e = jnp.where(ok[:, None], jnp.exp(jnp.minimum(b - bs, 0.0)), 0.0)
+    e = jnp.where(ok[:, None], _exp(jnp.minimum(b - bs, 0.0)), 0.0)
     a = jnp.sum(q * ks * e, axis=1, keepdims=True)
     return o + a * vs, bs, segs
 
@@ -260,7 +298,7 @@ def _pairwise(b, seg):
   """[c, c, K] exp(b_t - b_s) for s <= t in the same segment, else 0 (all exponents <= 0)."""
   ok = _causal_same_seg(seg)
   diff = jnp.minimum(b[:, None, :] - b[None, :, :], 0.0)
-  return jnp.where(ok[:, :, None], jnp.exp(diff), 0.0), ok
+  return jnp.where(ok[:, :, None], _exp(diff), 0.0), ok
 
 
 def _causal_same_seg(seg):
@@ -289,8 +327,9 @@ def _sub_chunk(q_ref, k_ref, v_ref, g_ref, s, base, pos0, gate_args, *, sub, dty
   gf, rs, _ = _gate(g.astype(F32), pos, *gate_args)
   b = jnp.cumsum(gf, axis=0)            # log decay since the end of the previous sub-chunk
   seg = jnp.cumsum(rs.astype(jnp.int32))
-  qh = q * jnp.exp(b) * (seg == 0)[:, None]
-  o = _dot(_mx(qh, dtype), _mx(s, dtype))
+  tot, seg_end = jnp.sum(gf, axis=0), jnp.sum(rs.astype(jnp.int32))
+  eb = _exp(b)
+  o = _dot(_mx(q * eb * (seg == 0)[:, None], dtype), _mx(s, dtype))
   loop = functools.partial(_diag_out, q, k_ref, v_ref, g_ref, b, seg, base, pos0, gate_args)
   if diag == "bcast":
     e, _ = _pairwise(b, seg)
@@ -300,14 +339,13 @@ def _sub_chunk(q_ref, k_ref, v_ref, g_ref, s, base, pos0, gate_args, *, sub, dty
     o = o + loop()
   else:
     def fast():
-      a = _sdot(q * jnp.exp(b), k.astype(F32) * jnp.exp(-b), dtype, split, trans_b=True)
+      a = _sdot(q * eb, k.astype(F32) * _exp(-b), dtype, split, trans_b=True)
       return _sdot(jnp.where(_causal_same_seg(seg), a, 0.0), v, dtype, split)
-    o = o + lax.cond(jnp.min(jnp.sum(gf, axis=0)) > -fast_limit, fast, loop)
+    o = o + lax.cond(jnp.min(tot) > -fast_limit * LOG2E, fast, loop)
   if not update:
     return o, None
-  tot, seg_end = jnp.sum(gf, axis=0), jnp.sum(rs.astype(jnp.int32))
-  kd = k.astype(F32) * jnp.exp(tot[None, :] - b) * (seg == seg_end)[:, None]
-  return o, (jnp.exp(tot) * (seg_end == 0))[:, None] * s + _dot(_mx(kd, dtype), v, trans_a=True)
+  kd = k.astype(F32) * _exp(tot[None, :] - b) * (seg == seg_end)[:, None]
+  return o, (_exp(tot) * (seg_end == 0))[:, None] * s + _dot(_mx(kd, dtype), v, trans_a=True)
 
 
 def _output_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, s_ref, o_ref, *,
@@ -367,8 +405,8 @@ def _dstates_kernel(q_ref, do_ref, g_ref, w_ref, p_ref, bd_ref, dht_ref, ds_ref,
     b = jnp.cumsum(gf, axis=0)
     seg = jnp.cumsum(rs.astype(jnp.int32))
     tot, seg_end = jnp.sum(gf, axis=0), jnp.sum(rs.astype(jnp.int32))
-    qh = scale * q * jnp.exp(b) * (seg == 0)[:, None]
-    decay = jnp.exp(tot) * (seg_end == 0)
+    qh = scale * q * _exp(b) * (seg == 0)[:, None]
+    decay = _exp(tot) * (seg_end == 0)
     return decay[:, None] * ds + _dot(_mx(qh, dtype), do, trans_a=True)
 
   dh0_ref[...] = lax.fori_loop(0, n_chunks, body, dht_ref[...].astype(F32))
@@ -411,10 +449,10 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
   for i in range(nsub):
     x = load(i)
     do, k, v = do_ref[x["rows"], :], k_ref[x["rows"], :].astype(F32), v_ref[x["rows"], :]
-    e_in = jnp.exp(x["b"]) * (x["seg"] == 0)[:, None]
+    e_in = _exp(x["b"]) * (x["seg"] == 0)[:, None]
     dq_inter.append(scale * sm(do.astype(dtype), p_state, trans_b=True) * e_in)
-    e_out = jnp.exp(x["tot"] - x["b"]) * (x["seg"] == x["nres"])[:, None]
-    p_state = jnp.exp(x["tot_col"]) * (x["nres"] == 0) * p_state + sm(k * e_out, v.astype(dtype), trans_a=True)
+    e_out = _exp(x["tot"] - x["b"]) * (x["seg"] == x["nres"])[:, None]
+    p_state = _exp(x["tot_col"]) * (x["nres"] == 0) * p_state + sm(k * e_out, v.astype(dtype), trans_a=True)
 
   d_state = ds_ref[...]
   later = jnp.sum(p_state * d_state, axis=1)[None, :]      # d b_C from S_out
@@ -424,7 +462,7 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
     rows = x["rows"]
     q, k = q_ref[rows, :].astype(F32), k_ref[rows, :].astype(F32)
     v, do = v_ref[rows, :].astype(F32), do_ref[rows, :].astype(F32)
-    e_out = jnp.exp(x["tot"] - x["b"]) * (x["seg"] == x["nres"])[:, None]
+    e_out = _exp(x["tot"] - x["b"]) * (x["seg"] == x["nres"])[:, None]
     dk = sm(v.astype(dtype), d_state, trans_b=True) * e_out
     dv = mm(k * e_out, d_state)
     dq = dq_inter[i]
@@ -443,7 +481,7 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
         ks = k_ref[pl.ds(i * sub + s, 1), :].astype(F32)
         vs = v_ref[pl.ds(i * sub + s, 1), :].astype(F32)
         ok = (rows_i >= s) & (x["seg"] == segs)
-        e = jnp.where(ok[:, None], jnp.exp(jnp.minimum(x["b"] - bs, 0.0)), 0.0)
+        e = jnp.where(ok[:, None], _exp(jnp.minimum(x["b"] - bs, 0.0)), 0.0)
         a = jnp.sum(q * ks * e, axis=1, keepdims=True)                        # A[:, s]
         da = jnp.where(ok[:, None], scale * jnp.sum(do * vs, axis=1, keepdims=True), 0.0)
         sel = (rows_i == s)[:, None]
@@ -457,18 +495,18 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
 
       def fast(dq, dk, dv, x=x, q=q, k=k, v=v, do=do):
         ok = _causal_same_seg(x["seg"])
-        qt, kt = q * jnp.exp(x["b"]), k * jnp.exp(-x["b"])
+        qt, kt = q * _exp(x["b"]), k * _exp(-x["b"])
         a = jnp.where(ok, sm(qt, kt, trans_b=True), 0.0)
         da = jnp.where(ok, scale * mm(do, v, trans_b=True), 0.0)  # exact products of inputs
-        dq = dq + sm(da, kt) * jnp.exp(x["b"])
-        dk = dk + sm(da, qt, trans_a=True) * jnp.exp(-x["b"])
+        dq = dq + sm(da, kt) * _exp(x["b"])
+        dk = dk + sm(da, qt, trans_a=True) * _exp(-x["b"])
         dv = dv + scale * sm(a, do.astype(dtype), trans_a=True)
         return dq, dk, dv
 
       if diag == "loop":
         dq, dk, dv = loop(dq, dk, dv)
       else:
-        dq, dk, dv = lax.cond(jnp.min(x["tot"]) > -fast_limit, fast, loop, dq, dk, dv)
+        dq, dk, dv = lax.cond(jnp.min(x["tot"]) > -fast_limit * LOG2E, fast, loop, dq, dk, dv)
     db = q * dq - k * dk
     tot_db = jnp.sum(db, axis=0, keepdims=True)
     dgt = later + tot_db - jnp.cumsum(db, axis=0) + db                   # sum over t' >= t
@@ -480,8 +518,8 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
     if i:
-      q_hat = scale * q * jnp.exp(x["b"]) * (x["seg"] == 0)[:, None]
-      d_state = jnp.exp(x["tot_col"]) * (x["nres"] == 0) * d_state + sm(q_hat, do.astype(dtype), trans_a=True)
+      q_hat = scale * q * _exp(x["b"]) * (x["seg"] == 0)[:, None]
+      d_state = _exp(x["tot_col"]) * (x["nres"] == 0) * d_state + sm(q_hat, do.astype(dtype), trans_a=True)
   dbnd_ref[...] = dbnd
 
 
@@ -535,7 +573,7 @@ def _scan_call(kernel, name, x, y, g, width, prefix, bnd, init, *, bs, interpret
   if decay:   # one copy per V block (each program writes its own; identical values)
     out_specs.append(pl.BlockSpec((None, None, None, n, dk), lambda i, j, kv: (i, j, kv, 0, 0)))
     out_shape.append(jax.ShapeDtypeStruct((b, h, nv, n, dk), F32))
-  out = pl.pallas_call(
+  out = _pallas_call(
       body, grid=(b, h, nv),
       in_specs=[seq_k, seq_v, seq_k] + _scalar_specs(lambda i, j, kv: (i, j)) + [state],
       out_specs=out_specs, out_shape=out_shape,
@@ -681,7 +719,7 @@ def _fused_call(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, inter
                            seq_len=seq_len, scale=scale, dtype=q.dtype, diag=bs.diag,
                            fast_limit=bs.fast_limit, split=bs.split_dots,
                            prefetch=bs.fused_prefetch)
-  return pl.pallas_call(
+  return _pallas_call(
       kern, grid=(b, h, dv // bv),
       in_specs=[seq_k, seq_k, seq_v, seq_k] + _scalar_specs(lambda i, j, kv: (i, j)) + [state],
       out_specs=[seq_v, state],
@@ -707,7 +745,7 @@ def _outputs(q, k, v, g, width, prefix, bnd, states, *, seq_len, scale, bs, inte
   kern = functools.partial(_output_kernel, chunk=c, sub=bs.sub, seq_len=seq_len, scale=scale,
                            dtype=q.dtype, diag=bs.diag, fast_limit=bs.fast_limit,
                            split=bs.split_dots)
-  return pl.pallas_call(
+  return _pallas_call(
       kern, grid=(b, t // c, h),
       in_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c), _chunk_spec(dk, c)]
       + _scalar_specs(lambda i, j, hh: (i, hh)) + [_state_spec(dk, dv)],
@@ -746,7 +784,7 @@ def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scal
   kern = functools.partial(_grads_kernel, chunk=c, sub=bs.sub, seq_len=seq_len, scale=scale,
                            dtype=q.dtype, diag=bs.diag, fast_limit=bs.fast_limit,
                            split=bs.split_dots)
-  return pl.pallas_call(
+  return _pallas_call(
       kern, grid=(b, n, h),
       in_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c), _chunk_spec(dk, c),
                 _chunk_spec(dv, c)] + _scalar_specs(lambda i, j, hh: (i, hh))
