@@ -37,6 +37,12 @@ def get_config(variant="B"):
   # Pallas dots with float32 operands at bf16: split (hi + lo bf16 parts; default) | bf16 (one
   # pass: L's training step 502 -> 489 ms on an H100, but dg ~9x the error; BlockSizes.split_dots)
   c.kernel_dots = "split"
+  # Parallel forward over the layers: True = one lax.scan over the stacked weights (compile time
+  # independent of depth); False = unrolled, one copy per layer. In training with remat policy
+  # dots / dots_attn the scan copies each saved activation into its stacked [L, ...] buffer and
+  # zero-fills stacked buffers (memcpy + broadcast kernels: ~42 ms of L's 427 ms step on an H100,
+  # session 9); unrolled, the activations stay where they were computed, at a longer compile.
+  c.scan_layers = True
   # The VQ tokenizer sample.py decodes codes with: LlamaGen's vq_ds16_c2i.pt (user-supplied path;
   # empty = write token grids only) and its architecture (lasad_jax.tokenizer.vq.VQConfig; VQ-16).
   c.vq_checkpoint = ""

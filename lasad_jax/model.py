@@ -178,7 +178,11 @@ def forward(cfg, params, tokens, labels, width=None):
     return x + _mlp(cfg, p, x).astype(jnp.float32), None
 
   layer = remat.wrap(layer, cfg)   # config.remat / remat_policy (lasad_jax/remat.py)
-  x, _ = jax.lax.scan(layer, x, (params["blocks"], lbs))
+  if cfg.get("scan_layers", True):
+    x, _ = jax.lax.scan(layer, x, (params["blocks"], lbs))
+  else:   # unrolled: see scan_layers in configs/lasad.py
+    for i in range(cfg.num_layers):
+      x, _ = layer(x, jax.tree.map(lambda a, i=i: a[i], (params["blocks"], lbs)))
   return _logits(cfg, params, x)
 
 

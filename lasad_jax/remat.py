@@ -12,6 +12,8 @@
   ``checkpoint_name``), so the attention kernel's forward is not rerun either.
 """
 
+import functools
+
 import jax
 from jax.ad_checkpoint import checkpoint_name  # noqa: F401  (re-exported for the models)
 
@@ -26,9 +28,13 @@ def wrap(fn, cfg):
   if policy not in POLICIES:
     raise ValueError(f"config.remat_policy must be one of {POLICIES}, got {policy!r}")
   cp = jax.checkpoint_policies
+  # Inside lax.scan the recomputation cannot be merged with the forward, so CSE may stay on; with
+  # unrolled layers (config.scan_layers=False) XLA would merge them and keep every activation
+  # (63 GiB asked for LASADGen-L at batch 256 on an H100, session 9), so it is prevented there.
+  ckpt = functools.partial(jax.checkpoint, prevent_cse=not cfg.get("scan_layers", True))
   if policy == "full":
-    return jax.checkpoint(fn, prevent_cse=False)
+    return ckpt(fn)
   if policy == "dots":
-    return jax.checkpoint(fn, prevent_cse=False, policy=cp.dots_with_no_batch_dims_saveable)
-  return jax.checkpoint(fn, prevent_cse=False, policy=cp.save_from_both_policies(
+    return ckpt(fn, policy=cp.dots_with_no_batch_dims_saveable)
+  return ckpt(fn, policy=cp.save_from_both_policies(
       cp.dots_with_no_batch_dims_saveable, cp.save_only_these_names("attn_out")))

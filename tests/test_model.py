@@ -101,6 +101,20 @@ def test_config_errors():
     M.LASADGen(c, rngs=nnx.Rngs(0))
 
 
+def test_scan_layers_false_unrolls_the_layers():
+  """config.scan_layers=False: no scan over the layers in the forward's jaxpr (one copy per
+  layer), True (default): one scan."""
+  c = get_config("tiny")
+  params = M.LASADGen(c, rngs=nnx.Rngs(0)).params()
+  tok, lab = jnp.zeros((1, 16), jnp.int32), jnp.zeros((1,), jnp.int32)
+
+  def n_scans(scan):
+    c.scan_layers = scan
+    jaxpr = jax.make_jaxpr(lambda p: M.forward(c, p, tok, lab, width=4))(params)
+    return sum(e.primitive.name == "scan" for e in jaxpr.jaxpr.eqns)
+  assert n_scans(True) == 1 and n_scans(False) == 0
+
+
 @pytest.mark.parametrize("attention", ["lasad", "softmax"])
 def test_remat_policies_give_the_same_gradients(attention):
   """Rematerialisation changes what is stored, never the numbers (float32 tiny model)."""
@@ -122,10 +136,12 @@ def test_remat_policies_give_the_same_gradients(attention):
     return jax.jit(jax.grad(loss))(params)
 
   ref = grads(remat=False)
-  for policy in ("full", "dots", "dots_attn"):
-    got = grads(remat=True, remat_policy=policy)
+  # config.scan_layers=False: the layers unrolled (with and without remat), same numbers
+  for kw in [dict(remat=True, remat_policy=p, scan_layers=scan) for p in ("full", "dots", "dots_attn")
+             for scan in (True, False)] + [dict(remat=False, scan_layers=False)]:
+    got = grads(**kw)
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
-      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7, err_msg=kw)
   with pytest.raises(ValueError, match="remat_policy"):
     grads(remat=True, remat_policy="some")
 
