@@ -10,6 +10,10 @@
   elementwise work and the attention operator.
 - ``"dots_attn"``: ``"dots"`` plus the attention output (tagged ``"attn_out"`` with
   ``checkpoint_name``), so the attention kernel's forward is not rerun either.
+
+With the layers in a ``lax.scan`` (``config.scan_layers``, default) the saved values are copied
+into stacked [L, ...] buffers; unrolled layers avoid those copies (LASADGen-L on an H100 with
+``dots_attn``: 427 -> 403 ms per step, BENCHMARKS.md session 9).
 """
 
 import functools
