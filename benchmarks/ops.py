@@ -143,7 +143,7 @@ def main():
       variants = variants[:2]
     if "tuning" not in skip:   # other block sizes, at the first width
       variants += [("pallas sub=16", "pallas", widths[:1], BlockSizes(sub=16))]
-      if b * h < 132:   # the default splits the sequence here (seq_split=None -> 4); without:
+      if b * h < 132:   # the default splits the sequence here (seq_split=None: _segments); without:
         variants += [("pallas seq_split=1", "pallas", widths[:1], BlockSizes(seq_split=1))]
         from kernels.lasad.pallas import _bwd_blocks, _segments     # the backward's split
         auto_b = _segments(_bwd_blocks(BlockSizes()), t, t, b * h)

@@ -11,7 +11,6 @@ sum of the launches and the whole is the XLA glue around them.
 """
 
 import argparse
-import dataclasses
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

@@ -228,6 +228,14 @@ def _gate(g, pos, seq_len, width, prefix, bnd):
   return gf, start & is_reset, start
 
 
+def _decays(gf, rs):
+  """Per block of rows, from ``_gate``'s (gf, reset): the log decay since the block start b [r, K]
+  (inclusive cumulative sum), the segment id seg [r] (resets so far), the block's total log decay
+  tot [K] and its number of resets."""
+  rs_i = rs.astype(jnp.int32)
+  return jnp.cumsum(gf, axis=0), jnp.cumsum(rs_i), jnp.sum(gf, axis=0), jnp.sum(rs_i)
+
+
 def _scalars(w_ref, p_ref, bd_ref):
   return w_ref[0], p_ref[0], bd_ref[0]
 
@@ -251,9 +259,7 @@ def _states_kernel(k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, s_ref, ht_
     rows = pl.ds(n * chunk, chunk)
     k, v = k_ref[rows, :], v_ref[rows, :]
     gf, rs, _ = _gate(g_ref[rows, :].astype(F32), n * chunk + pos0, seq_len, width, prefix, bnd)
-    b = jnp.cumsum(gf, axis=0)
-    seg = jnp.cumsum(rs.astype(jnp.int32))
-    tot, seg_end = jnp.sum(gf, axis=0), jnp.sum(rs.astype(jnp.int32))
+    b, seg, tot, seg_end = _decays(gf, rs)
     kd = k.astype(F32) * _exp(tot[None, :] - b) * (seg == seg_end)[:, None]
     decay = _exp(tot) * (seg_end == 0)
     if dec_ref:
@@ -325,9 +331,7 @@ def _sub_chunk(q_ref, k_ref, v_ref, g_ref, s, base, pos0, gate_args, *, sub, dty
   q = q.astype(F32)
   pos = pos0 + jnp.arange(sub, dtype=jnp.int32)
   gf, rs, _ = _gate(g.astype(F32), pos, *gate_args)
-  b = jnp.cumsum(gf, axis=0)            # log decay since the end of the previous sub-chunk
-  seg = jnp.cumsum(rs.astype(jnp.int32))
-  tot, seg_end = jnp.sum(gf, axis=0), jnp.sum(rs.astype(jnp.int32))
+  b, seg, tot, seg_end = _decays(gf, rs)   # b: log decay since the previous sub-chunk's end
   eb = _exp(b)
   o = _dot(_mx(q * eb * (seg == 0)[:, None], dtype), _mx(s, dtype))
   loop = functools.partial(_diag_out, q, k_ref, v_ref, g_ref, b, seg, base, pos0, gate_args)
@@ -402,9 +406,7 @@ def _dstates_kernel(q_ref, do_ref, g_ref, w_ref, p_ref, bd_ref, dht_ref, ds_ref,
     rows = pl.ds(n * chunk, chunk)
     q, do = q_ref[rows, :].astype(F32), do_ref[rows, :]
     gf, rs, _ = _gate(g_ref[rows, :].astype(F32), n * chunk + pos0, seq_len, width, prefix, bnd)
-    b = jnp.cumsum(gf, axis=0)
-    seg = jnp.cumsum(rs.astype(jnp.int32))
-    tot, seg_end = jnp.sum(gf, axis=0), jnp.sum(rs.astype(jnp.int32))
+    b, seg, tot, seg_end = _decays(gf, rs)
     qh = scale * q * _exp(b) * (seg == 0)[:, None]
     decay = _exp(tot) * (seg_end == 0)
     return decay[:, None] * ds + _dot(_mx(qh, dtype), do, trans_a=True)
@@ -438,10 +440,9 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
   def load(i):
     rows = pl.ds(i * sub, sub)
     gf, rs, start = _gate(g_ref[rows, :].astype(F32), n * chunk + i * sub + rows_i, *gate_args)
-    rs_i = rs.astype(jnp.int32)
-    return dict(rows=rows, b=jnp.cumsum(gf, axis=0), seg=jnp.cumsum(rs_i), start=start,
-                reset=rs, tot=jnp.sum(gf, axis=0)[None, :], nres=jnp.sum(rs_i),
-                tot_col=jnp.sum(gf, axis=0)[:, None])
+    b, seg, tot, nres = _decays(gf, rs)
+    return dict(rows=rows, b=b, seg=seg, start=start, reset=rs, tot=tot[None, :], nres=nres,
+                tot_col=tot[:, None])
 
   # Forward pass: inter part of dq; P ends as S_out.
   p_state = s_ref[...]
