@@ -54,27 +54,56 @@ def pallas_gemm(x, w, *, block_n, split, block_k=128, num_warps=4, num_stages=4,
   return out.sum(0).astype(x.dtype)
 
 
+def _kernel_t(x_ref, w_ref, o_ref, *, block_k, n_k):
+  def body(i, acc):
+    ks = pl.ds(i * block_k, block_k)
+    return acc + jax.lax.dot_general(x_ref[:, ks], w_ref[:, ks], (((1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+  o_ref[...] = jax.lax.fori_loop(0, n_k, body, jnp.zeros(o_ref.shape, jnp.float32))
+
+
+def pallas_gemm_t(x, w_t, *, block_n, split, block_k=128, num_warps=4, num_stages=4,
+                  interpret=False):
+  """x [M, K] @ w_t.T with the weight stored [N, K] (each program reads whole contiguous
+  K-rows of its block_n outputs): grid (N / block_n, split), partials summed by XLA."""
+  m, k = x.shape
+  n = w_t.shape[0]
+  kseg = k // split
+  out = pl.pallas_call(
+      functools.partial(_kernel_t, block_k=block_k, n_k=kseg // block_k),
+      grid=(n // block_n, split),
+      in_specs=[pl.BlockSpec((m, kseg), lambda j, s: (0, s)),
+                pl.BlockSpec((block_n, kseg), lambda j, s: (j, s))],
+      out_specs=pl.BlockSpec((None, m, block_n), lambda j, s: (s, 0, j)),
+      out_shape=jax.ShapeDtypeStruct((split, m, n), jnp.float32),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret)(x, w_t)
+  return out.sum(0).astype(x.dtype)
+
+
 def time_us(f, *args, iters=10):
   """Device time per matmul: the kernels' summed durations in a profiler trace of ``iters`` calls
   (host dispatch of a 24-output call would otherwise dominate), split-K sums included."""
   import glob
   import tempfile
 
-  from profile_sampler import device_kernels
+  from benchmarks_common import device_kernels
   jax.block_until_ready(f(*args))
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d):
       for _ in range(iters):
         jax.block_until_ready(f(*args))
     stats, _ = device_kernels(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[-1])
-  return sum(t for _, t in stats.values()) / 1e3 / (iters * LAYERS)
+  return max(sum(t for _, t in stats.values()) / 1e3 / (iters * LAYERS), 1e-9)  # CPU: no GPU lines
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default="benchmarks/results/decode_gemm_h100.json")
   ap.add_argument("--configs", default="32:1,32:2,64:1,64:2,64:4,128:2,128:4,32:4",
-                  help="block_n:split_k pairs")
+                  help="block_n:split_k pairs, for the [K, N] weight layout")
+  ap.add_argument("--t-configs", default="",
+                  help="block_n:split_k:block_k:num_stages:num_warps, for weights stored [N, K]")
   args = ap.parse_args()
   interpret = jax.default_backend() != "gpu"
   records = []
@@ -105,6 +134,24 @@ def main():
       except Exception as e:  # noqa: BLE001
         print(f"{'':<14} pallas block_n={bn} split_k={split}: failed {type(e).__name__}: "
               f"{str(e)[:150]}")
+    wts = [w.T for w in ws] if args.t_configs else []
+    for cfg in filter(None, args.t_configs.split(",")):
+      bn, split, bk, st, nw = (int(v) for v in cfg.split(":"))
+      if n % bn or (k // split) % bk:
+        continue
+      try:
+        f = jax.jit(lambda x, ws, bn=bn, split=split, bk=bk, st=st, nw=nw: [
+            pallas_gemm_t(x, w, block_n=bn, split=split, block_k=bk, num_stages=st,
+                          num_warps=nw, interpret=interpret) for w in ws])
+        got = f(x, wts)[0].astype(jnp.float32)
+        err = float(jnp.sqrt(jnp.mean((got - ref) ** 2) / jnp.mean(ref ** 2)))
+        us = time_us(f, x, wts)
+        records.append(dict(shape=name, k=k, n=n, impl=f"pallas [N,K] {cfg}", us=us,
+                            tb_s=mb / us, rel_err=err))
+        print(f"{'':<14} [N,K] bn={bn:<3} split={split} bk={bk} stages={st} warps={nw}: "
+              f"{us:6.2f} us ({mb / us:.2f} TB/s), rel err {err:.1e}", flush=True)
+      except Exception as e:  # noqa: BLE001
+        print(f"{'':<14} [N,K] {cfg}: failed {type(e).__name__}: {str(e)[:150]}")
     with open(args.out, "w") as fh:
       json.dump(dict(meta=dict(date=datetime.date.today().isoformat(),
                                device=jax.devices()[0].device_kind, jax=jax.__version__,

@@ -31,17 +31,22 @@ VARIANTS = {
     "bwd64": P.BlockSizes(bwd_chunk=64),   # the backward on 64-token chunks (before session 8)
     "grads8": P.BlockSizes(grads_num_warps=8),   # the default before session 8's 4
     "onepass": P.BlockSizes(split_dots=False),
+    "cumscan": P.BlockSizes(cumsum="scan"),   # the default before session 10
+    "cumdot": P.BlockSizes(cumsum="dot"),
 }
 
 INTERPRET = jax.default_backend() != "gpu"   # CPU: a smoke run of the code paths
 # Session 7 also timed 2 / 8 warps, bv = 32, 1 / 3 stages (all slower); session 8 TF32 diagonal
 # dots and no exact fallback (no faster): ops_parts_h100_s{7,8}_*.log in benchmarks/results.
+# Session 10: 64-row sub-chunks in the one-pass forward alone (4 or 8 warps, scans or dots) were
+# 2.9-3.5x slower (ops_parts_h100_s10_*.log), and the option was removed.
 FORWARD_VARIANTS = {
     "default": P.BlockSizes(),
     "no prefetch": P.BlockSizes(fused_prefetch=False),
     "sub=16": P.BlockSizes(sub=16),
     "one-pass bf16 dots": P.BlockSizes(split_dots=False),
     "chunk=32": P.BlockSizes(chunk=32),
+    "cumsum dot": P.BlockSizes(cumsum="dot"),
 }
 
 
@@ -95,6 +100,7 @@ def main():
   print("whole operator, ms fwd / fwd+bwd")
   for name, bs in (("default", P.BlockSizes()), ("no prefetch", P.BlockSizes(fused_prefetch=False)),
                    ("bwd64", P.BlockSizes(bwd_chunk=64)),
+                   ("cumsum scan", P.BlockSizes(cumsum="scan")),
                    ("one-pass", P.BlockSizes(split_dots=False))):
     f = lambda q, k, v, g, bs=bs: lasad_attention(q, k, v, g, width=width, prefix=prefix,
                                                   boundary=bnd, scale=1.0, impl="pallas",

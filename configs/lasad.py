@@ -37,6 +37,9 @@ def get_config(variant="B"):
   # Pallas dots with float32 operands at bf16: split (hi + lo bf16 parts; default) | bf16 (one
   # pass: L's training step 502 -> 489 ms on an H100, but dg ~9x the error; BlockSizes.split_dots)
   c.kernel_dots = "split"
+  # Pallas row cumulative sums: auto (tensor-core dots in the gradient kernel, Triton scans
+  # elsewhere; default) | scan | dot (BlockSizes.cumsum)
+  c.kernel_cumsum = "auto"
   # Parallel forward over the layers: True = one lax.scan over the stacked weights (compile time
   # independent of depth); False = unrolled, one copy per layer. In training with remat policy
   # dots / dots_attn the scan copies each saved activation into its stacked [L, ...] buffer and

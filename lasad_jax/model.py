@@ -125,7 +125,8 @@ def _softmax_out(cfg, p, o):
 
 
 def _kernel_kw(cfg):
-  """Pallas block sizes from config.kernel_sub / kernel_forward / kernel_dots ({} = the defaults)."""
+  """Pallas block sizes from config.kernel_sub / kernel_forward / kernel_dots / kernel_cumsum
+  ({} = the defaults)."""
   fields = {}
   if "kernel_sub" in cfg:
     if cfg.kernel_sub not in (16, 32):
@@ -141,6 +142,10 @@ def _kernel_kw(cfg):
   if dots not in ("split", "bf16"):
     raise ValueError(f"config.kernel_dots must be 'split' or 'bf16', got {dots!r}")
   fields["split_dots"] = dots == "split"
+  cumsum = cfg.get("kernel_cumsum", "auto")
+  if cumsum not in ("auto", "scan", "dot"):
+    raise ValueError(f"config.kernel_cumsum must be 'auto', 'scan' or 'dot', got {cumsum!r}")
+  fields["cumsum"] = cumsum
   from kernels.lasad.pallas import BlockSizes
   if all(getattr(BlockSizes, k) == v for k, v in fields.items()):
     return {}

@@ -31,15 +31,21 @@ def _ours(q, k, v, g, do, dst, impl, **kw):
   return (o, st) + tuple(vjp((do.astype(o.dtype), dst)))
 
 
-@pytest.mark.parametrize("sub", [16, 32])
+# sub32 is the default (the gradient kernel's cumulative sums by dots); cumsum_scan / cumsum_dot:
+# Triton's scan / tensor-core dots in every kernel.
+ORACLE_BLOCKS = {"sub16": dict(sub=16), "sub32": dict(sub=32), "cumsum_scan": dict(cumsum="scan"),
+                 "cumsum_dot": dict(cumsum="dot")}
+
+
+@pytest.mark.parametrize("blocks", ORACLE_BLOCKS)
 @pytest.mark.parametrize("t", [1000, 2048])
 @pytest.mark.parametrize("boundary", [0.0, -np.inf, -0.5])
-def test_pallas_bf16_vs_fp64_oracle(t, boundary, sub):
+def test_pallas_bf16_vs_fp64_oracle(t, boundary, blocks):
   from kernels.lasad.pallas import BlockSizes
   b, h, d = 2, 4, 64
   q, k, v, g, do, dst = _bf16_inputs(t, b, t, h, d)
   got = _ours(q, k, v, g, do, dst, "pallas", width=16, prefix=1, boundary=boundary,
-              block_sizes=BlockSizes(sub=sub))
+              block_sizes=BlockSizes(**ORACLE_BLOCKS[blocks]))
   x64 = [np.asarray(a, np.float64) for a in (q, k, v, g)]
   kw = dict(width=16, prefix=1, boundary=boundary)
   o_ref, st_ref, _ = oracle.forward(*x64, **kw)
@@ -47,7 +53,7 @@ def test_pallas_bf16_vs_fp64_oracle(t, boundary, sub):
   errs = dict(o=oracle.rel_rms(got[0], o_ref), S=oracle.rel_rms(got[1], st_ref))
   for name, val in zip(("dq", "dk", "dv", "dg"), got[2:]):
     errs[name] = oracle.rel_rms(val, grads[name])
-  print(f"pallas bf16 T={t} boundary={boundary} sub={sub}: {errs}")
+  print(f"pallas bf16 T={t} boundary={boundary} {blocks}: {errs}")
   assert all(np.isfinite(np.asarray(x, np.float32)).all() for x in got)
   assert max(errs.values()) < 1e-2, errs  # bf16 operands: 1e-3 .. 1e-2 (see DESIGN §6)
 
@@ -64,14 +70,14 @@ def test_pallas_one_pass_forward_bf16(t, b, h, boundary):
                                     width=16, prefix=1, boundary=boundary)
   errs = {}
   forms = dict(one_pass=BlockSizes(), two_pass=BlockSizes(fused_forward=False),
-               no_prefetch=BlockSizes(fused_prefetch=False))
+               no_prefetch=BlockSizes(fused_prefetch=False), cumsum_dot=BlockSizes(cumsum="dot"))
   for name, bs in forms.items():
     o, st = jax.jit(lambda q, k, v, g, bs=bs: lasad_attention(
         q, k, v, g, block_sizes=bs, **kw))(q, k, v, g)
     assert np.isfinite(np.asarray(o, np.float32)).all() and np.isfinite(np.asarray(st)).all()
     errs[name] = (oracle.rel_rms(o, o_ref), oracle.rel_rms(st, st_ref))
   print(f"forward bf16 T={t} B={b} H={h} boundary={boundary}: (o, S) {errs}")
-  for name in ("one_pass", "no_prefetch"):
+  for name in ("one_pass", "no_prefetch", "cumsum_dot"):
     assert max(errs[name]) < 1e-2, errs
     assert errs[name][0] < 1.2 * errs["two_pass"][0] + 1e-4, errs
 

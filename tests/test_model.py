@@ -148,8 +148,8 @@ def test_remat_policies_give_the_same_gradients(attention):
 
 def test_kernel_sub_config_reaches_the_kernel(monkeypatch):
   """config.kernel_sub 16 and 32 (Pallas sub-chunks; 32 is the default), config.kernel_forward
-  two_pass and config.kernel_dots reach the kernel's block sizes (the first two give the same
-  logits); bad values are refused."""
+  two_pass, config.kernel_dots and config.kernel_cumsum reach the kernel's block sizes (the first
+  two give the same logits); bad values are refused."""
   import ml_collections
   seen = []
 
@@ -194,6 +194,19 @@ def test_kernel_sub_config_reaches_the_kernel(monkeypatch):
   with pytest.raises(ValueError, match="kernel_dots"):
     M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
   c.kernel_dots = "split"
+  seen_cumsum = []
+  monkeypatch.setattr(M, "lasad_attention", lambda *a, **kw: (
+      seen_cumsum.append(kw["block_sizes"].cumsum if "block_sizes" in kw else "auto"),
+      lasad_attention(*a, **kw))[1])
+  for cumsum in ("auto", "scan", "dot"):
+    c.kernel_cumsum = cumsum
+    seen_cumsum.clear()
+    M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
+    assert seen_cumsum and set(seen_cumsum) == {cumsum}, (cumsum, seen_cumsum)
+  c.kernel_cumsum = "tree"
+  with pytest.raises(ValueError, match="kernel_cumsum"):
+    M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
+  c.kernel_cumsum = "auto"
   c.kernel_sub = 24
   with pytest.raises(ValueError, match="kernel_sub"):
     M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)

@@ -75,6 +75,17 @@ def test_pallas_backward_chunk_64(case):
   _check_against_oracle("pallas", case, block_sizes=BlockSizes(bwd_chunk=64))
 
 
+@pytest.mark.parametrize("cumsum", ["dot", "scan"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[1]}-w{c[6]}-b{c[8]}")
+def test_pallas_cumsum_forms(case, cumsum):
+  """``BlockSizes(cumsum=...)`` in every kernel (the default "auto" takes dots in the gradient
+  kernel only, test_against_oracle's): "dot", the row cumulative sums (log decays, dg) as
+  triangular tensor-core products of an exact three-part bf16 split; "scan", Triton's scan.
+  Forward and all gradients at the same tolerances."""
+  from kernels.lasad.pallas import BlockSizes
+  _check_against_oracle("pallas", case, block_sizes=BlockSizes(cumsum=cumsum))
+
+
 def _check_against_oracle(impl, case, **extra):
   b, t, h, dk, dv, norm, width, prefix, boundary, h0 = case
   q, k, v, g, s0 = make_inputs(CASES.index(case), b, t, h, dk, dv, norm, h0)
@@ -388,6 +399,8 @@ def test_sequence_split_auto_choice_and_block_size_errors():
     BlockSizes(bwd_seq_split=1.5)
   with pytest.raises(ValueError, match="bwd_chunk"):
     BlockSizes(bwd_chunk=48)
+  with pytest.raises(ValueError, match="cumsum"):
+    BlockSizes(cumsum="tree")
   from kernels.lasad.pallas import _bwd_chunk
   assert [_bwd_chunk(b) for b in (auto, BlockSizes(sub=16), BlockSizes(chunk=32),
                                   BlockSizes(bwd_chunk=64))] == [32, 64, 32, 64]

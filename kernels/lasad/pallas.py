@@ -111,6 +111,15 @@ class BlockSizes:
   # Sequence split of the backward's two sequential kernels (its chunks are ``bwd_chunk``);
   # None: ``seq_split`` if given, else the automatic rule of ``_segments``.
   bwd_seq_split: int | None = None
+  # How the kernels form cumulative sums over a block's rows (the gate's log decays, the
+  # gradient kernel's dg): "scan", Triton's associative scan (shuffles and shared memory across
+  # the rows' threads); "dot", a tensor-core product with a 0/1 triangular matrix on the float32
+  # rows split exactly into three bf16 parts (hi + mid + lo carry all 24 mantissa bits); "auto"
+  # (default), dots in the gradient kernel and scans elsewhere. H100, session 10
+  # (benchmarks/results/ops_parts_h100_s10_*.log), scan -> dot, ms per launch at (32, 1024, 16, 64)
+  # / (256, 256, 16, 64): gradient kernel 1.255 -> 1.214 / 2.352 -> 2.175; one-pass forward
+  # 0.374 -> 0.458 / 0.625 -> 0.688; state gradients 0.383 -> 0.408 / 0.637 -> 0.679.
+  cumsum: str = "auto"
 
   def __post_init__(self):
     if self.sub not in (16, 32) or self.chunk % self.sub:
@@ -119,6 +128,8 @@ class BlockSizes:
     if self.bwd_chunk is not None and (self.bwd_chunk % self.sub or self.chunk % self.bwd_chunk):
       raise ValueError(f"BlockSizes: bwd_chunk must be a multiple of sub and divide chunk, got "
                        f"bwd_chunk={self.bwd_chunk}, sub={self.sub}, chunk={self.chunk}")
+    if self.cumsum not in ("auto", "scan", "dot"):
+      raise ValueError(f"BlockSizes: cumsum must be 'auto', 'scan' or 'dot', got {self.cumsum!r}")
     if self.diag not in ("auto", "loop", "bcast"):
       raise ValueError(f"BlockSizes: diag must be auto, loop or bcast, got {self.diag!r}")
     for name in ("seq_split", "bwd_seq_split"):
@@ -132,6 +143,14 @@ def _grads_warps(bs):
   if bs.grads_num_warps is not None:
     return bs.grads_num_warps
   return 4 if bs.chunk == bs.sub else 8
+
+
+def _cumsum(bs, grads=False):
+  """The row cumulative sums of one kernel (BlockSizes.cumsum; "auto": dots in the gradient
+  kernel only)."""
+  if bs.cumsum != "auto":
+    return bs.cumsum
+  return "dot" if grads else "scan"
 
 
 def _bwd_blocks(bs):
@@ -181,6 +200,7 @@ LOG2E = 1.4426950408889634
 
 
 _GPU_EXP = contextvars.ContextVar("lasad_gpu_exp", default=False)
+_CUMSUM = contextvars.ContextVar("lasad_cumsum", default="scan")
 
 
 def _exp(x):
@@ -199,18 +219,48 @@ def _exp(x):
   return y
 
 
-def _pallas_call(kernel, *, interpret, **kw):
+def _pallas_call(kernel, *, interpret, cumsum="scan", **kw):
   """``pl.pallas_call`` whose kernel body is traced with the GPU exponential of ``_exp`` unless
-  it runs in the interpreter."""
+  it runs in the interpreter, and with ``cumsum`` (BlockSizes.cumsum) for ``_cumsum_rows``."""
   call = pl.pallas_call(kernel, interpret=interpret, **kw)
 
   def run(*args):
-    token = _GPU_EXP.set(not interpret)
+    tokens = _GPU_EXP.set(not interpret), _CUMSUM.set(cumsum)
     try:
       return call(*args)
     finally:
-      _GPU_EXP.reset(token)
+      _GPU_EXP.reset(tokens[0])
+      _CUMSUM.reset(tokens[1])
   return run
+
+
+def _tri_dot(x, upper):
+  """Row prefix sums (or with ``upper`` suffix sums) of float32 x [r, n] as tensor-core dots:
+  x = hi + mid + lo exactly in bf16 parts, each multiplied by the 0/1 triangular [r, r] matrix
+  with float32 accumulation, smallest part first."""
+  r = x.shape[0]
+  t_i = lax.broadcasted_iota(jnp.int32, (r, r), 0)
+  s_i = lax.broadcasted_iota(jnp.int32, (r, r), 1)
+  tri = ((s_i >= t_i) if upper else (s_i <= t_i)).astype(jnp.bfloat16)
+  hi = x.astype(jnp.bfloat16)
+  rem = x - hi.astype(F32)
+  mid = rem.astype(jnp.bfloat16)
+  lo = (rem - mid.astype(F32)).astype(jnp.bfloat16)
+  return (_dot(tri, lo) + _dot(tri, mid)) + _dot(tri, hi)
+
+
+def _cumsum_rows(x):
+  """Inclusive cumulative sum over the rows of float32 x [r, n] (see BlockSizes.cumsum)."""
+  if _CUMSUM.get() == "dot":
+    return _tri_dot(x, upper=False)
+  return jnp.cumsum(x, axis=0)
+
+
+def _suffix_sum_rows(x):
+  """sum_{t' >= t} x[t'] over the rows of float32 x [r, n]."""
+  if _CUMSUM.get() == "dot":
+    return _tri_dot(x, upper=True)
+  return jnp.sum(x, axis=0, keepdims=True) - jnp.cumsum(x, axis=0) + x
 
 
 def _gate(g, pos, seq_len, width, prefix, bnd):
@@ -233,7 +283,7 @@ def _decays(gf, rs):
   (inclusive cumulative sum), the segment id seg [r] (resets so far), the block's total log decay
   tot [K] and its number of resets."""
   rs_i = rs.astype(jnp.int32)
-  return jnp.cumsum(gf, axis=0), jnp.cumsum(rs_i), jnp.sum(gf, axis=0), jnp.sum(rs_i)
+  return _cumsum_rows(gf), jnp.cumsum(rs_i), jnp.sum(gf, axis=0), jnp.sum(rs_i)
 
 
 def _scalars(w_ref, p_ref, bd_ref):
@@ -509,9 +559,8 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
       else:
         dq, dk, dv = lax.cond(jnp.min(x["tot"]) > -fast_limit * LOG2E, fast, loop, dq, dk, dv)
     db = q * dq - k * dk
-    tot_db = jnp.sum(db, axis=0, keepdims=True)
-    dgt = later + tot_db - jnp.cumsum(db, axis=0) + db                   # sum over t' >= t
-    later = later + tot_db
+    dgt = later + _suffix_sum_rows(db)                                    # sum over t' >= t
+    later = later + jnp.sum(db, axis=0, keepdims=True)
     dbnd = dbnd + jnp.sum(jnp.where((x["start"] & ~x["reset"])[:, None], dgt, 0.0), axis=0,
                           keepdims=True)
     dg_ref[rows, :] = jnp.where(x["start"][:, None], 0.0, dgt).astype(dg_ref.dtype)
@@ -578,7 +627,7 @@ def _scan_call(kernel, name, x, y, g, width, prefix, bnd, init, *, bs, interpret
       body, grid=(b, h, nv),
       in_specs=[seq_k, seq_v, seq_k] + _scalar_specs(lambda i, j, kv: (i, j)) + [state],
       out_specs=out_specs, out_shape=out_shape,
-      compiler_params=_params(bs), interpret=interpret, name=name,
+      compiler_params=_params(bs), interpret=interpret, cumsum=_cumsum(bs), name=name,
   )(x, y, g, width, prefix, bnd, init)
   if not per_chunk:
     out = [None] + list(out)
@@ -726,7 +775,7 @@ def _fused_call(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, inter
       out_specs=[seq_v, state],
       out_shape=[jax.ShapeDtypeStruct((b, t, h, dv), q.dtype),
                  jax.ShapeDtypeStruct((b, h, dk, dv), F32)],
-      compiler_params=_params(bs, bs.fused_num_warps), interpret=interpret,
+      compiler_params=_params(bs, bs.fused_num_warps), interpret=interpret, cumsum=_cumsum(bs),
       name="lasad_fused_forward",
   )(q, k, v, g, width, prefix, bnd, h0)
 
@@ -752,7 +801,7 @@ def _outputs(q, k, v, g, width, prefix, bnd, states, *, seq_len, scale, bs, inte
       + _scalar_specs(lambda i, j, hh: (i, hh)) + [_state_spec(dk, dv)],
       out_specs=_chunk_spec(dv, c),
       out_shape=jax.ShapeDtypeStruct((b, t, h, dv), q.dtype),
-      compiler_params=_params(bs), interpret=interpret, name="lasad_output",
+      compiler_params=_params(bs), interpret=interpret, cumsum=_cumsum(bs), name="lasad_output",
   )(q, k, v, g, width, prefix, bnd, states)
 
 
@@ -795,7 +844,9 @@ def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scal
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(g.shape, g.dtype),
                  jax.ShapeDtypeStruct((b, n, h, 1, dk), F32)],
-      compiler_params=_params(bs, _grads_warps(bs)), interpret=interpret, name="lasad_grads",
+      compiler_params=_params(bs, _grads_warps(bs)), interpret=interpret,
+      cumsum=_cumsum(bs, grads=True),
+      name="lasad_grads",
   )(q, k, v, g, do, width, prefix, bnd, states, dstates)
 
 
