@@ -112,7 +112,7 @@ def main():
   ap.add_argument("--out", default="benchmarks/results/ops_h100.json")
   ap.add_argument("--shapes", nargs="*", default=None, help="B,T,H,D entries")
   ap.add_argument("--widths", default="16,32,64,128")
-  ap.add_argument("--skip", default="", help="comma list of impls to skip: chunk,fla,cudnn,loop,tuning,fused")
+  ap.add_argument("--skip", default="", help="comma list of impls to skip: chunk,fla,cudnn,loop,tuning,fused,cumsum")
   args = ap.parse_args()
   shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
   widths = [int(w) for w in args.widths.split(",") if w]
@@ -141,6 +141,8 @@ def main():
                 ("pallas split_dots=False", "pallas", widths[:1], BlockSizes(split_dots=False))]
     if "loop" in skip:
       variants = variants[:2]
+    if "cumsum" not in skip:   # Triton scans in every kernel (the default before session 10)
+      variants += [("pallas cumsum=scan", "pallas", widths[:1], BlockSizes(cumsum="scan"))]
     if "tuning" not in skip:   # other block sizes, at the first width
       variants += [("pallas sub=16", "pallas", widths[:1], BlockSizes(sub=16))]
       if b * h < 132:   # the default splits the sequence here (seq_split=None: _segments); without:

@@ -32,7 +32,7 @@ VARIANTS = {
     "grads8": P.BlockSizes(grads_num_warps=8),   # the default before session 8's 4
     "onepass": P.BlockSizes(split_dots=False),
     "cumscan": P.BlockSizes(cumsum="scan"),   # the default before session 10
-    "cumdot": P.BlockSizes(cumsum="dot"),
+    "gsplit": P.BlockSizes(grads_split=True),  # grads = the dq kernel + the dk/dv/dg kernel
 }
 
 INTERPRET = jax.default_backend() != "gpu"   # CPU: a smoke run of the code paths
@@ -46,7 +46,9 @@ FORWARD_VARIANTS = {
     "sub=16": P.BlockSizes(sub=16),
     "one-pass bf16 dots": P.BlockSizes(split_dots=False),
     "chunk=32": P.BlockSizes(chunk=32),
-    "cumsum dot": P.BlockSizes(cumsum="dot"),
+    "bv=32, 2 warps": P.BlockSizes(block_v_scan=32, fused_num_warps=2),
+    "bv=32": P.BlockSizes(block_v_scan=32),
+    "2 warps": P.BlockSizes(fused_num_warps=2),
 }
 
 
@@ -101,6 +103,7 @@ def main():
   for name, bs in (("default", P.BlockSizes()), ("no prefetch", P.BlockSizes(fused_prefetch=False)),
                    ("bwd64", P.BlockSizes(bwd_chunk=64)),
                    ("cumsum scan", P.BlockSizes(cumsum="scan")),
+                   ("grads split", P.BlockSizes(grads_split=True)),
                    ("one-pass", P.BlockSizes(split_dots=False))):
     f = lambda q, k, v, g, bs=bs: lasad_attention(q, k, v, g, width=width, prefix=prefix,
                                                   boundary=bnd, scale=1.0, impl="pallas",
