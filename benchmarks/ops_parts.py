@@ -32,23 +32,24 @@ VARIANTS = {
     "grads8": P.BlockSizes(grads_num_warps=8),   # the default before session 8's 4
     "onepass": P.BlockSizes(split_dots=False),
     "cumscan": P.BlockSizes(cumsum="scan"),   # the default before session 10
-    "gsplit": P.BlockSizes(grads_split=True),  # grads = the dq kernel + the dk/dv/dg kernel
+    "cumdot": P.BlockSizes(cumsum="dot"),
 }
 
 INTERPRET = jax.default_backend() != "gpu"   # CPU: a smoke run of the code paths
 # Session 7 also timed 2 / 8 warps, bv = 32, 1 / 3 stages (all slower); session 8 TF32 diagonal
 # dots and no exact fallback (no faster): ops_parts_h100_s{7,8}_*.log in benchmarks/results.
 # Session 10: 64-row sub-chunks in the one-pass forward alone (4 or 8 warps, scans or dots) were
-# 2.9-3.5x slower (ops_parts_h100_s10_*.log), and the option was removed.
+# 2.9-3.5x slower (ops_parts_h100_s10_*.log); bv = 32 and/or 2 warps 1.6-2.1x slower; the
+# gradient kernel split into a dq kernel and a dk / dv / dg kernel (q dq through HBM in float32)
+# 2.52 vs 2.10 ms and 1.37 vs 1.24 ms (ops_parts_h100_s10b_*.log; LASADGen-L's step 411.5 vs
+# 402.8 ms, train_h100_L_s10_grads_split.json). None of these options was kept.
 FORWARD_VARIANTS = {
     "default": P.BlockSizes(),
     "no prefetch": P.BlockSizes(fused_prefetch=False),
     "sub=16": P.BlockSizes(sub=16),
     "one-pass bf16 dots": P.BlockSizes(split_dots=False),
     "chunk=32": P.BlockSizes(chunk=32),
-    "bv=32, 2 warps": P.BlockSizes(block_v_scan=32, fused_num_warps=2),
-    "bv=32": P.BlockSizes(block_v_scan=32),
-    "2 warps": P.BlockSizes(fused_num_warps=2),
+    "cumsum dot": P.BlockSizes(cumsum="dot"),
 }
 
 
@@ -103,7 +104,6 @@ def main():
   for name, bs in (("default", P.BlockSizes()), ("no prefetch", P.BlockSizes(fused_prefetch=False)),
                    ("bwd64", P.BlockSizes(bwd_chunk=64)),
                    ("cumsum scan", P.BlockSizes(cumsum="scan")),
-                   ("grads split", P.BlockSizes(grads_split=True)),
                    ("one-pass", P.BlockSizes(split_dots=False))):
     f = lambda q, k, v, g, bs=bs: lasad_attention(q, k, v, g, width=width, prefix=prefix,
                                                   boundary=bnd, scale=1.0, impl="pallas",

@@ -3,7 +3,7 @@ baseline) on synthetic ImageNet-shaped code batches (16x16 tokens, 1000 classes)
 
     python benchmarks/train.py --variants B,L [--attention lasad,softmax] [--batches 512,256,128]
         [--mesh data|fsdp] [--remat [--remat-policy full|dots|dots_attn]] [--kernel-sub 16] [--kernel-forward one_pass]
-        [--kernel-dots bf16] [--kernel-cumsum scan|dot] [--kernel-grads-split] [--no-scan]
+        [--kernel-dots bf16] [--kernel-cumsum scan|dot] [--no-scan]
         [--profile N]
         [--out benchmarks/results/train_h100.json]
 
@@ -38,7 +38,7 @@ from benchmarks_common import profile_call  # noqa: E402
 
 
 def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", kernel_sub=32,
-            profile=0, forward="auto", dots="split", scan=True, cumsum="auto", grads_split=False):
+            profile=0, forward="auto", dots="split", scan=True, cumsum="auto"):
   n = jax.device_count()
   cfg = get_config(variant)
   cfg.attention = attention
@@ -49,7 +49,6 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
   cfg.kernel_forward = forward
   cfg.kernel_dots = dots
   cfg.kernel_cumsum = cumsum
-  cfg.kernel_grads_split = grads_split
   cfg.scan_layers = scan
   cfg.warmup_steps = 10
   cfg.mesh.data, cfg.mesh.fsdp = (n, 1) if mesh_kind == "data" else (1, n)
@@ -95,8 +94,7 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
   mem = [d.memory_stats() or {} for d in jax.local_devices()]
   return dict(variant=variant, attention=attention, batch=batch, mesh=mesh_kind, devices=n,
               remat=policy if remat else False, kernel_sub=kernel_sub,
-              kernel_forward=forward, kernel_dots=dots, kernel_cumsum=cumsum,
-              kernel_grads_split=grads_split, scan_layers=scan,
+              kernel_forward=forward, kernel_dots=dots, kernel_cumsum=cumsum, scan_layers=scan,
               params_m=round(M.count_params(cfg) / 1e6, 2),
               step_ms=round(sec * 1e3, 2), tokens_per_s=round(tps),
               images_per_s=round(batch / sec, 1),
@@ -121,8 +119,6 @@ def main():
                   help="Pallas float32-operand dots (config.kernel_dots)")
   ap.add_argument("--kernel-cumsum", default="auto", choices=("auto", "scan", "dot"),
                   help="Pallas row cumulative sums (config.kernel_cumsum)")
-  ap.add_argument("--kernel-grads-split", action="store_true",
-                  help="Pallas backward as a dq kernel and a dk/dv/dg kernel")
   ap.add_argument("--no-scan", action="store_true",
                   help="unrolled layers (config.scan_layers=False) instead of one lax.scan")
   ap.add_argument("--profile", type=int, default=0,
@@ -143,7 +139,7 @@ def main():
           r = run_one(variant, attention, batch, args.mesh, args.iters, args.remat,
                       args.remat_policy, args.kernel_sub, args.profile,
                       args.kernel_forward, args.kernel_dots, not args.no_scan,
-                      args.kernel_cumsum, args.kernel_grads_split)
+                      args.kernel_cumsum)
         except Exception as e:  # noqa: BLE001  (out of memory: try the next smaller batch)
           msg = str(e).splitlines()[0][:120]
           if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():

@@ -40,7 +40,6 @@ def get_config(variant="B"):
   # Pallas row cumulative sums: auto (tensor-core dots in the gradient kernel, Triton scans
   # elsewhere; default) | scan | dot (BlockSizes.cumsum)
   c.kernel_cumsum = "auto"
-  c.kernel_grads_split = False   # Pallas backward: one gradient kernel, or dq + dk/dv/dg kernels
   # Parallel forward over the layers: True = one lax.scan over the stacked weights (compile time
   # independent of depth); False = unrolled, one copy per layer. In training with remat policy
   # dots / dots_attn the scan copies each saved activation into its stacked [L, ...] buffer and

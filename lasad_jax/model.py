@@ -125,8 +125,8 @@ def _softmax_out(cfg, p, o):
 
 
 def _kernel_kw(cfg):
-  """Pallas block sizes from config.kernel_sub / kernel_forward / kernel_dots / kernel_cumsum /
-  kernel_grads_split ({} = the defaults)."""
+  """Pallas block sizes from config.kernel_sub / kernel_forward / kernel_dots / kernel_cumsum
+  ({} = the defaults)."""
   fields = {}
   if "kernel_sub" in cfg:
     if cfg.kernel_sub not in (16, 32):
@@ -146,7 +146,6 @@ def _kernel_kw(cfg):
   if cumsum not in ("auto", "scan", "dot"):
     raise ValueError(f"config.kernel_cumsum must be 'auto', 'scan' or 'dot', got {cumsum!r}")
   fields["cumsum"] = cumsum
-  fields["grads_split"] = bool(cfg.get("kernel_grads_split", False))
   from kernels.lasad.pallas import BlockSizes
   if all(getattr(BlockSizes, k) == v for k, v in fields.items()):
     return {}

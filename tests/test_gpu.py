@@ -32,9 +32,9 @@ def _ours(q, k, v, g, do, dst, impl, **kw):
 
 
 # sub32 is the default (the gradient kernel's cumulative sums by dots); cumsum_scan / cumsum_dot:
-# Triton's scan / tensor-core dots in every kernel; grads_split: the dq and dk/dv/dg kernels.
+# Triton's scan / tensor-core dots in every kernel.
 ORACLE_BLOCKS = {"sub16": dict(sub=16), "sub32": dict(sub=32), "cumsum_scan": dict(cumsum="scan"),
-                 "cumsum_dot": dict(cumsum="dot"), "grads_split": dict(grads_split=True)}
+                 "cumsum_dot": dict(cumsum="dot")}
 
 
 @pytest.mark.parametrize("blocks", ORACLE_BLOCKS)

@@ -148,8 +148,8 @@ def test_remat_policies_give_the_same_gradients(attention):
 
 def test_kernel_sub_config_reaches_the_kernel(monkeypatch):
   """config.kernel_sub 16 and 32 (Pallas sub-chunks; 32 is the default), config.kernel_forward
-  two_pass, config.kernel_dots, kernel_cumsum and kernel_grads_split reach the kernel's block
-  sizes (the first two give the same logits); bad values are refused."""
+  two_pass, config.kernel_dots and config.kernel_cumsum reach the kernel's block sizes (the first
+  two give the same logits); bad values are refused."""
   import ml_collections
   seen = []
 
@@ -207,16 +207,6 @@ def test_kernel_sub_config_reaches_the_kernel(monkeypatch):
   with pytest.raises(ValueError, match="kernel_cumsum"):
     M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
   c.kernel_cumsum = "auto"
-  seen_split = []
-  monkeypatch.setattr(M, "lasad_attention", lambda *a, **kw: (
-      seen_split.append(kw["block_sizes"].grads_split if "block_sizes" in kw else False),
-      lasad_attention(*a, **kw))[1])
-  for split in (False, True):
-    c.kernel_grads_split = split
-    seen_split.clear()
-    M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
-    assert seen_split and set(seen_split) == {split}, (split, seen_split)
-  c.kernel_grads_split = False
   c.kernel_sub = 24
   with pytest.raises(ValueError, match="kernel_sub"):
     M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)

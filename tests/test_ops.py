@@ -4,8 +4,6 @@ Chain (as in fla's tests): oracle (float64 NumPy) -> reference (lax.scan) -> chu
 forward, final state and the gradient of every input, with relative-RMS tolerances.
 """
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,30 +84,6 @@ def test_pallas_cumsum_forms(case, cumsum):
   Forward and all gradients at the same tolerances."""
   from kernels.lasad.pallas import BlockSizes
   _check_against_oracle("pallas", case, block_sizes=BlockSizes(cumsum=cumsum))
-
-
-@pytest.mark.parametrize("bwd_chunk", [None, 64])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[1]}-w{c[6]}-b{c[8]}")
-def test_pallas_gradient_kernel_split(case, bwd_chunk):
-  """``BlockSizes(grads_split=True)``: a dq kernel then a dk / dv / dg kernel (q dq passed in
-  float32) instead of one gradient kernel, on the default 32-token backward chunks (one
-  sub-chunk per program) and on 64-token chunks of two sub-chunks; forward and all gradients."""
-  from kernels.lasad.pallas import BlockSizes
-  _check_against_oracle("pallas", case, block_sizes=BlockSizes(grads_split=True,
-                                                               bwd_chunk=bwd_chunk))
-
-
-def test_pallas_gradient_kernel_split_launches():
-  """The split backward launches the two kernels and not the one."""
-  from kernels.lasad.pallas import BlockSizes
-  q, k, v, g, _ = make_inputs(0, 1, 64, 2, 16, 16, 1.0)
-
-  def names(bs):
-    f = jax.grad(lambda q: jnp.sum(lasad_attention(q, k, v, g, width=8, impl="pallas",
-                                                   block_sizes=bs)))
-    return set(re.findall(r"name=(lasad_grads\w*)", str(jax.make_jaxpr(f)(q))))
-  assert names(BlockSizes(grads_split=True)) == {"lasad_grads_dq", "lasad_grads_dkdv"}
-  assert names(BlockSizes()) == {"lasad_grads"}
 
 
 def _check_against_oracle(impl, case, **extra):
@@ -274,12 +248,10 @@ def test_bad_input(bad, msg):
     lasad_attention(q, k, v, g, **args)
 
 
-@pytest.mark.parametrize("grads_split", [False, True])
 @pytest.mark.parametrize("diag", ["auto", "loop", "bcast"])
 @pytest.mark.parametrize("norm", [0.1, 1.0])
-def test_pallas_diag_variants(diag, norm, grads_split):
-  """Every form of the exact within-sub-chunk term, with a reset head and a partial head, in the
-  one gradient kernel and in the split pair (BlockSizes.grads_split).
+def test_pallas_diag_variants(diag, norm):
+  """Every form of the exact within-sub-chunk term, with a reset head and a partial head.
 
   Normaliser 0.1 (sub-chunk log decay ~ -110) sends "auto" down the column loop; 1.0 (~ -13)
   takes the tensor-core factorisation."""
@@ -289,8 +261,7 @@ def test_pallas_diag_variants(diag, norm, grads_split):
   do, dst = rng.standard_normal((2, 83, 2, 16)), rng.standard_normal((2, 2, 16, 16))
   bnd = np.array([-np.inf, -0.3], np.float32)
   o, st, grads = run("pallas", q, k, v, g, s0, do.astype(np.float32), dst.astype(np.float32),
-                     width=8, prefix=1, boundary=bnd,
-                     block_sizes=BlockSizes(diag=diag, grads_split=grads_split))
+                     width=8, prefix=1, boundary=bnd, block_sizes=BlockSizes(diag=diag))
   okw = dict(width=8, prefix=1, boundary=bnd, h0=s0)
   o_ref, st_ref, _ = oracle.forward(q, k, v, g, **okw)
   g_ref = oracle.backward(q, k, v, g, do, dst, **okw)

@@ -120,10 +120,6 @@ class BlockSizes:
   # / (256, 256, 16, 64): gradient kernel 1.255 -> 1.214 / 2.352 -> 2.175; one-pass forward
   # 0.374 -> 0.458 / 0.625 -> 0.688; state gradients 0.383 -> 0.408 / 0.637 -> 0.679.
   cumsum: str = "auto"
-  # The gradient kernel as two: dq (and q dq in float32 through HBM), then dk, dv, dg; each
-  # carries one state (S or dS) and fewer live values (the one kernel uses 255 registers and
-  # spills: Nsight Compute, session 9).
-  grads_split: bool = False
 
   def __post_init__(self):
     if self.sub not in (16, 32) or self.chunk % self.sub:
@@ -468,8 +464,9 @@ def _dstates_kernel(q_ref, do_ref, g_ref, w_ref, p_ref, bd_ref, dht_ref, ds_ref,
   dh0_ref[...] = lax.fori_loop(0, n_chunks, body, dht_ref[...].astype(F32))
 
 
-def _grads_kernel(*refs, chunk, sub, seq_len, scale, dtype, diag, fast_limit, split,
-                  part="all"):
+def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_ref, ds_ref,
+                  dq_ref, dk_ref, dv_ref, dg_ref, dbnd_ref, *, chunk, sub, seq_len, scale, dtype,
+                  diag, fast_limit, split):
   """One chunk, in two passes over its sub-chunks, each carrying one [K, V] state:
 
   forward:  P_i (state entering sub-chunk i, from S_in) gives the inter part of dq;
@@ -477,21 +474,9 @@ def _grads_kernel(*refs, chunk, sub, seq_len, scale, dtype, diag, fast_limit, sp
             parts of dk, dv; then the exact diagonal term, and dg~ as the reverse cumulative sum
             of q dq - k dk (+ sum_v S_out dS_out at the chunk end).
   Exponents are relative to the sub-chunk start (b) or end (tot - b): all <= 0.
-
-  ``part`` (BlockSizes.grads_split): "all", one kernel, refs (q, k, v, g, do, w, p, bd, s, ds |
-  dq, dk, dv, dg, dbnd); "dq", refs (q, k, v, g, do, w, p, bd, s | dq, qdq): dq and q dq in float32;
-  "dkdv", refs (q, k, v, g, do, w, p, bd, s, ds, qdq | dk, dv, dg, dbnd), taking q dq from the
-  first. Each of the two carries one state and fewer live values than the one kernel.
   """
-  names = {"all": ("q k v g do w p bd s ds", "dq dk dv dg dbnd"),
-           "dq": ("q k v g do w p bd s", "dq qdq"),
-           "dkdv": ("q k v g do w p bd s ds qdq", "dk dv dg dbnd")}[part]
-  ins, outs = names[0].split(), names[1].split()
-  r = dict(zip(ins + outs, refs))
-  q_ref, k_ref, v_ref, g_ref, do_ref = (r[x] for x in ("q", "k", "v", "g", "do"))
-  want_dq, want_dkdv = part != "dkdv", part != "dq"
   n = pl.program_id(1)
-  width, prefix, bnd = _scalars(r["w"], r["p"], r["bd"])
+  width, prefix, bnd = _scalars(w_ref, p_ref, bd_ref)
   gate_args = (seq_len, width, prefix, bnd)
   nsub = chunk // sub
   rows_i = lax.broadcasted_iota(jnp.int32, (sub,), 0)
@@ -510,112 +495,82 @@ def _grads_kernel(*refs, chunk, sub, seq_len, scale, dtype, diag, fast_limit, sp
                 tot_col=tot[:, None])
 
   # Forward pass: inter part of dq; P ends as S_out.
-  p_state = r["s"][...]
+  p_state = s_ref[...]
   dq_inter = []
   for i in range(nsub):
     x = load(i)
     do, k, v = do_ref[x["rows"], :], k_ref[x["rows"], :].astype(F32), v_ref[x["rows"], :]
-    if want_dq:
-      e_in = _exp(x["b"]) * (x["seg"] == 0)[:, None]
-      dq_inter.append(scale * sm(do.astype(dtype), p_state, trans_b=True) * e_in)
-    if want_dkdv or i + 1 < nsub:
-      e_out = _exp(x["tot"] - x["b"]) * (x["seg"] == x["nres"])[:, None]
-      p_state = (_exp(x["tot_col"]) * (x["nres"] == 0) * p_state
-                 + sm(k * e_out, v.astype(dtype), trans_a=True))
+    e_in = _exp(x["b"]) * (x["seg"] == 0)[:, None]
+    dq_inter.append(scale * sm(do.astype(dtype), p_state, trans_b=True) * e_in)
+    e_out = _exp(x["tot"] - x["b"]) * (x["seg"] == x["nres"])[:, None]
+    p_state = _exp(x["tot_col"]) * (x["nres"] == 0) * p_state + sm(k * e_out, v.astype(dtype), trans_a=True)
 
-  if want_dkdv:
-    d_state = r["ds"][...]
-    later = jnp.sum(p_state * d_state, axis=1)[None, :]      # d b_C from S_out
-    dbnd = jnp.zeros((1, q_ref.shape[-1]), F32)
+  d_state = ds_ref[...]
+  later = jnp.sum(p_state * d_state, axis=1)[None, :]      # d b_C from S_out
+  dbnd = jnp.zeros((1, q_ref.shape[-1]), F32)
   for i in reversed(range(nsub)):
     x = load(i)
     rows = x["rows"]
     q, k = q_ref[rows, :].astype(F32), k_ref[rows, :].astype(F32)
     v, do = v_ref[rows, :].astype(F32), do_ref[rows, :].astype(F32)
-    dq = dq_inter[i] if want_dq else None
-    dk = dv = None
-    if want_dkdv:
-      e_out = _exp(x["tot"] - x["b"]) * (x["seg"] == x["nres"])[:, None]
-      dk = sm(v.astype(dtype), d_state, trans_b=True) * e_out
-      dv = mm(k * e_out, d_state)
+    e_out = _exp(x["tot"] - x["b"]) * (x["seg"] == x["nres"])[:, None]
+    dk = sm(v.astype(dtype), d_state, trans_b=True) * e_out
+    dv = mm(k * e_out, d_state)
+    dq = dq_inter[i]
     if diag == "bcast":
       e, ok = _pairwise(x["b"], x["seg"])
+      a = jnp.sum(q[:, None, :] * k[None, :, :] * e, axis=2)                  # [c, c]
       da = jnp.where(ok, scale * mm(do, v, trans_b=True), 0.0)
-      if want_dq:
-        dq = dq + jnp.sum(da[:, :, None] * k[None, :, :] * e, axis=1)
-      if want_dkdv:
-        a = jnp.sum(q[:, None, :] * k[None, :, :] * e, axis=2)                  # [c, c]
-        dk = dk + jnp.sum(da[:, :, None] * q[:, None, :] * e, axis=0)
-        dv = dv + scale * mm(a, do, trans_a=True)
+      dq = dq + jnp.sum(da[:, :, None] * k[None, :, :] * e, axis=1)
+      dk = dk + jnp.sum(da[:, :, None] * q[:, None, :] * e, axis=0)
+      dv = dv + scale * mm(a, do, trans_a=True)
     else:
-      # The accumulators this part computes (a lax.cond carries only those).
-      keys = (("dq",) if want_dq else ()) + (("dk", "dv") if want_dkdv else ())
-      acc = dict(dq=dq, dk=dk, dv=dv)
-
       def col(s, carry, x=x, q=q, do=do, i=i):
-        acc, bs, segs = carry
-        acc = dict(acc)
+        dq, dk, dv, bs, segs = carry
         gs, rs = _gate_row(g_ref, i * sub + s, n * chunk + i * sub + s, *gate_args)
         bs, segs = bs + gs, segs + rs
         ks = k_ref[pl.ds(i * sub + s, 1), :].astype(F32)
         vs = v_ref[pl.ds(i * sub + s, 1), :].astype(F32)
         ok = (rows_i >= s) & (x["seg"] == segs)
         e = jnp.where(ok[:, None], _exp(jnp.minimum(x["b"] - bs, 0.0)), 0.0)
+        a = jnp.sum(q * ks * e, axis=1, keepdims=True)                        # A[:, s]
         da = jnp.where(ok[:, None], scale * jnp.sum(do * vs, axis=1, keepdims=True), 0.0)
-        if want_dq:
-          acc["dq"] = acc["dq"] + da * ks * e
-        if want_dkdv:
-          a = jnp.sum(q * ks * e, axis=1, keepdims=True)                        # A[:, s]
-          sel = (rows_i == s)[:, None]
-          acc["dk"] = acc["dk"] + jnp.where(sel, jnp.sum(da * q * e, axis=0, keepdims=True), 0.0)
-          acc["dv"] = acc["dv"] + jnp.where(sel, scale * jnp.sum(a * do, axis=0, keepdims=True),
-                                            0.0)
-        return acc, bs, segs
+        sel = (rows_i == s)[:, None]
+        dq = dq + da * ks * e
+        dk = dk + jnp.where(sel, jnp.sum(da * q * e, axis=0, keepdims=True), 0.0)
+        dv = dv + jnp.where(sel, scale * jnp.sum(a * do, axis=0, keepdims=True), 0.0)
+        return dq, dk, dv, bs, segs
+      def loop(dq, dk, dv, col=col):
+        init = (dq, dk, dv, jnp.zeros((1, q.shape[-1]), F32), jnp.int32(0))
+        return lax.fori_loop(0, sub, col, init)[:3]
 
-      def loop(*vals, col=col, keys=keys):
-        init = (dict(zip(keys, vals)), jnp.zeros((1, q.shape[-1]), F32), jnp.int32(0))
-        out = lax.fori_loop(0, sub, col, init)[0]
-        return tuple(out[key] for key in keys)
-
-      def fast(*vals, x=x, q=q, k=k, v=v, do=do, keys=keys):
-        acc = dict(zip(keys, vals))
+      def fast(dq, dk, dv, x=x, q=q, k=k, v=v, do=do):
         ok = _causal_same_seg(x["seg"])
         qt, kt = q * _exp(x["b"]), k * _exp(-x["b"])
+        a = jnp.where(ok, sm(qt, kt, trans_b=True), 0.0)
         da = jnp.where(ok, scale * mm(do, v, trans_b=True), 0.0)  # exact products of inputs
-        if want_dq:
-          acc["dq"] = acc["dq"] + sm(da, kt) * _exp(x["b"])
-        if want_dkdv:
-          a = jnp.where(ok, sm(qt, kt, trans_b=True), 0.0)
-          acc["dk"] = acc["dk"] + sm(da, qt, trans_a=True) * _exp(-x["b"])
-          acc["dv"] = acc["dv"] + scale * sm(a, do.astype(dtype), trans_a=True)
-        return tuple(acc[key] for key in keys)
+        dq = dq + sm(da, kt) * _exp(x["b"])
+        dk = dk + sm(da, qt, trans_a=True) * _exp(-x["b"])
+        dv = dv + scale * sm(a, do.astype(dtype), trans_a=True)
+        return dq, dk, dv
 
-      vals = tuple(acc[key] for key in keys)
       if diag == "loop":
-        vals = loop(*vals)
+        dq, dk, dv = loop(dq, dk, dv)
       else:
-        vals = lax.cond(jnp.min(x["tot"]) > -fast_limit * LOG2E, fast, loop, *vals)
-      acc.update(zip(keys, vals))
-      dq, dk, dv = acc["dq"], acc["dk"], acc["dv"]
-    if want_dq:
-      r["dq"][rows, :] = dq.astype(r["dq"].dtype)
-    if part == "dq":
-      r["qdq"][rows, :] = q * dq
-    if want_dkdv:
-      db = (r["qdq"][rows, :] if part == "dkdv" else q * dq) - k * dk
-      dgt = later + _suffix_sum_rows(db)                                    # sum over t' >= t
-      later = later + jnp.sum(db, axis=0, keepdims=True)
-      dbnd = dbnd + jnp.sum(jnp.where((x["start"] & ~x["reset"])[:, None], dgt, 0.0), axis=0,
-                            keepdims=True)
-      r["dg"][rows, :] = jnp.where(x["start"][:, None], 0.0, dgt).astype(r["dg"].dtype)
-      r["dk"][rows, :] = dk.astype(r["dk"].dtype)
-      r["dv"][rows, :] = dv.astype(r["dv"].dtype)
-      if i:
-        q_hat = scale * q * _exp(x["b"]) * (x["seg"] == 0)[:, None]
-        d_state = (_exp(x["tot_col"]) * (x["nres"] == 0) * d_state
-                   + sm(q_hat, do.astype(dtype), trans_a=True))
-  if want_dkdv:
-    r["dbnd"][...] = dbnd
+        dq, dk, dv = lax.cond(jnp.min(x["tot"]) > -fast_limit * LOG2E, fast, loop, dq, dk, dv)
+    db = q * dq - k * dk
+    dgt = later + _suffix_sum_rows(db)                                    # sum over t' >= t
+    later = later + jnp.sum(db, axis=0, keepdims=True)
+    dbnd = dbnd + jnp.sum(jnp.where((x["start"] & ~x["reset"])[:, None], dgt, 0.0), axis=0,
+                          keepdims=True)
+    dg_ref[rows, :] = jnp.where(x["start"][:, None], 0.0, dgt).astype(dg_ref.dtype)
+    dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+    dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+    if i:
+      q_hat = scale * q * _exp(x["b"]) * (x["seg"] == 0)[:, None]
+      d_state = _exp(x["tot_col"]) * (x["nres"] == 0) * d_state + sm(q_hat, do.astype(dtype), trans_a=True)
+  dbnd_ref[...] = dbnd
 
 
 # --------------------------------------------------------------------------- pallas_calls
@@ -872,41 +827,27 @@ def _dstates(q, do, g, width, prefix, bnd, dht, *, seq_len, scale, bs, interpret
 
 def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scale, bs,
            interpret):
-  """(dq, dk, dv, dg, per-chunk boundary gradient [B, N, H, 1, K]): one gradient kernel, or with
-  ``bs.grads_split`` a dq kernel (writing q dq in float32 too) and a dk / dv / dg kernel."""
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   c = bs.chunk
   n = t // c
-  spec_k, spec_v = _chunk_spec(dk, c), _chunk_spec(dv, c)
-  ins = [spec_k, spec_k, spec_v, spec_k, spec_v] + _scalar_specs(lambda i, j, hh: (i, hh))
-  state = _state_spec(dk, dv)
-  shape = lambda x, dt=None: jax.ShapeDtypeStruct(x.shape, dt or x.dtype)  # noqa: E731
-  dbnd_spec = pl.BlockSpec((None, None, None, 1, dk), lambda i, j, hh: (i, j, hh, 0, 0))
-  dbnd_shape = jax.ShapeDtypeStruct((b, n, h, 1, dk), F32)
-
-  def call(part, in_specs, out_specs, out_shape, name, *args):
-    kern = functools.partial(_grads_kernel, chunk=c, sub=bs.sub, seq_len=seq_len, scale=scale,
-                             dtype=q.dtype, diag=bs.diag, fast_limit=bs.fast_limit,
-                             split=bs.split_dots, part=part)
-    return _pallas_call(
-        kern, grid=(b, n, h), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        compiler_params=_params(bs, _grads_warps(bs)), interpret=interpret,
-        cumsum=_cumsum(bs, grads=True), name=name,
-    )(q, k, v, g, do, width, prefix, bnd, *args)
-
-  if not bs.grads_split:
-    return call("all", ins + [state, state],
-                [spec_k, spec_k, spec_v, spec_k, dbnd_spec],
-                [shape(q), shape(k), shape(v), shape(g), dbnd_shape],
-                "lasad_grads", states, dstates)
-  dq, qdq = call("dq", ins + [state], [spec_k, spec_k], [shape(q), shape(q, F32)],
-                 "lasad_grads_dq", states)
-  dk_, dv_, dg, dbnd = call("dkdv", ins + [state, state, spec_k],
-                            [spec_k, spec_v, spec_k, dbnd_spec],
-                            [shape(k), shape(v), shape(g), dbnd_shape],
-                            "lasad_grads_dkdv", states, dstates, qdq)
-  return dq, dk_, dv_, dg, dbnd
+  kern = functools.partial(_grads_kernel, chunk=c, sub=bs.sub, seq_len=seq_len, scale=scale,
+                           dtype=q.dtype, diag=bs.diag, fast_limit=bs.fast_limit,
+                           split=bs.split_dots)
+  return _pallas_call(
+      kern, grid=(b, n, h),
+      in_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c), _chunk_spec(dk, c),
+                _chunk_spec(dv, c)] + _scalar_specs(lambda i, j, hh: (i, hh))
+      + [_state_spec(dk, dv), _state_spec(dk, dv)],
+      out_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c), _chunk_spec(dk, c),
+                 pl.BlockSpec((None, None, None, 1, dk), lambda i, j, hh: (i, j, hh, 0, 0))],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(g.shape, g.dtype),
+                 jax.ShapeDtypeStruct((b, n, h, 1, dk), F32)],
+      compiler_params=_params(bs, _grads_warps(bs)), interpret=interpret,
+      cumsum=_cumsum(bs, grads=True),
+      name="lasad_grads",
+  )(q, k, v, g, do, width, prefix, bnd, states, dstates)
 
 
 # --------------------------------------------------------------------------- custom VJP
