@@ -160,6 +160,7 @@ def main():
                  "devices": jax.device_count(), "jax": jax.__version__, "dtype": "bfloat16",
                  "command": "python benchmarks/train.py " + " ".join(
                      f"--{k}={v}" for k, v in vars(args).items() if k != "out"),
+                 "xla_flags": os.environ.get("XLA_FLAGS", ""),
                  "records": records}, f, indent=1)
     print(f"wrote {args.out}")
 
