@@ -30,54 +30,32 @@ SHAPES = {"w_in (q|f|v)": (1024, 3072), "wo": (1024, 1024), "w1|w3": (1024, 5632
 LAYERS = 24
 
 
-def _kernel(x_ref, w_ref, o_ref, *, block_k, n_k):
+def _kernel(x_ref, w_ref, o_ref, *, block_k, n_k, trans_w):
   def body(i, acc):
     ks = pl.ds(i * block_k, block_k)
-    return acc + jnp.dot(x_ref[:, ks], w_ref[ks, :], preferred_element_type=jnp.float32)
-  acc = jax.lax.fori_loop(0, n_k, body, jnp.zeros(o_ref.shape, jnp.float32))
-  o_ref[...] = acc
+    w = w_ref[:, ks] if trans_w else w_ref[ks, :]
+    dims = (((1,), (1 if trans_w else 0,)), ((), ()))
+    return acc + jax.lax.dot_general(x_ref[:, ks], w, dims, preferred_element_type=jnp.float32)
+  o_ref[...] = jax.lax.fori_loop(0, n_k, body, jnp.zeros(o_ref.shape, jnp.float32))
 
 
-def pallas_gemm(x, w, *, block_n, split, block_k=128, num_warps=4, num_stages=4, interpret=False):
+def pallas_gemm(x, w, *, block_n, split, block_k=128, num_warps=4, num_stages=4, interpret=False,
+                trans_w=False):
+  """x [M, K] @ W, W stored [K, N] or (``trans_w``) [N, K] (each program then reads whole
+  contiguous K rows of its block_n outputs): grid (N / block_n, split), partials summed by XLA."""
   m, k = x.shape
-  n = w.shape[1]
+  n = w.shape[0 if trans_w else 1]
   kseg = k // split
+  w_spec = (pl.BlockSpec((block_n, kseg), lambda j, s: (j, s)) if trans_w
+            else pl.BlockSpec((kseg, block_n), lambda j, s: (s, j)))
   out = pl.pallas_call(
-      functools.partial(_kernel, block_k=block_k, n_k=kseg // block_k),
+      functools.partial(_kernel, block_k=block_k, n_k=kseg // block_k, trans_w=trans_w),
       grid=(n // block_n, split),
-      in_specs=[pl.BlockSpec((m, kseg), lambda j, s: (0, s)),
-                pl.BlockSpec((kseg, block_n), lambda j, s: (s, j))],
+      in_specs=[pl.BlockSpec((m, kseg), lambda j, s: (0, s)), w_spec],
       out_specs=pl.BlockSpec((None, m, block_n), lambda j, s: (s, 0, j)),
       out_shape=jax.ShapeDtypeStruct((split, m, n), jnp.float32),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret)(x, w)
-  return out.sum(0).astype(x.dtype)
-
-
-def _kernel_t(x_ref, w_ref, o_ref, *, block_k, n_k):
-  def body(i, acc):
-    ks = pl.ds(i * block_k, block_k)
-    return acc + jax.lax.dot_general(x_ref[:, ks], w_ref[:, ks], (((1,), (1,)), ((), ())),
-                                     preferred_element_type=jnp.float32)
-  o_ref[...] = jax.lax.fori_loop(0, n_k, body, jnp.zeros(o_ref.shape, jnp.float32))
-
-
-def pallas_gemm_t(x, w_t, *, block_n, split, block_k=128, num_warps=4, num_stages=4,
-                  interpret=False):
-  """x [M, K] @ w_t.T with the weight stored [N, K] (each program reads whole contiguous
-  K-rows of its block_n outputs): grid (N / block_n, split), partials summed by XLA."""
-  m, k = x.shape
-  n = w_t.shape[0]
-  kseg = k // split
-  out = pl.pallas_call(
-      functools.partial(_kernel_t, block_k=block_k, n_k=kseg // block_k),
-      grid=(n // block_n, split),
-      in_specs=[pl.BlockSpec((m, kseg), lambda j, s: (0, s)),
-                pl.BlockSpec((block_n, kseg), lambda j, s: (j, s))],
-      out_specs=pl.BlockSpec((None, m, block_n), lambda j, s: (s, 0, j)),
-      out_shape=jax.ShapeDtypeStruct((split, m, n), jnp.float32),
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret)(x, w_t)
   return out.sum(0).astype(x.dtype)
 
 
@@ -117,41 +95,28 @@ def main():
     ref = fx(x, ws)[0].astype(jnp.float32)
     records.append(dict(shape=name, k=k, n=n, impl="xla", us=us, tb_s=mb / us))
     print(f"{name:<14} K={k} N={n} ({mb:.1f} MB): xla {us:6.2f} us ({mb / us:.2f} TB/s)", flush=True)
-    for cfg in args.configs.split(","):
+    runs = []   # (label, pallas_gemm keywords); [K, N] weights, then [N, K]
+    for cfg in filter(None, args.configs.split(",")):
       bn, split = (int(v) for v in cfg.split(":"))
-      if n % bn or (k // split) % 128:
-        continue
-      try:
-        f = jax.jit(lambda x, ws, bn=bn, split=split: [
-            pallas_gemm(x, w, block_n=bn, split=split, interpret=interpret) for w in ws])
-        got = f(x, ws)[0].astype(jnp.float32)
-        err = float(jnp.sqrt(jnp.mean((got - ref) ** 2) / jnp.mean(ref ** 2)))
-        us = time_us(f, x, ws)
-        records.append(dict(shape=name, k=k, n=n, impl=f"pallas bn={bn} split={split}", us=us,
-                            tb_s=mb / us, rel_err=err))
-        print(f"{'':<14} pallas block_n={bn:<3} split_k={split}: {us:6.2f} us "
-              f"({mb / us:.2f} TB/s), rel err {err:.1e}", flush=True)
-      except Exception as e:  # noqa: BLE001
-        print(f"{'':<14} pallas block_n={bn} split_k={split}: failed {type(e).__name__}: "
-              f"{str(e)[:150]}")
-    wts = [w.T for w in ws] if args.t_configs else []
+      runs.append((f"pallas bn={bn} split={split}", dict(block_n=bn, split=split)))
     for cfg in filter(None, args.t_configs.split(",")):
       bn, split, bk, st, nw = (int(v) for v in cfg.split(":"))
-      if n % bn or (k // split) % bk:
+      runs.append((f"pallas [N,K] {cfg}", dict(block_n=bn, split=split, block_k=bk,
+                                               num_stages=st, num_warps=nw, trans_w=True)))
+    wts = [w.T for w in ws] if args.t_configs else []
+    for label, kw in runs:
+      if n % kw["block_n"] or (k // kw["split"]) % kw.get("block_k", 128):
         continue
+      w_in = wts if kw.get("trans_w") else ws
       try:
-        f = jax.jit(lambda x, ws, bn=bn, split=split, bk=bk, st=st, nw=nw: [
-            pallas_gemm_t(x, w, block_n=bn, split=split, block_k=bk, num_stages=st,
-                          num_warps=nw, interpret=interpret) for w in ws])
-        got = f(x, wts)[0].astype(jnp.float32)
+        f = jax.jit(lambda x, ws, kw=kw: [pallas_gemm(x, w, interpret=interpret, **kw) for w in ws])
+        got = f(x, w_in)[0].astype(jnp.float32)
         err = float(jnp.sqrt(jnp.mean((got - ref) ** 2) / jnp.mean(ref ** 2)))
-        us = time_us(f, x, wts)
-        records.append(dict(shape=name, k=k, n=n, impl=f"pallas [N,K] {cfg}", us=us,
-                            tb_s=mb / us, rel_err=err))
-        print(f"{'':<14} [N,K] bn={bn:<3} split={split} bk={bk} stages={st} warps={nw}: "
-              f"{us:6.2f} us ({mb / us:.2f} TB/s), rel err {err:.1e}", flush=True)
+        us = time_us(f, x, w_in)
+        records.append(dict(shape=name, k=k, n=n, impl=label, us=us, tb_s=mb / us, rel_err=err))
+        print(f"{'':<14} {label}: {us:6.2f} us ({mb / us:.2f} TB/s), rel err {err:.1e}", flush=True)
       except Exception as e:  # noqa: BLE001
-        print(f"{'':<14} [N,K] {cfg}: failed {type(e).__name__}: {str(e)[:150]}")
+        print(f"{'':<14} {label}: failed {type(e).__name__}: {str(e)[:150]}")
     with open(args.out, "w") as fh:
       json.dump(dict(meta=dict(date=datetime.date.today().isoformat(),
                                device=jax.devices()[0].device_kind, jax=jax.__version__,

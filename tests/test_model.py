@@ -181,32 +181,26 @@ def test_kernel_sub_config_reaches_the_kernel(monkeypatch):
   with pytest.raises(ValueError, match="kernel_forward"):
     M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
   c.kernel_forward = "auto"
-  seen_dots = []
-  monkeypatch.setattr(M, "lasad_attention", lambda *a, **kw: (
-      seen_dots.append(kw["block_sizes"].split_dots if "block_sizes" in kw else True),
-      lasad_attention(*a, **kw))[1])
-  for dots, want in (("split", True), ("bf16", False)):
-    c.kernel_dots = dots
-    seen_dots.clear()
-    M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
-    assert seen_dots and set(seen_dots) == {want}, (dots, seen_dots)
-  c.kernel_dots = "tf32"
-  with pytest.raises(ValueError, match="kernel_dots"):
-    M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
-  c.kernel_dots = "split"
-  seen_cumsum = []
-  monkeypatch.setattr(M, "lasad_attention", lambda *a, **kw: (
-      seen_cumsum.append(kw["block_sizes"].cumsum if "block_sizes" in kw else "auto"),
-      lasad_attention(*a, **kw))[1])
-  for cumsum in ("auto", "scan", "dot"):
-    c.kernel_cumsum = cumsum
-    seen_cumsum.clear()
-    M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
-    assert seen_cumsum and set(seen_cumsum) == {cumsum}, (cumsum, seen_cumsum)
-  c.kernel_cumsum = "tree"
-  with pytest.raises(ValueError, match="kernel_cumsum"):
-    M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
-  c.kernel_cumsum = "auto"
+
+  def reaches(key, attr, cases, default, bad):
+    """config.<key> = each value gives BlockSizes.<attr> = want in every call; ``bad`` is refused."""
+    seen = []
+    monkeypatch.setattr(M, "lasad_attention", lambda *a, **kw: (
+        seen.append(getattr(kw["block_sizes"], attr) if "block_sizes" in kw else default),
+        lasad_attention(*a, **kw))[1])
+    for val, want in cases:
+      c[key] = val
+      seen.clear()
+      M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
+      assert seen and set(seen) == {want}, (key, val, seen)
+    c[key] = bad
+    with pytest.raises(ValueError, match=key):
+      M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
+    c[key] = cases[0][0]
+
+  reaches("kernel_dots", "split_dots", (("split", True), ("bf16", False)), True, "tf32")
+  reaches("kernel_cumsum", "cumsum", (("auto", "auto"), ("scan", "scan"), ("dot", "dot")), "auto",
+          "tree")
   c.kernel_sub = 24
   with pytest.raises(ValueError, match="kernel_sub"):
     M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
