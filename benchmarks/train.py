@@ -2,7 +2,7 @@
 baseline) on synthetic ImageNet-shaped code batches (16x16 tokens, 1000 classes).
 
     python benchmarks/train.py --variants B,L [--attention lasad,softmax] [--batches 512,256,128]
-        [--mesh data|fsdp] [--remat [--remat-policy full|dots|dots_attn]] [--kernel-sub 16] [--kernel-forward one_pass]
+        [--mesh data|fsdp] [--remat [--remat-policy full|dots|dots_attn|dots_attn_acts]] [--kernel-sub 16] [--kernel-forward one_pass]
         [--kernel-dots bf16] [--kernel-cumsum scan|dot] [--no-scan]
         [--profile N]
         [--out benchmarks/results/train_h100.json]
@@ -111,7 +111,7 @@ def main():
   ap.add_argument("--mesh", default="data", choices=("data", "fsdp"))
   ap.add_argument("--iters", type=int, default=10)
   ap.add_argument("--remat", action="store_true")
-  ap.add_argument("--remat-policy", default="full", help="full | dots | dots_attn (with --remat)")
+  ap.add_argument("--remat-policy", default="full", help="full | dots | dots_attn | dots_attn_acts (with --remat)")
   ap.add_argument("--kernel-sub", type=int, default=32, help="Pallas kernel sub-chunk: 16 | 32")
   ap.add_argument("--kernel-forward", default="auto", choices=("auto", "one_pass", "two_pass"),
                   help="Pallas forward kernels (config.kernel_forward)")

@@ -17,7 +17,8 @@ def with_training(c, *, data, batch_size=256, learning_rate=1e-4, num_steps=100_
   c.label_dropout = 0.1         # class -> null class, for classifier-free guidance
   c.grad_accum = 1              # micro-batches per step (batch_size must divide by it)
   c.remat = False               # recompute each block in the backward pass
-  c.remat_policy = "full"       # with remat: full | dots | dots_attn (lasad_jax/remat.py)
+  c.remat_policy = "full"       # with remat: full | dots | dots_attn | dots_attn_acts
+                                # (lasad_jax/remat.py)
   c.seed = 0
   # Devices: data x fsdp (-1: the remaining ones). Parameters and optimizer state split over fsdp
   # (leaves of at least min_shard_size elements), the batch over both.

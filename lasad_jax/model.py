@@ -81,13 +81,14 @@ def _attn_out(cfg, p, o):
 
 
 def _mlp(cfg, p, x):
+  """SwiGLU; its two matmul operands are named for remat "dots_attn_acts" (identity elsewhere)."""
   dt = jnp.dtype(cfg.dtype)
-  h = _rms(x, p["ffn_norm"], cfg.norm_eps).astype(dt)
+  h = remat.checkpoint_name(_rms(x, p["ffn_norm"], cfg.norm_eps).astype(dt), "mlp_in")
   if "w13" in p:
     a, b = jnp.split(h @ p["w13"].astype(dt), 2, axis=-1)
   else:
     a, b = h @ p["w1"].astype(dt), h @ p["w3"].astype(dt)
-  return (jax.nn.silu(a) * b) @ p["w2"].astype(dt)
+  return remat.checkpoint_name(jax.nn.silu(a) * b, "mlp_act") @ p["w2"].astype(dt)
 
 
 def rope_2d(pos, width, head_dim, base=10000.0):
@@ -166,7 +167,8 @@ def forward(cfg, params, tokens, labels, width=None):
 
   def layer(x, xs):
     p, lb = xs
-    h = _rms(x, p["attn_norm"], cfg.norm_eps)
+    # Only ever used as the input projections' bf16 operand; named for remat "dots_attn_acts".
+    h = remat.checkpoint_name(_rms(x, p["attn_norm"], cfg.norm_eps).astype(cfg.dtype), "attn_in")
     if cfg.attention == "softmax":
       q, k, v = _softmax_qkv(cfg, p, h)
       o = jax.nn.dot_product_attention(_rotate(q, cos, sin), _rotate(k, cos, sin), v,

@@ -10,6 +10,10 @@
   elementwise work and the attention operator.
 - ``"dots_attn"``: ``"dots"`` plus the attention output (tagged ``"attn_out"`` with
   ``checkpoint_name``), so the attention kernel's forward is not rerun either.
+- ``"dots_attn_acts"``: ``"dots_attn"`` plus the matmuls' bf16 input activations that the model
+  names (``"attn_in"``, ``"mlp_in"``: the normalised block inputs; ``"mlp_act"``: the SwiGLU
+  product). The forward writes them anyway as matmul operands; keeping them spares the backward
+  their recomputation (RMSNorms, the SwiGLU product) at more memory.
 
 With the layers in a ``lax.scan`` (``config.scan_layers``, default) the saved values are copied
 into stacked [L, ...] buffers; unrolled layers avoid those copies (LASADGen-L on an H100 with
@@ -21,7 +25,8 @@ import functools
 import jax
 from jax.ad_checkpoint import checkpoint_name  # noqa: F401  (re-exported for the models)
 
-POLICIES = ("full", "dots", "dots_attn")
+POLICIES = ("full", "dots", "dots_attn", "dots_attn_acts")
+ACT_NAMES = ("attn_in", "mlp_in", "mlp_act")
 
 
 def wrap(fn, cfg):
@@ -40,5 +45,6 @@ def wrap(fn, cfg):
     return ckpt(fn)
   if policy == "dots":
     return ckpt(fn, policy=cp.dots_with_no_batch_dims_saveable)
+  names = ("attn_out",) + (ACT_NAMES if policy == "dots_attn_acts" else ())
   return ckpt(fn, policy=cp.save_from_both_policies(
-      cp.dots_with_no_batch_dims_saveable, cp.save_only_these_names("attn_out")))
+      cp.dots_with_no_batch_dims_saveable, cp.save_only_these_names(*names)))

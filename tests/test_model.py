@@ -137,13 +137,36 @@ def test_remat_policies_give_the_same_gradients(attention):
 
   ref = grads(remat=False)
   # config.scan_layers=False: the layers unrolled (with and without remat), same numbers
-  for kw in [dict(remat=True, remat_policy=p, scan_layers=scan) for p in ("full", "dots", "dots_attn")
+  for kw in [dict(remat=True, remat_policy=p, scan_layers=scan)
+             for p in ("full", "dots", "dots_attn", "dots_attn_acts")
              for scan in (True, False)] + [dict(remat=False, scan_layers=False)]:
     got = grads(**kw)
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
       np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7, err_msg=kw)
   with pytest.raises(ValueError, match="remat_policy"):
     grads(remat=True, remat_policy="some")
+
+
+def test_remat_dots_attn_acts_keeps_the_named_activations(capsys):
+  """remat_policy "dots_attn_acts" saves, per layer, what "dots_attn" saves plus the values named
+  attn_in, mlp_in and mlp_act (the matmuls' bf16 input activations)."""
+  import ml_collections
+  base = get_config("tiny")
+  params = M.LASADGen(base, rngs=nnx.Rngs(0)).params()
+  tok = jax.random.randint(jax.random.key(1), (2, 16), 0, 17)
+  saved = {}
+  for policy in ("dots_attn", "dots_attn_acts"):
+    c = ml_collections.ConfigDict(base.to_dict())
+    c.update(dict(remat=True, remat_policy=policy, scan_layers=False))
+    c = ml_collections.FrozenConfigDict(c)
+    jax.ad_checkpoint.print_saved_residuals(
+        lambda p, c=c: jnp.sum(M.forward(c, p, tok, jnp.array([0, 1]), width=8)), params)
+    saved[policy] = capsys.readouterr().out
+  layers = base.num_layers
+  for name in ("attn_out", "attn_in", "mlp_in", "mlp_act"):
+    want = (layers, layers) if name == "attn_out" else (0, layers)
+    got = tuple(saved[p].count(f"named '{name}'") for p in ("dots_attn", "dots_attn_acts"))
+    assert got == want, (name, got)
 
 
 def test_kernel_sub_config_reaches_the_kernel(monkeypatch):
