@@ -13,7 +13,8 @@
 - ``"dots_attn_acts"``: ``"dots_attn"`` plus the matmuls' bf16 input activations that the model
   names (``"attn_in"``, ``"mlp_in"``: the normalised block inputs; ``"mlp_act"``: the SwiGLU
   product). The forward writes them anyway as matmul operands; keeping them spares the backward
-  their recomputation (RMSNorms, the SwiGLU product) at more memory.
+  their recomputation (RMSNorms, the SwiGLU product) at more memory (LASADGen-L, batch 256,
+  unrolled, one H100: 403.2 -> 396.7 ms per step, 49.2 -> 62.5 GiB; BENCHMARKS.md session 10).
 
 With the layers in a ``lax.scan`` (``config.scan_layers``, default) the saved values are copied
 into stacked [L, ...] buffers; unrolled layers avoid those copies (LASADGen-L on an H100 with
