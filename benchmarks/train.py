@@ -29,6 +29,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs.imagenet import get_config  # noqa: E402
+from kernels.lasad.pallas import CUMSUM_MODES  # noqa: E402
 from lasad_jax import model as M  # noqa: E402
 from lasad_jax import sharding as S  # noqa: E402
 from lasad_jax import training as T  # noqa: E402
@@ -117,7 +118,7 @@ def main():
                   help="Pallas forward kernels (config.kernel_forward)")
   ap.add_argument("--kernel-dots", default="split", choices=("split", "bf16"),
                   help="Pallas float32-operand dots (config.kernel_dots)")
-  ap.add_argument("--kernel-cumsum", default="auto", choices=("auto", "scan", "dot"),
+  ap.add_argument("--kernel-cumsum", default="auto", choices=CUMSUM_MODES,
                   help="Pallas row cumulative sums (config.kernel_cumsum)")
   ap.add_argument("--no-scan", action="store_true",
                   help="unrolled layers (config.scan_layers=False) instead of one lax.scan")

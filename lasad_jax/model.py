@@ -143,11 +143,11 @@ def _kernel_kw(cfg):
   if dots not in ("split", "bf16"):
     raise ValueError(f"config.kernel_dots must be 'split' or 'bf16', got {dots!r}")
   fields["split_dots"] = dots == "split"
+  from kernels.lasad.pallas import CUMSUM_MODES, BlockSizes
   cumsum = cfg.get("kernel_cumsum", "auto")
-  if cumsum not in ("auto", "scan", "dot"):
-    raise ValueError(f"config.kernel_cumsum must be 'auto', 'scan' or 'dot', got {cumsum!r}")
+  if cumsum not in CUMSUM_MODES:
+    raise ValueError(f"config.kernel_cumsum must be one of {CUMSUM_MODES}, got {cumsum!r}")
   fields["cumsum"] = cumsum
-  from kernels.lasad.pallas import BlockSizes
   if all(getattr(BlockSizes, k) == v for k, v in fields.items()):
     return {}
   return dict(block_sizes=BlockSizes(**fields))

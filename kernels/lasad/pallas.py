@@ -40,6 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 F32 = jnp.float32
+CUMSUM_MODES = ("auto", "scan", "dot")   # BlockSizes.cumsum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,8 +129,8 @@ class BlockSizes:
     if self.bwd_chunk is not None and (self.bwd_chunk % self.sub or self.chunk % self.bwd_chunk):
       raise ValueError(f"BlockSizes: bwd_chunk must be a multiple of sub and divide chunk, got "
                        f"bwd_chunk={self.bwd_chunk}, sub={self.sub}, chunk={self.chunk}")
-    if self.cumsum not in ("auto", "scan", "dot"):
-      raise ValueError(f"BlockSizes: cumsum must be 'auto', 'scan' or 'dot', got {self.cumsum!r}")
+    if self.cumsum not in CUMSUM_MODES:
+      raise ValueError(f"BlockSizes: cumsum must be one of {CUMSUM_MODES}, got {self.cumsum!r}")
     if self.diag not in ("auto", "loop", "bcast"):
       raise ValueError(f"BlockSizes: diag must be auto, loop or bcast, got {self.diag!r}")
     for name in ("seq_split", "bwd_seq_split"):
@@ -256,11 +257,12 @@ def _cumsum_rows(x):
   return jnp.cumsum(x, axis=0)
 
 
-def _suffix_sum_rows(x):
-  """sum_{t' >= t} x[t'] over the rows of float32 x [r, n]."""
+def _suffix_sum_rows(x, total):
+  """sum_{t' >= t} x[t'] over the rows of float32 x [r, n]; ``total`` [1, n] is the caller's
+  sum over all rows (the scan form is total - cumsum + x)."""
   if _CUMSUM.get() == "dot":
     return _tri_dot(x, upper=True)
-  return jnp.sum(x, axis=0, keepdims=True) - jnp.cumsum(x, axis=0) + x
+  return total - jnp.cumsum(x, axis=0) + x
 
 
 def _gate(g, pos, seq_len, width, prefix, bnd):
@@ -559,8 +561,9 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
       else:
         dq, dk, dv = lax.cond(jnp.min(x["tot"]) > -fast_limit * LOG2E, fast, loop, dq, dk, dv)
     db = q * dq - k * dk
-    dgt = later + _suffix_sum_rows(db)                                    # sum over t' >= t
-    later = later + jnp.sum(db, axis=0, keepdims=True)
+    tot_db = jnp.sum(db, axis=0, keepdims=True)
+    dgt = later + _suffix_sum_rows(db, tot_db)                            # sum over t' >= t
+    later = later + tot_db
     dbnd = dbnd + jnp.sum(jnp.where((x["start"] & ~x["reset"])[:, None], dgt, 0.0), axis=0,
                           keepdims=True)
     dg_ref[rows, :] = jnp.where(x["start"][:, None], 0.0, dgt).astype(dg_ref.dtype)
