@@ -65,3 +65,16 @@ def test_training_lowers_loss_on_digits():
   after = float(T.eval_nll(cfg, st.params, test))
   assert np.isfinite(losses).all() and int(st.step) == 25
   assert after < before - 0.3, (before, after)   # ~2.87 -> ~2.1 nats/token
+
+
+def test_train_step_materialises_gradients_before_the_optimizer():
+  """With unrolled layers the stacked weight gradients are sums of padded per-layer slices; the
+  step puts them behind an optimization barrier so XLA cannot fuse that chain into the
+  global-norm reductions (on the H100 those ran at ~0.05 TB/s, BENCHMARKS.md session 11)."""
+  cfg = get_config()
+  cfg.scan_layers = False
+  cfg = ml_collections.FrozenConfigDict(cfg)
+  st = T.create_train_state(cfg)
+  batch = next(iter(make_loader(DigitsSource("train"), cfg.batch_size, seed=0)))
+  text = T.train_step.lower(cfg, st, batch).as_text()
+  assert "optimization_barrier" in text
