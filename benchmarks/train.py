@@ -3,7 +3,7 @@ baseline) on synthetic ImageNet-shaped code batches (16x16 tokens, 1000 classes)
 
     python benchmarks/train.py --variants B,L [--attention lasad,softmax] [--batches 512,256,128]
         [--mesh data|fsdp] [--remat [--remat-policy full|dots|dots_attn|dots_attn_acts]] [--kernel-sub 16] [--kernel-forward one_pass]
-        [--kernel-dots bf16] [--kernel-cumsum scan|dot] [--no-scan]
+        [--kernel-dots bf16] [--kernel-cumsum scan|dot] [--kernel-gate kernel|xla] [--no-scan]
         [--profile N]
         [--out benchmarks/results/train_h100.json]
 
@@ -39,7 +39,7 @@ from benchmarks_common import profile_call  # noqa: E402
 
 
 def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", kernel_sub=32,
-            profile=0, forward="auto", dots="split", scan=True, cumsum="auto"):
+            profile=0, forward="auto", dots="split", scan=True, cumsum="auto", gate="auto"):
   n = jax.device_count()
   cfg = get_config(variant)
   cfg.attention = attention
@@ -50,6 +50,7 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
   cfg.kernel_forward = forward
   cfg.kernel_dots = dots
   cfg.kernel_cumsum = cumsum
+  cfg.kernel_gate = gate
   cfg.scan_layers = scan
   cfg.warmup_steps = 10
   cfg.mesh.data, cfg.mesh.fsdp = (n, 1) if mesh_kind == "data" else (1, n)
@@ -95,7 +96,8 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
   mem = [d.memory_stats() or {} for d in jax.local_devices()]
   return dict(variant=variant, attention=attention, batch=batch, mesh=mesh_kind, devices=n,
               remat=policy if remat else False, kernel_sub=kernel_sub,
-              kernel_forward=forward, kernel_dots=dots, kernel_cumsum=cumsum, scan_layers=scan,
+              kernel_forward=forward, kernel_dots=dots, kernel_cumsum=cumsum, kernel_gate=gate,
+              scan_layers=scan,
               params_m=round(M.count_params(cfg) / 1e6, 2),
               step_ms=round(sec * 1e3, 2), tokens_per_s=round(tps),
               images_per_s=round(batch / sec, 1),
@@ -120,6 +122,8 @@ def main():
                   help="Pallas float32-operand dots (config.kernel_dots)")
   ap.add_argument("--kernel-cumsum", default="auto", choices=CUMSUM_MODES,
                   help="Pallas row cumulative sums (config.kernel_cumsum)")
+  ap.add_argument("--kernel-gate", default="auto", choices=("auto", "kernel", "xla"),
+                  help="where the HGRN2 gates run (config.kernel_gate)")
   ap.add_argument("--no-scan", action="store_true",
                   help="unrolled layers (config.scan_layers=False) instead of one lax.scan")
   ap.add_argument("--profile", type=int, default=0,
@@ -140,7 +144,7 @@ def main():
           r = run_one(variant, attention, batch, args.mesh, args.iters, args.remat,
                       args.remat_policy, args.kernel_sub, args.profile,
                       args.kernel_forward, args.kernel_dots, not args.no_scan,
-                      args.kernel_cumsum)
+                      args.kernel_cumsum, args.kernel_gate)
         except Exception as e:  # noqa: BLE001  (out of memory: try the next smaller batch)
           msg = str(e).splitlines()[0][:120]
           if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():

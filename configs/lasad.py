@@ -40,6 +40,10 @@ def get_config(variant="B"):
   # Pallas row cumulative sums: auto (tensor-core dots in the gradient kernel, Triton scans
   # elsewhere; default) | scan | dot (BlockSizes.cumsum)
   c.kernel_cumsum = "auto"
+  # Where the HGRN2 gates (q = silu(q_raw), k, the log forget gate g) are computed: auto (inside
+  # the Pallas kernels when impl resolves to pallas, else XLA) | kernel | xla
+  # (lasad_jax.ops.hgrn2_attention).
+  c.kernel_gate = "auto"
   # Parallel forward over the layers: True = one lax.scan over the stacked weights (compile time
   # independent of depth); False = unrolled, one copy per layer. In training with remat policy
   # dots / dots_attn the scan copies each saved activation into its stacked [L, ...] buffer and

@@ -20,7 +20,7 @@ from flax import nnx
 
 from kernels.lasad import decode as decode_kernel
 from kernels.lasad import reference
-from lasad_jax.ops import lasad_attention
+from lasad_jax.ops import hgrn2_attention
 from lasad_jax import remat
 
 PREFIX = 1  # one class token before the image tokens
@@ -60,17 +60,16 @@ def _in_proj(p, h, names, dt):
   return [h @ p[n].astype(dt) for n in names]
 
 
+def _heads(cfg, x):
+  return x.reshape(x.shape[:-1] + (cfg.num_heads, cfg.head_dim))
+
+
 def _qkvg(cfg, p, lb, h):
   """HGRN2 projections for x [..., d] -> q, k, v, g [..., H, Dh] (g float32, unmasked)."""
   dt = jnp.dtype(cfg.dtype)
   q, f, v = _in_proj(p, h.astype(dt), ("wq", "wf", "wv"), dt)
-  q = jax.nn.silu(q)
-  s = jax.nn.sigmoid(f.astype(jnp.float32))
-  gate = s + lb * (1.0 - s)                        # lb + (1 - lb) * sigmoid(f)
-  g = jnp.log(jnp.maximum(gate, 1e-30))
-  k = (1.0 - lb) * (1.0 - s)                        # 1 - exp(g), from the unmasked gate
-  split = lambda x: x.reshape(x.shape[:-1] + (cfg.num_heads, cfg.head_dim))
-  return split(q), split(k.astype(dt)), split(v), split(g)
+  q, k, g = reference.hgrn2_gates(q, f, lb)
+  return _heads(cfg, q), _heads(cfg, k), _heads(cfg, v), _heads(cfg, g)
 
 
 def _attn_out(cfg, p, o):
@@ -156,6 +155,15 @@ def _kernel_kw(cfg):
   return dict(block_sizes=BlockSizes(**fields))
 
 
+def _kernel_gate(cfg):
+  """config.kernel_gate: where the HGRN2 gates are computed (``ops.hgrn2_attention``'s gate)."""
+  from lasad_jax.ops import GATES
+  gate = cfg.get("kernel_gate", "auto")
+  if gate not in GATES:
+    raise ValueError(f"config.kernel_gate must be one of {GATES}, got {gate!r}")
+  return gate
+
+
 def forward(cfg, params, tokens, labels, width=None):
   """Parallel (teacher-forced) logits [B, N, vocab] float32 for image tokens [B, N]."""
   tokens = jnp.asarray(tokens, jnp.int32)
@@ -179,10 +187,14 @@ def forward(cfg, params, tokens, labels, width=None):
       o = remat.checkpoint_name(o, "attn_out")
       x = x + _softmax_out(cfg, p, o).astype(jnp.float32)
     else:
-      q, k, v, g = _qkvg(cfg, p, lb, h)
-      o = lasad_attention(q, k, v, g, width=None if cfg.boundary == "none" else width,
-                          prefix=PREFIX, boundary=_boundary(cfg, p), scale=1.0, impl=cfg.impl,
-                          **kernel_kw)
+      # The gates (reference.hgrn2_gates) run inside the Pallas kernels, or in XLA (config.
+      # kernel_gate; hgrn2_attention).
+      q_raw, f, v = _in_proj(p, h, ("wq", "wf", "wv"), jnp.dtype(cfg.dtype))
+      o = hgrn2_attention(_heads(cfg, q_raw), _heads(cfg, f), _heads(cfg, v),
+                          lb.reshape(cfg.num_heads, cfg.head_dim),
+                          width=None if cfg.boundary == "none" else width, prefix=PREFIX,
+                          boundary=_boundary(cfg, p), scale=1.0, impl=cfg.impl,
+                          gate=_kernel_gate(cfg), **kernel_kw)
       o = remat.checkpoint_name(o, "attn_out")
       x = x + _attn_out(cfg, p, o).astype(jnp.float32)
     return x + _mlp(cfg, p, x).astype(jnp.float32), None

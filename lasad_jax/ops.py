@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.lasad.chunk import lasad_chunk
-from kernels.lasad.reference import lasad_reference
+from kernels.lasad.reference import hgrn2_gates, lasad_reference
 from lasad_jax.lina.attention import lina_attention  # noqa: F401  (LINA's operator, beside ours)
 from lasad_jax.sharding import over_batch
 
@@ -154,3 +154,68 @@ def lasad_attention(q, k, v, g, *, width=None, prefix=0, boundary=0.0, scale=Non
 
 
 _reference_jit = jax.jit(lasad_reference, static_argnames=("scale", "use_mask"))
+
+GATES = ("auto", "kernel", "xla")
+
+
+def hgrn2_attention(q_raw, f, v, lb, *, width=None, prefix=0, boundary=0.0, scale=1.0,
+                    initial_state=None, return_final_state=False, impl="auto", chunk_size=64,
+                    block_sizes=None, gate="auto"):
+  """``lasad_attention`` on HGRN2's gates (LASADGen's attention layer), from its projections.
+
+  q = silu(q_raw), k = (1 - lb)(1 - sigmoid(f)), g = log(lb + (1 - lb) sigmoid(f))
+  (``kernels.lasad.reference.hgrn2_gates``), then the LASAD operator with every argument as in
+  :func:`lasad_attention`.
+
+  Args:
+    q_raw, f: [B, T, H, K] query and forget-gate projections; v: [B, T, H, V].
+    lb: [H, K] the layer's forget-gate lower bound (0 <= lb < 1; 0 in LASADGen's first layer).
+    gate: where the gates are computed. "kernel": inside the Pallas kernels (they read q_raw and f
+      in place of q, k and a float32 g; needs impl "pallas"); "xla": ``hgrn2_gates`` in XLA, then
+      ``lasad_attention``; "auto": "kernel" when impl resolves to "pallas", else "xla".
+    other arguments: see :func:`lasad_attention` (``scale`` defaults to 1.0 here, as in HGRN2).
+  """
+  if gate not in GATES:
+    raise ValueError(f"`gate` must be one of {GATES}, got {gate!r}.")
+  if impl not in IMPLS:
+    raise ValueError(f"`impl` must be one of {IMPLS}, got {impl!r}.")
+  for name, x in (("q_raw", q_raw), ("f", f)):
+    if not hasattr(x, "ndim") or x.ndim != 4:
+      raise ValueError(f"`{name}` must have rank 4 ([B, T, H, K]), got shape "
+                       f"{getattr(x, 'shape', type(x).__name__)}.")
+  if f.shape != q_raw.shape:
+    raise ValueError(f"`f` must have the shape of `q_raw` {q_raw.shape}, got {f.shape}.")
+  heads, dk = q_raw.shape[2:]
+  if not hasattr(lb, "shape") or tuple(lb.shape) != (heads, dk):
+    raise ValueError(f"`lb` (forget-gate lower bound) must have shape [H, K] = {(heads, dk)}, got "
+                     f"{getattr(lb, 'shape', type(lb).__name__)}.")
+  resolved = default_impl() if impl == "auto" else impl
+  if gate == "kernel" and resolved != "pallas":
+    raise ValueError(f"gate='kernel' runs inside the Pallas kernels: it needs impl='pallas' (or "
+                     f"'auto' on a GPU), got impl={impl!r}; use gate='xla' or 'auto'.")
+  kw = dict(width=width, prefix=prefix, boundary=boundary, scale=scale,
+            initial_state=initial_state, return_final_state=return_final_state,
+            chunk_size=chunk_size, block_sizes=block_sizes)
+  if gate == "xla" or resolved != "pallas":
+    q, k, g = hgrn2_gates(q_raw, f, lb)
+    return lasad_attention(q, k, v, g, impl=resolved, **kw)
+  # the same checks and argument handling as lasad_attention, on the gates' shapes
+  bnd = _validate(q_raw, f, v, f, boundary, initial_state)
+  batch = q_raw.shape[0]
+  dv = v.shape[-1]
+  use_mask = width is not None
+  width = _int_arg("width", width if use_mask else 1, batch, 1)
+  prefix = _int_arg("prefix", prefix, batch, 0)
+  if not isinstance(scale, numbers.Real):
+    raise ValueError(f"`scale` must be a Python float, got {type(scale).__name__}.")
+  if initial_state is None:
+    initial_state = jnp.zeros((batch, heads, dk, dv), jnp.float32)
+  initial_state = initial_state.astype(jnp.float32)
+  from kernels.lasad.pallas import hgrn2_pallas
+  bkw = {} if block_sizes is None else dict(block_sizes=block_sizes)
+  o, final = over_batch(
+      lambda *a: hgrn2_pallas(*a, scale=float(scale), use_mask=use_mask, **bkw),
+      (q_raw, f, v, lb, width, prefix, bnd, initial_state),
+      batched=(True, True, True, False, True, True, False, True))
+  o = o.astype(jnp.result_type(q_raw.dtype, v.dtype))
+  return (o, final) if return_final_state else o

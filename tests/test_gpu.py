@@ -216,3 +216,35 @@ def test_kth_largest_compiled_equals_top_k():
   for k in (1, 2000, 16384):
     ref = jax.lax.top_k(x, k)[0][:, -1:]
     np.testing.assert_array_equal(np.asarray(kth_largest(x, k)), np.asarray(ref))
+
+
+@pytest.mark.parametrize("t,b,h", [(1000, 4, 4), (2048, 2, 4)])
+def test_pallas_gate_in_kernel_compiled_bf16(t, b, h):
+  """The gates inside the compiled kernels (``hgrn2_attention(gate="kernel")``, the GPU default of
+  LASADGen's attention): at bf16 no less accurate than XLA's gates feeding the same kernels,
+  both against the float32 reference recurrence on the unrounded inputs; all gradients."""
+  from lasad_jax.ops import hgrn2_attention
+  d = 64
+  ks = jax.random.split(jax.random.key(5), 6)
+  qr, v = (jax.random.normal(kk, (b, t, h, d), jnp.float32) for kk in ks[:2])
+  f = 2 * jax.random.normal(ks[2], (b, t, h, d), jnp.float32) + 1
+  lb = jnp.concatenate([jnp.zeros((1, d)), jax.random.uniform(ks[3], (h - 1, d), maxval=0.95)])
+  do = jax.random.normal(ks[4], (b, t, h, d), jnp.float32)
+  dst = jax.random.normal(ks[5], (b, h, d, d), jnp.float32)
+
+  def run(impl, gate, dt):
+    def fn(qr, f, v, lb):
+      o, st = hgrn2_attention(qr.astype(dt), f.astype(dt), v.astype(dt), lb, width=16, prefix=1,
+                              boundary=-0.5, return_final_state=True, impl=impl, gate=gate)
+      return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(st * dst), o
+    (_, o), grads = jax.jit(jax.value_and_grad(fn, argnums=range(4), has_aux=True))(qr, f, v, lb)
+    return (o,) + tuple(grads)
+
+  ref = run("reference", "xla", jnp.float32)
+  kern = run("pallas", "kernel", jnp.bfloat16)
+  xla = run("pallas", "xla", jnp.bfloat16)
+  for name, a, x, r in zip(("o", "dq_raw", "df", "dv", "dlb"), kern, xla, ref):
+    ea, ex = oracle.rel_rms(a, r), oracle.rel_rms(x, r)
+    print(f"gate in kernel vs XLA gates, T={t}: {name} {ea:.2e} vs {ex:.2e}")
+    assert np.all(np.isfinite(np.asarray(a))), name
+    assert ea < 1.2 * ex + 1e-4, (name, ea, ex)

@@ -9,7 +9,7 @@ from flax import nnx
 from configs.lasad import get_config
 from lasad_jax import model as M
 from lasad_jax import sampling as S
-from lasad_jax.ops import lasad_attention
+from lasad_jax.ops import hgrn2_attention, lasad_attention
 
 # LlamaGen's GPTs as built (DESIGN.md §6), millions of parameters.
 LLAMAGEN = {"B": 110.9, "L": 342.9, "XL": 774.7, "XXL": 1411.0}
@@ -179,8 +179,8 @@ def test_kernel_sub_config_reaches_the_kernel(monkeypatch):
   def spy(*a, **kw):
     bs = kw.get("block_sizes")
     seen.append(32 if bs is None else bs.sub)   # None: the kernel's defaults (sub 32)
-    return lasad_attention(*a, **kw)
-  monkeypatch.setattr(M, "lasad_attention", spy)
+    return hgrn2_attention(*a, **kw)
+  monkeypatch.setattr(M, "hgrn2_attention", spy)
   tok = jax.random.randint(jax.random.key(2), (1, 40), 0, 17)
   c = get_config("tiny")
   c.impl = "pallas"
@@ -194,8 +194,8 @@ def test_kernel_sub_config_reaches_the_kernel(monkeypatch):
   np.testing.assert_allclose(np.asarray(out[32]), np.asarray(out[16]), rtol=1e-4, atol=1e-5)
   c.kernel_sub = 32
   seen_fused = []
-  monkeypatch.setattr(M, "lasad_attention", lambda *a, **kw: (
-      seen_fused.append(kw["block_sizes"].fused_forward), lasad_attention(*a, **kw))[1])
+  monkeypatch.setattr(M, "hgrn2_attention", lambda *a, **kw: (
+      seen_fused.append(kw["block_sizes"].fused_forward), hgrn2_attention(*a, **kw))[1])
   c.kernel_forward = "two_pass"   # the default is the one-pass forward
   one = M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
   assert seen_fused and set(seen_fused) == {False}, seen_fused
@@ -208,9 +208,9 @@ def test_kernel_sub_config_reaches_the_kernel(monkeypatch):
   def reaches(key, attr, cases, default, bad):
     """config.<key> = each value gives BlockSizes.<attr> = want in every call; ``bad`` is refused."""
     seen = []
-    monkeypatch.setattr(M, "lasad_attention", lambda *a, **kw: (
+    monkeypatch.setattr(M, "hgrn2_attention", lambda *a, **kw: (
         seen.append(getattr(kw["block_sizes"], attr) if "block_sizes" in kw else default),
-        lasad_attention(*a, **kw))[1])
+        hgrn2_attention(*a, **kw))[1])
     for val, want in cases:
       c[key] = val
       seen.clear()
@@ -224,6 +224,21 @@ def test_kernel_sub_config_reaches_the_kernel(monkeypatch):
   reaches("kernel_dots", "split_dots", (("split", True), ("bf16", False)), True, "tf32")
   reaches("kernel_cumsum", "cumsum", (("auto", "auto"), ("scan", "scan"), ("dot", "dot")), "auto",
           "tree")
+  # config.kernel_gate: the gates inside the kernels or in XLA, the same logits
+  gates, logits = [], {}
+  monkeypatch.setattr(M, "hgrn2_attention", lambda *a, **kw: (
+      gates.append(kw["gate"]), hgrn2_attention(*a, **kw))[1])
+  for gate in ("kernel", "xla"):
+    c.kernel_gate = gate
+    logits[gate] = M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]),
+                             width=8)
+  assert gates == ["kernel", "xla"], gates
+  np.testing.assert_allclose(np.asarray(logits["kernel"]), np.asarray(logits["xla"]),
+                             rtol=1e-4, atol=1e-5)
+  c.kernel_gate = "inside"
+  with pytest.raises(ValueError, match="kernel_gate"):
+    M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
+  c.kernel_gate = "auto"
   c.kernel_sub = 24
   with pytest.raises(ValueError, match="kernel_sub"):
     M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)

@@ -438,3 +438,100 @@ def test_pallas_backward_runs_on_32_token_chunks():
     return _pallas_grids(jax.grad(f), x)
   assert grids()["lasad_grads"] == (1, 4, 2)
   assert grids(block_sizes=BlockSizes(bwd_chunk=64))["lasad_grads"] == (1, 2, 2)
+
+
+GATE_CASES = [
+    # (b, t, h, dk, dv, width, prefix, boundary, h0)
+    (2, 63, 2, 8, 4, 8, 1, 0.0, True),                               # carry, K != V
+    (2, 65, 2, 24, 8, 16, 1, -0.5, True),                            # K padded to 32
+    (2, 100, 3, 8, 8, 7, 2, [-np.inf, 0.0, -1.5], True),             # per-head mixed
+    (2, 90, 2, 8, 8, None, 0, 0.0, False),                           # no mask
+    (3, 77, 2, 8, 8, [4, 6, 16], [1, 0, 3], -np.inf, False),         # per-example width/prefix
+]
+
+
+def _gate_inputs(b, t, h, dk, dv, h0, seed=0):
+  rng = np.random.default_rng(seed)
+  qr = rng.standard_normal((b, t, h, dk)).astype(np.float32)
+  f = (2 * rng.standard_normal((b, t, h, dk)) + 1).astype(np.float32)
+  v = rng.standard_normal((b, t, h, dv)).astype(np.float32)
+  lb = np.stack([np.zeros(dk)] + [rng.uniform(0, 0.95, dk) for _ in range(h - 1)]).astype(np.float32)
+  s0 = (0.3 * rng.standard_normal((b, h, dk, dv))).astype(np.float32) if h0 else None
+  return qr, f, v, lb, s0
+
+
+def _gated_run(impl, gate, qr, f, v, lb, s0, boundary, width, prefix, dtype=jnp.float32):
+  """o, final state and the gradients of sum(o * do) + sum(S * dst) for qr, f, v, lb, h0 and the
+  boundary through ``hgrn2_attention``."""
+  from lasad_jax.ops import hgrn2_attention
+  b, t, h, _ = qr.shape
+  rng = np.random.default_rng(7)
+  do = jnp.asarray(rng.standard_normal((b, t, h, v.shape[-1])), jnp.float32)
+  dst = jnp.asarray(rng.standard_normal((b, h, qr.shape[-1], v.shape[-1])), jnp.float32)
+  s0 = jnp.zeros((b, h, qr.shape[-1], v.shape[-1])) if s0 is None else s0
+  width = jnp.asarray(width, jnp.int32) if isinstance(width, list) else width
+  prefix = jnp.asarray(prefix, jnp.int32) if isinstance(prefix, list) else prefix
+
+  def fn(qr, f, v, lb, s0, bnd):
+    o, st = hgrn2_attention(qr.astype(dtype), f.astype(dtype), v.astype(dtype), lb, width=width,
+                            prefix=prefix, boundary=bnd, initial_state=s0,
+                            return_final_state=True, impl=impl, gate=gate)
+    return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(st * dst), (o, st)
+
+  bnd = jnp.broadcast_to(jnp.asarray(boundary, jnp.float32), (h,))
+  (_, (o, st)), grads = jax.value_and_grad(fn, argnums=range(6), has_aux=True)(
+      qr, f, v, lb, s0, bnd)
+  return o, st, dict(zip(("dq_raw", "df", "dv", "dlb", "dh0", "dboundary"), grads))
+
+
+@pytest.mark.parametrize("case", GATE_CASES)
+def test_pallas_gate_in_kernel_matches_xla_gates(case):
+  """``hgrn2_attention(gate="kernel")``: the Pallas kernels compute HGRN2's gates from q_raw and f
+  themselves. Against the same gates in XLA followed by the float32 reference recurrence, forward,
+  final state and the gradients of every input (lb and the boundary included), float32."""
+  b, t, h, dk, dv, width, prefix, boundary, h0 = case
+  qr, f, v, lb, s0 = _gate_inputs(b, t, h, dk, dv, h0)
+  got = _gated_run("pallas", "kernel", qr, f, v, lb, s0, boundary, width, prefix)
+  ref = _gated_run("reference", "xla", qr, f, v, lb, s0, boundary, width, prefix)
+  assert oracle.rel_rms(got[0], ref[0]) < 1e-4
+  assert oracle.rel_rms(got[1], ref[1]) < 1e-4
+  finite = np.isfinite(np.broadcast_to(np.asarray(boundary, np.float64), (h,)))
+  for name, want in ref[2].items():
+    g = np.asarray(got[2][name])
+    assert np.all(np.isfinite(g)), f"{name} has NaN/inf"
+    if name == "dboundary":
+      np.testing.assert_array_equal(g[~finite], 0.0)   # resets: exactly 0
+      if width is None or not finite.any():
+        continue
+      g, want = g[finite], np.asarray(want)[finite]
+    if name == "dh0" and s0 is None:
+      continue
+    assert oracle.rel_rms(g, want) < 2e-4, (name, oracle.rel_rms(g, want))
+
+
+def test_pallas_gate_in_kernel_bf16_error_no_worse():
+  """At bf16 the in-kernel gates are as accurate as XLA's gates feeding the same kernels (both
+  against the float32 reference on the unrounded inputs): o and every gradient within 1.2x + 1e-4."""
+  qr, f, v, lb, s0 = _gate_inputs(2, 100, 2, 32, 32, True, seed=3)
+  args = (qr, f, v, lb, s0, -0.5, 10, 1)
+  ref = _gated_run("reference", "xla", *args)
+  kern = _gated_run("pallas", "kernel", *args, dtype=jnp.bfloat16)
+  xla = _gated_run("pallas", "xla", *args, dtype=jnp.bfloat16)
+  pairs = [("o", kern[0], xla[0], ref[0])] + [
+      (n, kern[2][n], xla[2][n], ref[2][n]) for n in ("dq_raw", "df", "dv", "dlb", "dh0")]
+  for name, a, b_, r in pairs:
+    ea, eb = oracle.rel_rms(a, r), oracle.rel_rms(b_, r)
+    assert ea < 1.2 * eb + 1e-4, (name, ea, eb)
+
+
+def test_hgrn2_attention_bad_input():
+  from lasad_jax.ops import hgrn2_attention
+  x = jnp.zeros((1, 8, 2, 4))
+  with pytest.raises(ValueError, match="`lb`"):
+    hgrn2_attention(x, x, x, jnp.zeros((4,)), impl="chunk")
+  with pytest.raises(ValueError, match="`f`"):
+    hgrn2_attention(x, x[:, :4], x, jnp.zeros((2, 4)), impl="chunk")
+  with pytest.raises(ValueError, match="impl='pallas'"):
+    hgrn2_attention(x, x, x, jnp.zeros((2, 4)), impl="chunk", gate="kernel")
+  with pytest.raises(ValueError, match="`gate`"):
+    hgrn2_attention(x, x, x, jnp.zeros((2, 4)), gate="inside")

@@ -29,6 +29,7 @@ Backend: Triton lowering of plain ``pl.pallas_call`` (see README.md for why not 
 The same kernel bodies run under ``interpret=True`` on CPU, which is how CI tests them.
 """
 
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -38,6 +39,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from kernels.lasad.reference import hgrn2_gates
 
 F32 = jnp.float32
 CUMSUM_MODES = ("auto", "scan", "dot")   # BlockSizes.cumsum
@@ -220,19 +223,47 @@ def _exp(x):
   return y
 
 
-def _pallas_call(kernel, *, interpret, cumsum="scan", **kw):
+def _pallas_call(kernel, *, interpret, head_axis, cumsum="scan", **kw):
   """``pl.pallas_call`` whose kernel body is traced with the GPU exponential of ``_exp`` unless
-  it runs in the interpreter, and with ``cumsum`` (BlockSizes.cumsum) for ``_cumsum_rows``."""
-  call = pl.pallas_call(kernel, interpret=interpret, **kw)
+  it runs in the interpreter, and with ``cumsum`` (BlockSizes.cumsum) for ``_cumsum_rows``.
+
+  Under ``_gated(lb)`` (the gate in the kernel) the padded lower bounds lb [Hp, K] go in as one
+  more input, whole, and the body reads its head's row (grid axis ``head_axis``) in ``_tq``,
+  ``_tk`` and ``_tg2``."""
+  lb = _GATE_LB.get()
+  n_in = len(kw["in_specs"])
+  body = kernel
+  if lb is not None:
+    kw = dict(kw, in_specs=list(kw["in_specs"]) + [pl.BlockSpec(lb.shape, lambda *ids: (0, 0))])
+
+    def body(*refs):
+      # read at the kernel's top level (the interpreter resolves program_id only there)
+      row = refs[n_in][pl.ds(pl.program_id(head_axis), 1), :]
+      token = _LB.set(lambda: row)
+      try:
+        kernel(*refs[:n_in], *refs[n_in + 1:])
+      finally:
+        _LB.reset(token)
+  call = pl.pallas_call(body, interpret=interpret, **kw)
 
   def run(*args):
     tokens = _GPU_EXP.set(not interpret), _CUMSUM.set(cumsum)
     try:
-      return call(*args)
+      return call(*args, *(() if lb is None else (lb,)))
     finally:
       _GPU_EXP.reset(tokens[0])
       _CUMSUM.reset(tokens[1])
   return run
+
+
+@contextlib.contextmanager
+def _gated(lb):
+  """Kernels called inside run the HGRN2 gate on their q / k / g inputs (``_tq``...)."""
+  token = _GATE_LB.set(lb)
+  try:
+    yield
+  finally:
+    _GATE_LB.reset(token)
 
 
 def _tri_dot(x, upper):
@@ -265,8 +296,9 @@ def _suffix_sum_rows(x, total):
   return total - jnp.cumsum(x, axis=0) + x
 
 
-def _gate(g, pos, seq_len, width, prefix, bnd):
-  """Row mask inside the kernel. g [r, K] f32, pos [r] int32 global positions.
+def _gate(g2, pos, seq_len, width, prefix, bnd):
+  """Row mask inside the kernel. g2 [r, K] f32 log decay in base 2 (``_tg2``), pos [r] int32
+  global positions.
 
   Returns (finite log decay [r, K] in base 2, i.e. times log2(e): exponentiate with ``_exp``;
   reset [r] bool; row_start [r] bool).
@@ -276,8 +308,58 @@ def _gate(g, pos, seq_len, width, prefix, bnd):
   start = (width > 0) & (rel >= safe_w) & (lax.rem(rel, safe_w) == 0) & (pos < seq_len)
   is_reset = bnd == -jnp.inf
   b_fin = jnp.where(is_reset, 0.0, bnd)
-  gf = jnp.where(start[:, None], b_fin, g) * LOG2E
+  gf = jnp.where(start[:, None], b_fin * LOG2E, g2)
   return gf, start & is_reset, start
+
+
+_LB = contextvars.ContextVar("lasad_gate_lb", default=None)   # in-kernel HGRN2 gate (below)
+_GATE_LB = contextvars.ContextVar("lasad_gate_lb_array", default=None)
+
+
+def _lb_row():
+  """The current head's forget-gate lower bound [1, K] float32, or None (q, k, g given)."""
+  get = _LB.get()
+  return None if get is None else get()
+
+
+def _sigmoid(x):
+  return 1.0 / (1.0 + _exp(-x * LOG2E))
+
+
+def _log2(x):
+  """log2 of float32 x > 0: the bare ``lg2.approx.ftz.f32`` compiled, jnp.log2 interpreted."""
+  if not _GPU_EXP.get():
+    return jnp.log2(x)
+  [y] = plgpu.elementwise_inline_asm(
+      "lg2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, F32)])
+  return y
+
+
+# Rows as loaded -> the operator's q, k and base-2 log decay. With the gate in the kernel
+# (``hgrn2_pallas``) the refs hold the projections q_raw and f (in the k and g slots) and the
+# HGRN2 math of ``gate_math`` runs here: q = silu(q_raw), s = sigmoid(f), k = (1 - lb)(1 - s),
+# g = log(lb + (1 - lb) s); q and k rounded to the input dtype as the model rounds them.
+def _tq(x):
+  if _lb_row() is None:
+    return x
+  xf = x.astype(F32)
+  return (xf * _sigmoid(xf)).astype(x.dtype)
+
+
+def _tk(x):
+  lb = _lb_row()
+  if lb is None:
+    return x
+  return ((1.0 - lb) * (1.0 - _sigmoid(x.astype(F32)))).astype(x.dtype)
+
+
+def _tg2(x):
+  lb = _lb_row()
+  if lb is None:
+    return x.astype(F32) * LOG2E
+  s = _sigmoid(x.astype(F32))
+  return _log2(jnp.maximum(s + lb * (1.0 - s), 1e-30))
 
 
 def _decays(gf, rs):
@@ -309,8 +391,8 @@ def _states_kernel(k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, s_ref, ht_
     if s_ref is not None:
       s_ref[n] = s
     rows = pl.ds(n * chunk, chunk)
-    k, v = k_ref[rows, :], v_ref[rows, :]
-    gf, rs, _ = _gate(g_ref[rows, :].astype(F32), n * chunk + pos0, seq_len, width, prefix, bnd)
+    k, v = _tk(k_ref[rows, :]), v_ref[rows, :]
+    gf, rs, _ = _gate(_tg2(g_ref[rows, :]), n * chunk + pos0, seq_len, width, prefix, bnd)
     b, seg, tot, seg_end = _decays(gf, rs)
     kd = k.astype(F32) * _exp(tot[None, :] - b) * (seg == seg_end)[:, None]
     decay = _exp(tot) * (seg_end == 0)
@@ -323,7 +405,7 @@ def _states_kernel(k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, s_ref, ht_
 
 def _gate_row(g_ref, idx, pos, seq_len, width, prefix, bnd):
   """Masked gate of one row: ([1, K] finite log decay, int32 reset flag)."""
-  gf, rs, _ = _gate(g_ref[pl.ds(idx, 1), :].astype(F32), jnp.full((1,), pos, jnp.int32),
+  gf, rs, _ = _gate(_tg2(g_ref[pl.ds(idx, 1), :]), jnp.full((1,), pos, jnp.int32),
                     seq_len, width, prefix, bnd)
   return gf, jnp.sum(rs.astype(jnp.int32))
 
@@ -341,7 +423,7 @@ def _diag_out(q, k_ref, v_ref, g_ref, b, seg, base, pos0, gate_args):
     o, bs, segs = carry
     gs, rs = _gate_row(g_ref, base + s, pos0 + s, *gate_args)
     bs, segs = bs + gs, segs + rs
-    ks = k_ref[pl.ds(base + s, 1), :].astype(F32)
+    ks = _tk(k_ref[pl.ds(base + s, 1), :]).astype(F32)
     vs = v_ref[pl.ds(base + s, 1), :].astype(F32)
     ok = (rows >= s) & (seg == segs)
     e = jnp.where(ok[:, None], _exp(jnp.minimum(b - bs, 0.0)), 0.0)
@@ -380,9 +462,9 @@ def _sub_chunk(q_ref, k_ref, v_ref, g_ref, s, base, pos0, gate_args, *, sub, dty
   if loaded is None:
     loaded = _load_rows((q_ref, k_ref, v_ref, g_ref), base, sub)
   q, k, v, g = loaded
-  q = q.astype(F32)
+  q, k = _tq(q).astype(F32), _tk(k)
   pos = pos0 + jnp.arange(sub, dtype=jnp.int32)
-  gf, rs, _ = _gate(g.astype(F32), pos, *gate_args)
+  gf, rs, _ = _gate(_tg2(g), pos, *gate_args)
   b, seg, tot, seg_end = _decays(gf, rs)   # b: log decay since the previous sub-chunk's end
   eb = _exp(b)
   o = _dot(_mx(q * eb * (seg == 0)[:, None], dtype), _mx(s, dtype))
@@ -456,8 +538,8 @@ def _dstates_kernel(q_ref, do_ref, g_ref, w_ref, p_ref, bd_ref, dht_ref, ds_ref,
     n = n_chunks - 1 - i
     ds_ref[n] = ds
     rows = pl.ds(n * chunk, chunk)
-    q, do = q_ref[rows, :].astype(F32), do_ref[rows, :]
-    gf, rs, _ = _gate(g_ref[rows, :].astype(F32), n * chunk + pos0, seq_len, width, prefix, bnd)
+    q, do = _tq(q_ref[rows, :]).astype(F32), do_ref[rows, :]
+    gf, rs, _ = _gate(_tg2(g_ref[rows, :]), n * chunk + pos0, seq_len, width, prefix, bnd)
     b, seg, tot, seg_end = _decays(gf, rs)
     qh = scale * q * _exp(b) * (seg == 0)[:, None]
     decay = _exp(tot) * (seg_end == 0)
@@ -491,7 +573,7 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
 
   def load(i):
     rows = pl.ds(i * sub, sub)
-    gf, rs, start = _gate(g_ref[rows, :].astype(F32), n * chunk + i * sub + rows_i, *gate_args)
+    gf, rs, start = _gate(_tg2(g_ref[rows, :]), n * chunk + i * sub + rows_i, *gate_args)
     b, seg, tot, nres = _decays(gf, rs)
     return dict(rows=rows, b=b, seg=seg, start=start, reset=rs, tot=tot[None, :], nres=nres,
                 tot_col=tot[:, None])
@@ -501,7 +583,7 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
   dq_inter = []
   for i in range(nsub):
     x = load(i)
-    do, k, v = do_ref[x["rows"], :], k_ref[x["rows"], :].astype(F32), v_ref[x["rows"], :]
+    do, k, v = do_ref[x["rows"], :], _tk(k_ref[x["rows"], :]).astype(F32), v_ref[x["rows"], :]
     e_in = _exp(x["b"]) * (x["seg"] == 0)[:, None]
     dq_inter.append(scale * sm(do.astype(dtype), p_state, trans_b=True) * e_in)
     e_out = _exp(x["tot"] - x["b"]) * (x["seg"] == x["nres"])[:, None]
@@ -513,7 +595,7 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
   for i in reversed(range(nsub)):
     x = load(i)
     rows = x["rows"]
-    q, k = q_ref[rows, :].astype(F32), k_ref[rows, :].astype(F32)
+    q, k = _tq(q_ref[rows, :]).astype(F32), _tk(k_ref[rows, :]).astype(F32)
     v, do = v_ref[rows, :].astype(F32), do_ref[rows, :].astype(F32)
     e_out = _exp(x["tot"] - x["b"]) * (x["seg"] == x["nres"])[:, None]
     dk = sm(v.astype(dtype), d_state, trans_b=True) * e_out
@@ -531,7 +613,7 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
         dq, dk, dv, bs, segs = carry
         gs, rs = _gate_row(g_ref, i * sub + s, n * chunk + i * sub + s, *gate_args)
         bs, segs = bs + gs, segs + rs
-        ks = k_ref[pl.ds(i * sub + s, 1), :].astype(F32)
+        ks = _tk(k_ref[pl.ds(i * sub + s, 1), :]).astype(F32)
         vs = v_ref[pl.ds(i * sub + s, 1), :].astype(F32)
         ok = (rows_i >= s) & (x["seg"] == segs)
         e = jnp.where(ok[:, None], _exp(jnp.minimum(x["b"] - bs, 0.0)), 0.0)
@@ -631,6 +713,7 @@ def _scan_call(kernel, name, x, y, g, width, prefix, bnd, init, *, bs, interpret
       in_specs=[seq_k, seq_v, seq_k] + _scalar_specs(lambda i, j, kv: (i, j)) + [state],
       out_specs=out_specs, out_shape=out_shape,
       compiler_params=_params(bs), interpret=interpret, cumsum=_cumsum(bs), name=name,
+      head_axis=1,
   )(x, y, g, width, prefix, bnd, init)
   if not per_chunk:
     out = [None] + list(out)
@@ -779,7 +862,7 @@ def _fused_call(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, inter
       out_shape=[jax.ShapeDtypeStruct((b, t, h, dv), q.dtype),
                  jax.ShapeDtypeStruct((b, h, dk, dv), F32)],
       compiler_params=_params(bs, bs.fused_num_warps), interpret=interpret, cumsum=_cumsum(bs),
-      name="lasad_fused_forward",
+      name="lasad_fused_forward", head_axis=1,
   )(q, k, v, g, width, prefix, bnd, h0)
 
 
@@ -805,6 +888,7 @@ def _outputs(q, k, v, g, width, prefix, bnd, states, *, seq_len, scale, bs, inte
       out_specs=_chunk_spec(dv, c),
       out_shape=jax.ShapeDtypeStruct((b, t, h, dv), q.dtype),
       compiler_params=_params(bs), interpret=interpret, cumsum=_cumsum(bs), name="lasad_output",
+      head_axis=2,
   )(q, k, v, g, width, prefix, bnd, states)
 
 
@@ -845,11 +929,13 @@ def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scal
       out_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c), _chunk_spec(dk, c),
                  pl.BlockSpec((None, None, None, 1, dk), lambda i, j, hh: (i, j, hh, 0, 0))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(g.shape, g.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype),
+                 # dg in float32 also when the g slot holds bf16 f (the gate in the kernel)
+                 jax.ShapeDtypeStruct(g.shape, g.dtype if _GATE_LB.get() is None else F32),
                  jax.ShapeDtypeStruct((b, n, h, 1, dk), F32)],
       compiler_params=_params(bs, _grads_warps(bs)), interpret=interpret,
       cumsum=_cumsum(bs, grads=True),
-      name="lasad_grads",
+      name="lasad_grads", head_axis=2,
   )(q, k, v, g, do, width, prefix, bnd, states, dstates)
 
 
@@ -919,3 +1005,63 @@ def lasad_pallas(q, k, v, g, width, prefix, boundary, initial_state, *, scale, u
   o, final = _lasad(qp, kp_, pad(v, vp), gp, width, prefix, boundary, h0, seq_len, scale, bs,
                     interpret)
   return o[:, :seq_len, :, :dv], final[:, :, :dk, :dv]   # o in the kernel dtype; ops casts
+
+
+# --------------------------------------------------------------------------- the gate inside
+def _lb_rows(lb):
+  """[H, K] lower bounds -> float32 [Hp, K], Hp a power of two (a whole Triton block)."""
+  h = lb.shape[0]
+  return jnp.pad(lb.astype(F32), ((0, (1 << (h - 1).bit_length()) - h), (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def _hgrn2(qr, f, v, lb, width, prefix, bnd, h0, seq_len, scale, bs, interpret):
+  return _hgrn2_fwd(qr, f, v, lb, width, prefix, bnd, h0, seq_len, scale, bs, interpret)[0]
+
+
+def _hgrn2_fwd(qr, f, v, lb, width, prefix, bnd, h0, seq_len, scale, bs, interpret):
+  # q_raw in the q slot, f in both the k and the g slots: _tq, _tk, _tg2 make q, k, g of them.
+  with _gated(_lb_rows(lb)):
+    out, _ = _lasad_fwd(qr, f, v, f, width, prefix, bnd, h0, seq_len, scale, bs, interpret)
+  return out, (qr, f, v, lb, width, prefix, bnd, h0)
+
+
+def _hgrn2_bwd(seq_len, scale, bs, interpret, res, cts):
+  qr, f, v, lb, width, prefix, bnd, h0 = res
+  with _gated(_lb_rows(lb)):
+    dq, dk, dv, dg, _, _, dbnd, dh0 = _lasad_bwd(
+        seq_len, scale, bs, interpret, (qr, f, v, f, width, prefix, bnd, h0), cts)
+  # the gates' own derivatives: XLA fuses them with the recomputed sigmoid into one pass
+  _, pull = jax.vjp(hgrn2_gates, qr, f, lb)
+  dqr, df, dlb = pull((dq, dk, dg))
+  return dqr, df, dv, dlb, None, None, dbnd, dh0
+
+
+_hgrn2.defvjp(_hgrn2_fwd, _hgrn2_bwd)
+
+
+def hgrn2_pallas(q_raw, f, v, lb, width, prefix, boundary, initial_state, *, scale, use_mask,
+                 block_sizes=BlockSizes(), interpret=None):
+  """``lasad_pallas`` on HGRN2's gates computed inside the kernels (``reference.hgrn2_gates``):
+  q_raw, f [B, T, H, K] (the projections), lb [H, K]. The kernels read q_raw and f instead of q,
+  k and a float32 g, so neither XLA's gate pass nor its recomputation in the backward writes
+  them to memory. Padding: q_raw = v = 0, f = +inf (s = 1: k = 0, g = 0), lb = 0."""
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  bs = block_sizes
+  batch, seq_len, heads, dk = q_raw.shape
+  dv = v.shape[-1]
+  if not use_mask:
+    width = jnp.zeros((batch,), jnp.int32)
+  dtype = jnp.bfloat16 if q_raw.dtype == jnp.bfloat16 else F32
+  t_pad = -seq_len % bs.chunk
+  kp, vp = _pow2_at_least_16(dk) - dk, _pow2_at_least_16(dv) - dv
+
+  def pad(x, d, value=0.0):
+    return jnp.pad(x.astype(dtype), ((0, 0), (0, t_pad), (0, 0), (0, d)), constant_values=value)
+
+  h0 = jnp.pad(initial_state, ((0, 0), (0, 0), (0, kp), (0, vp)))
+  lbp = jnp.pad(lb.astype(F32), ((0, 0), (0, kp)))
+  o, final = _hgrn2(pad(q_raw, kp), pad(f, kp, jnp.inf), pad(v, vp), lbp, width, prefix, boundary,
+                    h0, seq_len, scale, bs, interpret)
+  return o[:, :seq_len, :, :dv], final[:, :, :dk, :dv]

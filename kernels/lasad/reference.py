@@ -42,3 +42,16 @@ def lasad_reference(q, k, v, g, width, prefix, boundary, initial_state, *, scale
   xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g))
   final_state, o = jax.lax.scan(body, initial_state, xs)
   return jnp.moveaxis(o, 0, 1), final_state
+
+
+def hgrn2_gates(q_raw, f, lb):
+  """HGRN2's gates (LASADGen's attention, ``lasad_jax.model``) from the projections q_raw and f:
+  q = silu(q_raw), s = sigmoid(f), k = (1 - lb)(1 - s) = 1 - exp(g) and the log forget gate
+  g = log(lb + (1 - lb) s) (float32; lb = 0 in layer 0 gives log sigmoid(f)). q and k come back
+  in the projections' dtype. ``lb`` broadcasts against the trailing axes of q_raw / f."""
+  f32 = jnp.float32
+  s = jax.nn.sigmoid(f.astype(f32))
+  gate = s + lb * (1.0 - s)                          # lb + (1 - lb) * sigmoid(f)
+  g = jnp.log(jnp.maximum(gate, 1e-30))
+  k = (1.0 - lb) * (1.0 - s)                         # 1 - exp(g), from the unmasked gate
+  return jax.nn.silu(q_raw), k.astype(f.dtype), g
