@@ -323,7 +323,18 @@ def _lb_row():
 
 
 def _sigmoid(x):
-  return 1.0 / (1.0 + _exp(-x * LOG2E))
+  return _rcp(1.0 + _exp(-x * LOG2E))
+
+
+def _rcp(x):
+  """1 / x, float32: the bare ``rcp.approx.ftz.f32`` compiled (IEEE division is a dozen
+  instructions), exact division interpreted."""
+  if not _GPU_EXP.get():
+    return 1.0 / x
+  [y] = plgpu.elementwise_inline_asm(
+      "rcp.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, F32)])
+  return y
 
 
 def _log2(x):
@@ -362,6 +373,17 @@ def _tg2(x):
   return _log2(jnp.maximum(s + lb * (1.0 - s), 1e-30))
 
 
+def _tkg(k, g):
+  """(``_tk(k)``, ``_tg2(g)``) of rows loaded together; with the gate in the kernel both come
+  from the f rows in ``k`` (g holds the same rows, unread) and share one sigmoid."""
+  lb = _lb_row()
+  if lb is None:
+    return k, g.astype(F32) * LOG2E
+  s = _sigmoid(k.astype(F32))
+  return (((1.0 - lb) * (1.0 - s)).astype(k.dtype),
+          _log2(jnp.maximum(s + lb * (1.0 - s), 1e-30)))
+
+
 def _decays(gf, rs):
   """Per block of rows, from ``_gate``'s (gf, reset): the log decay since the block start b [r, K]
   (inclusive cumulative sum), the segment id seg [r] (resets so far), the block's total log decay
@@ -391,8 +413,8 @@ def _states_kernel(k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, s_ref, ht_
     if s_ref is not None:
       s_ref[n] = s
     rows = pl.ds(n * chunk, chunk)
-    k, v = _tk(k_ref[rows, :]), v_ref[rows, :]
-    gf, rs, _ = _gate(_tg2(g_ref[rows, :]), n * chunk + pos0, seq_len, width, prefix, bnd)
+    (k, g2), v = _tkg(k_ref[rows, :], g_ref[rows, :]), v_ref[rows, :]
+    gf, rs, _ = _gate(g2, n * chunk + pos0, seq_len, width, prefix, bnd)
     b, seg, tot, seg_end = _decays(gf, rs)
     kd = k.astype(F32) * _exp(tot[None, :] - b) * (seg == seg_end)[:, None]
     decay = _exp(tot) * (seg_end == 0)
@@ -462,9 +484,9 @@ def _sub_chunk(q_ref, k_ref, v_ref, g_ref, s, base, pos0, gate_args, *, sub, dty
   if loaded is None:
     loaded = _load_rows((q_ref, k_ref, v_ref, g_ref), base, sub)
   q, k, v, g = loaded
-  q, k = _tq(q).astype(F32), _tk(k)
+  q, (k, g2) = _tq(q).astype(F32), _tkg(k, g)
   pos = pos0 + jnp.arange(sub, dtype=jnp.int32)
-  gf, rs, _ = _gate(_tg2(g), pos, *gate_args)
+  gf, rs, _ = _gate(g2, pos, *gate_args)
   b, seg, tot, seg_end = _decays(gf, rs)   # b: log decay since the previous sub-chunk's end
   eb = _exp(b)
   o = _dot(_mx(q * eb * (seg == 0)[:, None], dtype), _mx(s, dtype))
@@ -573,17 +595,18 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
 
   def load(i):
     rows = pl.ds(i * sub, sub)
-    gf, rs, start = _gate(_tg2(g_ref[rows, :]), n * chunk + i * sub + rows_i, *gate_args)
+    k, g2 = _tkg(k_ref[rows, :], g_ref[rows, :])
+    gf, rs, start = _gate(g2, n * chunk + i * sub + rows_i, *gate_args)
     b, seg, tot, nres = _decays(gf, rs)
     return dict(rows=rows, b=b, seg=seg, start=start, reset=rs, tot=tot[None, :], nres=nres,
-                tot_col=tot[:, None])
+                tot_col=tot[:, None], k=k.astype(F32))
 
   # Forward pass: inter part of dq; P ends as S_out.
   p_state = s_ref[...]
   dq_inter = []
   for i in range(nsub):
     x = load(i)
-    do, k, v = do_ref[x["rows"], :], _tk(k_ref[x["rows"], :]).astype(F32), v_ref[x["rows"], :]
+    do, k, v = do_ref[x["rows"], :], x["k"], v_ref[x["rows"], :]
     e_in = _exp(x["b"]) * (x["seg"] == 0)[:, None]
     dq_inter.append(scale * sm(do.astype(dtype), p_state, trans_b=True) * e_in)
     e_out = _exp(x["tot"] - x["b"]) * (x["seg"] == x["nres"])[:, None]
@@ -595,7 +618,7 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
   for i in reversed(range(nsub)):
     x = load(i)
     rows = x["rows"]
-    q, k = _tq(q_ref[rows, :]).astype(F32), _tk(k_ref[rows, :]).astype(F32)
+    q, k = _tq(q_ref[rows, :]).astype(F32), x["k"]
     v, do = v_ref[rows, :].astype(F32), do_ref[rows, :].astype(F32)
     e_out = _exp(x["tot"] - x["b"]) * (x["seg"] == x["nres"])[:, None]
     dk = sm(v.astype(dtype), d_state, trans_b=True) * e_out
