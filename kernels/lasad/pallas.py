@@ -215,10 +215,16 @@ def _exp(x):
   instructions per call on argument reduction, and its exp2f 3 on subnormal handling (Nsight
   Compute, session 9: most of the one-pass kernel's FFMA, FSETP and predicated FMUL). The
   interpreter uses jnp.exp2."""
+  return _approx("ex2", x, jnp.exp2)
+
+
+def _approx(instr, x, interpreted):
+  """float32 x through the one PTX instruction ``<instr>.approx.ftz.f32`` when compiled for the
+  GPU; ``interpreted(x)`` in the interpreter."""
   if not _GPU_EXP.get():
-    return jnp.exp2(x)
+    return interpreted(x)
   [y] = plgpu.elementwise_inline_asm(
-      "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+      f"{instr}.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
       result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, F32)])
   return y
 
@@ -329,22 +335,12 @@ def _sigmoid(x):
 def _rcp(x):
   """1 / x, float32: the bare ``rcp.approx.ftz.f32`` compiled (IEEE division is a dozen
   instructions), exact division interpreted."""
-  if not _GPU_EXP.get():
-    return 1.0 / x
-  [y] = plgpu.elementwise_inline_asm(
-      "rcp.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, F32)])
-  return y
+  return _approx("rcp", x, lambda x: 1.0 / x)
 
 
 def _log2(x):
   """log2 of float32 x > 0: the bare ``lg2.approx.ftz.f32`` compiled, jnp.log2 interpreted."""
-  if not _GPU_EXP.get():
-    return jnp.log2(x)
-  [y] = plgpu.elementwise_inline_asm(
-      "lg2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, F32)])
-  return y
+  return _approx("lg2", x, jnp.log2)
 
 
 # Rows as loaded -> the operator's q, k and base-2 log decay. With the gate in the kernel
@@ -999,6 +995,31 @@ def _pow2_at_least_16(d):
   return max(16, 1 << (d - 1).bit_length())
 
 
+class _Padding:
+  """What the two entry points share: T to a multiple of the chunk, K and V to powers of two
+  >= 16 (Triton tile shapes), q-like inputs in the kernel dtype (bf16 stays bf16, else float32),
+  width 0 (no mask) without ``use_mask``; the results are cropped back by the caller."""
+
+  def __init__(self, x, v, width, initial_state, use_mask, bs, interpret):
+    self.interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+    batch, self.seq_len, _, self.dk = x.shape
+    self.dv = v.shape[-1]
+    # width <= 0 disables the mask in _gate
+    self.width = width if use_mask else jnp.zeros((batch,), jnp.int32)
+    self.dtype = jnp.bfloat16 if x.dtype == jnp.bfloat16 else F32
+    self.t_pad = -self.seq_len % bs.chunk
+    self.kp = _pow2_at_least_16(self.dk) - self.dk
+    self.vp = _pow2_at_least_16(self.dv) - self.dv
+    self.h0 = jnp.pad(initial_state, ((0, 0), (0, 0), (0, self.kp), (0, self.vp)))
+
+  def __call__(self, x, d, value=0.0, dtype=None):
+    return jnp.pad(x.astype(dtype or self.dtype), ((0, 0), (0, self.t_pad), (0, 0), (0, d)),
+                   constant_values=value)
+
+  def crop(self, o, final):
+    return o[:, :self.seq_len, :, :self.dv], final[:, :, :self.dk, :self.dv]
+
+
 def lasad_pallas(q, k, v, g, width, prefix, boundary, initial_state, *, scale, use_mask,
                  block_sizes=BlockSizes(), interpret=None):
   """Same contract as ``reference.lasad_reference`` (already validated by lasad_jax.ops).
@@ -1007,27 +1028,13 @@ def lasad_pallas(q, k, v, g, width, prefix, boundary, initial_state, *, scale, u
   padding is k = v = q = 0 and g = 0, which changes nothing, and is cropped from the results.
   ``interpret=None`` runs compiled on GPU and in the Pallas interpreter elsewhere.
   """
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
   bs = block_sizes
-  batch, seq_len, heads, dk = q.shape
-  dv = v.shape[-1]
-  if not use_mask:
-    width = jnp.zeros((batch,), jnp.int32)  # width <= 0 disables the mask in _gate
-  dtype = jnp.bfloat16 if q.dtype == jnp.bfloat16 else F32
-  t_pad = -seq_len % bs.chunk
-  kp, vp = _pow2_at_least_16(dk) - dk, _pow2_at_least_16(dv) - dv
-
-  def pad(x, d):
-    return jnp.pad(x.astype(dtype), ((0, 0), (0, t_pad), (0, 0), (0, d)))
-
-  qp, kp_ = pad(q, kp), pad(k, kp)
+  pad = _Padding(q, v, width, initial_state, use_mask, bs, interpret)
   # g keeps its own dtype (a float32 gate with bf16 q/k/v stays float32).
-  gp = jnp.pad(g if dtype == jnp.bfloat16 else g.astype(F32), ((0, 0), (0, t_pad), (0, 0), (0, kp)))
-  h0 = jnp.pad(initial_state, ((0, 0), (0, 0), (0, kp), (0, vp)))
-  o, final = _lasad(qp, kp_, pad(v, vp), gp, width, prefix, boundary, h0, seq_len, scale, bs,
-                    interpret)
-  return o[:, :seq_len, :, :dv], final[:, :, :dk, :dv]   # o in the kernel dtype; ops casts
+  gp = pad(g, pad.kp, dtype=g.dtype if pad.dtype == jnp.bfloat16 else F32)
+  o, final = _lasad(pad(q, pad.kp), pad(k, pad.kp), pad(v, pad.vp), gp, pad.width, prefix,
+                    boundary, pad.h0, pad.seq_len, scale, bs, pad.interpret)
+  return pad.crop(o, final)   # o in the kernel dtype; ops casts
 
 
 # --------------------------------------------------------------------------- the gate inside
@@ -1069,22 +1076,9 @@ def hgrn2_pallas(q_raw, f, v, lb, width, prefix, boundary, initial_state, *, sca
   q_raw, f [B, T, H, K] (the projections), lb [H, K]. The kernels read q_raw and f instead of q,
   k and a float32 g, so neither XLA's gate pass nor its recomputation in the backward writes
   them to memory. Padding: q_raw = v = 0, f = +inf (s = 1: k = 0, g = 0), lb = 0."""
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
   bs = block_sizes
-  batch, seq_len, heads, dk = q_raw.shape
-  dv = v.shape[-1]
-  if not use_mask:
-    width = jnp.zeros((batch,), jnp.int32)
-  dtype = jnp.bfloat16 if q_raw.dtype == jnp.bfloat16 else F32
-  t_pad = -seq_len % bs.chunk
-  kp, vp = _pow2_at_least_16(dk) - dk, _pow2_at_least_16(dv) - dv
-
-  def pad(x, d, value=0.0):
-    return jnp.pad(x.astype(dtype), ((0, 0), (0, t_pad), (0, 0), (0, d)), constant_values=value)
-
-  h0 = jnp.pad(initial_state, ((0, 0), (0, 0), (0, kp), (0, vp)))
-  lbp = jnp.pad(lb.astype(F32), ((0, 0), (0, kp)))
-  o, final = _hgrn2(pad(q_raw, kp), pad(f, kp, jnp.inf), pad(v, vp), lbp, width, prefix, boundary,
-                    h0, seq_len, scale, bs, interpret)
-  return o[:, :seq_len, :, :dv], final[:, :, :dk, :dv]
+  pad = _Padding(q_raw, v, width, initial_state, use_mask, bs, interpret)
+  lbp = jnp.pad(lb.astype(F32), ((0, 0), (0, pad.kp)))
+  o, final = _hgrn2(pad(q_raw, pad.kp), pad(f, pad.kp, jnp.inf), pad(v, pad.vp), lbp, pad.width,
+                    prefix, boundary, pad.h0, pad.seq_len, scale, bs, pad.interpret)
+  return pad.crop(o, final)
