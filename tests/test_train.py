@@ -176,7 +176,11 @@ def test_grad_accum_matches_full_batch():
   l4, g4 = T._grads(acc, st.params, batch, key)
   np.testing.assert_allclose(l1, l4, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    # Float32 sums in another order (4 micro-batches, then their sum): entries that cancel to
+    # far below their leaf's scale differ by float32 rounding of that scale, so the absolute
+    # tolerance follows the leaf (a fixed 1e-7 failed by 1.45e-7 on a token-embedding entry of
+    # 2.8e-4 in a leaf of 0.15 once the head norm ran on a [rows, Dh] view, session 11).
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6 * float(np.max(np.abs(b))))
 
 
 def test_plot_metrics(tmp_path):
