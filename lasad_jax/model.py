@@ -20,7 +20,7 @@ from flax import nnx
 
 from kernels.lasad import decode as decode_kernel
 from kernels.lasad import reference
-from lasad_jax.ops import hgrn2_attention
+from lasad_jax.ops import GATES, hgrn2_attention
 from lasad_jax import remat
 
 PREFIX = 1  # one class token before the image tokens
@@ -157,7 +157,6 @@ def _kernel_kw(cfg):
 
 def _kernel_gate(cfg):
   """config.kernel_gate: where the HGRN2 gates are computed (``ops.hgrn2_attention``'s gate)."""
-  from lasad_jax.ops import GATES
   gate = cfg.get("kernel_gate", "auto")
   if gate not in GATES:
     raise ValueError(f"config.kernel_gate must be one of {GATES}, got {gate!r}")

@@ -78,6 +78,24 @@ def _validate(q, k, v, g, boundary, initial_state):
   return jnp.broadcast_to(b.astype(jnp.float32), (heads,))
 
 
+def _operator_args(q, k, v, g, width, prefix, boundary, scale, initial_state):
+  """Checked operator inputs: ((q, k, v, g, width [B], prefix [B], boundary [H], float32
+  initial state), use_mask, scale as a float (None: K**-0.5))."""
+  bnd = _validate(q, k, v, g, boundary, initial_state)
+  batch, _, heads, dk = q.shape
+  use_mask = width is not None
+  width = _int_arg("width", width if use_mask else 1, batch, 1)
+  prefix = _int_arg("prefix", prefix, batch, 0)
+  if scale is None:
+    scale = dk ** -0.5
+  if not isinstance(scale, numbers.Real):
+    raise ValueError(f"`scale` must be a Python float, got {type(scale).__name__}.")
+  if initial_state is None:
+    initial_state = jnp.zeros((batch, heads, dk, v.shape[-1]), jnp.float32)
+  return ((q, k, v, g, width, prefix, bnd, initial_state.astype(jnp.float32)), use_mask,
+          float(scale))
+
+
 def default_impl():
   """'pallas' on GPU once it is available there, else 'chunk'."""
   if jax.default_backend() == "gpu":
@@ -114,31 +132,19 @@ def lasad_attention(q, k, v, g, *, width=None, prefix=0, boundary=0.0, scale=Non
   """
   if impl not in IMPLS:
     raise ValueError(f"`impl` must be one of {IMPLS}, got {impl!r}.")
-  bnd = _validate(q, k, v, g, boundary, initial_state)
-  batch, _, heads, dk = q.shape
-  dv = v.shape[-1]
-  use_mask = width is not None
-  width = _int_arg("width", width if use_mask else 1, batch, 1)
-  prefix = _int_arg("prefix", prefix, batch, 0)
-  if scale is None:
-    scale = dk ** -0.5
-  if not isinstance(scale, numbers.Real):
-    raise ValueError(f"`scale` must be a Python float, got {type(scale).__name__}.")
+  args, use_mask, scale = _operator_args(q, k, v, g, width, prefix, boundary, scale,
+                                         initial_state)
   if not isinstance(chunk_size, int) or chunk_size <= 0 or (chunk_size > 16 and chunk_size % 16):
     raise ValueError(f"`chunk_size` must be a positive multiple of 16 (or <= 16), got "
                      f"{chunk_size!r}.")
-  if initial_state is None:
-    initial_state = jnp.zeros((batch, heads, dk, dv), jnp.float32)
-  initial_state = initial_state.astype(jnp.float32)
   out_dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
 
   if impl == "auto":
     impl = default_impl()
-  args = (q, k, v, g, width, prefix, bnd, initial_state)
   if impl == "reference":
-    o, final = _reference_jit(*args, scale=float(scale), use_mask=use_mask)
+    o, final = _reference_jit(*args, scale=scale, use_mask=use_mask)
   elif impl == "chunk":
-    o, final = lasad_chunk(*args, scale=float(scale), use_mask=use_mask, chunk_size=chunk_size)
+    o, final = lasad_chunk(*args, scale=scale, use_mask=use_mask, chunk_size=chunk_size)
   else:
     try:
       from kernels.lasad.pallas import lasad_pallas
@@ -147,7 +153,7 @@ def lasad_attention(q, k, v, g, *, width=None, prefix=0, boundary=0.0, scale=Non
     kw = {} if block_sizes is None else dict(block_sizes=block_sizes)
     # per device on its batch rows under a sharded train step (XLA cannot partition the kernel)
     o, final = over_batch(
-        lambda *a: lasad_pallas(*a, scale=float(scale), use_mask=use_mask, **kw), args,
+        lambda *a: lasad_pallas(*a, scale=scale, use_mask=use_mask, **kw), args,
         batched=(True, True, True, True, True, True, False, True))
   o = o.astype(out_dtype)
   return (o, final) if return_final_state else o
@@ -199,23 +205,13 @@ def hgrn2_attention(q_raw, f, v, lb, *, width=None, prefix=0, boundary=0.0, scal
   if gate == "xla" or resolved != "pallas":
     q, k, g = hgrn2_gates(q_raw, f, lb)
     return lasad_attention(q, k, v, g, impl=resolved, **kw)
-  # the same checks and argument handling as lasad_attention, on the gates' shapes
-  bnd = _validate(q_raw, f, v, f, boundary, initial_state)
-  batch = q_raw.shape[0]
-  dv = v.shape[-1]
-  use_mask = width is not None
-  width = _int_arg("width", width if use_mask else 1, batch, 1)
-  prefix = _int_arg("prefix", prefix, batch, 0)
-  if not isinstance(scale, numbers.Real):
-    raise ValueError(f"`scale` must be a Python float, got {type(scale).__name__}.")
-  if initial_state is None:
-    initial_state = jnp.zeros((batch, heads, dk, dv), jnp.float32)
-  initial_state = initial_state.astype(jnp.float32)
+  # lasad_attention's checks on the gates' shapes (f stands in for k and g)
+  (_, _, _, _, *rest), use_mask, scale = _operator_args(q_raw, f, v, f, width, prefix, boundary,
+                                                        scale, initial_state)
   from kernels.lasad.pallas import hgrn2_pallas
   bkw = {} if block_sizes is None else dict(block_sizes=block_sizes)
   o, final = over_batch(
-      lambda *a: hgrn2_pallas(*a, scale=float(scale), use_mask=use_mask, **bkw),
-      (q_raw, f, v, lb, width, prefix, bnd, initial_state),
-      batched=(True, True, True, False, True, True, False, True))
+      lambda *a: hgrn2_pallas(*a, scale=scale, use_mask=use_mask, **bkw),
+      (q_raw, f, v, lb, *rest), batched=(True, True, True, False, True, True, False, True))
   o = o.astype(jnp.result_type(q_raw.dtype, v.dtype))
   return (o, final) if return_final_state else o

@@ -234,8 +234,8 @@ def _pallas_call(kernel, *, interpret, head_axis, cumsum="scan", **kw):
   it runs in the interpreter, and with ``cumsum`` (BlockSizes.cumsum) for ``_cumsum_rows``.
 
   Under ``_gated(lb)`` (the gate in the kernel) the padded lower bounds lb [Hp, K] go in as one
-  more input, whole, and the body reads its head's row (grid axis ``head_axis``) in ``_tq``,
-  ``_tk`` and ``_tg2``."""
+  more input, whole, and the body reads its head's row (grid axis ``head_axis``) for the row
+  loaders ``_tq``, ``_tkg``, ``_tk`` and ``_tg2``."""
   lb = _GATE_LB.get()
   n_in = len(kw["in_specs"])
   body = kernel
@@ -244,8 +244,7 @@ def _pallas_call(kernel, *, interpret, head_axis, cumsum="scan", **kw):
 
     def body(*refs):
       # read at the kernel's top level (the interpreter resolves program_id only there)
-      row = refs[n_in][pl.ds(pl.program_id(head_axis), 1), :]
-      token = _LB.set(lambda: row)
+      token = _LB.set(refs[n_in][pl.ds(pl.program_id(head_axis), 1), :])
       try:
         kernel(*refs[:n_in], *refs[n_in + 1:])
       finally:
@@ -318,14 +317,10 @@ def _gate(g2, pos, seq_len, width, prefix, bnd):
   return gf, start & is_reset, start
 
 
-_LB = contextvars.ContextVar("lasad_gate_lb", default=None)   # in-kernel HGRN2 gate (below)
+# In-kernel HGRN2 gate (below): the lower bounds [Hp, K] while kernels are built under _gated,
+# and inside a kernel body its head's row [1, K] float32 (None: q, k, g are given).
 _GATE_LB = contextvars.ContextVar("lasad_gate_lb_array", default=None)
-
-
-def _lb_row():
-  """The current head's forget-gate lower bound [1, K] float32, or None (q, k, g given)."""
-  get = _LB.get()
-  return None if get is None else get()
+_LB = contextvars.ContextVar("lasad_gate_lb", default=None)
 
 
 def _sigmoid(x):
@@ -345,39 +340,35 @@ def _log2(x):
 
 # Rows as loaded -> the operator's q, k and base-2 log decay. With the gate in the kernel
 # (``hgrn2_pallas``) the refs hold the projections q_raw and f (in the k and g slots) and the
-# HGRN2 math of ``gate_math`` runs here: q = silu(q_raw), s = sigmoid(f), k = (1 - lb)(1 - s),
-# g = log(lb + (1 - lb) s); q and k rounded to the input dtype as the model rounds them.
+# HGRN2 math of ``reference.hgrn2_gates`` runs here: q = silu(q_raw), s = sigmoid(f),
+# k = (1 - lb)(1 - s), g = log(lb + (1 - lb) s); q and k rounded to the input dtype as the model
+# rounds them.
 def _tq(x):
-  if _lb_row() is None:
+  if _LB.get() is None:
     return x
   xf = x.astype(F32)
   return (xf * _sigmoid(xf)).astype(x.dtype)
 
 
-def _tk(x):
-  lb = _lb_row()
-  if lb is None:
-    return x
-  return ((1.0 - lb) * (1.0 - _sigmoid(x.astype(F32)))).astype(x.dtype)
-
-
-def _tg2(x):
-  lb = _lb_row()
-  if lb is None:
-    return x.astype(F32) * LOG2E
-  s = _sigmoid(x.astype(F32))
-  return _log2(jnp.maximum(s + lb * (1.0 - s), 1e-30))
-
-
 def _tkg(k, g):
-  """(``_tk(k)``, ``_tg2(g)``) of rows loaded together; with the gate in the kernel both come
-  from the f rows in ``k`` (g holds the same rows, unread) and share one sigmoid."""
-  lb = _lb_row()
+  """(k, base-2 log decay) of rows loaded together; with the gate in the kernel both come from
+  the f rows in ``k`` (g holds the same rows, unread) and share one sigmoid."""
+  lb = _LB.get()
   if lb is None:
     return k, g.astype(F32) * LOG2E
   s = _sigmoid(k.astype(F32))
   return (((1.0 - lb) * (1.0 - s)).astype(k.dtype),
           _log2(jnp.maximum(s + lb * (1.0 - s), 1e-30)))
+
+
+def _tk(x):
+  """k of rows loaded alone (the unused log decay is dead code to the compiler)."""
+  return _tkg(x, x)[0]
+
+
+def _tg2(x):
+  """Base-2 log decay of rows loaded alone."""
+  return _tkg(x, x)[1]
 
 
 def _decays(gf, rs):
@@ -1050,7 +1041,7 @@ def _hgrn2(qr, f, v, lb, width, prefix, bnd, h0, seq_len, scale, bs, interpret):
 
 
 def _hgrn2_fwd(qr, f, v, lb, width, prefix, bnd, h0, seq_len, scale, bs, interpret):
-  # q_raw in the q slot, f in both the k and the g slots: _tq, _tk, _tg2 make q, k, g of them.
+  # q_raw in the q slot, f in both the k and the g slots: _tq and _tkg make q, k, g of them.
   with _gated(_lb_rows(lb)):
     out, _ = _lasad_fwd(qr, f, v, f, width, prefix, bnd, h0, seq_len, scale, bs, interpret)
   return out, (qr, f, v, lb, width, prefix, bnd, h0)
