@@ -108,11 +108,12 @@ def _decode_logits(cfg, params, tokens, labels, width):
   b, n = tokens.shape
   prev = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), tokens[:, :-1]], 1)
 
+  params, state = M.unstack_for_decode(cfg, params, M.init_state(cfg, b, n))
+
   def step(state, xs):
     pos, prev_t = xs
     x = M.embed(params, pos, labels, prev_t)
     return M.decode_step(cfg, params, state, x, pos, width)
 
-  _, logits = jax.lax.scan(step, M.init_state(cfg, b, n),
-                           (jnp.arange(n, dtype=jnp.int32), prev.T))
+  _, logits = jax.lax.scan(step, state, (jnp.arange(n, dtype=jnp.int32), prev.T))
   return jnp.swapaxes(logits, 0, 1)

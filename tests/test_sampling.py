@@ -166,6 +166,111 @@ def test_sampler_with_decode_kernel_same_tokens():
   np.testing.assert_array_equal(toks["pallas"], toks["xla"])
 
 
+def _rel_rms(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2)))
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 8e-3)])
+@pytest.mark.parametrize("m,k,n", [(16, 256, 96), (5, 64, 48), (3, 1024, 32)])
+def test_fused_matmul_roles(dtype, tol, m, k, n):
+  """kernels/sampling/gemv.py (interpreter here) against the float32 ops it fuses: RMSNorm
+  prologue, SwiGLU and residual epilogues, a float32 output; rows padded to a Triton tile when
+  not a power of two. bf16 tolerance: the weights are bf16 in both; the kernel rounds its input
+  (x * norm) and output once each, 2^-9 relative per rounding at most."""
+  from kernels.sampling.gemv import fused_matmul
+  ks = jax.random.split(jax.random.key(m + k + n), 5)
+  x = 3 * jax.random.normal(ks[0], (m, k))
+  w, w3 = ((0.05 * jax.random.normal(kk, (k, n))).astype(dtype) for kk in ks[1:3])
+  nw = 1 + 0.1 * jax.random.normal(ks[3], (k,))
+  res = jax.random.normal(ks[4], (m, n))
+  hp = jax.lax.Precision.HIGHEST
+  dot = lambda a, b: jnp.dot(a, b.astype(jnp.float32), precision=hp)
+  xn = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-5) * nw
+  xb = x.astype(dtype)
+  cases = {
+      "norm": (fused_matmul(x, w.T, norm=nw, out_dtype=jnp.float32), dot(xn, w)),
+      "swiglu": (fused_matmul(x, w.T, w3_t=w3.T, norm=nw), jax.nn.silu(dot(xn, w)) * dot(xn, w3)),
+      "residual": (fused_matmul(xb, w.T, residual=res), res + dot(xb.astype(jnp.float32), w)),
+  }
+  assert cases["swiglu"][0].dtype == dtype and cases["residual"][0].dtype == jnp.float32
+  for name, (got, ref) in cases.items():
+    assert got.shape == (m, n), name
+    assert _rel_rms(got, ref) < tol, (name, _rel_rms(got, ref))
+
+
+def test_fused_matmul_errors():
+  from kernels.sampling.gemv import fused_matmul
+  x, w_t = jnp.ones((4, 64)), jnp.ones((32, 64))
+  with pytest.raises(ValueError, match="w_t must be"):
+    fused_matmul(x, jnp.ones((64, 48)))
+  with pytest.raises(ValueError, match="w3_t must match"):
+    fused_matmul(x, w_t, w3_t=jnp.ones((16, 64)))
+  with pytest.raises(ValueError, match="norm must be"):
+    fused_matmul(x, w_t, norm=jnp.ones((32,)))
+  with pytest.raises(ValueError, match="residual must be"):
+    fused_matmul(x, w_t, residual=jnp.ones((4, 64)))
+  with pytest.raises(ValueError, match="multiples of 16"):
+    fused_matmul(x, jnp.ones((17, 64)))
+
+
+@pytest.mark.parametrize("boundary,vocab", [("carry", 17), ("reset", 32), ("learned", 32),
+                                            ("none", 17)])
+def test_fused_matmuls_match_xla_decode(boundary, vocab):
+  """config.decode_matmul='pallas' (five kernels per layer: kernels/sampling/gemv.py around the
+  decode kernel, in the interpreter here) gives the XLA decode path's teacher-forced logits, and
+  the parallel forward's; vocab 32 also runs the fused final norm + logits matmul (17 is not a
+  Triton tile, so XLA's stays)."""
+  import ml_collections
+  cfg = get_config("tiny")
+  cfg.boundary, cfg.vocab_size = boundary, vocab
+  params = M.LASADGen(cfg, rngs=nnx.Rngs(6)).params()
+  if boundary == "learned":
+    params["blocks"]["boundary"] = params["blocks"]["boundary"].at[:, 0].set(-8.0)
+  toks = jax.random.randint(jax.random.key(3), (3, 19), 0, vocab)
+  labels = jnp.array([3, 10, 0])
+  out = {}
+  for impl, mm in (("xla", "xla"), ("pallas", "pallas")):
+    cfg.decode_impl, cfg.decode_matmul = impl, mm
+    c = ml_collections.FrozenConfigDict(cfg)
+    out[mm] = np.asarray(S._decode_logits(c, params, toks, labels, jnp.int32(4)))
+    p = M.unstack_for_decode(c, M.cast_for_compute(c, params), M.init_state(c, 3))[0]
+    assert ("w_in_t" in p["layers"][0][0]) == (mm == "pallas")
+    assert ("head_t" in p) == (mm == "pallas" and vocab % 16 == 0)
+  np.testing.assert_allclose(out["pallas"], out["xla"], rtol=2e-5, atol=2e-5)
+  fwd = np.asarray(M.forward(c, params, toks, labels, 4))
+  np.testing.assert_allclose(out["pallas"], fwd, rtol=2e-5, atol=2e-5)
+  assert np.abs(out["xla"][:, 1:] - out["xla"][:, :-1]).max() > 1e-3   # not a constant
+
+
+def test_sampler_with_fused_matmuls_same_tokens():
+  """The sampler with the fused matmuls (and the decode kernel) draws the XLA path's tokens."""
+  cfg = get_config("tiny")
+  cfg.vocab_size = 32
+  toks = {}
+  for impl in ("xla", "pallas"):
+    cfg.decode_impl = cfg.decode_matmul = impl
+    m = M.LASADGen(cfg, rngs=nnx.Rngs(0))
+    toks[impl] = np.asarray(S.sample(m, jnp.array([2, 9, 4]), height=5, width=6, cfg_scale=2.0,
+                                     top_k=3, rng=jax.random.key(4)))
+  np.testing.assert_array_equal(toks["pallas"], toks["xla"])
+
+
+def test_decode_matmul_errors():
+  cfg = get_config("tiny")
+  cfg.decode_matmul = "cublas"
+  with pytest.raises(ValueError, match="decode_matmul must be"):
+    M.use_fused_matmuls(cfg)
+  cfg.decode_matmul, cfg.decode_impl = "pallas", "xla"
+  with pytest.raises(ValueError, match="needs the LASAD decode kernel"):
+    M.use_fused_matmuls(cfg)
+  cfg.decode_impl, cfg.attention = "pallas", "softmax"
+  with pytest.raises(ValueError, match="needs the LASAD decode kernel"):
+    M.use_fused_matmuls(cfg)
+  cfg.decode_matmul = "auto"   # the softmax baseline: XLA's matmuls, no error
+  assert not M.use_fused_matmuls(cfg)
+
+
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_kth_largest_equals_top_k(impl):
   """kernels/sampling/kth.py: the k-th largest value of each row equals lax.top_k's, with ties,
