@@ -8,12 +8,6 @@ x [16, K] @ W [K, N] in bf16 for LASADGen-L's shapes, 24 distinct weights per ca
 so they come from HBM, not L2), for XLA's dot and for a Pallas kernel over a grid of
 (N / block_n, split_k) with split-K partials summed by XLA. Device microseconds per matmul (from a
 profiler trace) and the bandwidth of reading W. Exploration for issue 5: nothing in the library uses this kernel yet.
-
-    python benchmarks/decode_gemm.py --fused [--roles in,out] [--fused-configs 32:256:4:4,...]
-
-times the library's ``kernels.sampling.gemv.fused_matmul`` per role of the decode step (RMSNorm ->
-[q|f|v]; wo + residual; RMSNorm -> w1, w3 -> SwiGLU; w2 + residual; RMSNorm -> logits) against
-the XLA ops it replaces, for block configs ``block_n:block_k:num_warps:num_stages``.
 """
 
 import argparse
@@ -65,7 +59,7 @@ def pallas_gemm(x, w, *, block_n, split, block_k=128, num_warps=4, num_stages=4,
   return out.sum(0).astype(x.dtype)
 
 
-def time_us(f, *args, iters=10, layers=LAYERS):
+def time_us(f, *args, iters=10):
   """Device time per matmul: the kernels' summed durations in a profiler trace of ``iters`` calls
   (host dispatch of a 24-output call would otherwise dominate), split-K sums included."""
   import glob
@@ -78,92 +72,17 @@ def time_us(f, *args, iters=10, layers=LAYERS):
       for _ in range(iters):
         jax.block_until_ready(f(*args))
     stats, _ = device_kernels(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[-1])
-  return max(sum(t for _, t in stats.values()) / 1e3 / (iters * layers), 1e-9)  # CPU: no GPU lines
-
-
-ROLES = {   # kernels.sampling.gemv roles at LASADGen-L: (K, N, prologue norm, SwiGLU, residual)
-    "in": (1024, 3072, True, False, False), "out": (1024, 1024, False, False, True),
-    "w13": (1024, 2816, True, True, False), "w2": (2816, 1024, False, False, True),
-    "head": (1024, 16384, True, False, False)}
-
-
-def fused_roles(args):
-  """``--fused``: each ``kernels.sampling.gemv`` role (matmul + its fused RMSNorm / SwiGLU /
-  residual) against the XLA ops it replaces in the sampler, over ``--fused-configs``."""
-  from kernels.sampling import gemv
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from lasad_jax.model import _rms
-  interpret = jax.default_backend() != "gpu"
-  configs = [tuple(int(v) for v in c.split(":")) for c in args.fused_configs.split(",") if c]
-  records = []
-  for role in (args.roles.split(",") if args.roles else ROLES):
-    k, n, norm, swiglu, res = ROLES[role]
-    layers = 4 if role == "head" else LAYERS
-    key = jax.random.key(len(role))
-    ws = [jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.bfloat16) * 0.02
-          for i in range(layers)]
-    w3s = [w[::-1] for w in ws] if swiglu else [None] * layers
-    x = jax.random.normal(jax.random.key(7), (16, k), jnp.float32 if norm else jnp.bfloat16)
-    nw = 1.0 + 0.1 * jax.random.normal(jax.random.key(8), (k,), jnp.float32)
-    r = jax.random.normal(jax.random.key(9), (16, n), jnp.float32)
-    out_dtype = jnp.float32 if role == "head" else None
-
-    def xla_one(w, w3):
-      h = _rms(x, nw, 1e-5).astype(jnp.bfloat16) if norm else x
-      y = h @ w
-      if swiglu:
-        y = jax.nn.silu(y) * (h @ w3)
-      return r + y.astype(jnp.float32) if res else y.astype(out_dtype or y.dtype)
-
-    fx = jax.jit(lambda ws, w3s: [xla_one(w, w3) for w, w3 in zip(ws, w3s)])
-    mb = k * n * 2 * (2 if swiglu else 1) / 1e6
-    us = time_us(fx, ws, w3s, layers=layers)
-    ref = fx(ws, w3s)[0].astype(jnp.float32)
-    records.append(dict(role=role, k=k, n=n, impl="xla", us=us, tb_s=mb / us))
-    print(f"{role:<5} K={k} N={n} ({mb:.1f} MB): xla {us:6.2f} us ({mb / us:.2f} TB/s)", flush=True)
-    wts = [w.T for w in ws]
-    w3ts = [w.T for w in w3s] if swiglu else [None] * layers
-    for blocks in configs:
-      f = jax.jit(lambda wts, w3ts, b=blocks: [
-          gemv.fused_matmul(x, wt, w3_t=w3t, norm=nw if norm else None,
-                            residual=r if res else None, blocks=b, out_dtype=out_dtype,
-                            interpret=interpret) for wt, w3t in zip(wts, w3ts)])
-      try:
-        got = f(wts, w3ts)[0].astype(jnp.float32)
-        err = float(jnp.sqrt(jnp.mean((got - ref) ** 2) / jnp.mean(ref ** 2)))
-        us = time_us(f, wts, w3ts, layers=layers)
-      except Exception as e:  # noqa: BLE001
-        print(f"{'':<5} {blocks}: failed {type(e).__name__}: {str(e)[:150]}")
-        continue
-      records.append(dict(role=role, k=k, n=n, impl=f"fused {blocks}", blocks=list(blocks),
-                          us=us, tb_s=mb / us, rel_err_vs_xla=err))
-      print(f"{'':<5} fused {blocks}: {us:6.2f} us ({mb / us:.2f} TB/s), rel diff {err:.1e}",
-            flush=True)
-  return records
+  return max(sum(t for _, t in stats.values()) / 1e3 / (iters * LAYERS), 1e-9)  # CPU: no GPU lines
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--fused", action="store_true",
-                  help="time kernels.sampling.gemv's fused roles instead of the bare matmuls")
-  ap.add_argument("--roles", default="", help="with --fused: comma list of " + ",".join(ROLES))
-  ap.add_argument("--fused-configs", default="16:256:4:4,32:256:4:4,32:128:4:4,64:256:4:4",
-                  help="with --fused: block_n:block_k:num_warps:num_stages list")
   ap.add_argument("--out", default="benchmarks/results/decode_gemm_h100.json")
   ap.add_argument("--configs", default="32:1,32:2,64:1,64:2,64:4,128:2,128:4,32:4",
                   help="block_n:split_k pairs, for the [K, N] weight layout")
   ap.add_argument("--t-configs", default="",
                   help="block_n:split_k:block_k:num_stages:num_warps, for weights stored [N, K]")
   args = ap.parse_args()
-  if args.fused:
-    records = fused_roles(args)
-    with open(args.out, "w") as fh:
-      json.dump(dict(meta=dict(date=datetime.date.today().isoformat(),
-                               device=jax.devices()[0].device_kind, jax=jax.__version__,
-                               command="python benchmarks/decode_gemm.py " + " ".join(sys.argv[1:])),
-                     records=records), fh, indent=1)
-    print(f"wrote {args.out}")
-    return
   interpret = jax.default_backend() != "gpu"
   records = []
   print(f"device {jax.devices()[0].device_kind}, M=16 bf16, {LAYERS} weights per call")

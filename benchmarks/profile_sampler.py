@@ -1,7 +1,7 @@
 """Where a generated token's time goes: GPU kernels of one sampling call, from a profiler trace.
 
     python benchmarks/profile_sampler.py [--variant L] [--attention lasad] [--grid 16]
-        [--top-k 2000] [--decode-impl auto] [--decode-matmul auto] [--top-k-impl sort] [--out benchmarks/results/profile_sampler_h100.json]
+        [--top-k 2000] [--decode-impl auto] [--top-k-impl sort] [--out benchmarks/results/profile_sampler_h100.json]
 
 Runs ``lasad_jax.sampling.sample`` once to compile, then once under ``jax.profiler.trace``, and
 sums the device plane's kernel events by name: calls and microseconds per generated token, and the
@@ -36,16 +36,12 @@ def main():
   ap.add_argument("--grid", type=int, default=16)
   ap.add_argument("--top-k", type=int, default=2000)
   ap.add_argument("--decode-impl", default="auto", help="auto | xla | pallas (config.decode_impl)")
-  ap.add_argument("--decode-matmul", default="auto",
-                  help="auto | xla | pallas (config.decode_matmul)")
   ap.add_argument("--top-k-impl", default="sort", help="sort (lax.top_k) | select (Pallas)")
   ap.add_argument("--out", default="benchmarks/results/profile_sampler_h100.json")
   args = ap.parse_args()
   cfg = get_config(args.variant)
   cfg.attention = args.attention
   cfg.decode_impl = args.decode_impl
-  if args.attention == "lasad":
-    cfg.decode_matmul = args.decode_matmul
   model = M.LASADGen(cfg, rngs=nnx.Rngs(0))
   labels = jnp.arange(8, dtype=jnp.int32) % cfg.num_classes
   kw = dict(height=args.grid, width=args.grid, cfg_scale=4.0, top_k=args.top_k,

@@ -2,7 +2,7 @@
 
     python benchmarks/sampling.py [--variant L] [--out benchmarks/results/sampling_h100.json]
         [--attentions lasad,softmax] [--top-k 2000] [--grids 16,32,64] [--unfused]
-        [--decode-impl auto|xla|pallas] [--decode-matmul auto|xla|pallas] [--top-k-impl sort|select]
+        [--decode-impl auto|xla|pallas] [--top-k-impl sort|select]
 
 (a) ``--variant`` with CFG (scale 4, top-k 2000), 8 images at 16x16 tokens, random weights,
     bf16: first call (compile + run) and the median of later calls, images/s.
@@ -101,9 +101,6 @@ def main():
   ap.add_argument("--top-k", type=int, default=None, help="default 2000 (5 for tiny); 0 = off")
   ap.add_argument("--decode-impl", default="auto",
                   help="LASAD decode attention step: auto (Pallas kernel on GPU) | xla | pallas")
-  ap.add_argument("--decode-matmul", default="auto",
-                  help="LASAD decode matmuls with fused norms / SwiGLU / residuals "
-                       "(config.decode_matmul): auto (Pallas on GPU) | xla | pallas")
   ap.add_argument("--top-k-impl", default="sort", help="sort (lax.top_k) | select (Pallas)")
   ap.add_argument("--unfused", action="store_true",
                   help="separate q/f/v and w1/w3 matmuls per layer (A/B against the default)")
@@ -118,8 +115,7 @@ def main():
   meta = dict(date=datetime.date.today().isoformat(), device=dev.device_kind,
               jax=jax.__version__, command="python benchmarks/sampling.py " + " ".join(sys.argv[1:]),
               xla_flags=os.environ.get("XLA_FLAGS", ""), fused_projections=not args.unfused,
-              decode_impl=args.decode_impl, decode_matmul=args.decode_matmul,
-              top_k_impl=args.top_k_impl)
+              decode_impl=args.decode_impl, top_k_impl=args.top_k_impl)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
   def save():   # after every record: a run cut off by a time limit keeps what it measured
@@ -129,8 +125,6 @@ def main():
     cfg = get_config(args.variant)
     cfg.attention = attention
     cfg.decode_impl = args.decode_impl
-    if attention == "lasad":   # the softmax baseline keeps XLA's matmuls
-      cfg.decode_matmul = args.decode_matmul
     model = M.LASADGen(cfg, rngs=nnx.Rngs(0))
     first, med = run(model, 8, cfg.grid[0], 4.0, top_k, args.repeats, args.top_k_impl)
     rec = dict(kind="batch", attention=attention, images=8, grid=cfg.grid[0], cfg_scale=4.0,

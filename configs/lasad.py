@@ -31,9 +31,6 @@ def get_config(variant="B"):
   c.dtype = "bfloat16" if variant != "tiny" else "float32"   # compute dtype; params are float32
   c.impl = "auto"                                      # lasad_attention implementation
   c.decode_impl = "auto"   # sampler's attention step: auto (Pallas kernel on GPU) | xla | pallas
-  # Sampler's matmuls with the RMSNorms / SwiGLU / residual adds fused in (kernels/sampling/gemv.py;
-  # needs the decode kernel): auto (on a GPU) | xla | pallas
-  c.decode_matmul = "auto"
   c.kernel_sub = 32   # Pallas kernel sub-chunk (16 | 32; 32 was 33% faster fwd+bwd on an H100 at
                       # the training shape: kernels/lasad/pallas.py BlockSizes)
   c.kernel_forward = "auto"   # Pallas forward: one_pass | two_pass | auto (the kernel's default)

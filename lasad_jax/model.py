@@ -20,7 +20,6 @@ from flax import nnx
 
 from kernels.lasad import decode as decode_kernel
 from kernels.lasad import reference
-from kernels.sampling import gemv
 from lasad_jax.ops import GATES, hgrn2_attention
 from lasad_jax import remat
 
@@ -252,39 +251,6 @@ def use_decode_kernel(cfg):
   return impl == "pallas"
 
 
-def use_fused_matmuls(cfg):
-  """Whether the LASAD decode step runs its matmuls as ``kernels.sampling.gemv.fused_matmul``
-  kernels with the RMSNorms, SwiGLU and residual adds fused in (five kernels per layer with the
-  decode kernel): ``config.decode_matmul`` "pallas", or "auto" where the decode kernel runs on a
-  GPU. They need the decode kernel's path (LASAD attention)."""
-  impl = cfg.get("decode_matmul", "auto")
-  if impl not in ("auto", "xla", "pallas"):
-    raise ValueError(f"config.decode_matmul must be auto | xla | pallas, got {impl!r}")
-  kernel_path = cfg.attention == "lasad" and use_decode_kernel(cfg)
-  if impl == "pallas" and not kernel_path:
-    raise ValueError("config.decode_matmul='pallas' needs the LASAD decode kernel: "
-                     "attention='lasad' and decode_impl='pallas' (or 'auto' on a GPU); got "
-                     f"attention={cfg.attention!r}, decode_impl={cfg.get('decode_impl', 'auto')!r}")
-  if impl == "auto":
-    return kernel_path and jax.default_backend() == "gpu"
-  return impl == "pallas"
-
-
-def _fused_layer(cfg, p, lb, s, x, start):
-  """One LASAD layer of the decode step in five kernels (``use_fused_matmuls``); the weights are
-  the transposed ones ``unstack_for_decode`` makes. Same math as ``decode_step``'s layer."""
-  nh, hd, eps = cfg.num_heads, cfg.head_dim, cfg.norm_eps
-  blocks = gemv.DEFAULT_BLOCKS
-  y = gemv.fused_matmul(x, p["w_in_t"], norm=p["attn_norm"], eps=eps, blocks=blocks["in"])
-  o, s = decode_kernel.decode_attention(
-      y.reshape(-1, 3, nh, hd), s, lb.reshape(nh, hd), start, _boundary(cfg, p),
-      p["head_norm"].reshape(nh, hd), eps=eps)
-  x = gemv.fused_matmul(o.reshape(-1, cfg.dim), p["wo_t"], residual=x, blocks=blocks["out"])
-  a = gemv.fused_matmul(x, p["w1_t"], w3_t=p["w3_t"], norm=p["ffn_norm"], eps=eps,
-                        blocks=blocks["w13"])
-  return gemv.fused_matmul(a, p["w2_t"], residual=x, blocks=blocks["w2"]), s
-
-
 def decode_step(cfg, params, state, x, pos, width):
   """One token through every layer. x [B, d] input embedding at sequence position ``pos``.
 
@@ -305,8 +271,6 @@ def decode_step(cfg, params, state, x, pos, width):
 
   def layer(x, xs):
     p, lb, s = xs
-    if "w_in_t" in p:    # the fused matmuls' transposed weights (unstack_for_decode)
-      return _fused_layer(cfg, p, lb, s, x, start)
     h = _rms(x, p["attn_norm"], cfg.norm_eps)
     if cfg.attention == "softmax":
       kc, vc = s
@@ -339,9 +303,6 @@ def decode_step(cfg, params, state, x, pos, width):
     for (p, lb), s in zip(params["layers"], state):
       x, s = layer(x, (p, lb, s))
       new.append(s)
-    if "head_t" in params:
-      return new, gemv.fused_matmul(x, params["head_t"], norm=params["norm"], eps=cfg.norm_eps,
-                                    blocks=gemv.DEFAULT_BLOCKS["head"], out_dtype=jnp.float32)
     return new, _logits(cfg, params, x)
   x, state = jax.lax.scan(layer, x, (params["blocks"], lbs, state))
   return state, _logits(cfg, params, x)
@@ -353,30 +314,20 @@ def unstack_for_decode(cfg, params, state, fuse=True):
   copy of its weights per token (XLA:CPU's compiled sampler showed these slice fusions in the loop
   body). ``decode_step`` walks the lists instead. With ``fuse`` each layer's input projections
   (q|f|v, or q|k|v for softmax) and the MLP's w1|w3 are also laid side by side once, so a token
-  runs one matmul for each group instead of three and two. Where ``use_fused_matmuls`` holds, the
-  weights are instead stored transposed ([N, K]: ``w_in_t``, ``wo_t``, ``w1_t``, ``w3_t``,
-  ``w2_t``, ``head_t``) for ``kernels.sampling.gemv``. Returns (params, state as a list)."""
+  runs one matmul for each group instead of three and two. Returns (params, state as a list)."""
   L = cfg.num_layers
   lbs = _layer_bounds(cfg, params)
   names = ("wq", "wk", "wv") if cfg.attention == "softmax" else ("wq", "wf", "wv")
-  transposed = use_fused_matmuls(cfg)
-  dt = jnp.dtype(cfg.dtype)
 
   def one(i):
     p = jax.tree.map(lambda a: a[i], params["blocks"])
-    if transposed:   # in the compute dtype: the kernels compute in their weights' dtype
-      p["w_in_t"] = jnp.concatenate([p.pop(n) for n in names], axis=-1).T.astype(dt)
-      for n in ("wo", "w1", "w3", "w2"):
-        p[n + "_t"] = p.pop(n).T.astype(dt)
-    elif fuse:
+    if fuse:
       p["w_in"] = jnp.concatenate([p.pop(n) for n in names], axis=-1)
       p["w13"] = jnp.concatenate([p.pop("w1"), p.pop("w3")], axis=-1)
     return p
 
   layers = [(one(i), lbs[i]) for i in range(L)]
   rest = {k: v for k, v in params.items() if k != "blocks"}
-  if transposed and cfg.vocab_size % 16 == 0:   # Triton tiles: else the logits stay XLA's
-    rest["head_t"] = rest.pop("head").T.astype(dt)
   return {**rest, "layers": layers}, [jax.tree.map(lambda a, i=i: a[i], state) for i in range(L)]
 
 
