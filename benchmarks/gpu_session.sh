@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the GPU runs recorded in BENCHMARKS.md / RESULTS.md executed, stage by stage, on the device
 # machine (its python3 has jax[cuda], torch; grain, ml_collections and fla come as wheels in .whl/).
-#   bash benchmarks/gpu_session.sh STAGE...   stages: tests train sampling profile scaling sad fla ops parts lina plina ncu hlo
+#   bash benchmarks/gpu_session.sh STAGE...   stages: tests train sampling profile topk scaling sad fla ops parts lina plina ncu hlo
 # Logs and JSON go to $OUT (default: ./out).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -28,6 +28,8 @@ for stage in "$@"; do
                 ${SAMPLING_ARGS:-} --out "$OUT/sampling_h100${SAMPLING_TAG:-}.json" 2>&1 | tee "$OUT/sampling${SAMPLING_TAG:-}.log" ;;
     profile)  timeout ${PROFILE_TIMEOUT:-200} python3 benchmarks/profile_sampler.py ${PROFILE_ARGS:-} \
                 --out "$OUT/profile_sampler_h100${PROFILE_TAG:-}.json" 2>&1 | tee "$OUT/profile${PROFILE_TAG:-}.log" ;;
+    topk)     timeout ${TOPK_TIMEOUT:-150} python3 benchmarks/topk.py ${TOPK_ARGS:-} \
+                --out "$OUT/topk_h100${TOPK_TAG:-}.json" 2>&1 | tee "$OUT/topk${TOPK_TAG:-}.log" ;;
     # Data-parallel scaling: the same per-GPU batch on 1 GPU and on all of them (nvidia-h200-x2).
     scaling)  ngpu=$(nvidia-smi -L | wc -l)
               for v in ${SCALE_VARIANTS:-L B}; do for nd in 1 $ngpu; do

@@ -1,7 +1,7 @@
 """Where a generated token's time goes: GPU kernels of one sampling call, from a profiler trace.
 
     python benchmarks/profile_sampler.py [--variant L] [--attention lasad] [--grid 16]
-        [--top-k 2000] [--decode-impl auto] [--top-k-impl sort] [--out benchmarks/results/profile_sampler_h100.json]
+        [--top-k 2000] [--decode-impl auto] [--top-k-impl auto] [--out benchmarks/results/profile_sampler_h100.json]
 
 Runs ``lasad_jax.sampling.sample`` once to compile, then once under ``jax.profiler.trace``, and
 sums the device plane's kernel events by name: calls and microseconds per generated token, and the
@@ -36,7 +36,8 @@ def main():
   ap.add_argument("--grid", type=int, default=16)
   ap.add_argument("--top-k", type=int, default=2000)
   ap.add_argument("--decode-impl", default="auto", help="auto | xla | pallas (config.decode_impl)")
-  ap.add_argument("--top-k-impl", default="sort", help="sort (lax.top_k) | select (Pallas)")
+  ap.add_argument("--top-k-impl", default="auto",
+                  help="auto (select on GPU) | sort (lax.top_k) | select (Pallas)")
   ap.add_argument("--out", default="benchmarks/results/profile_sampler_h100.json")
   args = ap.parse_args()
   cfg = get_config(args.variant)

@@ -2,7 +2,7 @@
 
     python benchmarks/sampling.py [--variant L] [--out benchmarks/results/sampling_h100.json]
         [--attentions lasad,softmax] [--top-k 2000] [--grids 16,32,64] [--unfused]
-        [--decode-impl auto|xla|pallas] [--top-k-impl sort|select]
+        [--decode-impl auto|xla|pallas] [--top-k-impl auto|sort|select]
 
 (a) ``--variant`` with CFG (scale 4, top-k 2000), 8 images at 16x16 tokens, random weights,
     bf16: first call (compile + run) and the median of later calls, images/s.
@@ -34,7 +34,7 @@ from lasad_jax import model as M  # noqa: E402
 from lasad_jax import sampling as S  # noqa: E402
 
 
-def compiled_temp_bytes(model, n_images, grid, cfg_scale, top_k, top_k_impl="sort"):
+def compiled_temp_bytes(model, n_images, grid, cfg_scale, top_k, top_k_impl="auto"):
   """XLA's memory analysis of the compiled sampler: scratch bytes beyond parameters/outputs.
 
   Per grid, independent of what ran before (a process-wide peak only ever grows)."""
@@ -50,7 +50,7 @@ _FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "afte
          "partition-id", "replica-id", "opt-barrier"}
 
 
-def loop_kernels(model, n_images, grid, cfg_scale, top_k, top_k_impl="sort"):
+def loop_kernels(model, n_images, grid, cfg_scale, top_k, top_k_impl="auto"):
   """Per computation of the compiled sampler that is not itself fused: its operations that launch
   work (fusion, custom-call (GEMMs), copy, ...) by opcode. Returns the largest such computation's
   counts: the token loop's body, run once per generated token."""
@@ -75,7 +75,7 @@ def loop_kernels(model, n_images, grid, cfg_scale, top_k, top_k_impl="sort"):
   return dict(best)
 
 
-def run(model, n_images, grid, cfg_scale, top_k, repeats, top_k_impl="sort"):
+def run(model, n_images, grid, cfg_scale, top_k, repeats, top_k_impl="auto"):
   labels = jnp.arange(n_images, dtype=jnp.int32) % model.config.num_classes
   t0 = time.perf_counter()
   jax.block_until_ready(S.sample(model, labels, height=grid, width=grid, rng=jax.random.key(0),
@@ -101,7 +101,8 @@ def main():
   ap.add_argument("--top-k", type=int, default=None, help="default 2000 (5 for tiny); 0 = off")
   ap.add_argument("--decode-impl", default="auto",
                   help="LASAD decode attention step: auto (Pallas kernel on GPU) | xla | pallas")
-  ap.add_argument("--top-k-impl", default="sort", help="sort (lax.top_k) | select (Pallas)")
+  ap.add_argument("--top-k-impl", default="auto",
+                  help="auto (select on GPU) | sort (lax.top_k) | select (Pallas)")
   ap.add_argument("--unfused", action="store_true",
                   help="separate q/f/v and w1/w3 matmuls per layer (A/B against the default)")
   args = ap.parse_args()

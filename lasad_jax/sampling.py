@@ -14,12 +14,20 @@ import jax.numpy as jnp
 from lasad_jax import model as M
 
 
-def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0, top_k_impl="sort"):
+TOP_K_IMPLS = ("auto", "sort", "select")
+
+
+def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0, top_k_impl="auto"):
   """Temperature, then top-k (0: off), then nucleus top-p (1.0: off) on [B, V] logits.
 
-  ``top_k_impl``: "sort" (``lax.top_k``) or "select" (``kernels.sampling.kth``: the k-th largest
-  value by a bitwise search in one Pallas program per row, the same threshold; opt-in, not yet
-  timed on a GPU)."""
+  ``top_k_impl``: "sort" (``lax.top_k``), "select" (``kernels.sampling.kth``: the k-th largest
+  value by a bitwise search in one Pallas program per row, the same threshold: on an H100 13 us
+  instead of the sort's 56 us at LASADGen-L's [8, 16384], BENCHMARKS.md session 12) or "auto"
+  (select on a GPU, sort elsewhere). The kept set, hence the tokens, are the same."""
+  if top_k_impl not in TOP_K_IMPLS:
+    raise ValueError(f"`top_k_impl` must be one of {TOP_K_IMPLS}, got {top_k_impl!r}.")
+  if top_k_impl == "auto":
+    top_k_impl = "select" if jax.default_backend() == "gpu" else "sort"
   logits = logits / jnp.maximum(temperature, 1e-6)
   if top_k and top_k_impl == "select":
     from kernels.sampling.kth import kth_largest
@@ -40,9 +48,9 @@ def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0, top_k_impl="sort"
   return logits
 
 
-def _check(cfg, labels, height, width, cfg_scale, temperature, top_k, top_p, top_k_impl="sort"):
-  if top_k_impl not in ("sort", "select"):
-    raise ValueError(f"`top_k_impl` must be 'sort' or 'select', got {top_k_impl!r}.")
+def _check(cfg, labels, height, width, cfg_scale, temperature, top_k, top_p, top_k_impl="auto"):
+  if top_k_impl not in TOP_K_IMPLS:
+    raise ValueError(f"`top_k_impl` must be one of {TOP_K_IMPLS}, got {top_k_impl!r}.")
   if height <= 0 or width <= 0:
     raise ValueError(f"`height` and `width` must be positive token counts, got {height}x{width}.")
   if cfg_scale < 0:
@@ -58,7 +66,7 @@ def _check(cfg, labels, height, width, cfg_scale, temperature, top_k, top_p, top
 
 
 def sample(model, labels, *, height, width, rng, cfg_scale=1.0, temperature=1.0, top_k=0,
-           top_p=1.0, top_k_impl="sort"):
+           top_p=1.0, top_k_impl="auto"):
   """Sample image tokens [B, height*width] int32 for class ``labels`` [B] (num_classes = null).
   ``top_k_impl``: see ``filter_logits``."""
   cfg = model.config
@@ -69,7 +77,7 @@ def sample(model, labels, *, height, width, rng, cfg_scale=1.0, temperature=1.0,
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8, 9, 10))
 def _sample(cfg, params, labels, rng, n, width, cfg_scale, temperature, top_k, top_p,
-            top_k_impl="sort"):
+            top_k_impl="auto"):
   b = labels.shape[0]
   guided = cfg_scale != 1.0
   params = M.cast_for_compute(cfg, params)

@@ -215,7 +215,8 @@ def test_kth_largest_compiled_equals_top_k():
   x = x.at[0, :100].set(jnp.round(x[0, :100]))
   for k in (1, 2000, 16384):
     ref = jax.lax.top_k(x, k)[0][:, -1:]
-    np.testing.assert_array_equal(np.asarray(kth_largest(x, k)), np.asarray(ref))
+    for radix in (2, 4, 16):
+      np.testing.assert_array_equal(np.asarray(kth_largest(x, k, radix=radix)), np.asarray(ref))
 
 
 @pytest.mark.parametrize("t,b,h", [(1000, 4, 4), (2048, 2, 4)])

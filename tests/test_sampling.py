@@ -166,8 +166,9 @@ def test_sampler_with_decode_kernel_same_tokens():
   np.testing.assert_array_equal(toks["pallas"], toks["xla"])
 
 
+@pytest.mark.parametrize("radix", [2, 4, 16])
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_kth_largest_equals_top_k(impl):
+def test_kth_largest_equals_top_k(impl, radix):
   """kernels/sampling/kth.py: the k-th largest value of each row equals lax.top_k's, with ties,
   +-inf, negative rows and k at both ends."""
   from kernels.sampling.kth import kth_largest
@@ -179,7 +180,8 @@ def test_kth_largest_equals_top_k(impl):
   x[3] = -np.abs(x[3]) - 100.0          # all negative
   for k in (1, 2, 37, 256, 499, 500):
     ref = np.asarray(jax.lax.top_k(jnp.asarray(x), k)[0][:, -1:])
-    np.testing.assert_array_equal(np.asarray(kth_largest(jnp.asarray(x), k, impl=impl)), ref)
+    np.testing.assert_array_equal(
+        np.asarray(kth_largest(jnp.asarray(x), k, impl=impl, radix=radix)), ref)
   with pytest.raises(ValueError, match="k must be"):
     kth_largest(jnp.asarray(x), 0, impl=impl)
 

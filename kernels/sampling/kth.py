@@ -37,30 +37,48 @@ def _value(key):
   return lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _search(keys, k, axis):
-  """Largest int32 t with count(keys >= t) >= k along ``axis``: 32 passes, MSB first, built in
-  the sign-flipped (unsigned-ordered) space and compared back in the signed one."""
+def _i32(pattern):
+  """An unsigned 32-bit pattern as the int32 with the same bits."""
+  return np.int32(pattern - (1 << 32) if pattern >= 1 << 31 else pattern)
+
+
+def _search(keys, k, axis, bits=1):
+  """Largest int32 t with count(keys >= t) >= k along ``axis``, built ``bits`` bits per pass from
+  the most significant down in the sign-flipped (unsigned-ordered) space: each pass counts the
+  keys at or above each of the 2^bits - 1 candidate next digits (independent sums) and keeps the
+  largest digit whose count reaches k. bits=1: 32 dependent passes of one sum; 2: 16 passes of 3
+  sums; 4: 8 passes of 15 sums."""
   ans = jnp.zeros(keys.shape[:axis] + (1,) * (keys.ndim - axis), jnp.int32)
-  for bit in range(31, -1, -1):
-    trial = ans | (np.int32(-2**31) if bit == 31 else np.int32(1 << bit))
-    count = jnp.sum((keys >= (trial ^ _MIN)).astype(jnp.int32), axis=axis, keepdims=True)
-    ans = jnp.where(count >= k, trial, ans)
+  for shift in range(32 - bits, -1, -bits):
+    digit = jnp.zeros_like(ans)
+    for d in range(1, 1 << bits):
+      trial = ans | _i32(d << shift)
+      count = jnp.sum((keys >= (trial ^ _MIN)).astype(jnp.int32), axis=axis, keepdims=True)
+      digit = digit + (count >= k).astype(jnp.int32)   # counts fall with d: digit = #d that pass
+    ans = ans | (digit << shift)
   return ans ^ _MIN
 
 
-def _kernel(x_ref, o_ref, *, k):
-  keys = _keys(x_ref[...])                     # [1, V]
-  o_ref[...] = _value(_search(keys, k, 1))     # [1, 1]
+def _kernel(x_ref, o_ref, *, k, bits):
+  keys = _keys(x_ref[...])                              # [1, V]
+  o_ref[...] = _value(_search(keys, k, 1, bits))        # [1, 1]
 
 
-@functools.partial(jax.jit, static_argnames=("k", "impl", "interpret"))
-def kth_largest(x, k, *, impl="pallas", interpret=None):
-  """x [B, V] -> [B, 1] float32: each row's k-th largest value (1 <= k <= V)."""
+@functools.partial(jax.jit, static_argnames=("k", "impl", "interpret", "radix", "num_warps"))
+def kth_largest(x, k, *, impl="pallas", interpret=None, radix=2, num_warps=8):
+  """x [B, V] -> [B, 1] float32: each row's k-th largest value (1 <= k <= V).
+
+  ``radix``: 2, 4 or 16: digits of 1, 2 or 4 bits, i.e. 32, 16 or 8 dependent passes of 1, 3 or
+  15 independent counts.
+  ``num_warps``: of the kernel's one program per row."""
   b, v = x.shape
   if not 1 <= k <= v:
     raise ValueError(f"kth_largest: k must be in [1, {v}], got {k}")
+  if radix not in (2, 4, 16):
+    raise ValueError(f"kth_largest: radix must be 2, 4 or 16, got {radix}")
+  bits = radix.bit_length() - 1
   if impl == "xla":
-    return _value(_search(_keys(x), k, 1))
+    return _value(_search(_keys(x), k, 1, bits))
   if impl != "pallas":
     raise ValueError(f"kth_largest: impl must be 'pallas' or 'xla', got {impl!r}")
   x = x.astype(jnp.float32)
@@ -70,9 +88,9 @@ def kth_largest(x, k, *, impl="pallas", interpret=None):
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   return pl.pallas_call(
-      functools.partial(_kernel, k=k), grid=(b,),
+      functools.partial(_kernel, k=k, bits=bits), grid=(b,),
       in_specs=[pl.BlockSpec((1, v), lambda i: (i, 0))],
       out_specs=pl.BlockSpec((1, 1), lambda i: (i, 0)),
       out_shape=jax.ShapeDtypeStruct((b, 1), jnp.float32),
-      compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=1),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret, name="kth_largest")(x)
