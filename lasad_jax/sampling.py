@@ -21,8 +21,8 @@ def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0, top_k_impl="auto"
   """Temperature, then top-k (0: off), then nucleus top-p (1.0: off) on [B, V] logits.
 
   ``top_k_impl``: "sort" (``lax.top_k``), "select" (``kernels.sampling.kth``: the k-th largest
-  value by a bitwise search in one Pallas program per row, the same threshold: on an H100 13 us
-  instead of the sort's 56 us at LASADGen-L's [8, 16384], BENCHMARKS.md session 12) or "auto"
+  value by a digit search in one Pallas program per row, the same threshold: on an H100 ~29 us
+  per token inside L's sampler instead of the sort's ~51 us, BENCHMARKS.md session 12) or "auto"
   (select on a GPU, sort elsewhere). The kept set, hence the tokens, are the same."""
   if top_k_impl not in TOP_K_IMPLS:
     raise ValueError(f"`top_k_impl` must be one of {TOP_K_IMPLS}, got {top_k_impl!r}.")

@@ -1,16 +1,22 @@
-"""The k-th largest logit of each row, exactly, by a bitwise search: a Pallas kernel (Triton).
+"""The k-th largest logit of each row, exactly, by a digit-by-digit search: a Pallas kernel (Triton).
 
 Top-k sampling only needs each row's threshold (the k-th largest value), not the sorted top k
 that ``lax.top_k`` produces; on the H100 that sort costs ~51 us per generated token at
 LASADGen-L's vocabulary (16384) and k = 2000 (BENCHMARKS.md, session 5 profile). Here one program
-per row holds the row on chip and finds the threshold in 32 counting passes: float32 values map
-to int32 keys with the same order, and the answer is built from the most significant bit down
-(the largest t with count(key >= t) >= k, which is the k-th largest key). Same value as
-``lax.top_k(x, k)[0][:, -1]`` for every finite or infinite input (NaN unsupported).
+per row holds the row on chip: float32 values map to int32 keys with the same order, and the
+answer is built from the most significant digit down (the largest t with count(key >= t) >= k,
+which is the k-th largest key), ``radix`` 2 (default: 32 passes of one count), 4 or 16 (16 or 8
+passes of 3 or 15 independent counts). Same value as ``lax.top_k(x, k)[0][:, -1]`` for every
+finite or infinite input (NaN unsupported).
+
+Measured on an H100 at [8, 16384], k = 2000 (``benchmarks/topk.py``, BENCHMARKS.md session 12):
+radix 2 with 8 warps 13.9 us per call in isolation against the sort's 55.7 us (radix 4: 17.3 us
+at best; fewer, wider passes do not pay); inside the sampler 29 us per token against the sort's
+~51 us, i.e. L's 8 images 0.217 -> 0.212 s. ``lasad_jax.sampling`` uses it on GPUs
+(``top_k_impl="auto"``).
 
 ``impl="pallas"`` runs compiled on a GPU and in the Pallas interpreter elsewhere; ``impl="xla"``
-is the same search in plain jnp (for tests: 32 small passes, slower than the sort on a GPU).
-Opt-in and NOT yet timed on a GPU: ``lasad_jax.sampling.filter_logits(..., top_k_impl=...)``.
+is the same search in plain jnp (for tests: many small passes, slower than the sort on a GPU).
 """
 
 import functools
