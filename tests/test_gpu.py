@@ -215,7 +215,7 @@ def test_kth_largest_compiled_equals_top_k():
   x = x.at[0, :100].set(jnp.round(x[0, :100]))
   for k in (1, 2000, 16384):
     ref = jax.lax.top_k(x, k)[0][:, -1:]
-    for radix in (2, 4, 16):
+    for radix in (2, 4):
       np.testing.assert_array_equal(np.asarray(kth_largest(x, k, radix=radix)), np.asarray(ref))
 
 

@@ -166,7 +166,7 @@ def test_sampler_with_decode_kernel_same_tokens():
   np.testing.assert_array_equal(toks["pallas"], toks["xla"])
 
 
-@pytest.mark.parametrize("radix", [2, 4, 16])
+@pytest.mark.parametrize("radix", [2, 4])
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_kth_largest_equals_top_k(impl, radix):
   """kernels/sampling/kth.py: the k-th largest value of each row equals lax.top_k's, with ties,
@@ -184,6 +184,8 @@ def test_kth_largest_equals_top_k(impl, radix):
         np.asarray(kth_largest(jnp.asarray(x), k, impl=impl, radix=radix)), ref)
   with pytest.raises(ValueError, match="k must be"):
     kth_largest(jnp.asarray(x), 0, impl=impl)
+  with pytest.raises(ValueError, match="radix must be"):
+    kth_largest(jnp.asarray(x), 5, impl=impl, radix=16)
 
 
 def test_top_k_select_samples_the_same_tokens(model):

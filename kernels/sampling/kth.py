@@ -5,15 +5,15 @@ that ``lax.top_k`` produces; on the H100 that sort costs ~51 us per generated to
 LASADGen-L's vocabulary (16384) and k = 2000 (BENCHMARKS.md, session 5 profile). Here one program
 per row holds the row on chip: float32 values map to int32 keys with the same order, and the
 answer is built from the most significant digit down (the largest t with count(key >= t) >= k,
-which is the k-th largest key), ``radix`` 2 (default: 32 passes of one count), 4 or 16 (16 or 8
-passes of 3 or 15 independent counts). Same value as ``lax.top_k(x, k)[0][:, -1]`` for every
+which is the k-th largest key), ``radix`` 2 (default: 32 passes of one count) or 4 (16 passes of
+3 independent counts). Same value as ``lax.top_k(x, k)[0][:, -1]`` for every
 finite or infinite input (NaN unsupported).
 
 Measured on an H100 at [8, 16384], k = 2000 (``benchmarks/topk.py``, BENCHMARKS.md session 12):
 radix 2 with 8 warps 13.9 us per call in isolation against the sort's 55.7 us (radix 4: 17.3 us
-at best; fewer, wider passes do not pay); inside the sampler 29 us per token against the sort's
-~51 us, i.e. L's 8 images 0.217 -> 0.212 s. ``lasad_jax.sampling`` uses it on GPUs
-(``top_k_impl="auto"``).
+at best; a packed radix-16 form spilled registers, 264 us: fewer, wider passes do not pay);
+inside the sampler 29 us per token against the sort's ~51 us, i.e. L's 8 images 0.217 -> 0.212 s.
+``lasad_jax.sampling`` uses it on GPUs (``top_k_impl="auto"``).
 
 ``impl="pallas"`` runs compiled on a GPU and in the Pallas interpreter elsewhere; ``impl="xla"``
 is the same search in plain jnp (for tests: many small passes, slower than the sort on a GPU).
@@ -53,7 +53,7 @@ def _search(keys, k, axis, bits=1):
   the most significant down in the sign-flipped (unsigned-ordered) space: each pass counts the
   keys at or above each of the 2^bits - 1 candidate next digits (independent sums) and keeps the
   largest digit whose count reaches k. bits=1: 32 dependent passes of one sum; 2: 16 passes of 3
-  sums; 4: 8 passes of 15 sums."""
+  sums."""
   ans = jnp.zeros(keys.shape[:axis] + (1,) * (keys.ndim - axis), jnp.int32)
   for shift in range(32 - bits, -1, -bits):
     digit = jnp.zeros_like(ans)
@@ -74,14 +74,14 @@ def _kernel(x_ref, o_ref, *, k, bits):
 def kth_largest(x, k, *, impl="pallas", interpret=None, radix=2, num_warps=8):
   """x [B, V] -> [B, 1] float32: each row's k-th largest value (1 <= k <= V).
 
-  ``radix``: 2, 4 or 16: digits of 1, 2 or 4 bits, i.e. 32, 16 or 8 dependent passes of 1, 3 or
-  15 independent counts.
+  ``radix``: 2 or 4: digits of 1 or 2 bits, i.e. 32 or 16 dependent passes of 1 or 3
+  independent counts.
   ``num_warps``: of the kernel's one program per row."""
   b, v = x.shape
   if not 1 <= k <= v:
     raise ValueError(f"kth_largest: k must be in [1, {v}], got {k}")
-  if radix not in (2, 4, 16):
-    raise ValueError(f"kth_largest: radix must be 2, 4 or 16, got {radix}")
+  if radix not in (2, 4):
+    raise ValueError(f"kth_largest: radix must be 2 or 4, got {radix}")
   bits = radix.bit_length() - 1
   if impl == "xla":
     return _value(_search(_keys(x), k, 1, bits))
