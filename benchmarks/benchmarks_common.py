@@ -1,8 +1,11 @@
 """Timing helpers shared by the benchmark scripts (median ms after warm-up)."""
 
 import collections
+import datetime
 import glob
+import json
 import statistics
+import sys
 import tempfile
 import time
 
@@ -66,3 +69,24 @@ def profile_call(fn):
     with jax.profiler.trace(d):
       jax.block_until_ready(fn())
     return device_kernels(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[-1])
+
+
+def device_us_per_call(fn, *args, iters=10):
+  """Device microseconds per ``fn(*args)`` call (already compiled or not): the kernels' summed
+  durations in a profiler trace of ``iters`` calls, and {kernel name: launches per call}."""
+  jax.block_until_ready(fn(*args))
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      for _ in range(iters):
+        jax.block_until_ready(fn(*args))
+    stats, _ = device_kernels(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[-1])
+  return (sum(t for _, t in stats.values()) / 1e3 / iters,
+          {k: c / iters for k, (c, _) in stats.items()})
+
+
+def write_results(path, script, records, **meta):
+  """The JSON every benchmark writes: date, device, jax version and the command, then records."""
+  meta = dict(date=datetime.date.today().isoformat(), device=jax.devices()[0].device_kind,
+              jax=jax.__version__, command=f"python {script} " + " ".join(sys.argv[1:]), **meta)
+  with open(path, "w") as fh:
+    json.dump(dict(meta=meta, records=records), fh, indent=1)

@@ -11,12 +11,8 @@ profiler trace) and the bandwidth of reading W. Exploration for issue 5: nothing
 """
 
 import argparse
-import datetime
 import functools
-import json
 import os
-import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -24,6 +20,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
+
+from benchmarks_common import write_results  # noqa: E402
 
 SHAPES = {"w_in (q|f|v)": (1024, 3072), "wo": (1024, 1024), "w1|w3": (1024, 5632),
           "w2": (2816, 1024)}
@@ -62,17 +60,8 @@ def pallas_gemm(x, w, *, block_n, split, block_k=128, num_warps=4, num_stages=4,
 def time_us(f, *args, iters=10):
   """Device time per matmul: the kernels' summed durations in a profiler trace of ``iters`` calls
   (host dispatch of a 24-output call would otherwise dominate), split-K sums included."""
-  import glob
-  import tempfile
-
-  from benchmarks_common import device_kernels
-  jax.block_until_ready(f(*args))
-  with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d):
-      for _ in range(iters):
-        jax.block_until_ready(f(*args))
-    stats, _ = device_kernels(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[-1])
-  return max(sum(t for _, t in stats.values()) / 1e3 / (iters * LAYERS), 1e-9)  # CPU: no GPU lines
+  from benchmarks_common import device_us_per_call
+  return max(device_us_per_call(f, *args, iters=iters)[0] / LAYERS, 1e-9)  # CPU: no GPU lines
 
 
 def main():
@@ -117,11 +106,7 @@ def main():
         print(f"{'':<14} {label}: {us:6.2f} us ({mb / us:.2f} TB/s), rel err {err:.1e}", flush=True)
       except Exception as e:  # noqa: BLE001
         print(f"{'':<14} {label}: failed {type(e).__name__}: {str(e)[:150]}")
-    with open(args.out, "w") as fh:
-      json.dump(dict(meta=dict(date=datetime.date.today().isoformat(),
-                               device=jax.devices()[0].device_kind, jax=jax.__version__,
-                               command="python benchmarks/decode_gemm.py " + " ".join(sys.argv[1:])),
-                     records=records), fh, indent=1)
+    write_results(args.out, "benchmarks/decode_gemm.py", records)
   print(f"wrote {args.out}")
 
 

@@ -10,12 +10,7 @@ every variant's threshold is checked equal to the sort's first.
 """
 
 import argparse
-import datetime
-import glob
-import json
 import os
-import sys
-import tempfile
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -23,18 +18,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks_common import device_kernels  # noqa: E402
+from benchmarks_common import device_us_per_call, write_results  # noqa: E402
 from kernels.sampling.kth import kth_largest  # noqa: E402
-
-
-def device_us(f, x, iters=20):
-  jax.block_until_ready(f(x))
-  with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d):
-      for _ in range(iters):
-        jax.block_until_ready(f(x))
-    stats, _ = device_kernels(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[-1])
-  return sum(t for _, t in stats.values()) / 1e3 / iters, {k: c / iters for k, (c, _) in stats.items()}
 
 
 def main():
@@ -59,15 +44,11 @@ def main():
   print(f"device {jax.devices()[0].device_kind}: [{args.rows}, {args.vocab}] float32, k = {k}")
   for name, f in runs.items():
     same = bool((np.asarray(f(x)) == ref).all())
-    us, launches = device_us(f, x)
+    us, launches = device_us_per_call(f, x, iters=20)
     records.append(dict(impl=name, us=us, kernels_per_call=sum(launches.values()), same=same))
     print(f"  {name:<24} {us:8.2f} us/call, {sum(launches.values()):.0f} kernels, same as sort: "
           f"{same}", flush=True)
-  with open(args.out, "w") as fh:
-    json.dump(dict(meta=dict(date=datetime.date.today().isoformat(),
-                             device=jax.devices()[0].device_kind, jax=jax.__version__,
-                             command="python benchmarks/topk.py " + " ".join(sys.argv[1:])),
-                   records=records), fh, indent=1)
+  write_results(args.out, "benchmarks/topk.py", records)
   print(f"wrote {args.out}")
 
 
