@@ -208,8 +208,8 @@ def test_decode_kernel_compiled_matches_xla_decode():
 
 
 def test_kth_largest_compiled_equals_top_k():
-  """kernels/sampling/kth.py compiled at LASADGen's vocabulary and top-k 2000 (not yet run on a
-  GPU when written, session 5)."""
+  """kernels/sampling/kth.py compiled at LASADGen's vocabulary and top-k 2000, both radices: the
+  sampler's top-k threshold on GPUs (top_k_impl="auto") must equal the sort's exactly."""
   from kernels.sampling.kth import kth_largest
   x = jax.random.normal(jax.random.key(0), (8, 16384), jnp.float32) * 4
   x = x.at[0, :100].set(jnp.round(x[0, :100]))
