@@ -71,15 +71,21 @@ def profile_call(fn):
     return device_kernels(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[-1])
 
 
-def device_us_per_call(fn, *args, iters=10):
-  """Device microseconds per ``fn(*args)`` call (already compiled or not): the kernels' summed
-  durations in a profiler trace of ``iters`` calls, and {kernel name: launches per call}."""
+def trace_kernels(fn, *args, iters=10):
+  """{kernel name: [launches, total ns]} over ``iters`` calls of ``fn(*args)`` (run once first, to
+  compile), from a profiler trace; {} without a GPU plane."""
   jax.block_until_ready(fn(*args))
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d):
       for _ in range(iters):
         jax.block_until_ready(fn(*args))
-    stats, _ = device_kernels(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[-1])
+    return device_kernels(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[-1])[0]
+
+
+def device_us_per_call(fn, *args, iters=10):
+  """Device microseconds per ``fn(*args)`` call: the kernels' summed durations in a profiler
+  trace of ``iters`` calls, and {kernel name: launches per call}."""
+  stats = trace_kernels(fn, *args, iters=iters)
   return (sum(t for _, t in stats.values()) / 1e3 / iters,
           {k: c / iters for k, (c, _) in stats.items()})
 

@@ -5,14 +5,11 @@ time in growing contexts, down to the sampler's own logits.
 
 Prints {kernel: (calls per call, us per launch)} for each context (BENCHMARKS.md session 12).
 """
-import glob
-import tempfile
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from benchmarks_common import device_kernels
+from benchmarks_common import trace_kernels
 from configs.lasad import get_config
 from kernels.sampling.kth import kth_largest
 from lasad_jax import model as M
@@ -20,12 +17,8 @@ from lasad_jax import sampling as S
 
 
 def per_kernel(f, *a, iters=5):
-  jax.block_until_ready(f(*a))
-  with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d):
-      for _ in range(iters):
-        jax.block_until_ready(f(*a))
-    stats, _ = device_kernels(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[-1])
+  """{kth kernel: (launches per call, us per launch)}."""
+  stats = trace_kernels(f, *a, iters=iters)
   return {k: (c / iters, t / c / 1e3) for k, (c, t) in stats.items() if "kth" in k}
 
 
