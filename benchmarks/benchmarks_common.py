@@ -62,24 +62,26 @@ def device_kernels(xplane_path):
   return dict(stats), (spans[0][0], max(e for _, e in spans), busy)
 
 
+def _traced(fn, args, iters):
+  """``iters`` calls of ``fn(*args)`` under ``jax.profiler.trace``: :func:`device_kernels`."""
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      for _ in range(iters):
+        jax.block_until_ready(fn(*args))
+    return device_kernels(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[-1])
+
+
 def profile_call(fn):
   """Runs ``fn()`` (already compiled) once under ``jax.profiler.trace``: (kernel stats, span) as
   :func:`device_kernels` gives them; ({}, None) without a GPU plane."""
-  with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d):
-      jax.block_until_ready(fn())
-    return device_kernels(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[-1])
+  return _traced(fn, (), 1)
 
 
 def trace_kernels(fn, *args, iters=10):
   """{kernel name: [launches, total ns]} over ``iters`` calls of ``fn(*args)`` (run once first, to
   compile), from a profiler trace; {} without a GPU plane."""
   jax.block_until_ready(fn(*args))
-  with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d):
-      for _ in range(iters):
-        jax.block_until_ready(fn(*args))
-    return device_kernels(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[-1])[0]
+  return _traced(fn, args, iters)[0]
 
 
 def device_us_per_call(fn, *args, iters=10):

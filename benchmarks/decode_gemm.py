@@ -21,7 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
-from benchmarks_common import write_results  # noqa: E402
+from benchmarks_common import device_us_per_call, write_results  # noqa: E402
 
 SHAPES = {"w_in (q|f|v)": (1024, 3072), "wo": (1024, 1024), "w1|w3": (1024, 5632),
           "w2": (2816, 1024)}
@@ -60,7 +60,6 @@ def pallas_gemm(x, w, *, block_n, split, block_k=128, num_warps=4, num_stages=4,
 def time_us(f, *args, iters=10):
   """Device time per matmul: the kernels' summed durations in a profiler trace of ``iters`` calls
   (host dispatch of a 24-output call would otherwise dominate), split-K sums included."""
-  from benchmarks_common import device_us_per_call
   return max(device_us_per_call(f, *args, iters=iters)[0] / LAYERS, 1e-9)  # CPU: no GPU lines
 
 

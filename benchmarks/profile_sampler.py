@@ -36,7 +36,7 @@ def main():
   ap.add_argument("--grid", type=int, default=16)
   ap.add_argument("--top-k", type=int, default=2000)
   ap.add_argument("--decode-impl", default="auto", help="auto | xla | pallas (config.decode_impl)")
-  ap.add_argument("--top-k-impl", default="auto",
+  ap.add_argument("--top-k-impl", default="auto", choices=S.TOP_K_IMPLS,
                   help="auto (select on GPU) | sort (lax.top_k) | select (Pallas)")
   ap.add_argument("--out", default="benchmarks/results/profile_sampler_h100.json")
   args = ap.parse_args()

@@ -101,7 +101,7 @@ def main():
   ap.add_argument("--top-k", type=int, default=None, help="default 2000 (5 for tiny); 0 = off")
   ap.add_argument("--decode-impl", default="auto",
                   help="LASAD decode attention step: auto (Pallas kernel on GPU) | xla | pallas")
-  ap.add_argument("--top-k-impl", default="auto",
+  ap.add_argument("--top-k-impl", default="auto", choices=S.TOP_K_IMPLS,
                   help="auto (select on GPU) | sort (lax.top_k) | select (Pallas)")
   ap.add_argument("--unfused", action="store_true",
                   help="separate q/f/v and w1/w3 matmuls per layer (A/B against the default)")

@@ -33,6 +33,7 @@ from kernels.lasad.pallas import CUMSUM_MODES  # noqa: E402
 from lasad_jax import model as M  # noqa: E402
 from lasad_jax import sharding as S  # noqa: E402
 from lasad_jax import training as T  # noqa: E402
+from lasad_jax.ops import GATES  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmarks_common import profile_call  # noqa: E402
@@ -122,7 +123,7 @@ def main():
                   help="Pallas float32-operand dots (config.kernel_dots)")
   ap.add_argument("--kernel-cumsum", default="auto", choices=CUMSUM_MODES,
                   help="Pallas row cumulative sums (config.kernel_cumsum)")
-  ap.add_argument("--kernel-gate", default="auto", choices=("auto", "kernel", "xla"),
+  ap.add_argument("--kernel-gate", default="auto", choices=GATES,
                   help="where the HGRN2 gates run (config.kernel_gate)")
   ap.add_argument("--no-scan", action="store_true",
                   help="unrolled layers (config.scan_layers=False) instead of one lax.scan")
