@@ -40,7 +40,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.lasad.reference import hgrn2_gates
 
 F32 = jnp.float32
 CUMSUM_MODES = ("auto", "scan", "dot")   # BlockSizes.cumsum
@@ -371,6 +370,21 @@ def _tg2(x):
   return _tkg(x, x)[1]
 
 
+def _gate_grads(f, dk, dg):
+  """The gradient kernel's epilogue with the gate in the kernel: the chain rule through the
+  forget-gate half of ``reference.hgrn2_gates`` for rows of f (as loaded) and float32 dk, dg (the
+  natural-log gate's gradient). Returns (d f, d lb summed over the rows [1, K]): XLA's two passes
+  over dk and a float32 dg go. With u = dg / gate - dk (gate = lb + (1 - lb) s, s = sigmoid(f);
+  the 1e-30 clamp passes no gradient): d f = (1 - lb) s (1 - s) u, d lb = (1 - s) u.
+  (d q_raw = dq silu'(q_raw) here too made the kernel 0.6 ms slower per call at LASADGen-L's
+  training shape, more than XLA's pass takes; BENCHMARKS.md session 13.)"""
+  lb = _LB.get()
+  s = _sigmoid(f.astype(F32))
+  gate = s + lb * (1.0 - s)
+  u = jnp.where(gate > 1e-30, dg * _rcp(jnp.maximum(gate, 1e-30)), 0.0) - dk
+  return (1.0 - lb) * s * (1.0 - s) * u, jnp.sum((1.0 - s) * u, axis=0, keepdims=True)
+
+
 def _decays(gf, rs):
   """Per block of rows, from ``_gate``'s (gf, reset): the log decay since the block start b [r, K]
   (inclusive cumulative sum), the segment id seg [r] (resets so far), the block's total log decay
@@ -602,6 +616,8 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
   d_state = ds_ref[...]
   later = jnp.sum(p_state * d_state, axis=1)[None, :]      # d b_C from S_out
   dbnd = jnp.zeros((1, q_ref.shape[-1]), F32)
+  gated = _LB.get() is not None
+  dlb = jnp.zeros((1, q_ref.shape[-1]), F32)
   for i in reversed(range(nsub)):
     x = load(i)
     rows = x["rows"]
@@ -658,7 +674,12 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
     later = later + tot_db
     dbnd = dbnd + jnp.sum(jnp.where((x["start"] & ~x["reset"])[:, None], dgt, 0.0), axis=0,
                           keepdims=True)
-    dg_ref[rows, :] = jnp.where(x["start"][:, None], 0.0, dgt).astype(dg_ref.dtype)
+    dg = jnp.where(x["start"][:, None], 0.0, dgt)
+    if gated:   # dk slot: d f; dg slot: d lb of the chunk
+      dk, dlb_rows = _gate_grads(k_ref[rows, :], dk, dg)
+      dlb = dlb + dlb_rows
+    else:
+      dg_ref[rows, :] = dg.astype(dg_ref.dtype)
     dq_ref[rows, :] = dq.astype(dq_ref.dtype)
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
@@ -666,6 +687,8 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
       q_hat = scale * q * _exp(x["b"]) * (x["seg"] == 0)[:, None]
       d_state = _exp(x["tot_col"]) * (x["nres"] == 0) * d_state + sm(q_hat, do.astype(dtype), trans_a=True)
   dbnd_ref[...] = dbnd
+  if gated:
+    dg_ref[...] = dlb
 
 
 # --------------------------------------------------------------------------- pallas_calls
@@ -928,6 +951,7 @@ def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scal
   dv = v.shape[-1]
   c = bs.chunk
   n = t // c
+  per_chunk = pl.BlockSpec((None, None, None, 1, dk), lambda i, j, hh: (i, j, hh, 0, 0))
   kern = functools.partial(_grads_kernel, chunk=c, sub=bs.sub, seq_len=seq_len, scale=scale,
                            dtype=q.dtype, diag=bs.diag, fast_limit=bs.fast_limit,
                            split=bs.split_dots)
@@ -936,12 +960,13 @@ def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scal
       in_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c), _chunk_spec(dk, c),
                 _chunk_spec(dv, c)] + _scalar_specs(lambda i, j, hh: (i, hh))
       + [_state_spec(dk, dv), _state_spec(dk, dv)],
-      out_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c), _chunk_spec(dk, c),
-                 pl.BlockSpec((None, None, None, 1, dk), lambda i, j, hh: (i, j, hh, 0, 0))],
+      out_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c),
+                 _chunk_spec(dk, c) if _GATE_LB.get() is None else per_chunk, per_chunk],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype),
-                 # dg in float32 also when the g slot holds bf16 f (the gate in the kernel)
-                 jax.ShapeDtypeStruct(g.shape, g.dtype if _GATE_LB.get() is None else F32),
+                 # the gate in the kernel: d lb per chunk in the dg slot (_gate_grads)
+                 jax.ShapeDtypeStruct(g.shape, g.dtype) if _GATE_LB.get() is None else
+                 jax.ShapeDtypeStruct((b, n, h, 1, dk), F32),
                  jax.ShapeDtypeStruct((b, n, h, 1, dk), F32)],
       compiler_params=_params(bs, _grads_warps(bs)), interpret=interpret,
       cumsum=_cumsum(bs, grads=True),
@@ -1049,13 +1074,13 @@ def _hgrn2_fwd(qr, f, v, lb, width, prefix, bnd, h0, seq_len, scale, bs, interpr
 
 def _hgrn2_bwd(seq_len, scale, bs, interpret, res, cts):
   qr, f, v, lb, width, prefix, bnd, h0 = res
+  # the gradient kernel applies the forget gate's derivatives (_gate_grads): d f and d lb per
+  # chunk come back in the dk and dg slots; silu's derivative is XLA's, one pass over dq
   with _gated(_lb_rows(lb)):
-    dq, dk, dv, dg, _, _, dbnd, dh0 = _lasad_bwd(
+    dq, df, dv, dlb, _, _, dbnd, dh0 = _lasad_bwd(
         seq_len, scale, bs, interpret, (qr, f, v, f, width, prefix, bnd, h0), cts)
-  # the gates' own derivatives: XLA fuses them with the recomputed sigmoid into one pass
-  _, pull = jax.vjp(hgrn2_gates, qr, f, lb)
-  dqr, df, dlb = pull((dq, dk, dg))
-  return dqr, df, dv, dlb, None, None, dbnd, dh0
+  dqr = jax.vjp(jax.nn.silu, qr)[1](dq)[0]
+  return dqr, df, dv, jnp.sum(dlb, axis=(0, 1, 3)).astype(lb.dtype), None, None, dbnd, dh0
 
 
 _hgrn2.defvjp(_hgrn2_fwd, _hgrn2_bwd)
