@@ -202,8 +202,13 @@ def forward(cfg, params, tokens, labels, width=None):
   if cfg.get("scan_layers", True):
     x, _ = jax.lax.scan(layer, x, (params["blocks"], lbs))
   else:   # unrolled: see scan_layers in configs/lasad.py
+    # One split per stacked array, not L slices: the gradient of L slices is a sum of L padded
+    # slices, which XLA fused into a select chain at 0.35-0.95 TB/s (4.7 ms of LASADGen-L's step
+    # on the H100); a split's gradient is one concatenation (BENCHMARKS.md session 13).
+    leaves, tree = jax.tree.flatten((params["blocks"], lbs))
+    parts = [jnp.split(a, cfg.num_layers) for a in leaves]
     for i in range(cfg.num_layers):
-      x, _ = layer(x, jax.tree.map(lambda a, i=i: a[i], (params["blocks"], lbs)))
+      x, _ = layer(x, tree.unflatten([p[i].reshape(a.shape[1:]) for p, a in zip(parts, leaves)]))
   return _logits(cfg, params, x)
 
 
