@@ -1,11 +1,12 @@
-"""Device time of HGRN2 attention's forward + backward (LASADGen's layer core) by kernel.
+"""Device time of HGRN2 attention's gradient (LASADGen's layer core) by kernel.
 
     python benchmarks/hgrn2_grads.py [--shape 256,256,16,64] [--gates kernel,xla] [--out F.json]
 
 ``hgrn2_attention(impl="pallas")`` with the gates in the kernels or in XLA, bf16, row mask on
 (width 16, prefix 1, boundary -0.05), at LASADGen-L's training shape by default: every kernel of
-one jitted value-and-gradient call with its microseconds per call (profiler trace), so a change
-to the gradient kernel's epilogue is seen beside the XLA passes it replaces.
+one jitted ``jax.grad`` call with its microseconds per call (profiler trace), so a change to the
+gradient kernel's epilogue is seen beside the XLA passes it replaces. (The gradient needs only the
+inputs, so the forward kernel does not run in it.)
 """
 
 import argparse
@@ -57,7 +58,7 @@ def main():
       sys.exit(f"--gates: {gate!r} is not one of {GATES}")
     kernels = run(shape, gate, args.iters)
     total = sum(k["us"] for k in kernels.values())
-    print(f"gate={gate}: {total:.1f} us per forward + backward")
+    print(f"gate={gate}: {total:.1f} us per gradient call")
     for name, k in kernels.items():
       print(f"  {name[:60]:60s} {k['calls']:4.0f} {k['us']:9.1f} us")
     records.append(dict(gate=gate, shape=shape, total_us=round(total, 1), kernels=kernels))

@@ -952,6 +952,7 @@ def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scal
   c = bs.chunk
   n = t // c
   per_chunk = pl.BlockSpec((None, None, None, 1, dk), lambda i, j, hh: (i, j, hh, 0, 0))
+  gated = _GATE_LB.get() is not None   # then d lb per chunk in the dg slot (_gate_grads)
   kern = functools.partial(_grads_kernel, chunk=c, sub=bs.sub, seq_len=seq_len, scale=scale,
                            dtype=q.dtype, diag=bs.diag, fast_limit=bs.fast_limit,
                            split=bs.split_dots)
@@ -961,12 +962,11 @@ def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scal
                 _chunk_spec(dv, c)] + _scalar_specs(lambda i, j, hh: (i, hh))
       + [_state_spec(dk, dv), _state_spec(dk, dv)],
       out_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c),
-                 _chunk_spec(dk, c) if _GATE_LB.get() is None else per_chunk, per_chunk],
+                 per_chunk if gated else _chunk_spec(dk, c), per_chunk],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype),
-                 # the gate in the kernel: d lb per chunk in the dg slot (_gate_grads)
-                 jax.ShapeDtypeStruct(g.shape, g.dtype) if _GATE_LB.get() is None else
-                 jax.ShapeDtypeStruct((b, n, h, 1, dk), F32),
+                 jax.ShapeDtypeStruct((b, n, h, 1, dk), F32) if gated else
+                 jax.ShapeDtypeStruct(g.shape, g.dtype),
                  jax.ShapeDtypeStruct((b, n, h, 1, dk), F32)],
       compiler_params=_params(bs, _grads_warps(bs)), interpret=interpret,
       cumsum=_cumsum(bs, grads=True),
