@@ -17,6 +17,11 @@ from lasad_jax import model as M
 TOP_K_IMPLS = ("auto", "sort", "select")
 
 
+def _check_top_k_impl(top_k_impl):
+  if top_k_impl not in TOP_K_IMPLS:
+    raise ValueError(f"`top_k_impl` must be one of {TOP_K_IMPLS}, got {top_k_impl!r}.")
+
+
 def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0, top_k_impl="auto"):
   """Temperature, then top-k (0: off), then nucleus top-p (1.0: off) on [B, V] logits.
 
@@ -24,8 +29,7 @@ def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0, top_k_impl="auto"
   value by a digit search in one Pallas program per row, the same threshold: on an H100 ~29 us
   per token inside L's sampler instead of the sort's ~51 us, BENCHMARKS.md session 12) or "auto"
   (select on a GPU, sort elsewhere). The kept set, hence the tokens, are the same."""
-  if top_k_impl not in TOP_K_IMPLS:
-    raise ValueError(f"`top_k_impl` must be one of {TOP_K_IMPLS}, got {top_k_impl!r}.")
+  _check_top_k_impl(top_k_impl)
   if top_k_impl == "auto":
     top_k_impl = "select" if jax.default_backend() == "gpu" else "sort"
   logits = logits / jnp.maximum(temperature, 1e-6)
@@ -49,8 +53,7 @@ def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0, top_k_impl="auto"
 
 
 def _check(cfg, labels, height, width, cfg_scale, temperature, top_k, top_p, top_k_impl="auto"):
-  if top_k_impl not in TOP_K_IMPLS:
-    raise ValueError(f"`top_k_impl` must be one of {TOP_K_IMPLS}, got {top_k_impl!r}.")
+  _check_top_k_impl(top_k_impl)   # before compiling (filter_logits checks it again, traced)
   if height <= 0 or width <= 0:
     raise ValueError(f"`height` and `width` must be positive token counts, got {height}x{width}.")
   if cfg_scale < 0:

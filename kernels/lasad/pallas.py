@@ -349,15 +349,24 @@ def _tq(x):
   return (xf * _sigmoid(xf)).astype(x.dtype)
 
 
+_GATE_FLOOR = 1e-30   # the forget gate's clamp before its log (reference.hgrn2_gates)
+
+
+def _forget(f, lb):
+  """s = sigmoid(f) and the clamped forget gate max(lb + (1 - lb) s, 1e-30) of float32 rows f:
+  what ``_tkg`` (forward) and ``_gate_grads`` (its derivative) both start from."""
+  s = _sigmoid(f)
+  return s, jnp.maximum(s + lb * (1.0 - s), _GATE_FLOOR)
+
+
 def _tkg(k, g):
   """(k, base-2 log decay) of rows loaded together; with the gate in the kernel both come from
   the f rows in ``k`` (g holds the same rows, unread) and share one sigmoid."""
   lb = _LB.get()
   if lb is None:
     return k, g.astype(F32) * LOG2E
-  s = _sigmoid(k.astype(F32))
-  return (((1.0 - lb) * (1.0 - s)).astype(k.dtype),
-          _log2(jnp.maximum(s + lb * (1.0 - s), 1e-30)))
+  s, gate = _forget(k.astype(F32), lb)
+  return ((1.0 - lb) * (1.0 - s)).astype(k.dtype), _log2(gate)
 
 
 def _tk(x):
@@ -379,9 +388,8 @@ def _gate_grads(f, dk, dg):
   (d q_raw = dq silu'(q_raw) here too made the kernel 0.6 ms slower per call at LASADGen-L's
   training shape, more than XLA's pass takes; BENCHMARKS.md session 13.)"""
   lb = _LB.get()
-  s = _sigmoid(f.astype(F32))
-  gate = s + lb * (1.0 - s)
-  u = jnp.where(gate > 1e-30, dg * _rcp(jnp.maximum(gate, 1e-30)), 0.0) - dk
+  s, gate = _forget(f.astype(F32), lb)
+  u = jnp.where(gate > _GATE_FLOOR, dg * _rcp(gate), 0.0) - dk
   return (1.0 - lb) * s * (1.0 - s) * u, jnp.sum((1.0 - s) * u, axis=0, keepdims=True)
 
 
