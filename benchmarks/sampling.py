@@ -99,8 +99,9 @@ def main():
   ap.add_argument("--out", default="benchmarks/results/sampling_h100.json")
   ap.add_argument("--attentions", default="lasad,softmax")
   ap.add_argument("--top-k", type=int, default=None, help="default 2000 (5 for tiny); 0 = off")
-  ap.add_argument("--decode-impl", default="auto",
-                  help="LASAD decode attention step: auto (Pallas kernel on GPU) | xla | pallas")
+  ap.add_argument("--decode-impl", default="auto", choices=M.DECODE_IMPLS,
+                  help="LASAD decode step (config.decode_impl): auto (a Pallas attention kernel "
+                  "per layer on GPU) | xla | pallas | persistent (every layer in one kernel)")
   ap.add_argument("--top-k-impl", default="auto", choices=S.TOP_K_IMPLS,
                   help="auto (select on GPU) | sort (lax.top_k) | select (Pallas)")
   ap.add_argument("--unfused", action="store_true",

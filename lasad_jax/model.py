@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from kernels.lasad import decode as decode_kernel
+from kernels.lasad import decode_persistent
 from kernels.lasad import reference
 from lasad_jax.ops import GATES, hgrn2_attention
 from lasad_jax import remat
@@ -242,18 +243,40 @@ def embed(params, pos, labels, prev_tokens):
   return jnp.where(pos == 0, cls, tok).astype(jnp.float32)
 
 
-def use_decode_kernel(cfg):
-  """Whether the LASAD decode step runs its attention core as one Pallas kernel
-  (``kernels.lasad.decode``): ``config.decode_impl`` "pallas", or "auto" on a GPU."""
+DECODE_IMPLS = ("auto", "xla", "pallas", "persistent")
+
+
+def decode_impl(cfg):
+  """How the LASAD decode step runs (``config.decode_impl``): "xla"; "pallas", the attention core
+  of each layer as one Pallas kernel (``kernels.lasad.decode``); "persistent", every layer of a
+  token as one persistent Pallas kernel (``kernels.lasad.decode_persistent``; GPU, or one program
+  in the interpreter); "auto": "pallas" on a GPU, else "xla"."""
   impl = cfg.get("decode_impl", "auto")
-  if impl not in ("auto", "xla", "pallas"):
-    raise ValueError(f"config.decode_impl must be auto | xla | pallas, got {impl!r}")
+  if impl not in DECODE_IMPLS:
+    raise ValueError(f"config.decode_impl must be one of {' | '.join(DECODE_IMPLS)}, got {impl!r}")
   if impl == "auto":
-    return jax.default_backend() == "gpu" and decode_kernel.supported(cfg.head_dim)
-  if impl == "pallas" and not decode_kernel.supported(cfg.head_dim):
-    raise ValueError(f"config.decode_impl='pallas' needs head_dim a power of two >= 16, got "
+    return "pallas" if jax.default_backend() == "gpu" and decode_kernel.supported(cfg.head_dim) \
+        else "xla"
+  if impl in ("pallas", "persistent") and not decode_kernel.supported(cfg.head_dim):
+    raise ValueError(f"config.decode_impl={impl!r} needs head_dim a power of two >= 16, got "
                      f"{cfg.head_dim}; use 'xla'")
-  return impl == "pallas"
+  if impl == "persistent" and cfg.attention != "lasad":
+    raise ValueError("config.decode_impl='persistent' runs LASAD attention only; the softmax "
+                     "baseline decodes with 'auto' or 'xla'")
+  return impl
+
+
+def use_decode_kernel(cfg):
+  """Whether the LASAD decode step runs its attention core as one Pallas kernel per layer."""
+  return decode_impl(cfg) == "pallas"
+
+
+def _row_start(cfg, pos, width, batch):
+  """[B] bool: position ``pos`` starts an image row (never with boundary "none")."""
+  width = jnp.broadcast_to(jnp.asarray(width, jnp.int32), (batch,))
+  rel = pos - PREFIX
+  start = (rel >= width) & (jnp.remainder(rel, jnp.maximum(width, 1)) == 0)
+  return jnp.zeros_like(start) if cfg.boundary == "none" else start
 
 
 def decode_step(cfg, params, state, x, pos, width):
@@ -264,10 +287,7 @@ def decode_step(cfg, params, state, x, pos, width):
   sampler) as one unrolled program per token.
   """
   width = jnp.broadcast_to(jnp.asarray(width, jnp.int32), (x.shape[0],))
-  rel = pos - PREFIX
-  start = (rel >= width) & (jnp.remainder(rel, jnp.maximum(width, 1)) == 0)
-  if cfg.boundary == "none":
-    start = jnp.zeros_like(start)
+  start = _row_start(cfg, pos, width, x.shape[0])
   lbs = None if "layers" in params else _layer_bounds(cfg, params)
   fused_kernel = cfg.attention == "lasad" and use_decode_kernel(cfg)
   if cfg.attention == "softmax":
@@ -334,6 +354,37 @@ def unstack_for_decode(cfg, params, state, fuse=True):
   layers = [(one(i), lbs[i]) for i in range(L)]
   rest = {k: v for k, v in params.items() if k != "blocks"}
   return {**rest, "layers": layers}, [jax.tree.map(lambda a, i=i: a[i], state) for i in range(L)]
+
+
+def persistent_params(cfg, params):
+  """The stacked per-layer arrays ``decode_step_persistent`` takes, made once per sampling call
+  from compute-dtype params (``cast_for_compute``): [wq | wf | wv] and [w1 | w3] side by side,
+  each layer's forget-gate lower bounds and row-start boundary decays."""
+  blk = params["blocks"]
+  lbs = _lower_bounds(blk["lower_bound"])
+  bnd = jax.vmap(lambda b: _boundary(cfg, {"boundary": b}))(blk["boundary"])
+  return {**{k: v for k, v in params.items() if k != "blocks"},
+          "w_in": jnp.concatenate([blk["wq"], blk["wf"], blk["wv"]], axis=-1),
+          "w13": jnp.concatenate([blk["w1"], blk["w3"]], axis=-1),
+          "wo": blk["wo"], "w2": blk["w2"], "attn_norm": blk["attn_norm"],
+          "ffn_norm": blk["ffn_norm"], "head_norm": blk["head_norm"], "lb": lbs, "bnd": bnd}
+
+
+def decode_step_persistent(cfg, kp, state, x, pos, width):
+  """``decode_step`` for LASAD with every layer in one persistent kernel. kp from
+  ``persistent_params``, state [L, B, H, K, V]. Returns (state, logits, barrier timeouts: nonzero
+  means the kernel's programs were not all resident and the step is wrong)."""
+  b = x.shape[0]
+  interpret = jax.default_backend() != "gpu"
+  nprog = 1 if interpret else getattr(jax.devices()[0], "core_count", 132)
+  plan = decode_persistent.make_plan(layers=cfg.num_layers, batch=b, dim=cfg.dim,
+                                     hidden=mlp_hidden(cfg.dim), heads=cfg.num_heads,
+                                     head_dim=cfg.head_dim, eps=cfg.norm_eps, nprog=nprog)
+  x, state, fails = decode_persistent.decode_layers(
+      x, state, kp["w_in"], kp["wo"], kp["w13"], kp["w2"], kp["attn_norm"], kp["ffn_norm"],
+      kp["head_norm"], kp["lb"], kp["bnd"], _row_start(cfg, pos, width, b), plan=plan,
+      interpret=interpret)
+  return state, _logits(cfg, kp, x), fails
 
 
 MATMUL_WEIGHTS = ("wq", "wk", "wv", "wf", "wo", "w1", "w2", "w3")

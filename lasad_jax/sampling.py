@@ -74,8 +74,10 @@ def sample(model, labels, *, height, width, rng, cfg_scale=1.0, temperature=1.0,
   ``top_k_impl``: see ``filter_logits``."""
   cfg = model.config
   labels = _check(cfg, labels, height, width, cfg_scale, temperature, top_k, top_p, top_k_impl)
-  return _sample(cfg, model.params(), labels, rng, height * width, width, float(cfg_scale),
-                 float(temperature), int(top_k), float(top_p), top_k_impl)
+  toks, fails = _sample(cfg, model.params(), labels, rng, height * width, width,
+                        float(cfg_scale), float(temperature), int(top_k), float(top_p), top_k_impl)
+  _check_timeouts(fails)
+  return toks
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8, 9, 10))
@@ -85,23 +87,46 @@ def _sample(cfg, params, labels, rng, n, width, cfg_scale, temperature, top_k, t
   guided = cfg_scale != 1.0
   params = M.cast_for_compute(cfg, params)
   rows = jnp.concatenate([labels, jnp.full_like(labels, cfg.num_classes)]) if guided else labels
-  params, state = M.unstack_for_decode(cfg, params, M.init_state(cfg, rows.shape[0], n))
+  params, state, decode = _decoder(cfg, params, rows.shape[0], n)
 
   def step(carry, pos):
-    state, prev, key = carry
+    state, prev, key, fails = carry
     x = M.embed(params, pos, rows, jnp.concatenate([prev, prev]) if guided else prev)
-    state, logits = M.decode_step(cfg, params, state, x, pos, width)
+    state, logits, f = decode(state, x, pos, width)
     if guided:
       c, u = logits[:b], logits[b:]
       logits = u + cfg_scale * (c - u)
     key, sub = jax.random.split(key)
     tok = jax.random.categorical(sub, filter_logits(logits, temperature, top_k, top_p,
                                                     top_k_impl))
-    return (state, tok.astype(jnp.int32), key), tok.astype(jnp.int32)
+    return (state, tok.astype(jnp.int32), key, fails + f), tok.astype(jnp.int32)
 
-  init = (state, jnp.zeros((b,), jnp.int32), rng)
-  _, toks = jax.lax.scan(step, init, jnp.arange(n, dtype=jnp.int32))
-  return toks.T
+  init = (state, jnp.zeros((b,), jnp.int32), rng, jnp.int32(0))
+  (*_, fails), toks = jax.lax.scan(step, init, jnp.arange(n, dtype=jnp.int32))
+  return toks.T, fails
+
+
+def _decoder(cfg, params, batch, n):
+  """(params, initial state, step(state, x, pos, width) -> (state, logits, barrier timeouts)) for
+  ``config.decode_impl``: the persistent kernel's stacked arrays, or ``unstack_for_decode``'s
+  per-layer lists (made once, outside the token loop)."""
+  state = M.init_state(cfg, batch, n)
+  if cfg.attention == "lasad" and M.decode_impl(cfg) == "persistent":
+    kp = M.persistent_params(cfg, params)
+    return kp, state, functools.partial(M.decode_step_persistent, cfg, kp)
+  params, state = M.unstack_for_decode(cfg, params, state)
+
+  def step(state, x, pos, width):
+    return M.decode_step(cfg, params, state, x, pos, width) + (jnp.int32(0),)
+  return params, state, step
+
+
+def _check_timeouts(fails):
+  if int(fails):
+    raise RuntimeError(
+        f"the persistent decode kernel's grid barrier timed out {int(fails)} times: its programs "
+        "were not all resident on the GPU (another job sharing it?), so the result is wrong. "
+        "Set config.decode_impl='pallas' or 'xla'.")
 
 
 def decode_logits(model, tokens, labels, *, width=None):
@@ -110,21 +135,26 @@ def decode_logits(model, tokens, labels, *, width=None):
   cfg = model.config
   width = cfg.grid[1] if width is None else width
   M.check_inputs(cfg, tokens, labels, width)
-  return _decode_logits(cfg, model.params(), jnp.asarray(tokens, jnp.int32),
-                        jnp.asarray(labels, jnp.int32), jnp.asarray(width, jnp.int32))
+  logits, fails = _decode_logits(cfg, model.params(), jnp.asarray(tokens, jnp.int32),
+                                 jnp.asarray(labels, jnp.int32), jnp.asarray(width, jnp.int32))
+  _check_timeouts(fails)
+  return logits
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _decode_logits(cfg, params, tokens, labels, width):
   b, n = tokens.shape
   prev = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), tokens[:, :-1]], 1)
+  if M.decode_impl(cfg) == "persistent":
+    params = M.cast_for_compute(cfg, params)   # the kernel takes compute-dtype weights
+  params, state, decode = _decoder(cfg, params, b, n)
 
-  params, state = M.unstack_for_decode(cfg, params, M.init_state(cfg, b, n))
-
-  def step(state, xs):
+  def step(carry, xs):
+    state, fails = carry
     pos, prev_t = xs
-    x = M.embed(params, pos, labels, prev_t)
-    return M.decode_step(cfg, params, state, x, pos, width)
+    state, logits, f = decode(state, M.embed(params, pos, labels, prev_t), pos, width)
+    return (state, fails + f), logits
 
-  _, logits = jax.lax.scan(step, state, (jnp.arange(n, dtype=jnp.int32), prev.T))
-  return jnp.swapaxes(logits, 0, 1)
+  (_, fails), logits = jax.lax.scan(step, (state, jnp.int32(0)),
+                                    (jnp.arange(n, dtype=jnp.int32), prev.T))
+  return jnp.swapaxes(logits, 0, 1), fails

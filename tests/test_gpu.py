@@ -199,12 +199,60 @@ def test_decode_kernel_compiled_matches_xla_decode():
     for impl in ("xla", "pallas"):
       cfg.decode_impl = impl
       out[dtype, impl] = np.asarray(S._decode_logits(
-          ml_collections.FrozenConfigDict(cfg), params, toks, jnp.array([1, 4, 7]), jnp.int32(8)))
+          ml_collections.FrozenConfigDict(cfg), params, toks, jnp.array([1, 4, 7]),
+          jnp.int32(8))[0])
   ref = out["float32", "xla"]
   errs = {k: oracle.rel_rms(v, ref) for k, v in out.items()}
   print(f"decode kernel vs XLA decode (rel RMS vs float32 XLA): {errs}")
   assert errs["float32", "pallas"] < 2e-3, errs
   assert errs["bfloat16", "pallas"] <= 1.25 * errs["bfloat16", "xla"], errs
+
+
+def test_persistent_decode_compiled():
+  """kernels/lasad/decode_persistent.py compiled, one program per SM with grid barriers: at
+  LASADGen-L's layer sizes (two layers, 16 rows = 8 images with CFG, bf16) teacher-forced decode
+  logits no further from the float32 XLA path's than the bf16 per-layer Pallas path is, twice
+  bit for bit the same, no barrier timeout; and the tiny float32 model (most programs idle) equal
+  to the XLA path up to XLA's own dot precision."""
+  import ml_collections
+  from flax import nnx
+
+  from configs.lasad import get_config
+  from lasad_jax import model as M
+  from lasad_jax import sampling as S
+
+  def run(cfg, params, toks, labels, width, impl):
+    cfg.decode_impl = impl
+    logits, fails = S._decode_logits(ml_collections.FrozenConfigDict(cfg), params, toks, labels,
+                                     jnp.int32(width))
+    assert int(fails) == 0, f"{impl}: {int(fails)} barrier timeouts"
+    return np.asarray(logits)
+
+  cfg = get_config("L")
+  cfg.num_layers, cfg.boundary, cfg.vocab_size = 2, "learned", 1024
+  params = M.LASADGen(cfg, rngs=nnx.Rngs(1)).params()
+  params["blocks"]["boundary"] = params["blocks"]["boundary"].at[:, 0].set(-8.0)
+  toks = jax.random.randint(jax.random.key(0), (16, 40), 0, cfg.vocab_size)
+  labels = jnp.arange(16) % 1001
+  out = {}
+  for dtype, impl in (("float32", "xla"), ("bfloat16", "pallas"), ("bfloat16", "persistent")):
+    cfg.dtype = dtype
+    out[dtype, impl] = run(cfg, params, toks, labels, 16, impl)
+  again = run(cfg, params, toks, labels, 16, "persistent")
+  ref = out["float32", "xla"]
+  errs = {k: oracle.rel_rms(v, ref) for k, v in out.items()}
+  print(f"persistent decode vs float32 XLA (rel RMS): {errs}")
+  assert errs["bfloat16", "persistent"] <= 1.25 * errs["bfloat16", "pallas"], errs
+  np.testing.assert_array_equal(again, out["bfloat16", "persistent"])
+
+  tiny = get_config("tiny")
+  params = M.LASADGen(tiny, rngs=nnx.Rngs(2)).params()
+  toks = jax.random.randint(jax.random.key(3), (3, 30), 0, tiny.vocab_size)
+  want = run(tiny, params, toks, jnp.array([1, 4, 7]), 5, "xla")
+  got = run(tiny, params, toks, jnp.array([1, 4, 7]), 5, "persistent")
+  err = oracle.rel_rms(got, want)
+  print(f"tiny float32 persistent vs XLA: {err:.2e}")
+  assert err < 2e-3, err
 
 
 def test_kth_largest_compiled_equals_top_k():

@@ -138,9 +138,55 @@ def test_decode_kernel_matches_xla_decode(boundary):
   for impl in ("xla", "pallas"):
     cfg.decode_impl = impl
     c = ml_collections.FrozenConfigDict(cfg)
-    out[impl] = np.asarray(S._decode_logits(c, params, toks, labels, jnp.int32(4)))
+    out[impl] = np.asarray(S._decode_logits(c, params, toks, labels, jnp.int32(4))[0])
   np.testing.assert_allclose(out["pallas"], out["xla"], rtol=2e-5, atol=2e-5)
   assert np.abs(out["xla"][:, 1:] - out["xla"][:, :-1]).max() > 1e-3   # not a constant
+
+
+@pytest.mark.parametrize("boundary", ["carry", "reset", "learned", "none"])
+def test_persistent_decode_matches_xla_decode(boundary):
+  """config.decode_impl='persistent' (kernels/lasad/decode_persistent.py: every layer of a token
+  in one kernel; here its body as one program in the Pallas interpreter, where the grid barriers
+  and last-arriver tests are trivially met) gives the XLA decode path's logits through row starts
+  for every boundary mode, with 3 rows padded to the kernel's 16 and an odd width; and the
+  parallel forward's."""
+  import ml_collections
+  cfg = get_config("tiny")
+  cfg.boundary = boundary
+  m = M.LASADGen(cfg, rngs=nnx.Rngs(5))
+  params = m.params()
+  blk = params["blocks"]
+  if boundary == "learned":   # distinct per-head boundaries, one of them a near-reset
+    blk["boundary"] = blk["boundary"].at[:, 0].set(-8.0)
+  # non-trivial norms and lower bounds (the model initialises them to ones)
+  ks = jax.random.split(jax.random.key(7), 4)
+  for i, name in enumerate(("attn_norm", "ffn_norm", "head_norm", "lower_bound")):
+    blk[name] = blk[name] + 0.3 * jax.random.normal(ks[i], blk[name].shape)
+  toks = jax.random.randint(jax.random.key(2), (3, 23), 0, cfg.vocab_size)
+  labels = jnp.array([3, 10, 0])
+  out = {}
+  for impl in ("xla", "persistent"):
+    cfg.decode_impl = impl
+    logits, fails = S._decode_logits(ml_collections.FrozenConfigDict(cfg), params, toks, labels,
+                                     jnp.int32(5))
+    out[impl] = np.asarray(logits)
+    assert int(fails) == 0
+  np.testing.assert_allclose(out["persistent"], out["xla"], rtol=2e-5, atol=2e-5)
+  par = np.asarray(M.forward(ml_collections.FrozenConfigDict(cfg), params, toks, labels, 5))
+  np.testing.assert_allclose(out["persistent"], par, rtol=5e-5, atol=5e-5)
+
+
+def test_persistent_sampling_equals_xla_sampling():
+  """sample() with decode_impl='persistent' draws the same tokens as with 'xla' (same seed, CFG,
+  top-k), and a bad decode_impl is refused."""
+  cfg = get_config("tiny")
+  toks = {}
+  for impl in ("xla", "persistent"):
+    cfg.decode_impl = impl
+    m = M.LASADGen(cfg, rngs=nnx.Rngs(3))
+    toks[impl] = np.asarray(S.sample(m, jnp.array([1, 2]), height=4, width=4,
+                                     rng=jax.random.key(9), cfg_scale=2.0, top_k=5))
+  np.testing.assert_array_equal(toks["persistent"], toks["xla"])
 
 
 def test_decode_impl_errors():
