@@ -30,7 +30,9 @@ def get_config(variant="B"):
   c.norm_eps = 1e-5
   c.dtype = "bfloat16" if variant != "tiny" else "float32"   # compute dtype; params are float32
   c.impl = "auto"                                      # lasad_attention implementation
-  c.decode_impl = "auto"   # sampler's attention step: auto (Pallas kernel on GPU) | xla | pallas
+  # sampler's decode step: auto (a Pallas attention kernel per layer on GPU) | xla | pallas |
+  # persistent (every layer in one kernel; opt-in, slower today: kernels/lasad/README.md)
+  c.decode_impl = "auto"
   c.kernel_sub = 32   # Pallas kernel sub-chunk (16 | 32; 32 was 33% faster fwd+bwd on an H100 at
                       # the training shape: kernels/lasad/pallas.py BlockSizes)
   c.kernel_forward = "auto"   # Pallas forward: one_pass | two_pass | auto (the kernel's default)
