@@ -29,28 +29,9 @@ from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
 from benchmarks_common import device_us_per_call, write_results  # noqa: E402
+from kernels.lasad.decode_persistent import grid_barrier  # noqa: E402
 
 M, D, F, LAYERS = 16, 1024, 2816, 24
-_ZERO = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (an array index: the interpreter's atomics need one)
-
-
-def grid_barrier(cnt_ref, target, max_spins, interpret=False):
-  """All programs reach here before any goes on: count arrivals in cnt_ref[0], wait until the
-  count reaches ``target`` (= programs x barriers so far). Returns 1 if it gave up waiting."""
-  sync_threads = (lambda: None) if interpret else plgpu.debug_barrier   # no interpreter rule
-  sync_threads()                             # this program's stores are all issued
-  plgpu.atomic_add(cnt_ref, (_ZERO(),), _ZERO() + 1)         # release (acq_rel, GPU scope)
-
-  def cond(c):
-    v, n = c
-    return (v < target) & (n < max_spins)
-
-  def body(c):
-    return plgpu.atomic_add(cnt_ref, (_ZERO(),), _ZERO() + 0), c[1] + 1
-
-  v, _ = lax.while_loop(cond, body, (plgpu.atomic_add(cnt_ref, (_ZERO(),), _ZERO() + 0), jnp.int32(0)))
-  sync_threads()
-  return (v < target).astype(jnp.int32)
 
 
 def _gemv_phase(x_ref, w_ref, out_ref, layer, *, pid, k, n, bn, bk, nprog, accumulate, cast_x,

@@ -111,8 +111,8 @@ def _decoder(cfg, params, batch, n):
   ``config.decode_impl``: the persistent kernel's stacked arrays, or ``unstack_for_decode``'s
   per-layer lists (made once, outside the token loop)."""
   state = M.init_state(cfg, batch, n)
-  if cfg.attention == "lasad" and M.decode_impl(cfg) == "persistent":
-    kp = M.persistent_params(cfg, params)
+  if M.decode_impl(cfg) == "persistent":   # (LASAD only: decode_impl refuses softmax)
+    kp = M.persistent_params(cfg, M.cast_for_compute(cfg, params))   # a no-op if cast already
     return kp, state, functools.partial(M.decode_step_persistent, cfg, kp)
   params, state = M.unstack_for_decode(cfg, params, state)
 
@@ -145,8 +145,6 @@ def decode_logits(model, tokens, labels, *, width=None):
 def _decode_logits(cfg, params, tokens, labels, width):
   b, n = tokens.shape
   prev = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), tokens[:, :-1]], 1)
-  if M.decode_impl(cfg) == "persistent":
-    params = M.cast_for_compute(cfg, params)   # the kernel takes compute-dtype weights
   params, state, decode = _decoder(cfg, params, b, n)
 
   def step(carry, xs):

@@ -197,6 +197,10 @@ def test_decode_impl_errors():
   cfg.decode_impl, cfg.head_dim = "pallas", 24
   with pytest.raises(ValueError, match="head_dim"):
     M.use_decode_kernel(cfg)
+  cfg = get_config("tiny")
+  cfg.decode_impl, cfg.attention = "persistent", "softmax"
+  with pytest.raises(ValueError, match="LASAD attention only"):
+    M.decode_impl(cfg)
 
 
 def test_sampler_with_decode_kernel_same_tokens():

@@ -25,19 +25,25 @@ from jax.experimental.pallas import triton as plgpu
 F32 = jnp.float32
 
 
-def _kernel(q_ref, f_ref, v_ref, lb_ref, hn_ref, start_ref, bnd_ref, s_ref, o_ref, s_out_ref,
-            *, eps, dtype):
-  lb = lb_ref[...]
-  q = jax.nn.silu(q_ref[...].astype(F32)).astype(dtype).astype(F32)
-  s = jax.nn.sigmoid(f_ref[...].astype(F32))
+def attention_step(q_raw, f_raw, v, lb, head_norm, is_start, boundary, state, *, eps, dtype):
+  """The math above for one (row, head): float32 [D] vectors q_raw, f_raw, v, lb, head_norm, the
+  [D, D] state; is_start / boundary scalars. Returns (out [D] float32, new state). Shared with
+  the persistent kernel (decode_persistent.py)."""
+  q = jax.nn.silu(q_raw).astype(dtype).astype(F32)
+  s = jax.nn.sigmoid(f_raw)
   g = jnp.log(jnp.maximum(s + lb * (1.0 - s), 1e-30))
   k = ((1.0 - lb) * (1.0 - s)).astype(dtype).astype(F32)
-  v = v_ref[...].astype(F32)
-  g = jnp.where(start_ref[0] != 0, bnd_ref[0], g)          # row start: the boundary decay
-  state = jnp.exp(g)[:, None] * s_ref[...] + k[:, None] * v[None, :]
-  s_out_ref[...] = state
+  g = jnp.where(is_start, boundary, g)                      # row start: the boundary decay
+  state = jnp.exp(g)[:, None] * state + k[:, None] * v[None, :]
   o = jnp.sum(q[:, None] * state, axis=0)
-  o = o * jax.lax.rsqrt(jnp.mean(o * o) + eps) * hn_ref[...]
+  return o * jax.lax.rsqrt(jnp.mean(o * o) + eps) * head_norm, state
+
+
+def _kernel(q_ref, f_ref, v_ref, lb_ref, hn_ref, start_ref, bnd_ref, s_ref, o_ref, s_out_ref,
+            *, eps, dtype):
+  o, s_out_ref[...] = attention_step(
+      q_ref[...].astype(F32), f_ref[...].astype(F32), v_ref[...].astype(F32), lb_ref[...],
+      hn_ref[...], start_ref[0] != 0, bnd_ref[0], s_ref[...], eps=eps, dtype=dtype)
   o_ref[...] = o.astype(o_ref.dtype)
 
 

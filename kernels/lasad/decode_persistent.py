@@ -37,6 +37,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels.lasad.decode import attention_step
+
 F32 = jnp.float32
 MAX_SPINS = 1 << 22
 
@@ -130,6 +132,26 @@ def _kdot(xload, rows, w_ref, layer, k0, klen, cols, bk):
   return lax.fori_loop(0, klen // bk, step, jnp.zeros((rows, cols.size), F32))
 
 
+def grid_barrier(cnt_ref, target, max_spins, interpret=False):
+  """Wait until cnt_ref[0] (this kernel's barrier arrivals so far) reaches ``target`` = programs x
+  barriers passed, this program's arrival included. Returns 1 if it gave up after ``max_spins``
+  polls, else 0. The thread barriers order the program's stores before its arrival and its later
+  loads after the others'; the acq_rel atomics order them across programs."""
+  sync_threads = (lambda: None) if interpret else plgpu.debug_barrier   # no interpreter rule
+  sync_threads()
+  plgpu.atomic_add(cnt_ref, (_zero(),), _zero() + 1)
+
+  def poll():   # an atomic read (+0: a bare constant operand breaks the interpreter's discharge)
+    return plgpu.atomic_add(cnt_ref, (_zero(),), _zero() + 0)
+
+  def cond(c):
+    return (c[0] < target) & (c[1] < max_spins)
+
+  v, _ = lax.while_loop(cond, lambda c: (poll(), c[1] + 1), (poll(), jnp.int32(0)))
+  sync_threads()
+  return (v < target).astype(jnp.int32)
+
+
 def _arrive_last(cnt_ref, idx, n):
   """Counts a unit into tile counter ``idx`` (acq_rel atomic; the caller's thread barrier comes
   first, so the program's partial stores precede it); True for the tile's n-th arrival."""
@@ -151,19 +173,7 @@ def _kernel(x0_ref, st0_ref, cnt0_ref, w_in_ref, wo_ref, w13_ref, w2_ref, an_ref
   n_tile_cnt = max(P.x_tiles, F // P.bn_ff)
 
   def barrier(n, fails):
-    sync_threads()
-    plgpu.atomic_add(cnt_ref, (_zero(),), _zero() + 1)
-    target = P.nprog * n
-
-    def poll():   # an atomic read (+0: a bare constant operand breaks the interpreter's discharge)
-      return plgpu.atomic_add(cnt_ref, (_zero(),), _zero() + 0)
-
-    def cond(c):
-      return (c[0] < target) & (c[1] < max_spins)
-
-    v, _ = lax.while_loop(cond, lambda c: (poll(), c[1] + 1), (poll(), jnp.int32(0)))
-    sync_threads()
-    return fails + (v < target).astype(jnp.int32)
+    return fails + grid_barrier(cnt_ref, P.nprog * n, max_spins, interpret)
 
   def rstd():
     ss = vsum(ss_ref, P.x_tiles, lambda t: (t, slice(None)))      # [R]
@@ -207,21 +217,13 @@ def _kernel(x0_ref, st0_ref, cnt0_ref, w_in_ref, wo_ref, w13_ref, w2_ref, an_ref
       cols = pl.ds(hh * HD, HD)
 
       @pl.when(b < P.batch)
-      def _():   # kernels/lasad/decode.py's math
+      def _():
         def part(off):
           cs = pl.ds(off + hh * HD, HD)
           return vsum(p_in_ref, D // P.k_in, lambda i: (i, b, cs)).astype(dt).astype(F32)
-        q_raw, f_raw, v = part(0), part(D), part(2 * D)
-        lb = lb_ref[l, cols]
-        q = (q_raw * jax.nn.sigmoid(q_raw)).astype(dt).astype(F32)
-        s = jax.nn.sigmoid(f_raw)
-        g = jnp.log(jnp.maximum(s + lb * (1.0 - s), 1e-30))
-        k = ((1.0 - lb) * (1.0 - s)).astype(dt).astype(F32)
-        g = jnp.where(start_ref[b] != 0, bnd_ref[l, hh], g)     # row start: the boundary decay
-        st = jnp.exp(g)[:, None] * st_ref[l, b, hh] + k[:, None] * v[None, :]
-        st_ref[l, b, hh] = st
-        o = jnp.sum(q[:, None] * st, axis=0)
-        o = o * lax.rsqrt(jnp.mean(o * o) + P.eps) * hn_ref[l, cols]
+        o, st_ref[l, b, hh] = attention_step(
+            part(0), part(D), part(2 * D), lb_ref[l, cols], hn_ref[l, cols], start_ref[b] != 0,
+            bnd_ref[l, hh], st_ref[l, b, hh], eps=P.eps, dtype=dt)
         o_ref[b, cols] = o.astype(dt)
 
       @pl.when(b >= P.batch)
