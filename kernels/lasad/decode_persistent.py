@@ -198,6 +198,19 @@ def _kernel(x0_ref, st0_ref, cnt0_ref, w_in_ref, wo_ref, w13_ref, w2_ref, an_ref
       x_ref[:, cols] = x
       ss_ref[j, :] = jnp.sum(x * x, axis=1)
 
+  def add_matmul(layer, phase, inp_ref, w_ref, p_ref, k, kseg):
+    """Phases 3 and 5: x += inp @ w[layer], in (x tile, K segment) units; the last arriver of a
+    tile adds (``residual``)."""
+    nks = k // kseg
+    load = plain(inp_ref)
+
+    def unit(u):
+      j, ks = u // nks, u % nks
+      cols = pl.ds(j * P.bn_x, P.bn_x)
+      p_ref[ks, :, cols] = _kdot(load, R, w_ref, layer, ks * kseg, kseg, cols, P.bk)
+      residual(layer, {3: 0, 5: 2}[phase], j, p_ref, nks)   # tile counter slots (4 has 1)
+    _spread(pid, P.nprog, 0 if phase in P.skip else P.x_tiles * nks, unit)
+
   def layer(l, fails):
     # 1. y = RMSNorm(x) @ [wq | wf | wv], split-K partials (phase 2 sums them)
     r = rstd()
@@ -233,15 +246,7 @@ def _kernel(x0_ref, st0_ref, cnt0_ref, w_in_ref, wo_ref, w13_ref, w2_ref, an_ref
     fails = barrier(5 * l + 3, fails)
 
     # 3. x += o @ wo
-    nks = D // P.k_o
-    ol = plain(o_ref)
-
-    def o_unit(u):
-      j, ks = u // nks, u % nks
-      cols = pl.ds(j * P.bn_x, P.bn_x)
-      p_o_ref[ks, :, cols] = _kdot(ol, R, wo_ref, l, ks * P.k_o, P.k_o, cols, P.bk)
-      residual(l, 0, j, p_o_ref, nks)
-    _spread(pid, P.nprog, 0 if 3 in P.skip else P.x_tiles * nks, o_unit)
+    add_matmul(l, 3, o_ref, wo_ref, p_o_ref, D, P.k_o)
     fails = barrier(5 * l + 4, fails)
 
     # 4. m = silu(a) b, a | b = RMSNorm(x) @ w1 | w3
@@ -266,15 +271,7 @@ def _kernel(x0_ref, st0_ref, cnt0_ref, w_in_ref, wo_ref, w13_ref, w2_ref, an_ref
     fails = barrier(5 * l + 5, fails)
 
     # 5. x += m @ w2
-    nks = F // P.k_2
-    ml = plain(m_ref)
-
-    def w2_unit(u):
-      j, ks = u // nks, u % nks
-      cols = pl.ds(j * P.bn_x, P.bn_x)
-      p_2_ref[ks, :, cols] = _kdot(ml, R, w2_ref, l, ks * P.k_2, P.k_2, cols, P.bk)
-      residual(l, 2, j, p_2_ref, nks)
-    _spread(pid, P.nprog, 0 if 5 in P.skip else P.x_tiles * nks, w2_unit)
+    add_matmul(l, 5, m_ref, w2_ref, p_2_ref, F, P.k_2)
     return barrier(5 * l + 6, fails)
 
   # the sums of squares of the input x, then the layers
