@@ -29,38 +29,27 @@ from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
 from benchmarks_common import device_us_per_call, write_results  # noqa: E402
-from kernels.lasad.decode_persistent import grid_barrier  # noqa: E402
+from kernels.lasad.decode_persistent import _kdot, _spread, grid_barrier  # noqa: E402
 
 M, D, F, LAYERS = 16, 1024, 2816, 24
 
 
 def _gemv_phase(x_ref, w_ref, out_ref, layer, *, pid, k, n, bn, bk, nprog, accumulate, cast_x,
                 volatile):
-  """out[:, tile] (+)= x[:, :k] @ w[layer, :k, tile] for the tiles of program ``pid``."""
-  n_tiles = n // bn
+  """out[:, tile] (+)= x[:, :k] @ w[layer, :k, tile] for the tiles of program ``pid`` (column
+  tiles only, no split-K)."""
+  def xload(ks):
+    xk = plgpu.load(x_ref.at[:, ks], volatile=volatile)
+    return xk.astype(jnp.bfloat16) if cast_x else xk
 
-  def tile(r, _):
-    t = pid + r * nprog
+  def tile(t):
+    cols = pl.ds(t * bn, bn)
+    acc = _kdot(xload, M, w_ref, layer, 0, k, cols, bk)
+    if accumulate:
+      acc = acc + plgpu.load(out_ref.at[:, cols], volatile=volatile)
+    out_ref[:, cols] = acc.astype(out_ref.dtype)
 
-    @pl.when(t < n_tiles)
-    def _():
-      cols = pl.ds(t * bn, bn)
-
-      def kstep(i, acc):
-        ks = pl.ds(i * bk, bk)
-        xk = plgpu.load(x_ref.at[:, ks], volatile=volatile)
-        if cast_x:
-          xk = xk.astype(jnp.bfloat16)
-        wk = w_ref[layer, ks, cols]
-        return acc + jnp.dot(xk, wk, preferred_element_type=jnp.float32)
-
-      acc = lax.fori_loop(0, k // bk, kstep, jnp.zeros((M, bn), jnp.float32))
-      if accumulate:
-        acc = acc + plgpu.load(out_ref.at[:, cols], volatile=volatile)
-      out_ref[:, cols] = acc.astype(out_ref.dtype)
-    return 0
-
-  lax.fori_loop(0, pl.cdiv(n_tiles, nprog), tile, 0)
+  _spread(pid, nprog, n // bn, tile)
 
 
 def _kernel(x0_ref, cnt0_ref, win_ref, wo_ref, w13_ref, w2_ref, x_ref, a_ref, b_ref, cnt_ref,

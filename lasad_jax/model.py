@@ -361,7 +361,7 @@ def persistent_params(cfg, params):
   from compute-dtype params (``cast_for_compute``): [wq | wf | wv] and [w1 | w3] side by side,
   each layer's forget-gate lower bounds and row-start boundary decays."""
   blk = params["blocks"]
-  lbs = _lower_bounds(blk["lower_bound"])
+  lbs = _layer_bounds(cfg, params)
   bnd = jax.vmap(lambda b: _boundary(cfg, {"boundary": b}))(blk["boundary"])
   return {**{k: v for k, v in params.items() if k != "blocks"},
           "w_in": jnp.concatenate([blk["wq"], blk["wf"], blk["wv"]], axis=-1),

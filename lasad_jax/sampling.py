@@ -108,11 +108,12 @@ def _sample(cfg, params, labels, rng, n, width, cfg_scale, temperature, top_k, t
 
 def _decoder(cfg, params, batch, n):
   """(params, initial state, step(state, x, pos, width) -> (state, logits, barrier timeouts)) for
-  ``config.decode_impl``: the persistent kernel's stacked arrays, or ``unstack_for_decode``'s
-  per-layer lists (made once, outside the token loop)."""
+  ``config.decode_impl``, from compute-dtype params (``cast_for_compute``): the persistent
+  kernel's stacked arrays, or ``unstack_for_decode``'s per-layer lists (made once, outside the
+  token loop)."""
   state = M.init_state(cfg, batch, n)
   if M.decode_impl(cfg) == "persistent":   # (LASAD only: decode_impl refuses softmax)
-    kp = M.persistent_params(cfg, M.cast_for_compute(cfg, params))   # a no-op if cast already
+    kp = M.persistent_params(cfg, params)
     return kp, state, functools.partial(M.decode_step_persistent, cfg, kp)
   params, state = M.unstack_for_decode(cfg, params, state)
 
@@ -145,7 +146,8 @@ def decode_logits(model, tokens, labels, *, width=None):
 def _decode_logits(cfg, params, tokens, labels, width):
   b, n = tokens.shape
   prev = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), tokens[:, :-1]], 1)
-  params, state, decode = _decoder(cfg, params, b, n)
+  # compute-dtype weights, as the sampler's (matmuls cast them anyway: bit-identical logits)
+  params, state, decode = _decoder(cfg, M.cast_for_compute(cfg, params), b, n)
 
   def step(carry, xs):
     state, fails = carry

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels.lasad.reference import GATE_FLOOR
+
 F32 = jnp.float32
 
 
@@ -31,7 +33,7 @@ def attention_step(q_raw, f_raw, v, lb, head_norm, is_start, boundary, state, *,
   the persistent kernel (decode_persistent.py)."""
   q = jax.nn.silu(q_raw).astype(dtype).astype(F32)
   s = jax.nn.sigmoid(f_raw)
-  g = jnp.log(jnp.maximum(s + lb * (1.0 - s), 1e-30))
+  g = jnp.log(jnp.maximum(s + lb * (1.0 - s), GATE_FLOOR))
   k = ((1.0 - lb) * (1.0 - s)).astype(dtype).astype(F32)
   g = jnp.where(is_start, boundary, g)                      # row start: the boundary decay
   state = jnp.exp(g)[:, None] * state + k[:, None] * v[None, :]

@@ -40,6 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels.lasad.reference import GATE_FLOOR
 
 F32 = jnp.float32
 CUMSUM_MODES = ("auto", "scan", "dot")   # BlockSizes.cumsum
@@ -349,7 +350,7 @@ def _tq(x):
   return (xf * _sigmoid(xf)).astype(x.dtype)
 
 
-_GATE_FLOOR = 1e-30   # the forget gate's clamp before its log (reference.hgrn2_gates)
+_GATE_FLOOR = GATE_FLOOR   # the forget gate's clamp before its log, as reference.hgrn2_gates
 
 
 def _forget(f, lb):

@@ -44,6 +44,9 @@ def lasad_reference(q, k, v, g, width, prefix, boundary, initial_state, *, scale
   return jnp.moveaxis(o, 0, 1), final_state
 
 
+GATE_FLOOR = 1e-30   # the forget gate's clamp before its log (here and in the decode / Pallas kernels)
+
+
 def hgrn2_gates(q_raw, f, lb):
   """HGRN2's gates (LASADGen's attention, ``lasad_jax.model``) from the projections q_raw and f:
   q = silu(q_raw), s = sigmoid(f), k = (1 - lb)(1 - s) = 1 - exp(g) and the log forget gate
@@ -52,6 +55,6 @@ def hgrn2_gates(q_raw, f, lb):
   f32 = jnp.float32
   s = jax.nn.sigmoid(f.astype(f32))
   gate = s + lb * (1.0 - s)                          # lb + (1 - lb) * sigmoid(f)
-  g = jnp.log(jnp.maximum(gate, 1e-30))
+  g = jnp.log(jnp.maximum(gate, GATE_FLOOR))
   k = (1.0 - lb) * (1.0 - s)                         # 1 - exp(g), from the unmasked gate
   return jax.nn.silu(q_raw), k.astype(f.dtype), g
