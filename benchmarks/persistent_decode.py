@@ -22,7 +22,10 @@ from kernels.lasad import decode_persistent as DP  # noqa: E402
 
 TILINGS = {"default": {}, "wide": dict(bn_in=128, bn_ff=128, bn_x=64),
            "k128": dict(k_in=128, k_o=128, k_ff=128), "bk64": dict(bk=64),
-           "volatile": dict(volatile=True)}
+           "volatile": dict(volatile=True),
+           "fine": dict(k_in=128, k_ff=128, k_2=128, bn_ff=32), "w8": dict(num_warps=8),
+           "s2": dict(num_stages=2), "s3": dict(num_stages=3), "s6": dict(num_stages=6),
+           "s2p2": dict(num_stages=2, nprog_per_sm=2)}
 
 
 def main():
@@ -47,8 +50,13 @@ def main():
   for tiling in args.tilings.split(","):
     for var in args.variants.split(","):
       skip = () if var == "all" else tuple(int(c) for c in var[1:])
-      plan = dataclasses.replace(base, skip=skip, **TILINGS[tiling])
-      f = jax.jit(lambda *a, plan=plan: DP.decode_layers(*a, plan=plan))
+      t = dict(TILINGS[tiling])
+      per_sm = t.pop("nprog_per_sm", 1)
+      t["nprog"] = nprog * per_sm   # all must be resident, or every barrier times out:
+      spins = DP.MAX_SPINS if per_sm == 1 else 1 << 12   # then give up fast
+      plan = dataclasses.replace(base, skip=skip, **t)
+      f = jax.jit(lambda *a, plan=plan, spins=spins: DP.decode_layers(*a, plan=plan,
+                                                                      max_spins=spins))
       try:
         us, _ = device_us_per_call(f, *args_)
         fails = int(f(*args_)[2])

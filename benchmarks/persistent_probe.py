@@ -29,7 +29,7 @@ from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
 from benchmarks_common import device_us_per_call, write_results  # noqa: E402
-from kernels.lasad.decode_persistent import _kdot, _spread, grid_barrier  # noqa: E402
+from kernels.lasad.decode_persistent import _spread, grid_barrier  # noqa: E402
 
 M, D, F, LAYERS = 16, 1024, 2816, 24
 
@@ -44,7 +44,11 @@ def _gemv_phase(x_ref, w_ref, out_ref, layer, *, pid, k, n, bn, bk, nprog, accum
 
   def tile(t):
     cols = pl.ds(t * bn, bn)
-    acc = _kdot(xload, M, w_ref, layer, 0, k, cols, bk)
+
+    def step(i, acc):
+      ks = pl.ds(i * bk, bk)
+      return acc + jnp.dot(xload(ks), w_ref[layer, ks, cols], preferred_element_type=jnp.float32)
+    acc = lax.fori_loop(0, k // bk, step, jnp.zeros((M, bn), jnp.float32))
     if accumulate:
       acc = acc + plgpu.load(out_ref.at[:, cols], volatile=volatile)
     out_ref[:, cols] = acc.astype(out_ref.dtype)

@@ -176,6 +176,47 @@ def test_persistent_decode_matches_xla_decode(boundary):
   np.testing.assert_allclose(out["persistent"], par, rtol=5e-5, atol=5e-5)
 
 
+def test_persistent_shares_cover_every_unit_once():
+  """decode_persistent._share: the programs' contiguous shares of n units tile [0, n) exactly,
+  each within one unit of n / nprog, also for n < nprog."""
+  from kernels.lasad import decode_persistent as DP
+  for n, nprog in ((384, 132), (1408, 132), (128, 132), (7, 3), (0, 5)):
+    shares = [DP._share(p, nprog, n) for p in range(nprog)]
+    assert shares[0][0] == 0 and shares[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
+    sizes = [hi - lo for lo, hi in shares]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_persistent_plans_agree():
+  """The kernel's tilings agree (float32, so only summation order differs): K blocks of 64 (four
+  loop steps per unit, the partial carried across them), K segments of 128 with narrower w1|w3
+  tiles (twice the units and partials), and the default (K segments of 256 in blocks of 128)."""
+  import dataclasses
+  from kernels.lasad import decode_persistent as DP
+  L, B, D, F, H, HD = 2, 3, 256, 512, 4, 64
+  ks = jax.random.split(jax.random.key(3), 10)
+  w = lambda k, *s: 0.05 * jax.random.normal(k, s)  # noqa: E731
+  args = (jax.random.normal(ks[0], (B, D)), 0.1 * jax.random.normal(ks[5], (L, B, H, HD, HD)),
+          w(ks[1], L, D, 3 * D), w(ks[2], L, D, D), w(ks[3], L, D, 2 * F), w(ks[4], L, F, D),
+          1 + 0.2 * jax.random.normal(ks[6], (L, D)), 1 + 0.2 * jax.random.normal(ks[7], (L, D)),
+          1 + 0.2 * jax.random.normal(ks[8], (L, D)),
+          jax.nn.sigmoid(jax.random.normal(ks[9], (L, D))),
+          jnp.array([[0.0, -1.0, -jnp.inf, 0.0]] * L), jnp.array([True, False, True]))
+  base = DP.make_plan(layers=L, batch=B, dim=D, hidden=F, heads=H, head_dim=HD, eps=1e-5, nprog=1)
+  outs = {}
+  for name, kw in (("default", {}), ("bk64", dict(bk=64)),
+                   ("fine", dict(k_in=128, k_ff=128, k_2=128, bn_ff=32))):
+    x, st, fails = DP.decode_layers(*args, plan=dataclasses.replace(base, **kw), interpret=True)
+    assert int(fails) == 0
+    outs[name] = (np.asarray(x), np.asarray(st))
+  for name in ("bk64", "fine"):
+    for got, want in zip(outs[name], outs["default"]):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert np.isfinite(outs["default"][0]).all()
+  assert np.abs(outs["default"][0] - args[0]).max() > 1e-2   # the layers did something
+
+
 def test_persistent_sampling_equals_xla_sampling():
   """sample() with decode_impl='persistent' draws the same tokens as with 'xla' (same seed, CFG,
   top-k), and a bad decode_impl is refused."""

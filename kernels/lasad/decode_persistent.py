@@ -12,9 +12,11 @@ HBM; ~1.35 us each on the H100, ``benchmarks/persistent_probe.py``):
   4. h = RMSNorm(x) (ffn_norm); a, b = h @ w1, h @ w3; m = silu(a) b     last arriver applies
   5. x += m @ w2                                                 split-K, last arriver adds
 
-Every matmul is cut into (column tile, K segment) units spread over all programs. Each unit
-writes its float32 partial; a per-tile arrival count tells the program that finishes a tile last
-to sum the tile's partials in K order (so the result does not depend on which program ran what:
+Every matmul is cut into (column tile, K segment) units; each program takes a contiguous share
+of them and walks all its K blocks in one loop (``_stream``), so Triton's software pipeline keeps
+the next blocks' weights in flight across unit boundaries. Each unit writes its float32 partial;
+after the loop, per-tile arrival counts (``_arrivals``) tell the program that completes a tile to
+sum the tile's partials in K order (so the result does not depend on which program ran what:
 same input, same bits) and apply the epilogue: residual add, and each tile's sum of squares per row
 for the next RMSNorm (the next phase sums those instead of re-reading x). The math is
 ``lasad_jax.model.decode_step``'s, rounded where it rounds (bf16 matmul outputs, q and k); the
@@ -73,6 +75,10 @@ class Plan:
   # Loads of what other programs wrote (see _vload): volatile took a token 2394 -> 1545 us on the
   # H100 against plain loads, which the barrier's and arrival count's acquire already order.
   volatile: bool = False
+  # Triton's software pipeline depth. H100, streamed form, us per token: 2 stages 1101, 3 1027,
+  # 4 976-980, 6 1106 (benchmarks/persistent_decode.py, BENCHMARKS.md session 15).
+  num_stages: int = 4
+  num_warps: int = 4
 
   def __post_init__(self):
     for name, n, div in (("dim", self.dim, self.bn_x), ("dim", self.dim, self.k_in),
@@ -122,14 +128,53 @@ def _vsum(ref, n, idx, volatile=True):
   return acc
 
 
-def _kdot(xload, rows, w_ref, layer, k0, klen, cols, bk):
-  """sum over K blocks of xload(K rows) [rows, bk] @ w[layer, K rows, cols], float32."""
-  bk = min(bk, klen)
+def _share(pid, nprog, n):
+  """This program's contiguous share [lo, hi) of n units (shares differ by at most one unit)."""
+  return pid * n // nprog, (pid + 1) * n // nprog
 
-  def step(i, acc):
-    ks = pl.ds(k0 + i * bk, bk)
-    return acc + jnp.dot(xload(ks), w_ref[layer, ks, cols], preferred_element_type=F32)
-  return lax.fori_loop(0, klen // bk, step, jnp.zeros((rows, cols.size), F32))
+
+def _stream(lo, hi, nks, kseg, bk, rows, xload, wload, col_sets, p_ref):
+  """Units u in [lo, hi): (tile u // nks, K segment u % nks). ONE loop over all their K blocks:
+  block i adds xload(K rows) @ wload(K rows, cols) for each column slice in col_sets(tile), and
+  the last block of a unit stores its float32 partials to p_ref[segment, :, cols] (a masked store,
+  so the loop body has no branch and Triton pipelines its loads across unit boundaries)."""
+  bk = min(bk, kseg)
+  nb = kseg // bk
+  n_sets = len(col_sets(0))
+
+  def body(i, accs):
+    u = lo + lax.div(i, nb)   # lax's div / rem: jnp's // and % on a dynamic-length loop's index
+    b = lax.rem(i, nb)        # failed to lower (Triton: "i32 vs i1"); all of these are >= 0
+    j, s = lax.div(u, nks), lax.rem(u, nks)
+    ks = pl.ds(s * kseg + b * bk, bk)
+    x = xload(ks)
+    cols = col_sets(j)
+    accs = tuple(a + jnp.dot(x, wload(ks, c), preferred_element_type=F32)
+                 for a, c in zip(accs, cols))
+    last = b == nb - 1
+    for a, c in zip(accs, cols):
+      plgpu.store(p_ref.at[s, :, c], a, mask=jnp.full(a.shape, last))
+    return tuple(jnp.where(last, 0.0, a) for a in accs)
+
+  width = col_sets(0)[0].size
+  lax.fori_loop(0, (hi - lo) * nb, body, (jnp.zeros((rows, width), F32),) * n_sets)
+
+
+def _arrivals(lo, hi, nks, cnt_ref, base, fn):
+  """After ``_stream``: adds this program's units of each tile it touched to the tile's arrival
+  count (cnt_ref[base + tile]; acq_rel) and runs fn(tile) where that completes the tile's nks."""
+  j0 = lo // nks
+  n = jnp.where(hi > lo, (hi - 1) // nks - j0 + 1, 0)
+
+  def body(t, c):
+    j = j0 + t
+    mine = jnp.minimum(hi, (j + 1) * nks) - jnp.maximum(lo, j * nks)
+
+    @pl.when(plgpu.atomic_add(cnt_ref, (base + j,), mine) + mine == nks)
+    def _():
+      fn(j)
+    return c
+  lax.fori_loop(0, n, body, 0)
 
 
 def grid_barrier(cnt_ref, target, max_spins, interpret=False):
@@ -152,12 +197,6 @@ def grid_barrier(cnt_ref, target, max_spins, interpret=False):
   return (v < target).astype(jnp.int32)
 
 
-def _arrive_last(cnt_ref, idx, n):
-  """Counts a unit into tile counter ``idx`` (acq_rel atomic; the caller's thread barrier comes
-  first, so the program's partial stores precede it); True for the tile's n-th arrival."""
-  return plgpu.atomic_add(cnt_ref, (idx,), _zero() + 1) == n - 1
-
-
 def _kernel(x0_ref, st0_ref, cnt0_ref, w_in_ref, wo_ref, w13_ref, w2_ref, an_ref, fn_ref, hn_ref,
             lb_ref, bnd_ref, start_ref,
             x_ref, st_ref, cnt_ref, to_ref, p_in_ref, o_ref, p_o_ref, p_ff_ref, m_ref, p_2_ref,
@@ -175,6 +214,18 @@ def _kernel(x0_ref, st0_ref, cnt0_ref, w_in_ref, wo_ref, w13_ref, w2_ref, an_ref
   def barrier(n, fails):
     return fails + grid_barrier(cnt_ref, P.nprog * n, max_spins, interpret)
 
+  def x_cols(j):
+    return (pl.ds(j * P.bn_x, P.bn_x),)
+
+  def ab_cols(j):   # tile j's columns of w1 and of w3
+    return pl.ds(j * P.bn_ff, P.bn_ff), pl.ds(F + j * P.bn_ff, P.bn_ff)
+
+  def in_cols(j):
+    return (pl.ds(j * P.bn_in, P.bn_in),)
+
+  n_in = 0 if 1 in P.skip else (3 * D // P.bn_in) * (D // P.k_in)
+  n_ff = 0 if 4 in P.skip else (F // P.bn_ff) * (D // P.k_ff)
+
   def rstd():
     ss = vsum(ss_ref, P.x_tiles, lambda t: (t, slice(None)))      # [R]
     return lax.rsqrt(ss / D + P.eps)[:, None]
@@ -185,31 +236,30 @@ def _kernel(x0_ref, st0_ref, cnt0_ref, w_in_ref, wo_ref, w13_ref, w2_ref, an_ref
   def plain(ref):
     return lambda ks: vload(ref.at[:, ks])
 
-  def residual(layer, phase, j, p_ref, nks):
-    """Last arriver of x tile j: x += bf16(sum of the partials), and the tile's sums of squares."""
-    cols = pl.ds(j * P.bn_x, P.bn_x)
-    idx = 1 + (layer * 3 + phase) * n_tile_cnt + j
-    sync_threads()
+  def cnt_base(layer, slot):   # tile arrival counters of (layer, phase): slots 0 (3), 1 (4), 2 (5)
+    return 1 + (layer * 3 + slot) * n_tile_cnt
 
-    @pl.when(_arrive_last(cnt_ref, idx, nks))
-    def _():
-      y = vsum(p_ref, nks, lambda i: (i, slice(None), cols)).astype(dt).astype(F32)
-      x = vload(x_ref.at[:, cols]) + y
-      x_ref[:, cols] = x
-      ss_ref[j, :] = jnp.sum(x * x, axis=1)
+  def wload(w_ref, layer):
+    return lambda ks, cols: w_ref[layer, ks, cols]
+
+  def residual_tile(j, p_ref, nks):
+    """x tile j += bf16(sum of its partials in K order); the tile's sums of squares per row."""
+    cols = pl.ds(j * P.bn_x, P.bn_x)
+    y = vsum(p_ref, nks, lambda i: (i, slice(None), cols)).astype(dt).astype(F32)
+    x = vload(x_ref.at[:, cols]) + y
+    x_ref[:, cols] = x
+    ss_ref[j, :] = jnp.sum(x * x, axis=1)
 
   def add_matmul(layer, phase, inp_ref, w_ref, p_ref, k, kseg):
     """Phases 3 and 5: x += inp @ w[layer], in (x tile, K segment) units; the last arriver of a
-    tile adds (``residual``)."""
+    tile adds (``residual_tile``)."""
     nks = k // kseg
-    load = plain(inp_ref)
-
-    def unit(u):
-      j, ks = u // nks, u % nks
-      cols = pl.ds(j * P.bn_x, P.bn_x)
-      p_ref[ks, :, cols] = _kdot(load, R, w_ref, layer, ks * kseg, kseg, cols, P.bk)
-      residual(layer, {3: 0, 5: 2}[phase], j, p_ref, nks)   # tile counter slots (4 has 1)
-    _spread(pid, P.nprog, 0 if phase in P.skip else P.x_tiles * nks, unit)
+    n_units = 0 if phase in P.skip else P.x_tiles * nks
+    base = cnt_base(layer, {3: 0, 5: 2}[phase])
+    lo, hi = _share(pid, P.nprog, n_units)
+    _stream(lo, hi, nks, kseg, P.bk, R, plain(inp_ref), wload(w_ref, layer), x_cols, p_ref)
+    sync_threads()
+    _arrivals(lo, hi, nks, cnt_ref, base, lambda j: residual_tile(j, p_ref, nks))
 
   def layer(l, fails):
     # 1. y = RMSNorm(x) @ [wq | wf | wv], split-K partials (phase 2 sums them)
@@ -217,11 +267,8 @@ def _kernel(x0_ref, st0_ref, cnt0_ref, w_in_ref, wo_ref, w13_ref, w2_ref, an_ref
     nks = D // P.k_in
     xl = normed(an_ref, l, r)
 
-    def in_unit(u):
-      j, ks = u // nks, u % nks
-      cols = pl.ds(j * P.bn_in, P.bn_in)
-      p_in_ref[ks, :, cols] = _kdot(xl, R, w_in_ref, l, ks * P.k_in, P.k_in, cols, P.bk)
-    _spread(pid, P.nprog, 0 if 1 in P.skip else (3 * D // P.bn_in) * nks, in_unit)
+    lo, hi = _share(pid, P.nprog, n_in)
+    _stream(lo, hi, nks, P.k_in, P.bk, R, xl, wload(w_in_ref, l), in_cols, p_in_ref)
     fails = barrier(5 * l + 2, fails)
 
     # 2. attention per (row, head)
@@ -254,20 +301,19 @@ def _kernel(x0_ref, st0_ref, cnt0_ref, w_in_ref, wo_ref, w13_ref, w2_ref, an_ref
     nks = D // P.k_ff
     xl = normed(fn_ref, l, r)
 
-    def ff_unit(u):
-      j, ks = u // nks, u % nks
-      ca, cb = pl.ds(j * P.bn_ff, P.bn_ff), pl.ds(F + j * P.bn_ff, P.bn_ff)
-      p_ff_ref[ks, :, ca] = _kdot(xl, R, w13_ref, l, ks * P.k_ff, P.k_ff, ca, P.bk)
-      p_ff_ref[ks, :, cb] = _kdot(xl, R, w13_ref, l, ks * P.k_ff, P.k_ff, cb, P.bk)
-      sync_threads()
 
-      @pl.when(_arrive_last(cnt_ref, 1 + (l * 3 + 1) * n_tile_cnt + j, nks))
-      def _():
-        a = vsum(p_ff_ref, nks, lambda i: (i, slice(None), ca)).astype(dt).astype(F32)
-        bb = vsum(p_ff_ref, nks, lambda i: (i, slice(None), cb)).astype(dt).astype(F32)
-        act = (a * jax.nn.sigmoid(a)).astype(dt).astype(F32)
-        m_ref[:, pl.ds(j * P.bn_ff, P.bn_ff)] = (act * bb).astype(dt)
-    _spread(pid, P.nprog, 0 if 4 in P.skip else (F // P.bn_ff) * nks, ff_unit)
+    def swiglu_tile(j):
+      """m tile j = silu(a) b from the sums of its partials in K order."""
+      ca, cb = ab_cols(j)
+      a = vsum(p_ff_ref, nks, lambda i: (i, slice(None), ca)).astype(dt).astype(F32)
+      bb = vsum(p_ff_ref, nks, lambda i: (i, slice(None), cb)).astype(dt).astype(F32)
+      act = (a * jax.nn.sigmoid(a)).astype(dt).astype(F32)
+      m_ref[:, pl.ds(j * P.bn_ff, P.bn_ff)] = (act * bb).astype(dt)
+
+    lo, hi = _share(pid, P.nprog, n_ff)
+    _stream(lo, hi, nks, P.k_ff, P.bk, R, xl, wload(w13_ref, l), ab_cols, p_ff_ref)
+    sync_threads()
+    _arrivals(lo, hi, nks, cnt_ref, cnt_base(l, 1), swiglu_tile)
     fails = barrier(5 * l + 5, fails)
 
     # 5. x += m @ w2
@@ -329,6 +375,6 @@ def decode_layers(x, state, w_in, wo, w13, w2, attn_norm, ffn_norm, head_norm, l
       functools.partial(_kernel, plan=P, interpret=interpret, max_spins=max_spins),
       grid=(P.nprog,), in_specs=[whole(a) for a in args], out_specs=[whole(s) for s in out_shape],
       out_shape=out_shape, input_output_aliases={0: 0, 1: 1, 2: 2}, interpret=interpret,
-      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
+      compiler_params=plgpu.CompilerParams(num_warps=P.num_warps, num_stages=P.num_stages),
       name="lasad_decode_persistent")(*args)
   return outs[0][:b], outs[1], jnp.sum(outs[3])
