@@ -133,9 +133,10 @@ def _share(pid, nprog, n):
   return pid * n // nprog, (pid + 1) * n // nprog
 
 
-def _stream(lo, hi, nks, kseg, bk, rows, xload, wload, col_sets, p_ref):
+def _stream(lo, hi, nks, kseg, bk, rows, xload, w_ref, layer, col_sets, p_ref):
   """Units u in [lo, hi): (tile u // nks, K segment u % nks). ONE loop over all their K blocks:
-  block i adds xload(K rows) @ wload(K rows, cols) for each column slice in col_sets(tile), and
+  block i adds xload(K rows) @ w_ref[layer, K rows, cols] for each column slice in
+  col_sets(tile) (one index: Triton's lowering takes no ``.at[layer]`` view indexed again), and
   the last block of a unit stores its float32 partials to p_ref[segment, :, cols] (a masked store,
   so the loop body has no branch and Triton pipelines its loads across unit boundaries)."""
   bk = min(bk, kseg)
@@ -149,7 +150,7 @@ def _stream(lo, hi, nks, kseg, bk, rows, xload, wload, col_sets, p_ref):
     ks = pl.ds(s * kseg + b * bk, bk)
     x = xload(ks)
     cols = col_sets(j)
-    accs = tuple(a + jnp.dot(x, wload(ks, c), preferred_element_type=F32)
+    accs = tuple(a + jnp.dot(x, w_ref[layer, ks, c], preferred_element_type=F32)
                  for a, c in zip(accs, cols))
     last = b == nb - 1
     for a, c in zip(accs, cols):
@@ -239,9 +240,6 @@ def _kernel(x0_ref, st0_ref, cnt0_ref, w_in_ref, wo_ref, w13_ref, w2_ref, an_ref
   def cnt_base(layer, slot):   # tile arrival counters of (layer, phase): slots 0 (3), 1 (4), 2 (5)
     return 1 + (layer * 3 + slot) * n_tile_cnt
 
-  def wload(w_ref, layer):
-    return lambda ks, cols: w_ref[layer, ks, cols]
-
   def residual_tile(j, p_ref, nks):
     """x tile j += bf16(sum of its partials in K order); the tile's sums of squares per row."""
     cols = pl.ds(j * P.bn_x, P.bn_x)
@@ -257,7 +255,7 @@ def _kernel(x0_ref, st0_ref, cnt0_ref, w_in_ref, wo_ref, w13_ref, w2_ref, an_ref
     n_units = 0 if phase in P.skip else P.x_tiles * nks
     base = cnt_base(layer, {3: 0, 5: 2}[phase])
     lo, hi = _share(pid, P.nprog, n_units)
-    _stream(lo, hi, nks, kseg, P.bk, R, plain(inp_ref), wload(w_ref, layer), x_cols, p_ref)
+    _stream(lo, hi, nks, kseg, P.bk, R, plain(inp_ref), w_ref, layer, x_cols, p_ref)
     sync_threads()
     _arrivals(lo, hi, nks, cnt_ref, base, lambda j: residual_tile(j, p_ref, nks))
 
@@ -268,7 +266,7 @@ def _kernel(x0_ref, st0_ref, cnt0_ref, w_in_ref, wo_ref, w13_ref, w2_ref, an_ref
     xl = normed(an_ref, l, r)
 
     lo, hi = _share(pid, P.nprog, n_in)
-    _stream(lo, hi, nks, P.k_in, P.bk, R, xl, wload(w_in_ref, l), in_cols, p_in_ref)
+    _stream(lo, hi, nks, P.k_in, P.bk, R, xl, w_in_ref, l, in_cols, p_in_ref)
     fails = barrier(5 * l + 2, fails)
 
     # 2. attention per (row, head)
@@ -311,7 +309,7 @@ def _kernel(x0_ref, st0_ref, cnt0_ref, w_in_ref, wo_ref, w13_ref, w2_ref, an_ref
       m_ref[:, pl.ds(j * P.bn_ff, P.bn_ff)] = (act * bb).astype(dt)
 
     lo, hi = _share(pid, P.nprog, n_ff)
-    _stream(lo, hi, nks, P.k_ff, P.bk, R, xl, wload(w13_ref, l), ab_cols, p_ff_ref)
+    _stream(lo, hi, nks, P.k_ff, P.bk, R, xl, w13_ref, l, ab_cols, p_ff_ref)
     sync_threads()
     _arrivals(lo, hi, nks, cnt_ref, cnt_base(l, 1), swiglu_tile)
     fails = barrier(5 * l + 5, fails)
