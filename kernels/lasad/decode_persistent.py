@@ -95,6 +95,11 @@ class Plan:
   def x_tiles(self):
     return self.dim // self.bn_x
 
+  @property
+  def tile_counts(self):
+    """Arrival counters per phase and layer: one per residual tile or w1|w3 tile."""
+    return max(self.x_tiles, self.hidden // self.bn_ff)
+
 
 def _spread(pid, nprog, n_units, fn):
   """fn(u) for the units u = pid, pid + nprog, ... < n_units of this program."""
@@ -178,13 +183,18 @@ def _arrivals(lo, hi, nks, cnt_ref, base, fn):
   lax.fori_loop(0, n, body, 0)
 
 
+def _sync_threads(interpret):
+  """The program's threads meet (the interpreter has no rule for it and runs one thread)."""
+  if not interpret:
+    plgpu.debug_barrier()
+
+
 def grid_barrier(cnt_ref, target, max_spins, interpret=False):
   """Wait until cnt_ref[0] (this kernel's barrier arrivals so far) reaches ``target`` = programs x
   barriers passed, this program's arrival included. Returns 1 if it gave up after ``max_spins``
   polls, else 0. The thread barriers order the program's stores before its arrival and its later
   loads after the others'; the acq_rel atomics order them across programs."""
-  sync_threads = (lambda: None) if interpret else plgpu.debug_barrier   # no interpreter rule
-  sync_threads()
+  _sync_threads(interpret)
   plgpu.atomic_add(cnt_ref, (_zero(),), _zero() + 1)
 
   def poll():   # an atomic read (+0: a bare constant operand breaks the interpreter's discharge)
@@ -194,7 +204,7 @@ def grid_barrier(cnt_ref, target, max_spins, interpret=False):
     return (c[0] < target) & (c[1] < max_spins)
 
   v, _ = lax.while_loop(cond, lambda c: (poll(), c[1] + 1), (poll(), jnp.int32(0)))
-  sync_threads()
+  _sync_threads(interpret)
   return (v < target).astype(jnp.int32)
 
 
@@ -206,11 +216,11 @@ def _kernel(x0_ref, st0_ref, cnt0_ref, w_in_ref, wo_ref, w13_ref, w2_ref, an_ref
   P = plan
   R, D, F, H, HD = P.rows, P.dim, P.hidden, P.heads, P.head_dim
   pid = pl.program_id(0)   # read at the top level (the interpreter resolves it only there)
-  sync_threads = (lambda: None) if interpret else plgpu.debug_barrier   # no interpreter rule
+  sync_threads = functools.partial(_sync_threads, interpret)
   dt = w_in_ref.dtype
   vload = functools.partial(_vload, volatile=P.volatile)
   vsum = functools.partial(_vsum, volatile=P.volatile)
-  n_tile_cnt = max(P.x_tiles, F // P.bn_ff)
+  n_tile_cnt = P.tile_counts
 
   def barrier(n, fails):
     return fails + grid_barrier(cnt_ref, P.nprog * n, max_spins, interpret)
@@ -350,7 +360,7 @@ def decode_layers(x, state, w_in, wo, w13, w2, attn_norm, ffn_norm, head_norm, l
   pad = P.rows - b
   xp = jnp.pad(x.astype(F32), ((0, pad), (0, 0)))
   startp = jnp.pad(start.astype(jnp.int32), (0, pad))
-  n_cnt = 1 + P.layers * 3 * max(P.x_tiles, P.hidden // P.bn_ff)
+  n_cnt = 1 + P.layers * 3 * P.tile_counts
   cnt = jnp.zeros((n_cnt,), jnp.int32)
   R, D, F = P.rows, P.dim, P.hidden
   scratch = [
