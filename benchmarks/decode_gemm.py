@@ -8,6 +8,7 @@ x [16, K] @ W [K, N] in bf16 for LASADGen-L's shapes, 24 distinct weights per ca
 so they come from HBM, not L2), for XLA's dot and for a Pallas kernel over a grid of
 (N / block_n, split_k) with split-K partials summed by XLA. Device microseconds per matmul (from a
 profiler trace) and the bandwidth of reading W. Exploration for issue 5: nothing in the library uses this kernel yet.
+``--mgpu-configs`` times kernels/sampling/gemm.py (Mosaic GPU, TMA pipeline) the same way.
 """
 
 import argparse
@@ -22,6 +23,7 @@ from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
 from benchmarks_common import device_us_per_call, write_results  # noqa: E402
+from kernels.sampling import gemm as G  # noqa: E402  (PYTHONPATH=.:benchmarks)
 
 SHAPES = {"w_in (q|f|v)": (1024, 3072), "wo": (1024, 1024), "w1|w3": (1024, 5632),
           "w2": (2816, 1024)}
@@ -70,6 +72,8 @@ def main():
                   help="block_n:split_k pairs, for the [K, N] weight layout")
   ap.add_argument("--t-configs", default="",
                   help="block_n:split_k:block_k:num_stages:num_warps, for weights stored [N, K]")
+  ap.add_argument("--mgpu-configs", default="",
+                  help="tn:tk:splits:stages of kernels/sampling/gemm.py (Mosaic GPU, [K, N])")
   args = ap.parse_args()
   interpret = jax.default_backend() != "gpu"
   records = []
@@ -91,13 +95,24 @@ def main():
       bn, split, bk, st, nw = (int(v) for v in cfg.split(":"))
       runs.append((f"pallas [N,K] {cfg}", dict(block_n=bn, split=split, block_k=bk,
                                                num_stages=st, num_warps=nw, trans_w=True)))
+    for cfg in filter(None, args.mgpu_configs.split(",")):
+      tn, tk, split, st = (int(v) for v in cfg.split(":"))
+      runs.append((f"mgpu {cfg}", dict(mgpu=G.GemmConfig(tn=tn, tk=tk, splits=split, stages=st))))
     wts = [w.T for w in ws] if args.t_configs else []
     for label, kw in runs:
-      if n % kw["block_n"] or (k // kw["split"]) % kw.get("block_k", 128):
+      if "mgpu" in kw:
+        try:
+          G.check(16, k, n, kw["mgpu"], x.dtype)
+        except ValueError:
+          continue
+        gemm = functools.partial(G.skinny_matmul, cfg=kw["mgpu"], interpret=interpret)
+      elif n % kw["block_n"] or (k // kw["split"]) % kw.get("block_k", 128):
         continue
+      else:
+        gemm = functools.partial(pallas_gemm, interpret=interpret, **kw)
       w_in = wts if kw.get("trans_w") else ws
       try:
-        f = jax.jit(lambda x, ws, kw=kw: [pallas_gemm(x, w, interpret=interpret, **kw) for w in ws])
+        f = jax.jit(lambda x, ws, gemm=gemm: [gemm(x, w).astype(x.dtype) for w in ws])
         got = f(x, w_in)[0].astype(jnp.float32)
         err = float(jnp.sqrt(jnp.mean((got - ref) ** 2) / jnp.mean(ref ** 2)))
         us = time_us(f, x, w_in)

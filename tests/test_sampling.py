@@ -287,3 +287,35 @@ def test_top_k_select_samples_the_same_tokens(model):
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(ValueError, match="top_k_impl"):
     S.sample(model, jnp.array([1]), top_k_impl="heap", **kw)
+
+
+@pytest.mark.parametrize("r,k,n,cfg", [
+    (16, 256, 128, dict(tn=64, tk=64, splits=2, stages=2)),
+    (8, 192, 128, dict(tn=128, tk=64, splits=1, stages=4)),   # more steps than some stages
+    (24, 128, 64, dict(tn=64, tk=64, splits=2, stages=3)),    # one step per program
+])
+def test_skinny_matmul_matches_dot(r, k, n, cfg):
+  """kernels/sampling/gemm.py (Mosaic GPU, in its interpreter here): x @ W in float32 from bf16
+  operands, against XLA's float32 dot, for several tilings, K splits and row counts."""
+  from kernels.sampling import gemm as G
+  x = jax.random.normal(jax.random.key(0), (r, k), jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(1), (k, n), jnp.bfloat16)
+  ref = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
+  got = G.skinny_matmul(x, w, G.GemmConfig(**cfg))
+  assert got.shape == (r, n) and got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-4)
+
+
+def test_skinny_matmul_errors():
+  from kernels.sampling import gemm as G
+  x = jnp.zeros((16, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match="rows of x"):
+    G.skinny_matmul(jnp.zeros((12, 128), jnp.bfloat16), jnp.zeros((128, 64), jnp.bfloat16))
+  with pytest.raises(ValueError, match="multiple of tn"):
+    G.skinny_matmul(x, jnp.zeros((128, 96), jnp.bfloat16))
+  with pytest.raises(ValueError, match="tk x splits"):
+    G.skinny_matmul(x, jnp.zeros((128, 64), jnp.bfloat16), G.GemmConfig(splits=4))
+  with pytest.raises(ValueError, match="bf16 or f16"):
+    G.skinny_matmul(x.astype(jnp.float32), jnp.zeros((128, 64), jnp.float32))
+  with pytest.raises(ValueError, match="w must be"):
+    G.skinny_matmul(x, jnp.zeros((64, 64), jnp.bfloat16))
