@@ -22,7 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
-from benchmarks_common import device_us_per_call, write_results  # noqa: E402
+from benchmarks_common import device_us_per_call, time_jax, write_results  # noqa: E402
 from kernels.sampling import gemm as G  # noqa: E402  (PYTHONPATH=.:benchmarks)
 
 SHAPES = {"w_in (q|f|v)": (1024, 3072), "wo": (1024, 1024), "w1|w3": (1024, 5632),
@@ -65,6 +65,19 @@ def time_us(f, *args, iters=10):
   return max(device_us_per_call(f, *args, iters=iters)[0] / LAYERS, 1e-9)  # CPU: no GPU lines
 
 
+def chain_us(gemm, x, ws, iters=50):
+  """Wall-clock microseconds per matmul of x_{i+1} = tile(x_i @ W_i) over the 24 weights (one
+  small XLA fusion between two matmuls, as between a decode step's kernels)."""
+  k = x.shape[1]
+
+  def run(x, ws):
+    for w in ws:
+      y = gemm(x, w).astype(x.dtype)
+      x = jnp.tile(y, (1, -(-k // y.shape[1])))[:, :k]
+    return x
+  return time_jax(jax.jit(run), x, ws, iters=iters) * 1e3 / LAYERS
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default="benchmarks/results/decode_gemm_h100.json")
@@ -73,7 +86,11 @@ def main():
   ap.add_argument("--t-configs", default="",
                   help="block_n:split_k:block_k:num_stages:num_warps, for weights stored [N, K]")
   ap.add_argument("--mgpu-configs", default="",
-                  help="tn:tk:splits:stages of kernels/sampling/gemm.py (Mosaic GPU, [K, N])")
+                  help="tn:tk:splits:stages[:nopdl] of kernels/sampling/gemm.py (Mosaic GPU, [K, N])")
+  ap.add_argument("--chain", action="store_true",
+                  help="also time the 24 matmuls as a dependent chain by the wall clock (each "
+                       "input made from the last output, as in a decode step), where one kernel "
+                       "can overlap the next one's start")
   args = ap.parse_args()
   interpret = jax.default_backend() != "gpu"
   records = []
@@ -85,8 +102,10 @@ def main():
     fx = jax.jit(lambda x, ws: [x @ w for w in ws])
     us = time_us(fx, x, ws)
     ref = fx(x, ws)[0].astype(jnp.float32)
-    records.append(dict(shape=name, k=k, n=n, impl="xla", us=us, tb_s=mb / us))
-    print(f"{name:<14} K={k} N={n} ({mb:.1f} MB): xla {us:6.2f} us ({mb / us:.2f} TB/s)", flush=True)
+    chain = chain_us(lambda x, w: x @ w, x, ws) if args.chain else None
+    records.append(dict(shape=name, k=k, n=n, impl="xla", us=us, tb_s=mb / us, chain_us=chain))
+    print(f"{name:<14} K={k} N={n} ({mb:.1f} MB): xla {us:6.2f} us ({mb / us:.2f} TB/s)"
+          + (f", chained {chain:6.2f} us" if chain else ""), flush=True)
     runs = []   # (label, pallas_gemm keywords); [K, N] weights, then [N, K]
     for cfg in filter(None, args.configs.split(",")):
       bn, split = (int(v) for v in cfg.split(":"))
@@ -96,8 +115,9 @@ def main():
       runs.append((f"pallas [N,K] {cfg}", dict(block_n=bn, split=split, block_k=bk,
                                                num_stages=st, num_warps=nw, trans_w=True)))
     for cfg in filter(None, args.mgpu_configs.split(",")):
-      tn, tk, split, st = (int(v) for v in cfg.split(":"))
-      runs.append((f"mgpu {cfg}", dict(mgpu=G.GemmConfig(tn=tn, tk=tk, splits=split, stages=st))))
+      tn, tk, split, st = (int(v) for v in cfg.split(":")[:4])
+      runs.append((f"mgpu {cfg}", dict(mgpu=G.GemmConfig(tn=tn, tk=tk, splits=split, stages=st,
+                                                         pdl=not cfg.endswith(":nopdl")))))
     wts = [w.T for w in ws] if args.t_configs else []
     for label, kw in runs:
       if "mgpu" in kw:
@@ -116,8 +136,11 @@ def main():
         got = f(x, w_in)[0].astype(jnp.float32)
         err = float(jnp.sqrt(jnp.mean((got - ref) ** 2) / jnp.mean(ref ** 2)))
         us = time_us(f, x, w_in)
-        records.append(dict(shape=name, k=k, n=n, impl=label, us=us, tb_s=mb / us, rel_err=err))
-        print(f"{'':<14} {label}: {us:6.2f} us ({mb / us:.2f} TB/s), rel err {err:.1e}", flush=True)
+        chain = chain_us(gemm, x, w_in) if args.chain else None
+        records.append(dict(shape=name, k=k, n=n, impl=label, us=us, tb_s=mb / us, rel_err=err,
+                            chain_us=chain))
+        print(f"{'':<14} {label}: {us:6.2f} us ({mb / us:.2f} TB/s), rel err {err:.1e}"
+              + (f", chained {chain:6.2f} us" if chain else ""), flush=True)
       except Exception as e:  # noqa: BLE001
         print(f"{'':<14} {label}: failed {type(e).__name__}: {str(e)[:150]}")
     write_results(args.out, "benchmarks/decode_gemm.py", records)

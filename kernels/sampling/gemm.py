@@ -1,19 +1,22 @@
 """The decode step's skinny matmuls, x [R, K] @ W [K, N] with R = a few rows, on Mosaic GPU.
 
 A sampler's token step multiplies a handful of rows (8 images and their CFG twins: R = 16) by
-each weight matrix, so its time is the time to stream W from HBM. XLA's split-K Triton GEMMs move
-LASADGen-L's weights at 0.7-1.5 TB/s in the sampler (BENCHMARKS.md, session 12 profile). Here
-each program streams its share of W through a TMA pipeline of ``stages`` shared-memory buffers
-and multiplies on the tensor cores in the transposed form
+each weight matrix, so its time is the time to stream W from HBM. Each program here streams its
+share of W through ``stages`` shared-memory buffers filled by TMA and multiplies on the tensor
+cores in the transposed form
 
     y^T [tn, R] += W^T [tn, tk] x^T [tk, R]
 
-so that W is wgmma's 64-row operand (read as a transposed view of its [tk, tn] tile) and the few
-rows of x are the narrow one (R a multiple of 8): no padding of x to 64 rows. The grid is
-(N / tn column tiles, ``splits`` K segments); each program writes a float32 partial [tn, R] and
-XLA sums the partials and transposes them, a pass it fuses into the consumer.
+so that W is wgmma's 64-row operand (a transposed view of its [tk, tn] tile) and the few rows of
+x the narrow one (R a multiple of 8): no padding of x to 64 rows. The grid is (N / tn column
+tiles, ``splits`` K segments); each program writes a float32 partial [tn, R] and XLA sums the
+partials and transposes them, a pass it fuses into the consumer. With ``pdl`` the first W tiles
+are requested before ``griddepcontrol.wait`` (W does not depend on the kernel before), x after.
 
-Runs in Mosaic GPU's interpreter off GPUs (how CI tests it).
+Not used by the sampler: on the H100 it is no faster than XLA's split-K GEMMs (BENCHMARKS.md,
+session 16: 1.0-1.5 TB/s, the same ~3 us fixed cost per launch as every tiling of session 10's
+Triton kernels; as a dependent chain of 24, with or without PDL, slower than XLA's). Kept as the
+repository's Mosaic GPU kernel that CI runs in Mosaic GPU's interpreter off GPUs.
 """
 
 import dataclasses
@@ -32,7 +35,8 @@ class GemmConfig:
   tn: int = 64        # columns of W per program (wgmma's M: a multiple of 64)
   tk: int = 64        # K rows of W per pipeline step (64 bf16 = one 128-byte swizzle row of x)
   splits: int = 1     # K segments, one program each
-  stages: int = 4     # TMA buffers in flight per program
+  stages: int = 4     # TMA buffers of W in flight per program
+  pdl: bool = True    # programmatic dependent launch: start loading W before the last kernel ends
 
 
 def _transforms(minor, dtype):
@@ -65,35 +69,56 @@ def skinny_partials(x, w, cfg=GemmConfig(), *, interpret=None):
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   steps = k // cfg.tk // cfg.splits
+  stages = min(cfg.stages, steps)
   tn, tk = cfg.tn, cfg.tk
+  pdl = cfg.pdl and not interpret   # the interpreter has no rule for griddepcontrol
 
-  def kernel(x_gmem, w_gmem, o_gmem, o_smem):
+  def kernel(x_gmem, w_gmem, o_gmem, w_smem, x_smem, o_smem, w_bar, x_bar):
     col = lax.axis_index("n")
-    seg = lax.axis_index("s")
+    k0 = lax.axis_index("s") * steps * tk
+
+    def load_w(i, slot):
+      plgpu.copy_gmem_to_smem(w_gmem.at[pl.ds(k0 + i * tk, tk), pl.ds(col * tn, tn)],
+                              w_smem.at[slot], w_bar.at[slot])
+
+    # W does not depend on the kernel before this one: its first tiles are requested before
+    # waiting for that kernel (programmatic dependent launch), x only after.
+    for i in range(stages):
+      load_w(i, i)
+    if pdl:
+      plgpu.griddepcontrol_launch_dependents()
+      plgpu.griddepcontrol_wait()
+    for i in range(steps):
+      plgpu.copy_gmem_to_smem(x_gmem.at[:, pl.ds(k0 + i * tk, tk)], x_smem.at[i], x_bar.at[i])
 
     def with_acc(acc):
-      def step(_, w_smem, x_smem):
-        plgpu.wgmma(acc, w_smem.transpose((1, 0)), x_smem.transpose((1, 0)))
-        plgpu.wgmma_wait(1)   # one wgmma in flight: its buffers are released a step late
+      def step(i, carry):
+        slot = lax.rem(i, stages)
+        plgpu.barrier_wait(x_bar.at[i])
+        plgpu.barrier_wait(w_bar.at[slot])
+        plgpu.wgmma(acc, w_smem.at[slot].transpose((1, 0)), x_smem.at[i].transpose((1, 0)))
+        plgpu.wgmma_wait(0)
 
-      plgpu.emit_pipeline(
-          step, grid=(steps,), max_concurrent_steps=cfg.stages,
-          in_specs=[plgpu.BlockSpec((tk, tn), lambda i: (seg * steps + i, col),
-                                    transforms=_transforms(tn, w.dtype), delay_release=1),
-                    plgpu.BlockSpec((r, tk), lambda i: (0, seg * steps + i),
-                                    transforms=_transforms(tk, x.dtype), delay_release=1)],
-      )(w_gmem, x_gmem)
-      plgpu.wgmma_wait(0)
+        @pl.when(i + stages < steps)
+        def _():
+          load_w(i + stages, slot)
+        return carry
+
+      lax.fori_loop(0, steps, step, 0)
       o_smem[...] = acc[...]
 
     pl.run_scoped(with_acc, plgpu.ACC((tn, r), F32))
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[seg, pl.ds(col * tn, tn)])
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[lax.axis_index("s"), pl.ds(col * tn, tn)])
     plgpu.wait_smem_to_gmem(0)
 
   return plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((cfg.splits, n, r), F32),
-      scratch_types=dict(o_smem=plgpu.SMEM((tn, r), F32)),
+      scratch_types=dict(
+          w_smem=plgpu.SMEM((stages, tk, tn), w.dtype, transforms=_transforms(tn, w.dtype)),
+          x_smem=plgpu.SMEM((steps, r, tk), x.dtype, transforms=_transforms(tk, x.dtype)),
+          o_smem=plgpu.SMEM((tn, r), F32),
+          w_bar=plgpu.Barrier(num_barriers=stages), x_bar=plgpu.Barrier(num_barriers=steps)),
       grid=(n // tn, cfg.splits), grid_names=("n", "s"),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(x, w)
