@@ -40,7 +40,7 @@ class GemmConfig:
 
 
 def _transforms(minor, dtype):
-  """Tiling and swizzle of a bf16 tile whose minor dimension holds ``minor`` elements."""
+  """Tiling and swizzle of a 16-bit tile whose minor dimension holds ``minor`` elements."""
   swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
   return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
           plgpu.SwizzleTransform(swizzle))
@@ -71,11 +71,13 @@ def skinny_partials(x, w, cfg=GemmConfig(), *, interpret=None):
   steps = k // cfg.tk // cfg.splits
   stages = min(cfg.stages, steps)
   tn, tk = cfg.tn, cfg.tk
-  pdl = cfg.pdl and not interpret   # the interpreter has no rule for griddepcontrol
+  # jax 0.11.2's interpreter has no rule for griddepcontrol ("MLIR translation rule ... not found
+  # for platform cpu")
+  pdl = cfg.pdl and not interpret
 
   def kernel(x_gmem, w_gmem, o_gmem, w_smem, x_smem, o_smem, w_bar, x_bar):
-    col = lax.axis_index("n")
-    k0 = lax.axis_index("s") * steps * tk
+    col, seg = lax.axis_index("n"), lax.axis_index("s")
+    k0 = seg * steps * tk
 
     def load_w(i, slot):
       plgpu.copy_gmem_to_smem(w_gmem.at[pl.ds(k0 + i * tk, tk), pl.ds(col * tn, tn)],
@@ -109,7 +111,7 @@ def skinny_partials(x, w, cfg=GemmConfig(), *, interpret=None):
 
     pl.run_scoped(with_acc, plgpu.ACC((tn, r), F32))
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[lax.axis_index("s"), pl.ds(col * tn, tn)])
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[seg, pl.ds(col * tn, tn)])
     plgpu.wait_smem_to_gmem(0)
 
   return plgpu.kernel(
