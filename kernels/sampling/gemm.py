@@ -54,6 +54,8 @@ def check(r, k, n, cfg, dtype):
     raise ValueError(f"skinny_matmul: rows of x must be a multiple of 8 up to 256, got {r}")
   if cfg.tn % 64 or n % cfg.tn:
     raise ValueError(f"skinny_matmul: N={n} must be a multiple of tn={cfg.tn} (itself of 64)")
+  if cfg.stages > 32:
+    raise ValueError(f"skinny_matmul: stages={cfg.stages} exceeds Mosaic GPU's 32 barriers")
   if k % (cfg.tk * cfg.splits):
     raise ValueError(f"skinny_matmul: K={k} must be a multiple of tk x splits = "
                      f"{cfg.tk} x {cfg.splits}")
@@ -90,13 +92,13 @@ def skinny_partials(x, w, cfg=GemmConfig(), *, interpret=None):
     if pdl:
       plgpu.griddepcontrol_launch_dependents()
       plgpu.griddepcontrol_wait()
-    for i in range(steps):
-      plgpu.copy_gmem_to_smem(x_gmem.at[:, pl.ds(k0 + i * tk, tk)], x_smem.at[i], x_bar.at[i])
+    for i in range(steps):   # one barrier for all of x: Mosaic GPU allows 32 per group
+      plgpu.copy_gmem_to_smem(x_gmem.at[:, pl.ds(k0 + i * tk, tk)], x_smem.at[i], x_bar)
+    plgpu.barrier_wait(x_bar)
 
     def with_acc(acc):
       def step(i, carry):
         slot = lax.rem(i, stages)
-        plgpu.barrier_wait(x_bar.at[i])
         plgpu.barrier_wait(w_bar.at[slot])
         plgpu.wgmma(acc, w_smem.at[slot].transpose((1, 0)), x_smem.at[i].transpose((1, 0)))
         plgpu.wgmma_wait(0)
@@ -120,7 +122,7 @@ def skinny_partials(x, w, cfg=GemmConfig(), *, interpret=None):
           w_smem=plgpu.SMEM((stages, tk, tn), w.dtype, transforms=_transforms(tn, w.dtype)),
           x_smem=plgpu.SMEM((steps, r, tk), x.dtype, transforms=_transforms(tk, x.dtype)),
           o_smem=plgpu.SMEM((tn, r), F32),
-          w_bar=plgpu.Barrier(num_barriers=stages), x_bar=plgpu.Barrier(num_barriers=steps)),
+          w_bar=plgpu.Barrier(num_barriers=stages), x_bar=plgpu.Barrier(num_arrivals=steps)),
       grid=(n // tn, cfg.splits), grid_names=("n", "s"),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(x, w)
