@@ -319,3 +319,5 @@ def test_skinny_matmul_errors():
     G.skinny_matmul(x.astype(jnp.float32), jnp.zeros((128, 64), jnp.float32))
   with pytest.raises(ValueError, match="w must be"):
     G.skinny_matmul(x, jnp.zeros((64, 64), jnp.bfloat16))
+  with pytest.raises(ValueError, match="32 barriers"):
+    G.skinny_matmul(x, jnp.zeros((128, 64), jnp.bfloat16), G.GemmConfig(stages=33))
