@@ -36,9 +36,13 @@ def _share(pid, nprog, n):
   return lo, lax.div((pid + 1) * n, nprog)
 
 
-def stream(x, mats, *, nprog, tn, tk, stages, interpret=False):
+def stream(x, mats, *, nprog, tn, tk, stages, barriers=False, blocks=True, interpret=False):
   """sum over every block of every matrix of W^T x^T, one [tn, R] float32 sum per program.
-  x [R, Kmax]; mats: stacked [L, K, N] weights, walked layer by layer in the given order."""
+  x [R, Kmax]; mats: stacked [L, K, N] weights, walked layer by layer in the given order.
+  ``barriers``: a grid barrier after each matrix of each layer (compiled only: the interpreter
+  has no semaphores), as a persistent kernel's phases need, with no data passed between them.
+  ``blocks=False``: no weights at all, the barriers alone."""
+  barriers = barriers and not interpret
   r = x.shape[0]
   nl = mats[0].shape[0]
   kx = x.shape[1] // tk
@@ -49,7 +53,7 @@ def stream(x, mats, *, nprog, tn, tk, stages, interpret=False):
   def kernel(x_gmem, *refs, w_smem, x_smem, o_smem, w_bar, x_bar):
     w_gmems, o_gmem = refs[:-1], refs[-1]
     pid = lax.axis_index("p")
-    shares = [_share(pid, nprog, n) for n in nblocks]
+    shares = [_share(pid, nprog, n if blocks else 0) for n in nblocks]
     sizes = [hi - lo for lo, hi in shares]
     per_layer = sum(sizes)
     total = nl * per_layer
@@ -75,6 +79,28 @@ def stream(x, mats, *, nprog, tn, tk, stages, interpret=False):
           plgpu.copy_gmem_to_smem(w.at[layer, pl.ds(kstep * tk, tk), pl.ds(tile * tn, tn)],
                                   w_smem.at[slot], w_bar.at[slot])
 
+    # Global semaphores persist across launches (pl.get_global), so the barriers count up on
+    # one (count: every program adds 1 per barrier and waits for nprog x barriers passed, the
+    # Triton kernel's scheme) and the exit puts it back to 0: each program reports on the other
+    # (done) once past its last wait, and program 0, when all have, subtracts the total. (A
+    # barrier through program 0, which then signals each program's own semaphore, took ~51 us:
+    # 132 signals one after another.)
+    sems = pl.get_global(plgpu.SemaphoreType.REGULAR((2,))) if barriers else None
+    count, done = (sems.at[0], sems.at[1]) if barriers else (None, None)
+    n_barriers = nl * len(mats)
+
+    def grid_barrier(b):
+      plgpu.semaphore_signal(count, 1, memory_scope="gpu")
+      plgpu.semaphore_wait(count, nprog * (b + 1), decrement=False, memory_scope="gpu")
+
+    def release_barriers():
+      plgpu.semaphore_signal(done, 1, memory_scope="gpu")
+
+      @pl.when(pid == 0)
+      def _():
+        plgpu.semaphore_wait(done, nprog, memory_scope="gpu")          # back to 0
+        plgpu.semaphore_signal(count, -nprog * n_barriers, memory_scope="gpu")
+
     for s in range(stages):
       @pl.when(s < total)
       def _(s=s):
@@ -96,7 +122,18 @@ def stream(x, mats, *, nprog, tn, tk, stages, interpret=False):
           issue(i + stages, slot)
         return carry
 
-      lax.fori_loop(0, total, step, 0)
+      if not barriers:
+        lax.fori_loop(0, total, step, 0)
+      else:   # each phase (layer, matrix) ends in a grid barrier; the ring keeps loading ahead
+        def layer(l, carry):
+          start = l * per_layer
+          for t, size in enumerate(sizes):
+            lax.fori_loop(start, start + size, step, 0)
+            grid_barrier(l * len(mats) + t)
+            start = start + size
+          return carry
+        lax.fori_loop(0, nl, layer, 0)
+        release_barriers()
       o_smem[...] = acc[...]
 
     pl.run_scoped(with_acc, plgpu.ACC((tn, r), F32))
@@ -139,6 +176,7 @@ def main():
   ap.add_argument("--stages", default="4,8,12")
   ap.add_argument("--tn", default="64,128")
   ap.add_argument("--layers", type=int, default=24)
+  ap.add_argument("--barriers", default="0", help="0, 1 or 0,1: a grid barrier after each phase")
   ap.add_argument("--out", default="benchmarks/results/stream_probe_mgpu_h100.json")
   args = ap.parse_args()
   on_gpu = jax.default_backend() == "gpu"
@@ -152,22 +190,33 @@ def main():
   print(f"device {jax.devices()[0].device_kind}, {nprog} programs, {L} layers, {mb:.0f} MB of "
         f"weights per token")
   records = []
-  for tn in (int(v) for v in args.tn.split(",")):
-    for stages in (int(v) for v in args.stages.split(",")):
-      f = jax.jit(lambda x, *m, tn=tn, s=stages: stream(
-          x, m, nprog=nprog, tn=tn, tk=64, stages=s, interpret=not on_gpu))
-      try:
-        got = f(x, *mats)
-        if not on_gpu:
-          ref = reference(x, mats, nprog=nprog, tn=tn, tk=64)
-          err = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
-          print(f"tn={tn} stages={stages}: interpreter vs XLA max rel err {err:.1e}")
-          continue
-        us = device_us_per_call(f, x, *mats, iters=10)[0]
-        records.append(dict(tn=tn, tk=64, stages=stages, us=us, tb_s=mb / us, mb=mb))
-        print(f"tn={tn} stages={stages}: {us:8.1f} us per token, {mb / us:.2f} TB/s", flush=True)
-      except Exception as e:  # noqa: BLE001
-        print(f"tn={tn} stages={stages}: failed {type(e).__name__}: {str(e)[:300]}")
+  ints = lambda arg: [int(v) for v in arg.split(",")]  # noqa: E731
+  runs = [(tn, st, bool(bar)) for bar in ints(args.barriers) for tn in ints(args.tn)
+          for st in ints(args.stages)]
+  if on_gpu and 1 in ints(args.barriers):
+    runs.append((64, 2, "alone"))   # the barriers without weights: is each one really waited?
+  for tn, stages, bar in runs:
+    f = jax.jit(lambda x, *m, tn=tn, s=stages, b=bar: stream(
+        x, m, nprog=nprog, tn=tn, tk=64, stages=s, barriers=bool(b), blocks=b != "alone",
+        interpret=not on_gpu))
+    try:
+      got = f(x, *mats)
+      if not on_gpu:
+        ref = reference(x, mats, nprog=nprog, tn=tn, tk=64)
+        err = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
+        print(f"tn={tn} stages={stages}: interpreter vs XLA max rel err {err:.1e}")
+        continue
+      us = device_us_per_call(f, x, *mats, iters=10)[0]
+      if bar == "alone":
+        records.append(dict(barriers="alone", us=us, us_per_barrier=us / (L * len(mats))))
+        print(f"{L * len(mats)} barriers alone: {us:8.1f} us, {us / (L * len(mats)):.2f} us per "
+              "barrier", flush=True)
+        continue
+      records.append(dict(tn=tn, tk=64, stages=stages, barriers=bar, us=us, tb_s=mb / us, mb=mb))
+      print(f"tn={tn} stages={stages} barriers={int(bar)}: {us:8.1f} us per token, "
+            f"{mb / us:.2f} TB/s", flush=True)
+    except Exception as e:  # noqa: BLE001
+      print(f"tn={tn} stages={stages}: failed {type(e).__name__}: {str(e)[:300]}")
   if on_gpu:
     write_results(args.out, "benchmarks/stream_probe_mgpu.py", records)
     print(f"wrote {args.out}")
