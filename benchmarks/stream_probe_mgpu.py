@@ -36,13 +36,18 @@ def _share(pid, nprog, n):
   return lo, lax.div((pid + 1) * n, nprog)
 
 
-def stream(x, mats, *, nprog, tn, tk, stages, barriers=False, blocks=True, interpret=False):
+def stream(x, mats, *, nprog, tn, tk, stages, barriers=False, data=False, blocks=True,
+           interpret=False):
   """sum over every block of every matrix of W^T x^T, one [tn, R] float32 sum per program.
   x [R, Kmax]; mats: stacked [L, K, N] weights, walked layer by layer in the given order.
   ``barriers``: a grid barrier after each matrix of each layer (compiled only: the interpreter
   has no semaphores), as a persistent kernel's phases need, with no data passed between them.
+  ``data`` (with barriers): around each barrier, what a real kernel's phases exchange: before it
+  the program's float32 partial [tn, R] goes to HBM (smem, TMA store, waited for), after it x's
+  tiles for the next matrix come back from HBM by TMA (all of its K: an upper bound).
   ``blocks=False``: no weights at all, the barriers alone."""
   barriers = barriers and not interpret
+  data = data and barriers
   r = x.shape[0]
   nl = mats[0].shape[0]
   kx = x.shape[1] // tk
@@ -50,7 +55,9 @@ def stream(x, mats, *, nprog, tn, tk, stages, barriers=False, blocks=True, inter
   ksteps = [m.shape[1] // tk for m in mats]
   nblocks = [k * (m.shape[2] // tn) for k, m in zip(ksteps, mats)]
 
-  def kernel(x_gmem, *refs, w_smem, x_smem, o_smem, w_bar, x_bar):
+  reload_k = sorted(set(ksteps))   # one barrier per tile count of x reloads (data)
+
+  def kernel(x_gmem, *refs, w_smem, x_smem, o_smem, w_bar, x_bar, **reload_bars):
     w_gmems, o_gmem = refs[:-1], refs[-1]
     pid = lax.axis_index("p")
     shares = [_share(pid, nprog, n if blocks else 0) for n in nblocks]
@@ -81,8 +88,8 @@ def stream(x, mats, *, nprog, tn, tk, stages, barriers=False, blocks=True, inter
 
     # Global semaphores persist across launches (pl.get_global), so the barriers count up on
     # one (count: every program adds 1 per barrier and waits for nprog x barriers passed, the
-    # Triton kernel's scheme) and the exit puts it back to 0: each program reports on the other
-    # (done) once past its last wait, and program 0, when all have, subtracts the total. (A
+    # Triton kernel's scheme) and the exit puts it back to 0: each program reports on a second
+    # one (done) once past its last wait, and program 0, when all have, subtracts the total. (A
     # barrier through program 0, which then signals each program's own semaphore, took ~51 us:
     # 132 signals one after another.)
     sems = pl.get_global(plgpu.SemaphoreType.REGULAR((2,))) if barriers else None
@@ -129,7 +136,18 @@ def stream(x, mats, *, nprog, tn, tk, stages, barriers=False, blocks=True, inter
           start = l * per_layer
           for t, size in enumerate(sizes):
             lax.fori_loop(start, start + size, step, 0)
+            if data:
+              o_smem[...] = acc[...]
+              plgpu.commit_smem()
+              plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pid])
+              plgpu.wait_smem_to_gmem(0, wait_read_only=False)
             grid_barrier(l * len(mats) + t)
+            if data:
+              kn = ksteps[(t + 1) % len(mats)]
+              bar = reload_bars[f"reload_{kn}"]
+              for i in range(kn):
+                plgpu.copy_gmem_to_smem(x_gmem.at[:, pl.ds(i * tk, tk)], x_smem.at[i], bar)
+              plgpu.barrier_wait(bar)
             start = start + size
           return carry
         lax.fori_loop(0, nl, layer, 0)
@@ -148,7 +166,8 @@ def stream(x, mats, *, nprog, tn, tk, stages, barriers=False, blocks=True, inter
           w_smem=plgpu.SMEM((stages, tk, tn), dt, transforms=_transforms(tn, dt)),
           x_smem=plgpu.SMEM((kx, r, tk), dt, transforms=_transforms(tk, dt)),
           o_smem=plgpu.SMEM((tn, r), F32),
-          w_bar=plgpu.Barrier(num_barriers=stages), x_bar=plgpu.Barrier(num_arrivals=kx)),
+          w_bar=plgpu.Barrier(num_barriers=stages), x_bar=plgpu.Barrier(num_arrivals=kx),
+          **{f"reload_{k}": plgpu.Barrier(num_arrivals=k) for k in reload_k}),
       grid=(nprog,), grid_names=("p",),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(x, *mats)
@@ -176,7 +195,8 @@ def main():
   ap.add_argument("--stages", default="4,8,12")
   ap.add_argument("--tn", default="64,128")
   ap.add_argument("--layers", type=int, default=24)
-  ap.add_argument("--barriers", default="0", help="0, 1 or 0,1: a grid barrier after each phase")
+  ap.add_argument("--barriers", default="0", help="0 none, 1 a grid barrier after each phase, 2 "
+                  "barriers with the partial stores and x reloads around them; e.g. 0,1,2")
   ap.add_argument("--out", default="benchmarks/results/stream_probe_mgpu_h100.json")
   args = ap.parse_args()
   on_gpu = jax.default_backend() == "gpu"
@@ -191,14 +211,14 @@ def main():
         f"weights per token")
   records = []
   ints = lambda arg: [int(v) for v in arg.split(",")]  # noqa: E731
-  runs = [(tn, st, bool(bar)) for bar in ints(args.barriers) for tn in ints(args.tn)
+  runs = [(tn, st, bar) for bar in ints(args.barriers) for tn in ints(args.tn)
           for st in ints(args.stages)]
-  if on_gpu and 1 in ints(args.barriers):
+  if on_gpu and set(ints(args.barriers)) & {1, 2}:
     runs.append((64, 2, "alone"))   # the barriers without weights: is each one really waited?
   for tn, stages, bar in runs:
     f = jax.jit(lambda x, *m, tn=tn, s=stages, b=bar: stream(
-        x, m, nprog=nprog, tn=tn, tk=64, stages=s, barriers=bool(b), blocks=b != "alone",
-        interpret=not on_gpu))
+        x, m, nprog=nprog, tn=tn, tk=64, stages=s, barriers=bool(b), data=b == 2,
+        blocks=b != "alone", interpret=not on_gpu))
     try:
       got = f(x, *mats)
       if not on_gpu:
