@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: E402
 
 from benchmarks_common import device_us_per_call, write_results  # noqa: E402
-from kernels.sampling.gemm import _transforms  # noqa: E402
+from kernels.sampling.gemm import ring_step, tile_transforms  # noqa: E402
 
 F32 = jnp.float32
 
@@ -118,15 +118,7 @@ def stream(x, mats, *, nprog, tn, tk, stages, barriers=False, data=False, blocks
 
     def with_acc(acc):
       def step(i, carry):
-        slot = lax.rem(i, stages)
-        kstep = locate(i)[3]
-        plgpu.barrier_wait(w_bar.at[slot])
-        plgpu.wgmma(acc, w_smem.at[slot].transpose((1, 0)), x_smem.at[kstep].transpose((1, 0)))
-        plgpu.wgmma_wait(0)
-
-        @pl.when(i + stages < total)
-        def _():
-          issue(i + stages, slot)
+        ring_step(acc, i, total, w_smem, w_bar, x_smem.at[locate(i)[3]], issue)
         return carry
 
       if not barriers:
@@ -163,8 +155,8 @@ def stream(x, mats, *, nprog, tn, tk, stages, barriers=False, data=False, blocks
   return plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((nprog, tn, r), F32),
       scratch_types=dict(
-          w_smem=plgpu.SMEM((stages, tk, tn), dt, transforms=_transforms(tn, dt)),
-          x_smem=plgpu.SMEM((kx, r, tk), dt, transforms=_transforms(tk, dt)),
+          w_smem=plgpu.SMEM((stages, tk, tn), dt, transforms=tile_transforms(tn, dt)),
+          x_smem=plgpu.SMEM((kx, r, tk), dt, transforms=tile_transforms(tk, dt)),
           o_smem=plgpu.SMEM((tn, r), F32),
           w_bar=plgpu.Barrier(num_barriers=stages), x_bar=plgpu.Barrier(num_arrivals=kx),
           **{f"reload_{k}": plgpu.Barrier(num_arrivals=k) for k in reload_k}),

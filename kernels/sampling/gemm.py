@@ -39,7 +39,7 @@ class GemmConfig:
   pdl: bool = True    # programmatic dependent launch: start loading W before the last kernel ends
 
 
-def _transforms(minor, dtype):
+def tile_transforms(minor, dtype):
   """Tiling and swizzle of a 16-bit tile whose minor dimension holds ``minor`` elements."""
   swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
   return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
@@ -59,6 +59,21 @@ def check(r, k, n, cfg, dtype):
   if k % (cfg.tk * cfg.splits):
     raise ValueError(f"skinny_matmul: K={k} must be a multiple of tk x splits = "
                      f"{cfg.tk} x {cfg.splits}")
+
+
+def ring_step(acc, i, n, w_smem, w_bar, x_tile, refill):
+  """Block i of n through a ring of TMA buffers w_smem [stages, tk, tn] (slot i % stages, one
+  barrier each): wait for it, acc [tn, R] += W^T x^T with x_tile [R, tk], then refill(i + stages,
+  slot) while blocks remain. The refill is issued after the wgmma has finished reading the slot."""
+  stages = w_smem.shape[0]
+  slot = lax.rem(i, stages)
+  plgpu.barrier_wait(w_bar.at[slot])
+  plgpu.wgmma(acc, w_smem.at[slot].transpose((1, 0)), x_tile.transpose((1, 0)))
+  plgpu.wgmma_wait(0)
+
+  @pl.when(i + stages < n)
+  def _():
+    refill(i + stages, slot)
 
 
 def skinny_partials(x, w, cfg=GemmConfig(), *, interpret=None):
@@ -98,14 +113,7 @@ def skinny_partials(x, w, cfg=GemmConfig(), *, interpret=None):
 
     def with_acc(acc):
       def step(i, carry):
-        slot = lax.rem(i, stages)
-        plgpu.barrier_wait(w_bar.at[slot])
-        plgpu.wgmma(acc, w_smem.at[slot].transpose((1, 0)), x_smem.at[i].transpose((1, 0)))
-        plgpu.wgmma_wait(0)
-
-        @pl.when(i + stages < steps)
-        def _():
-          load_w(i + stages, slot)
+        ring_step(acc, i, steps, w_smem, w_bar, x_smem.at[i], load_w)
         return carry
 
       lax.fori_loop(0, steps, step, 0)
@@ -119,8 +127,8 @@ def skinny_partials(x, w, cfg=GemmConfig(), *, interpret=None):
   return plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((cfg.splits, n, r), F32),
       scratch_types=dict(
-          w_smem=plgpu.SMEM((stages, tk, tn), w.dtype, transforms=_transforms(tn, w.dtype)),
-          x_smem=plgpu.SMEM((steps, r, tk), x.dtype, transforms=_transforms(tk, x.dtype)),
+          w_smem=plgpu.SMEM((stages, tk, tn), w.dtype, transforms=tile_transforms(tn, w.dtype)),
+          x_smem=plgpu.SMEM((steps, r, tk), x.dtype, transforms=tile_transforms(tk, x.dtype)),
           o_smem=plgpu.SMEM((tn, r), F32),
           w_bar=plgpu.Barrier(num_barriers=stages), x_bar=plgpu.Barrier(num_arrivals=steps)),
       grid=(n // tn, cfg.splits), grid_names=("n", "s"),
