@@ -25,15 +25,10 @@ from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: E402
 
 from benchmarks_common import device_us_per_call, write_results  # noqa: E402
+from kernels.lasad.decode_persistent import _share  # noqa: E402
 from kernels.sampling.gemm import ring_step, tile_transforms  # noqa: E402
 
 F32 = jnp.float32
-
-
-def _share(pid, nprog, n):
-  """[lo, hi) of program ``pid``'s contiguous share of n units (shares differ by at most one)."""
-  lo = lax.div(pid * n, nprog)
-  return lo, lax.div((pid + 1) * n, nprog)
 
 
 def stream(x, mats, *, nprog, tn, tk, stages, barriers=False, data=False, blocks=True,

@@ -252,7 +252,7 @@ def _kernel(x0_ref, st0_ref, cnt0_ref, w_in_ref, wo_ref, w13_ref, w2_ref, an_ref
 
   def residual_tile(j, p_ref, nks):
     """x tile j += bf16(sum of its partials in K order); the tile's sums of squares per row."""
-    cols = pl.ds(j * P.bn_x, P.bn_x)
+    (cols,) = x_cols(j)
     y = vsum(p_ref, nks, lambda i: (i, slice(None), cols)).astype(dt).astype(F32)
     x = vload(x_ref.at[:, cols]) + y
     x_ref[:, cols] = x
