@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from kernels.lasad import decode as decode_kernel
+from kernels.lasad import decode_mgpu
 from kernels.lasad import decode_persistent
 from kernels.lasad import reference
 from lasad_jax.ops import GATES, hgrn2_attention
@@ -243,7 +244,7 @@ def embed(params, pos, labels, prev_tokens):
   return jnp.where(pos == 0, cls, tok).astype(jnp.float32)
 
 
-DECODE_IMPLS = ("auto", "xla", "pallas", "persistent")
+DECODE_IMPLS = ("auto", "xla", "pallas", "persistent", "mosaic")
 
 
 def decode_impl(cfg):
@@ -260,9 +261,15 @@ def decode_impl(cfg):
   if impl in ("pallas", "persistent") and not decode_kernel.supported(cfg.head_dim):
     raise ValueError(f"config.decode_impl={impl!r} needs head_dim a power of two >= 16, got "
                      f"{cfg.head_dim}; use 'xla'")
-  if impl == "persistent" and cfg.attention != "lasad":
-    raise ValueError("config.decode_impl='persistent' runs LASAD attention only; the softmax "
+  if impl in ("persistent", "mosaic") and cfg.attention != "lasad":
+    raise ValueError(f"config.decode_impl={impl!r} runs LASAD attention only; the softmax "
                      "baseline decodes with 'auto' or 'xla'")
+  if impl == "mosaic":
+    decode_mgpu.make_plan(layers=cfg.num_layers, batch=1, dim=cfg.dim, hidden=mlp_hidden(cfg.dim),
+                          heads=cfg.num_heads, eps=cfg.norm_eps, nprog=1)   # raises if unfit
+    if jnp.dtype(cfg.dtype) != jnp.bfloat16:
+      raise ValueError(f"config.decode_impl='mosaic' computes in bfloat16; got config.dtype="
+                       f"{cfg.dtype!r}")
   return impl
 
 
@@ -359,13 +366,16 @@ def unstack_for_decode(cfg, params, state, fuse=True):
 def persistent_params(cfg, params):
   """The stacked per-layer arrays ``decode_step_persistent`` takes, made once per sampling call
   from compute-dtype params (``cast_for_compute``): [wq | wf | wv] and [w1 | w3] side by side,
-  each layer's forget-gate lower bounds and row-start boundary decays."""
+  each layer's forget-gate lower bounds and row-start boundary decays. For "mosaic", w1 | w3 in
+  ``decode_mgpu.interleave_w13``'s column order."""
   blk = params["blocks"]
   lbs = _layer_bounds(cfg, params)
   bnd = jax.vmap(lambda b: _boundary(cfg, {"boundary": b}))(blk["boundary"])
+  w13 = jnp.concatenate([blk["w1"], blk["w3"]], axis=-1)
+  if decode_impl(cfg) == "mosaic":
+    w13 = decode_mgpu.interleave_w13(w13, mlp_hidden(cfg.dim))
   return {**{k: v for k, v in params.items() if k != "blocks"},
-          "w_in": jnp.concatenate([blk["wq"], blk["wf"], blk["wv"]], axis=-1),
-          "w13": jnp.concatenate([blk["w1"], blk["w3"]], axis=-1),
+          "w_in": jnp.concatenate([blk["wq"], blk["wf"], blk["wv"]], axis=-1), "w13": w13,
           "wo": blk["wo"], "w2": blk["w2"], "attn_norm": blk["attn_norm"],
           "ffn_norm": blk["ffn_norm"], "head_norm": blk["head_norm"], "lb": lbs, "bnd": bnd}
 
@@ -377,6 +387,14 @@ def decode_step_persistent(cfg, kp, state, x, pos, width):
   b = x.shape[0]
   interpret = jax.default_backend() != "gpu"
   nprog = 1 if interpret else getattr(jax.devices()[0], "core_count", 132)
+  if decode_impl(cfg) == "mosaic":
+    plan = decode_mgpu.make_plan(layers=cfg.num_layers, batch=b, dim=cfg.dim,
+                                 hidden=mlp_hidden(cfg.dim), heads=cfg.num_heads,
+                                 eps=cfg.norm_eps, nprog=nprog)
+    x, state = decode_mgpu.decode_layers(
+        x, state, kp["w_in"], kp["wo"], kp["w13"], kp["w2"], kp["attn_norm"], kp["ffn_norm"], kp["head_norm"], kp["lb"], kp["bnd"],
+        _row_start(cfg, pos, width, b), plan=plan, interpret=interpret)
+    return state, _logits(cfg, kp, x), jnp.int32(0)
   plan = decode_persistent.make_plan(layers=cfg.num_layers, batch=b, dim=cfg.dim,
                                      hidden=mlp_hidden(cfg.dim), heads=cfg.num_heads,
                                      head_dim=cfg.head_dim, eps=cfg.norm_eps, nprog=nprog)

@@ -112,7 +112,7 @@ def _decoder(cfg, params, batch, n):
   kernel's stacked arrays, or ``unstack_for_decode``'s per-layer lists (made once, outside the
   token loop)."""
   state = M.init_state(cfg, batch, n)
-  if M.decode_impl(cfg) == "persistent":   # (LASAD only: decode_impl refuses softmax)
+  if M.decode_impl(cfg) in ("persistent", "mosaic"):   # (LASAD only: decode_impl refuses softmax)
     kp = M.persistent_params(cfg, params)
     return kp, state, functools.partial(M.decode_step_persistent, cfg, kp)
   params, state = M.unstack_for_decode(cfg, params, state)

@@ -1,0 +1,472 @@
+"""A whole LASADGen decode token, every layer, as one persistent Mosaic GPU kernel (issue 5).
+
+The Triton persistent kernel (decode_persistent.py) cannot keep weights in flight across its
+grid barriers and moves them at ~1.5 TB/s. Here one warpgroup per SM stays resident for all
+layers and streams its share of every layer's four weight matrices through one ring of
+``Plan.stages`` TMA buffers of [64, 128] bf16 that runs on across phases and layers: weights do
+not depend on the token, so while a program waits for its inputs the next blocks are landing.
+On the H100 such a ring streamed a token's LASADGen-L weights at 3.0 TB/s
+(benchmarks/stream_probe_mgpu.py, BENCHMARKS.md session 16).
+
+Matmuls are y^T [128, R] += W^T [128, 64] x^T [64, R] on the tensor cores (R = the padded batch
+rows, wgmma's narrow operand; kernels/sampling/gemm.py). So every activation lives in HBM
+transposed, [features, R]: the accumulator's layout, stored and loaded from registers as is.
+A B operand is built in shared memory by storing such a [64, R] tile through a transposed view.
+
+Work per layer, in units; unit u of a phase runs on program (u + phase offset) % nprog:
+
+  A  (tile of [wq|wf|wv], K segment)   h = RMSNorm(x) tiles, partial y^T -> p_in
+  B  (head, 8 rows)                    the HGRN2 step per row from the summed partials -> o^T
+  C  (tile of wo, K segment)           partial -> p_o
+  C' (64 rows of x)                    x += bf16(sum of partials); sums of squares per row
+  D  (tile of [w1|w3] interleaved, K)  h = RMSNorm(x), partial [a | b]^T -> p_13
+  D' (64 columns of m)                 m^T = silu(a) b from the summed partials
+  E  (tile of w2, K segment)           partial -> p_2
+  E' (64 rows of x)                    as C'
+
+No grid barrier: each unit waits on global semaphores for exactly its inputs (counters that only
+grow during a launch: a unit of layer l waits for count >= (l + 1) x producers; program 0 puts
+them back to 0 at the end). Partials are summed in segment order by one owner, so a token's
+result does not depend on timing. The math is ``lasad_jax.model.decode_step``'s, rounded where it
+rounds (bf16 matmul outputs, q and k, silu(a)), up to the order of float32 sums.
+
+Off the GPU, Mosaic GPU's interpreter runs the body as one program (it has no semaphores; one
+program meets every dependency in order): that is how CI tests it.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels.lasad.decode import GATE_FLOOR
+from kernels.sampling.gemm import ring_step, tile_transforms
+
+F32, BF16 = jnp.float32, jnp.bfloat16
+TK, TN, HD = 64, 128, 64       # K block, column tile, head dim (= TK: a K block of o is a head)
+GROUP = 8                      # rows per attention unit (a WGMMA tile's narrowest width)
+WG = plgpu.Layout.WGMMA
+ROWS = WG.reduce(1)            # a vector indexed like the rows of a WGMMA tile
+COLS = WG.reduce(0)            # ... like its columns
+
+
+def _divisor_at_most(n, target):
+  return max(d for d in range(1, min(n, target) + 1) if n % d == 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Static sizes. rows: the padded batch (a multiple of 8). b_*: K blocks of 64 per unit of each
+  matmul (divisors of its K / 64; fewer = more units and more partials to sum)."""
+  layers: int
+  rows: int
+  batch: int
+  dim: int
+  hidden: int
+  heads: int
+  nprog: int
+  eps: float
+  b_in: int = 4
+  b_o: int = 2
+  b_13: int = 8
+  b_2: int = 4
+  stages: int = 8
+
+  def __post_init__(self):
+    if self.dim % TN or self.hidden % TK or self.dim != self.heads * HD:
+      raise ValueError(f"decode_mgpu: needs dim a multiple of {TN} (got {self.dim}), hidden of "
+                       f"{TK} (got {self.hidden}) and head_dim {HD} (dim / heads = "
+                       f"{self.dim // max(self.heads, 1)})")
+    if self.rows % GROUP or not self.batch <= self.rows <= 64:
+      raise ValueError(f"decode_mgpu: rows={self.rows} must be a multiple of {GROUP}, >= batch="
+                       f"{self.batch} and <= 64")
+    for name, k, b in (("b_in", self.dim, self.b_in), ("b_o", self.dim, self.b_o),
+                       ("b_13", self.dim, self.b_13), ("b_2", self.hidden, self.b_2)):
+      if (k // TK) % b:
+        raise ValueError(f"decode_mgpu: {name}={b} must divide the {k // TK} K blocks")
+    if not 1 <= self.stages <= 32:
+      raise ValueError(f"decode_mgpu: stages={self.stages} must be in 1..32 (barriers per group)")
+
+  # column tiles and K segments of each matmul: (tiles, segments, K blocks per unit)
+  @property
+  def mats(self):
+    d, f = self.dim, self.hidden
+    return {"in": (3 * d // TN, d // TK // self.b_in, self.b_in),
+            "o": (d // TN, d // TK // self.b_o, self.b_o),
+            "13": (2 * f // TN, d // TK // self.b_13, self.b_13),
+            "2": (d // TN, f // TK // self.b_2, self.b_2)}
+
+  @property
+  def groups(self):
+    return self.rows // GROUP
+
+  def units(self):
+    """Units per phase, in the order they run within a layer."""
+    m = self.mats
+    return {"A": m["in"][0] * m["in"][1], "B": self.heads * self.groups,
+            "C": m["o"][0] * m["o"][1], "C'": self.dim // 64,
+            "D": m["13"][0] * m["13"][1], "D'": self.hidden // 64,
+            "E": m["2"][0] * m["2"][1], "E'": self.dim // 64}
+
+  def offsets(self):
+    """First program of each phase: each phase starts where the one before ended, so that the
+    programs' work per layer evens out."""
+    out, at = {}, 0
+    for name, n in self.units().items():
+      out[name] = at
+      at = (at + n) % self.nprog
+    return out
+
+  def semaphores(self):
+    """(offset, count per launch) of each semaphore group, and the total number."""
+    m, L = self.mats, self.layers
+    groups = {"a": (m["in"][0], m["in"][1] * L), "o": (self.heads, self.groups * L),
+              "c": (m["o"][0], m["o"][1] * L), "x": (1, 2 * (self.dim // 64) * L),
+              "d": (m["13"][0], m["13"][1] * L), "m": (self.hidden // 64, L),
+              "e": (m["2"][0], m["2"][1] * L), "done": (1, self.nprog)}
+    out, at = {}, 0
+    for name, (n, per_launch) in groups.items():
+      out[name] = (at, n, per_launch)
+      at += n
+    return out, at
+
+
+def make_plan(*, layers, batch, dim, hidden, heads, eps, nprog):
+  """The tiling for these sizes (LASADGen-L: 96 / 64 / 88 / 88 matmul units per layer)."""
+  rows = max(16, -(-batch // GROUP) * GROUP)
+  return Plan(layers=layers, rows=rows, batch=batch, dim=dim, hidden=hidden, heads=heads,
+              nprog=nprog, eps=eps, b_in=_divisor_at_most(dim // TK, 4),
+              b_o=_divisor_at_most(dim // TK, 2), b_13=_divisor_at_most(dim // TK, 8),
+              b_2=_divisor_at_most(hidden // TK, 4))
+
+
+def interleave_w13(w13, hidden):
+  """[.., d, 2 hidden] = [w1 | w3] -> column tiles of 128 = [w1 cols 64 t.. | w3 cols 64 t..]:
+  a unit's accumulator then holds a and b of the same 64 columns of m."""
+  lead = w13.shape[:-1]
+  return w13.reshape(*lead, 2, hidden // 64, 64).swapaxes(-3, -2).reshape(*lead, 2 * hidden)
+
+
+def _bf16_round(x):
+  return x.astype(BF16).astype(F32)
+
+
+def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
+            xout, stout, ot, mt, p_in, p_o, p_13, p_2, ss,
+            w_smem, x_smem, vec_smem, w_bar, *, plan, interpret):
+  P = plan
+  R, D, L, H = P.rows, P.dim, P.layers, P.heads
+  nprog = P.nprog
+  pid = lax.axis_index("p")
+  mats = P.mats
+  offs = P.offsets()
+  sem_layout, _ = P.semaphores()
+  sems = None if interpret else pl.get_global(plgpu.SemaphoreType.REGULAR((P.semaphores()[1],)))
+
+  def sem(name, i=0):
+    return sems.at[sem_layout[name][0] + i]
+
+  def signal(name, i=0):
+    if not interpret:
+      plgpu.semaphore_signal(sem(name, i), 1, memory_scope="gpu")
+
+  def wait(name, i, target):
+    if not interpret:
+      plgpu.semaphore_wait(sem(name, i), target, decrement=False, memory_scope="gpu")
+
+  def mine(phase):
+    """(first unit of this program in ``phase``, how many: units q, q + nprog, ...)."""
+    q = lax.rem(pid - offs[phase] + nprog, nprog)
+    n = P.units()[phase]
+    return q, jnp.where(q < n, lax.div(n - q + nprog - 1, nprog), 0)
+
+  # The weight blocks this program consumes per layer: its units of A, C, D, E in that order.
+  phase_mats = (("A", "in", w_in), ("C", "o", wo), ("D", "13", w13), ("E", "2", w2))
+  counts = [mine(ph)[1] * mats[m][2] for ph, m, _ in phase_mats]
+  per_layer = sum(counts)
+  total = L * per_layer
+
+  def issue(seq, slot):
+    """TMA of this program's weight block number ``seq`` into ring slot ``slot``."""
+    layer = lax.div(seq, jnp.maximum(per_layer, 1))
+    rest = seq - layer * per_layer
+    start = jnp.int32(0)
+    for (ph, m, w), n in zip(phase_mats, counts):
+      tiles, segs, nb = mats[m]
+      inside = (rest >= start) & (rest < start + n)
+      r = rest - start
+
+      @pl.when(inside)
+      def _(r=r, ph=ph, w=w, segs=segs, nb=nb):
+        u = mine(ph)[0] + lax.div(r, nb) * nprog
+        t, s = lax.div(u, segs), lax.rem(u, segs)
+        krow = (s * nb + lax.rem(r, nb)) * TK
+        plgpu.copy_gmem_to_smem(w.at[layer, pl.ds(krow, TK), pl.ds(t * TN, TN)],
+                                w_smem.at[slot], w_bar.at[slot])
+      start = start + n
+
+  for s in range(P.stages):
+    @pl.when(s < total)
+    def _(s=s):
+      issue(jnp.int32(s), s)
+
+  # ---------------------------------------------------------------- helpers
+  def load_wg(ref):   # a [64k, n] tile from HBM into registers
+    return plgpu.load(ref, layout=WG, optimized=False)
+
+  def bcast_rows(v, n):   # v [64] (ROWS) -> [64, n]: v[i] along row i
+    return lax.broadcast_in_dim(v, (v.shape[0], n), (0,))
+
+  def bcast_cols(v, m):   # v [n] (COLS) -> [m, n]
+    return lax.broadcast_in_dim(v, (m, v.shape[0]), (1,))
+
+  def relayout(v, layout):   # a [64] float32 vector through shared memory
+    vec_smem[...] = v
+    plgpu.commit_smem()
+    out = plgpu.load(vec_smem, layout=layout, optimized=False)
+    plgpu.commit_smem()   # (every thread has read it before it is written again)
+    return out
+
+  def rstd(ss_ref):   # [R] (COLS): 1 / RMS of each row of x from the per-64-row sums of squares
+    acc = plgpu.load(ss_ref.at[0], layout=COLS, optimized=False)
+    for j in range(1, D // 64):
+      acc = acc + plgpu.load(ss_ref.at[j], layout=COLS, optimized=False)
+    return lax.rsqrt(acc / D + P.eps)
+
+  def normed_tiles(x_ref, ss_ref, norm_ref, layer, k0, nb):
+    """x_smem[kb] = bf16(x * rstd * norm) for the nb K blocks from row k0 of x^T."""
+    r = bcast_cols(rstd(ss_ref), TK)
+    for kb in range(nb):
+      rows = pl.ds(k0 + kb * TK, TK)
+      g = plgpu.load(norm_ref.at[layer, rows], layout=ROWS, optimized=False)
+      h = load_wg(x_ref.at[rows, :]) * r * bcast_rows(g, R)
+      x_smem.at[kb].transpose((1, 0))[...] = h.astype(BF16)
+    plgpu.commit_smem()
+
+  def copied_tiles(src_ref, k0, nb):   # x_smem[kb] = src^T's rows k0 + 64 kb ... (bf16 already)
+    for kb in range(nb):
+      x_smem.at[kb].transpose((1, 0))[...] = load_wg(src_ref.at[pl.ds(k0 + kb * TK, TK), :])
+    plgpu.commit_smem()
+
+  def matmul_units(phase, m, build, out_ref, sem_name, layer, seq, before=None):
+    """This program's units of one matmul phase: build(t, s, nb) fills x_smem, then nb ring
+    steps, the float32 partial to out_ref[s, tile columns] and a signal on sem_name[t]."""
+    tiles, segs, nb = mats[m]
+    q, n = mine(phase)
+
+    def body(i, seq):
+      u = q + i * nprog
+      t, s = lax.div(u, segs), lax.rem(u, segs)
+      build(t, s, nb)
+
+      def with_acc(acc):
+        for kb in range(nb):
+          ring_step(acc, seq + kb, total, w_smem, w_bar, x_smem.at[kb], issue)
+        out_ref[s, pl.ds(t * TN, TN), :] = acc[...]
+      pl.run_scoped(with_acc, plgpu.ACC((TN, R), F32))
+      signal(sem_name, t)
+      return seq + nb
+
+    if before is not None:
+      @pl.when(n > 0)
+      def _():
+        before()
+    return lax.fori_loop(0, n, body, seq)
+
+  def owner_units(phase, fn):
+    q, n = mine(phase)
+
+    def body(i, c):
+      fn(q + i * nprog)
+      return c
+    lax.fori_loop(0, n, body, 0)
+
+  def partial_sum(p_ref, rows, cols=slice(None)):
+    segs = p_ref.shape[0]
+    acc = load_wg(p_ref.at[0, rows, cols])
+    for s in range(1, segs):
+      acc = acc + load_wg(p_ref.at[s, rows, cols])
+    return acc
+
+  def residual(layer, j, p_ref, first):
+    """x^T rows 64 j.. += bf16(sum of p_ref's partials); their sums of squares per row."""
+    rows = pl.ds(j * 64, 64)
+    y = _bf16_round(partial_sum(p_ref, rows))
+
+    def finish(x):
+      x = x + y
+      xout[rows, :] = x
+      ss[j] = jnp.sum(x * x, axis=0)
+
+    if first:   # C' of layer 0 reads the kernel's input
+      @pl.when(layer == 0)
+      def _():
+        finish(load_wg(xin.at[rows, :]))
+
+      @pl.when(layer > 0)
+      def _():
+        finish(load_wg(xout.at[rows, :]))
+    else:
+      finish(load_wg(xout.at[rows, :]))
+
+  # ---------------------------------------------------------------- one layer
+  nx = D // 64
+
+  def layer_body(l, seq):
+    # A: partial y^T = (h @ [wq | wf | wv])^T
+    def build_a(t, s, nb):
+      k0 = s * nb * TK
+
+      @pl.when(l == 0)
+      def _():
+        normed_tiles(xin, ssin, an, l, k0, nb)
+
+      @pl.when(l > 0)
+      def _():
+        normed_tiles(xout, ss, an, l, k0, nb)
+
+    seq = matmul_units("A", "in", build_a, p_in, "a", l, seq,
+                       before=lambda: wait("x", 0, 2 * nx * l))
+
+    # B: attention for 8 rows of one head
+    def attention(u):
+      h, g = lax.div(u, P.groups), lax.rem(u, P.groups)
+      for part in range(3):
+        wait("a", lax.div(part * D + h * HD, TN), mats["in"][1] * (l + 1))
+      cols = pl.ds(g * GROUP, GROUP)
+      q_t, f_t, v_t = (_bf16_round(partial_sum(p_in, pl.ds(part * D + h * HD, HD), cols))
+                       for part in range(3))
+      lb = plgpu.load(lbr.at[l, pl.ds(h * HD, HD)], layout=ROWS, optimized=False)
+      hnorm = plgpu.load(hn.at[l, pl.ds(h * HD, HD)], layout=COLS, optimized=False)
+      bnd = bndr[l, h]
+      o_t = jnp.zeros((HD, GROUP), F32)
+      iota = lax.broadcasted_iota(jnp.int32, (HD, GROUP), 1)
+      for j in range(GROUP):
+        b = g * GROUP + j
+        pick = (iota == j).astype(F32)
+        q_raw, f_raw, v_row = (jnp.sum(t * pick, axis=1) for t in (q_t, f_t, v_t))
+        v = relayout(v_row, COLS)
+        bc = jnp.minimum(b, P.batch - 1)
+        q = _bf16_round(jax.nn.silu(q_raw))
+        sg = jax.nn.sigmoid(f_raw)
+        gate = jnp.log(jnp.maximum(sg + lb * (1.0 - sg), GATE_FLOOR))
+        k = _bf16_round((1.0 - lb) * (1.0 - sg))
+        is_start = lax.broadcast_in_dim(startr[bc] != 0, (HD,), ())
+        gate = jnp.where(is_start, lax.broadcast_in_dim(bnd, (HD,), ()), gate)
+        st = load_wg(stin.at[l, bc, h])
+        st = bcast_rows(jnp.exp(gate), HD) * st + bcast_rows(k, HD) * bcast_cols(v, HD)
+        o = jnp.sum(bcast_rows(q, HD) * st, axis=0)                       # COLS
+        o = o * lax.broadcast_in_dim(lax.rsqrt(jnp.sum(o * o) / HD + P.eps), (HD,), ()) * hnorm
+        real = b < P.batch
+
+        @pl.when(real)
+        def _():
+          stout[l, bc, h] = st
+
+        o_row = relayout(jnp.where(lax.broadcast_in_dim(real, (HD,), ()), o, 0.0), ROWS)
+        o_t = o_t + bcast_rows(o_row, GROUP) * pick
+      ot[pl.ds(h * HD, HD), cols] = o_t.astype(BF16)
+      signal("o", h)
+    owner_units("B", attention)
+
+    # C: partial (o @ wo)^T
+    def build_c(t, s, nb):
+      for kb in range(nb):
+        wait("o", s * nb + kb, P.groups * (l + 1))
+      copied_tiles(ot, s * nb * TK, nb)
+    seq = matmul_units("C", "o", build_c, p_o, "c", l, seq)
+
+    # C': x += o @ wo
+    def res_c(j):
+      wait("c", lax.div(j * 64, TN), mats["o"][1] * (l + 1))
+      residual(l, j, p_o, first=True)
+      signal("x")
+    owner_units("C'", res_c)
+
+    # D: partial (h @ [w1 | w3])^T
+    seq = matmul_units("D", "13", lambda t, s, nb: normed_tiles(xout, ss, fn, l, s * nb * TK, nb),
+                       p_13, "d", l, seq, before=lambda: wait("x", 0, (2 * l + 1) * nx))
+
+    # D': m = silu(a) b
+    def swiglu(j):
+      wait("d", j, mats["13"][1] * (l + 1))
+      a = _bf16_round(partial_sum(p_13, pl.ds(j * TN, 64)))
+      b = _bf16_round(partial_sum(p_13, pl.ds(j * TN + 64, 64)))
+      mt[pl.ds(j * 64, 64), :] = (_bf16_round(jax.nn.silu(a)) * b).astype(BF16)
+      signal("m", j)
+    owner_units("D'", swiglu)
+
+    # E: partial (m @ w2)^T
+    def build_e(t, s, nb):
+      for kb in range(nb):
+        wait("m", s * nb + kb, l + 1)
+      copied_tiles(mt, s * nb * TK, nb)
+    seq = matmul_units("E", "2", build_e, p_2, "e", l, seq)
+
+    # E': x += m @ w2
+    def res_e(j):
+      wait("e", lax.div(j * 64, TN), mats["2"][1] * (l + 1))
+      residual(l, j, p_2, first=False)
+      signal("x")
+    owner_units("E'", res_e)
+    return seq
+
+  lax.fori_loop(0, L, layer_body, jnp.int32(0))
+
+  # Global semaphores outlive the launch: once every program is past its last wait, program 0
+  # takes each back by the count this launch added.
+  if not interpret:
+    signal("done")
+
+    @pl.when(pid == 0)
+    def _():
+      wait("done", 0, nprog)
+      plgpu.semaphore_signal_parallel(*[
+          plgpu.SemaphoreSignal(sem(name, i), device_id=None, inc=-per_launch)
+          for name, (_, n, per_launch) in sem_layout.items() for i in range(n)])
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "interpret"))
+def decode_layers(x, state, w_in, wo, w13, w2, attn_norm, ffn_norm, head_norm, lb, boundary,
+                  start, *, plan, interpret=False):
+  """Every layer of one decode token. x [B, d] float32; state [L, B, H, 64, 64] float32; w_in
+  [L, d, 3d] (wq | wf | wv), wo [L, d, d], w13 [L, d, 2 hidden] (``interleave_w13``), w2
+  [L, hidden, d] in bf16; attn_norm, ffn_norm, head_norm, lb [L, d] float32; boundary [L, H];
+  start [B] bool. Returns (x after the last layer [B, d] float32, new state)."""
+  P = plan
+  b = x.shape[0]
+  R, D, F = P.rows, P.dim, P.hidden
+  if w_in.dtype != BF16 or not all(w.dtype == BF16 for w in (wo, w13, w2)):
+    raise ValueError(f"decode_mgpu: weights must be bfloat16, got {w_in.dtype}")
+  xt = jnp.pad(x.astype(F32), ((0, R - b), (0, 0))).T                     # [D, R]
+  ss0 = jnp.sum(jnp.square(xt).reshape(D // 64, 64, R), axis=1)           # [D / 64, R]
+  m = P.mats
+  out_type = (
+      jax.ShapeDtypeStruct((D, R), F32),                       # x^T
+      jax.ShapeDtypeStruct(state.shape, F32),                  # new state
+      jax.ShapeDtypeStruct((D, R), BF16),                      # o^T
+      jax.ShapeDtypeStruct((F, R), BF16),                      # m^T
+      jax.ShapeDtypeStruct((m["in"][1], 3 * D, R), F32),       # partials
+      jax.ShapeDtypeStruct((m["o"][1], D, R), F32),
+      jax.ShapeDtypeStruct((m["13"][1], 2 * F, R), F32),
+      jax.ShapeDtypeStruct((m["2"][1], D, R), F32),
+      jax.ShapeDtypeStruct((D // 64, R), F32),                 # sums of squares of x
+  )
+  nb = max(m[k][2] for k in m)
+  outs = plgpu.kernel(
+      functools.partial(_kernel, plan=P, interpret=interpret), out_type=out_type,
+      scratch_types=dict(
+          w_smem=plgpu.SMEM((P.stages, TK, TN), BF16, transforms=tile_transforms(TN, BF16)),
+          x_smem=plgpu.SMEM((nb, R, TK), BF16, transforms=tile_transforms(TK, BF16)),
+          vec_smem=plgpu.SMEM((HD,), F32),
+          w_bar=plgpu.Barrier(num_barriers=P.stages)),
+      grid=(P.nprog,), grid_names=("p",),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+  )(xt, ss0, state.astype(F32), start.astype(jnp.int32), w_in, wo, w13, w2,
+    attn_norm.astype(F32), ffn_norm.astype(F32), head_norm.astype(F32), lb.astype(F32),
+    boundary.astype(F32))
+  return outs[0].T[:b], outs[1]
