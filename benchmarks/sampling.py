@@ -101,7 +101,8 @@ def main():
   ap.add_argument("--top-k", type=int, default=None, help="default 2000 (5 for tiny); 0 = off")
   ap.add_argument("--decode-impl", default="auto", choices=M.DECODE_IMPLS,
                   help="LASAD decode step (config.decode_impl): auto (a Pallas attention kernel "
-                  "per layer on GPU) | xla | pallas | persistent (every layer in one kernel)")
+                  "per layer on GPU) | xla | pallas | persistent (every layer in one Triton kernel) | mosaic "
+                  "(every layer in one Mosaic GPU kernel)")
   ap.add_argument("--top-k-impl", default="auto", choices=S.TOP_K_IMPLS,
                   help="auto (select on GPU) | sort (lax.top_k) | select (Pallas)")
   ap.add_argument("--unfused", action="store_true",
