@@ -75,6 +75,9 @@ class Plan:
   b_13: int = 8
   b_2: int = 4
   stages: int = 8
+  # timing experiments only (the results are then wrong): "attn" / "own" skip the attention and
+  # owner units' math (they still wait and signal), "build" the B operand tiles, "wait" every wait
+  skip: tuple = ()
 
   def __post_init__(self):
     if self.dim % TN or self.hidden % TK or self.dim != self.heads * HD:
@@ -175,7 +178,7 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       plgpu.semaphore_signal(sem(name, i), 1, memory_scope="gpu")
 
   def wait(name, i, target):
-    if not interpret:
+    if not interpret and "wait" not in P.skip:
       plgpu.semaphore_wait(sem(name, i), target, decrement=False, memory_scope="gpu")
 
   def mine(phase):
@@ -261,7 +264,8 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
     def body(i, seq):
       u = q + i * nprog
       t, s = lax.div(u, segs), lax.rem(u, segs)
-      build(t, s, nb)
+      if "build" not in P.skip:
+        build(t, s, nb)
 
       def with_acc(acc):
         for kb in range(nb):
@@ -277,11 +281,17 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
         before()
     return lax.fori_loop(0, n, body, seq)
 
-  def owner_units(phase, fn):
+  def owner_units(phase, fn, sem_name):
+    """This program's units of a phase without weights: fn(u), then a signal on sem_name[u]."""
     q, n = mine(phase)
 
     def body(i, c):
-      fn(q + i * nprog)
+      u = q + i * nprog
+      if ("attn" if phase == "B" else "own") not in P.skip:
+        fn(u)
+      else:   # timing experiments: only the waits
+        fn(u, dry=True)
+      signal(*sem_name(u))
       return c
     lax.fori_loop(0, n, body, 0)
 
@@ -333,10 +343,12 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
                        before=lambda: wait("x", 0, 2 * nx * l))
 
     # B: attention for 8 rows of one head
-    def attention(u):
+    def attention(u, dry=False):
       h, g = lax.div(u, P.groups), lax.rem(u, P.groups)
       for part in range(3):
         wait("a", lax.div(part * D + h * HD, TN), mats["in"][1] * (l + 1))
+      if dry:
+        return
       cols = pl.ds(g * GROUP, GROUP)
       q_t, f_t, v_t = (_bf16_round(partial_sum(p_in, pl.ds(part * D + h * HD, HD), cols))
                        for part in range(3))
@@ -370,8 +382,7 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
         o_row = relayout(jnp.where(lax.broadcast_in_dim(real, (HD,), ()), o, 0.0), ROWS)
         o_t = o_t + bcast_rows(o_row, GROUP) * pick
       ot[pl.ds(h * HD, HD), cols] = o_t.astype(BF16)
-      signal("o", h)
-    owner_units("B", attention)
+    owner_units("B", attention, lambda u: ("o", lax.div(u, P.groups)))
 
     # C: partial (o @ wo)^T
     def build_c(t, s, nb):
@@ -381,24 +392,25 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
     seq = matmul_units("C", "o", build_c, p_o, "c", l, seq)
 
     # C': x += o @ wo
-    def res_c(j):
+    def res_c(j, dry=False):
       wait("c", lax.div(j * 64, TN), mats["o"][1] * (l + 1))
-      residual(l, j, p_o, first=True)
-      signal("x")
-    owner_units("C'", res_c)
+      if not dry:
+        residual(l, j, p_o, first=True)
+    owner_units("C'", res_c, lambda j: ("x",))
 
     # D: partial (h @ [w1 | w3])^T
     seq = matmul_units("D", "13", lambda t, s, nb: normed_tiles(xout, ss, fn, l, s * nb * TK, nb),
                        p_13, "d", l, seq, before=lambda: wait("x", 0, (2 * l + 1) * nx))
 
     # D': m = silu(a) b
-    def swiglu(j):
+    def swiglu(j, dry=False):
       wait("d", j, mats["13"][1] * (l + 1))
+      if dry:
+        return
       a = _bf16_round(partial_sum(p_13, pl.ds(j * TN, 64)))
       b = _bf16_round(partial_sum(p_13, pl.ds(j * TN + 64, 64)))
       mt[pl.ds(j * 64, 64), :] = (_bf16_round(jax.nn.silu(a)) * b).astype(BF16)
-      signal("m", j)
-    owner_units("D'", swiglu)
+    owner_units("D'", swiglu, lambda j: ("m", j))
 
     # E: partial (m @ w2)^T
     def build_e(t, s, nb):
@@ -408,11 +420,11 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
     seq = matmul_units("E", "2", build_e, p_2, "e", l, seq)
 
     # E': x += m @ w2
-    def res_e(j):
+    def res_e(j, dry=False):
       wait("e", lax.div(j * 64, TN), mats["2"][1] * (l + 1))
-      residual(l, j, p_2, first=False)
-      signal("x")
-    owner_units("E'", res_e)
+      if not dry:
+        residual(l, j, p_2, first=False)
+    owner_units("E'", res_e, lambda j: ("x",))
     return seq
 
   lax.fori_loop(0, L, layer_body, jnp.int32(0))
