@@ -5,7 +5,8 @@
 Every layer of one LASADGen-L token (24 layers, 16 rows = 8 images with CFG, bf16 weights,
 random values) on one GPU, one warpgroup per SM. Variants are Plan.skip sets (timing experiments:
 the results are then wrong): "attn" / "own" skip the attention / owner units' math, "build" the
-B operand tiles, "wait" every semaphore wait; "stages=N" changes the TMA ring depth. Prints
+B operand tiles, "wait" every semaphore wait; "stages=N", "state_bufs=N" change the TMA ring
+depths (e.g. "state_bufs=8+stages=4"). Prints
 device us per token.
 """
 
@@ -25,7 +26,7 @@ from kernels.lasad import decode_mgpu as DM  # noqa: E402
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--variants", default=",attn,own,build,wait,attn+own+build+wait",
-                  help="comma-separated; each a +-joined Plan.skip set or stages=N ('' = as is)")
+                  help="comma-separated; each +-joined Plan.skip entries and Plan sizes ('' = as is)")
   ap.add_argument("--layers", type=int, default=24)
   ap.add_argument("--out", default="benchmarks/results/decode_mgpu_h100.json")
   args = ap.parse_args()
@@ -44,10 +45,9 @@ def main():
         f"weights per token, units per layer {base.units()}")
   records = []
   for v in args.variants.split(","):
-    if v.startswith("stages="):
-      plan = dataclasses.replace(base, stages=int(v.split("=")[1]))
-    else:
-      plan = dataclasses.replace(base, skip=tuple(x for x in v.split("+") if x))
+    parts = [x for x in v.split("+") if x]
+    sizes = {k: int(n) for k, n in (x.split("=") for x in parts if "=" in x)}
+    plan = dataclasses.replace(base, skip=tuple(x for x in parts if "=" not in x), **sizes)
     f = jax.jit(lambda *a, plan=plan: DM.decode_layers(*a, plan=plan))
     try:
       us, _ = device_us_per_call(f, *args_, iters=10)

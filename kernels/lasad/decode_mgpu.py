@@ -75,6 +75,7 @@ class Plan:
   b_13: int = 8
   b_2: int = 4
   stages: int = 8
+  state_bufs: int = 4   # attention states in flight per program (TMA, [64, 64] float32 each)
   # timing experiments only (the results are then wrong): "attn" / "own" skip the attention and
   # owner units' math (they still wait and signal), "build" the B operand tiles, "wait" every wait
   skip: tuple = ()
@@ -93,6 +94,15 @@ class Plan:
         raise ValueError(f"decode_mgpu: {name}={b} must divide the {k // TK} K blocks")
     if not 1 <= self.stages <= 32:
       raise ValueError(f"decode_mgpu: stages={self.stages} must be in 1..32 (barriers per group)")
+    if not 1 <= self.state_bufs <= 32:
+      raise ValueError(f"decode_mgpu: state_bufs={self.state_bufs} must be in 1..32")
+    nb = max(m[2] for m in self.mats.values())
+    smem = (self.stages * TK * TN * 2 + nb * self.rows * TK * 2 + self.state_bufs * HD * HD * 4
+            + HD * 4)
+    if smem > 227 * 1024:
+      raise ValueError(f"decode_mgpu: {smem // 1024} KB of shared memory (ring {self.stages} x "
+                       f"16 KB, states {self.state_bufs} x 16 KB, B operands) exceed the 227 KB "
+                       "of an H100 SM: lower stages or state_bufs")
 
   # column tiles and K segments of each matmul: (tiles, segments, K blocks per unit)
   @property
@@ -160,7 +170,7 @@ def _bf16_round(x):
 
 def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
             xout, stout, ot, mt, p_in, p_o, p_13, p_2, ss,
-            w_smem, x_smem, vec_smem, w_bar, *, plan, interpret):
+            w_smem, x_smem, vec_smem, st_smem, w_bar, st_bar, *, plan, interpret):
   P = plan
   R, D, L, H = P.rows, P.dim, P.layers, P.heads
   nprog = P.nprog
@@ -216,6 +226,24 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
     @pl.when(s < total)
     def _(s=s):
       issue(jnp.int32(s), s)
+
+  # Attention states: this program's rows k = 0, 1, ... of a layer (row k % 8 of its unit k // 8)
+  # come through their own ring of state_bufs TMA buffers; a layer's first ones are requested at
+  # the layer's start, long before its attention units can run.
+  q_att, n_att = mine("B")
+  att_rows = n_att * GROUP
+
+  def issue_state(layer, k, slot):
+    u = q_att + lax.div(k, GROUP) * nprog
+    h, g = lax.div(u, P.groups), lax.rem(u, P.groups)
+    b = jnp.minimum(g * GROUP + lax.rem(k, GROUP), P.batch - 1)
+    plgpu.copy_gmem_to_smem(stin.at[layer, b, h], st_smem.at[slot], st_bar.at[slot])
+
+  def prefetch_states(layer):
+    for k in range(P.state_bufs):
+      @pl.when(k < att_rows)
+      def _(k=k):
+        issue_state(layer, jnp.int32(k), k)
 
   # ---------------------------------------------------------------- helpers
   def load_wg(ref):   # a [64k, n] tile from HBM into registers
@@ -287,10 +315,11 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
 
     def body(i, c):
       u = q + i * nprog
+      args = (u, i * GROUP) if phase == "B" else (u,)
       if ("attn" if phase == "B" else "own") not in P.skip:
-        fn(u)
+        fn(*args)
       else:   # timing experiments: only the waits
-        fn(u, dry=True)
+        fn(*args, dry=True)
       signal(*sem_name(u))
       return c
     lax.fori_loop(0, n, body, 0)
@@ -327,6 +356,7 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
   nx = D // 64
 
   def layer_body(l, seq):
+    prefetch_states(l)
     # A: partial y^T = (h @ [wq | wf | wv])^T
     def build_a(t, s, nb):
       k0 = s * nb * TK
@@ -343,11 +373,26 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
                        before=lambda: wait("x", 0, 2 * nx * l))
 
     # B: attention for 8 rows of one head
-    def attention(u, dry=False):
+    def take_state(k):
+      """Row k's state from its TMA buffer, which then takes row k + state_bufs."""
+      slot = lax.rem(k, P.state_bufs)
+      plgpu.barrier_wait(st_bar.at[slot])
+      st = plgpu.load(st_smem.at[slot], layout=WG, optimized=False)
+      plgpu.commit_smem()   # every thread has read the buffer before TMA refills it
+
+      @pl.when(k + P.state_bufs < att_rows)
+      def _():
+        issue_state(l, k + P.state_bufs, slot)
+      return st
+
+    def attention(u, k0, dry=False):
+      """Unit u's 8 rows; k0: this program's attention rows before them in this layer."""
       h, g = lax.div(u, P.groups), lax.rem(u, P.groups)
       for part in range(3):
         wait("a", lax.div(part * D + h * HD, TN), mats["in"][1] * (l + 1))
       if dry:
+        for j in range(GROUP):
+          take_state(k0 + j)
         return
       cols = pl.ds(g * GROUP, GROUP)
       q_t, f_t, v_t = (_bf16_round(partial_sum(p_in, pl.ds(part * D + h * HD, HD), cols))
@@ -369,7 +414,7 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
         k = _bf16_round((1.0 - lb) * (1.0 - sg))
         is_start = lax.broadcast_in_dim(startr[bc] != 0, (HD,), ())
         gate = jnp.where(is_start, lax.broadcast_in_dim(bnd, (HD,), ()), gate)
-        st = load_wg(stin.at[l, bc, h])
+        st = take_state(k0 + j)
         st = bcast_rows(jnp.exp(gate), HD) * st + bcast_rows(k, HD) * bcast_cols(v, HD)
         o = jnp.sum(bcast_rows(q, HD) * st, axis=0)                       # COLS
         o = o * lax.broadcast_in_dim(lax.rsqrt(jnp.sum(o * o) / HD + P.eps), (HD,), ()) * hnorm
@@ -475,7 +520,9 @@ def decode_layers(x, state, w_in, wo, w13, w2, attn_norm, ffn_norm, head_norm, l
           w_smem=plgpu.SMEM((P.stages, TK, TN), BF16, transforms=tile_transforms(TN, BF16)),
           x_smem=plgpu.SMEM((nb, R, TK), BF16, transforms=tile_transforms(TK, BF16)),
           vec_smem=plgpu.SMEM((HD,), F32),
-          w_bar=plgpu.Barrier(num_barriers=P.stages)),
+          st_smem=plgpu.SMEM((P.state_bufs, HD, HD), F32),
+          w_bar=plgpu.Barrier(num_barriers=P.stages),
+          st_bar=plgpu.Barrier(num_barriers=P.state_bufs)),
       grid=(P.nprog,), grid_names=("p",),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(xt, ss0, state.astype(F32), start.astype(jnp.int32), w_in, wo, w13, w2,
