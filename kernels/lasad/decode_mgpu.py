@@ -77,7 +77,8 @@ class Plan:
   stages: int = 8
   state_bufs: int = 4   # attention states in flight per program (TMA, [64, 64] float32 each)
   # timing experiments only (the results are then wrong): "attn" / "own" skip the attention and
-  # owner units' math (they still wait and signal), "build" the B operand tiles, "wait" every wait
+  # owner units' math (they still wait and signal), "rows" only the attention rows' math (not the
+  # unit's partial sums and o store), "build" the B operand tiles, "wait" every wait
   skip: tuple = ()
 
   def __post_init__(self):
@@ -403,6 +404,9 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       o_t = jnp.zeros((HD, GROUP), F32)
       iota = lax.broadcasted_iota(jnp.int32, (HD, GROUP), 1)
       for j in range(GROUP):
+        if "rows" in P.skip:   # timing: the unit's loads and store without its rows' math
+          take_state(k0 + j)
+          continue
         b = g * GROUP + j
         pick = (iota == j).astype(F32)
         q_raw, f_raw, v_row = (jnp.sum(t * pick, axis=1) for t in (q_t, f_t, v_t))
