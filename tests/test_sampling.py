@@ -217,6 +217,74 @@ def test_persistent_plans_agree():
   assert np.abs(outs["default"][0] - args[0]).max() > 1e-2   # the layers did something
 
 
+def _mosaic_test_config(boundary):
+  """The smallest LASADGen the Mosaic GPU decode kernel takes: dim 128 (a 128-column tile), two
+  heads of 64, bf16 (its matmuls are bf16 wgmma), two layers."""
+  cfg = get_config("tiny")
+  cfg.dim, cfg.num_heads, cfg.head_dim, cfg.num_layers = 128, 2, 64, 2
+  cfg.dtype, cfg.boundary = "bfloat16", boundary
+  return cfg
+
+
+@pytest.mark.parametrize("boundary", ["learned", "reset"])
+def test_mosaic_decode_matches_persistent(boundary):
+  """config.decode_impl='mosaic' (kernels/lasad/decode_mgpu.py, one Mosaic GPU kernel per token;
+  here Mosaic GPU's interpreter, one program, which meets every semaphore dependency in order):
+  teacher-forced logits with 3 rows padded to 16 equal the Triton persistent kernel's in bf16 up
+  to float32 summation order (both round where decode_step rounds: measured 3.6e-4 / 0 rel RMS),
+  and stay as close to the float32 XLA path as bf16 allows (measured 1.0e-2 / 1.4e-2; XLA's own
+  bf16 path 1.0e-2 / 0.9e-2)."""
+  import ml_collections
+  cfg = _mosaic_test_config(boundary)
+  params = M.LASADGen(cfg, rngs=nnx.Rngs(5)).params()
+  blk = params["blocks"]
+  ks = jax.random.split(jax.random.key(7), 4)
+  for i, name in enumerate(("attn_norm", "ffn_norm", "head_norm", "lower_bound")):
+    blk[name] = blk[name] + 0.3 * jax.random.normal(ks[i], blk[name].shape)
+  if boundary == "learned":
+    blk["boundary"] = blk["boundary"].at[:, 0].set(-8.0)
+  toks = jax.random.randint(jax.random.key(2), (3, 19), 0, cfg.vocab_size)
+  labels = jnp.array([3, 10, 0])
+  out = {}
+  for impl, dtype in (("xla", "float32"), ("persistent", "bfloat16"), ("mosaic", "bfloat16")):
+    cfg.decode_impl, cfg.dtype = impl, dtype
+    logits, fails = S._decode_logits(ml_collections.FrozenConfigDict(cfg), params, toks, labels,
+                                     jnp.int32(5))
+    assert int(fails) == 0
+    out[impl] = np.asarray(logits, np.float64)
+
+  def rel(a, b):
+    return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2)))
+  assert rel(out["mosaic"], out["persistent"]) < 2e-3
+  assert rel(out["mosaic"], out["xla"]) < 3e-2
+
+
+def test_mosaic_decode_refuses_what_it_cannot_run():
+  """decode_impl='mosaic' names what does not fit: a float32 compute dtype, a head_dim other than
+  64, the softmax baseline; Plan names the shared memory it would need."""
+  import dataclasses
+
+  from kernels.lasad import decode_mgpu as DM
+  cfg = _mosaic_test_config("carry")
+  cfg.decode_impl = "mosaic"
+  cfg.dtype = "float32"
+  with pytest.raises(ValueError, match="bfloat16"):
+    M.decode_impl(cfg)
+  cfg = get_config("tiny")   # head_dim 16
+  cfg.decode_impl, cfg.dtype = "mosaic", "bfloat16"
+  with pytest.raises(ValueError, match="head_dim 64"):
+    M.decode_impl(cfg)
+  cfg = _mosaic_test_config("carry")
+  cfg.decode_impl, cfg.attention = "mosaic", "softmax"
+  with pytest.raises(ValueError, match="LASAD attention only"):
+    M.decode_impl(cfg)
+  plan = DM.make_plan(layers=24, batch=16, dim=1024, hidden=2816, heads=16, eps=1e-5, nprog=132)
+  with pytest.raises(ValueError, match="shared memory"):
+    dataclasses.replace(plan, stages=12)
+  with pytest.raises(ValueError, match="b_2=3"):
+    dataclasses.replace(plan, b_2=3)
+
+
 def test_persistent_sampling_equals_xla_sampling():
   """sample() with decode_impl='persistent' draws the same tokens as with 'xla' (same seed, CFG,
   top-k), and a bad decode_impl is refused."""
