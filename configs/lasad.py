@@ -31,7 +31,8 @@ def get_config(variant="B"):
   c.dtype = "bfloat16" if variant != "tiny" else "float32"   # compute dtype; params are float32
   c.impl = "auto"                                      # lasad_attention implementation
   # sampler's decode step: auto (a Pallas attention kernel per layer on GPU) | xla | pallas |
-  # persistent (every layer in one kernel; opt-in, slower today: kernels/lasad/README.md)
+  # persistent (every layer in one Triton kernel) | mosaic (the same in Mosaic GPU; bf16,
+  # head_dim 64); both opt-in and slower today: kernels/lasad/README.md
   c.decode_impl = "auto"
   c.kernel_sub = 32   # Pallas kernel sub-chunk (16 | 32; 32 was 33% faster fwd+bwd on an H100 at
                       # the training shape: kernels/lasad/pallas.py BlockSizes)

@@ -251,7 +251,8 @@ def decode_impl(cfg):
   """How the LASAD decode step runs (``config.decode_impl``): "xla"; "pallas", the attention core
   of each layer as one Pallas kernel (``kernels.lasad.decode``); "persistent", every layer of a
   token as one persistent Pallas kernel (``kernels.lasad.decode_persistent``; GPU, or one program
-  in the interpreter); "auto": "pallas" on a GPU, else "xla"."""
+  in the interpreter); "mosaic", the same as one Mosaic GPU kernel (``kernels.lasad.decode_mgpu``;
+  bf16, head_dim 64); "auto": "pallas" on a GPU, else "xla"."""
   impl = cfg.get("decode_impl", "auto")
   if impl not in DECODE_IMPLS:
     raise ValueError(f"config.decode_impl must be one of {' | '.join(DECODE_IMPLS)}, got {impl!r}")
@@ -394,7 +395,7 @@ def decode_step_persistent(cfg, kp, state, x, pos, width):
     x, state = decode_mgpu.decode_layers(
         x, state, kp["w_in"], kp["wo"], kp["w13"], kp["w2"], kp["attn_norm"], kp["ffn_norm"], kp["head_norm"], kp["lb"], kp["bnd"],
         _row_start(cfg, pos, width, b), plan=plan, interpret=interpret)
-    return state, _logits(cfg, kp, x), jnp.int32(0)
+    return state, _logits(cfg, kp, x), jnp.int32(0)   # (its waits have no time limit)
   plan = decode_persistent.make_plan(layers=cfg.num_layers, batch=b, dim=cfg.dim,
                                      hidden=mlp_hidden(cfg.dim), heads=cfg.num_heads,
                                      head_dim=cfg.head_dim, eps=cfg.norm_eps, nprog=nprog)
