@@ -31,7 +31,11 @@ result does not depend on timing. The math is ``lasad_jax.model.decode_step``'s,
 rounds (bf16 matmul outputs, q and k, silu(a)), up to the order of float32 sums.
 
 Off the GPU, Mosaic GPU's interpreter runs the body as one program (it has no semaphores; one
-program meets every dependency in order): that is how CI tests it.
+program meets every dependency in order): that is how CI tests it. All programs must be resident
+at once, and the semaphore waits have no time limit.
+
+Status (H100, BENCHMARKS.md session 17): correct, but 1.85 ms per token, slower than the sampler's
+default; the attention rows' math and the B-operand builds are most of it (kernels/lasad/README.md).
 """
 
 import dataclasses
