@@ -208,25 +208,30 @@ def test_decode_kernel_compiled_matches_xla_decode():
   assert errs["bfloat16", "pallas"] <= 1.25 * errs["bfloat16", "xla"], errs
 
 
+def _decode_run(cfg, params, toks, labels, width, impl):
+  """Teacher-forced decode logits with config.decode_impl = impl (no barrier timeouts)."""
+  import ml_collections
+
+  from lasad_jax import sampling as S
+  cfg.decode_impl = impl
+  logits, fails = S._decode_logits(ml_collections.FrozenConfigDict(cfg), params, toks, labels,
+                                   jnp.int32(width))
+  assert int(fails) == 0, f"{impl}: {int(fails)} barrier timeouts"
+  return np.asarray(logits)
+
+
 def test_persistent_decode_compiled():
   """kernels/lasad/decode_persistent.py compiled, one program per SM with grid barriers: at
   LASADGen-L's layer sizes (two layers, 16 rows = 8 images with CFG, bf16) teacher-forced decode
   logits no further from the float32 XLA path's than the bf16 per-layer Pallas path is, twice
   bit for bit the same, no barrier timeout; and the tiny float32 model (most programs idle) equal
   to the XLA path up to XLA's own dot precision."""
-  import ml_collections
   from flax import nnx
 
   from configs.lasad import get_config
   from lasad_jax import model as M
-  from lasad_jax import sampling as S
 
-  def run(cfg, params, toks, labels, width, impl):
-    cfg.decode_impl = impl
-    logits, fails = S._decode_logits(ml_collections.FrozenConfigDict(cfg), params, toks, labels,
-                                     jnp.int32(width))
-    assert int(fails) == 0, f"{impl}: {int(fails)} barrier timeouts"
-    return np.asarray(logits)
+  run = _decode_run
 
   cfg = get_config("L")
   cfg.num_layers, cfg.boundary, cfg.vocab_size = 2, "learned", 1024
@@ -260,19 +265,10 @@ def test_mosaic_decode_compiled():
   LASADGen-L's layer sizes (two layers, 16 rows = 8 images with CFG, bf16) teacher-forced decode
   logits no further from the float32 XLA path's than the bf16 per-layer Pallas path is, close to
   the Triton persistent kernel's (same rounding points), and twice bit for bit the same."""
-  import ml_collections
   from flax import nnx
 
   from configs.lasad import get_config
   from lasad_jax import model as M
-  from lasad_jax import sampling as S
-
-  def run(cfg, params, impl):
-    cfg.decode_impl = impl
-    logits, fails = S._decode_logits(ml_collections.FrozenConfigDict(cfg), params, toks, labels,
-                                     jnp.int32(16))
-    assert int(fails) == 0
-    return np.asarray(logits)
 
   cfg = get_config("L")
   cfg.num_layers, cfg.boundary, cfg.vocab_size = 2, "learned", 1024
@@ -284,8 +280,8 @@ def test_mosaic_decode_compiled():
   for dtype, impl in (("float32", "xla"), ("bfloat16", "pallas"), ("bfloat16", "persistent"),
                       ("bfloat16", "mosaic")):
     cfg.dtype = dtype
-    out[dtype, impl] = run(cfg, params, impl)
-  again = run(cfg, params, "mosaic")
+    out[dtype, impl] = _decode_run(cfg, params, toks, labels, 16, impl)
+  again = _decode_run(cfg, params, toks, labels, 16, "mosaic")
   ref = out["float32", "xla"]
   errs = {k: oracle.rel_rms(v, ref) for k, v in out.items()}
   twin = oracle.rel_rms(out["bfloat16", "mosaic"], out["bfloat16", "persistent"])

@@ -261,7 +261,8 @@ def test_mosaic_decode_matches_persistent(boundary):
 
 def test_mosaic_decode_refuses_what_it_cannot_run():
   """decode_impl='mosaic' names what does not fit: a float32 compute dtype, a head_dim other than
-  64, the softmax baseline; Plan names the shared memory it would need."""
+  64 (the softmax baseline: test_decode_impl_errors); Plan names the shared memory it would
+  need and a K split that does not divide."""
   import dataclasses
 
   from kernels.lasad import decode_mgpu as DM
@@ -273,10 +274,6 @@ def test_mosaic_decode_refuses_what_it_cannot_run():
   cfg = get_config("tiny")   # head_dim 16
   cfg.decode_impl, cfg.dtype = "mosaic", "bfloat16"
   with pytest.raises(ValueError, match="head_dim 64"):
-    M.decode_impl(cfg)
-  cfg = _mosaic_test_config("carry")
-  cfg.decode_impl, cfg.attention = "mosaic", "softmax"
-  with pytest.raises(ValueError, match="LASAD attention only"):
     M.decode_impl(cfg)
   plan = DM.make_plan(layers=24, batch=16, dim=1024, hidden=2816, heads=16, eps=1e-5, nprog=132)
   with pytest.raises(ValueError, match="shared memory"):
@@ -306,10 +303,11 @@ def test_decode_impl_errors():
   cfg.decode_impl, cfg.head_dim = "pallas", 24
   with pytest.raises(ValueError, match="head_dim"):
     M.use_decode_kernel(cfg)
-  cfg = get_config("tiny")
-  cfg.decode_impl, cfg.attention = "persistent", "softmax"
-  with pytest.raises(ValueError, match="LASAD attention only"):
-    M.decode_impl(cfg)
+  for impl in ("persistent", "mosaic"):
+    cfg = get_config("tiny")
+    cfg.decode_impl, cfg.attention = impl, "softmax"
+    with pytest.raises(ValueError, match="LASAD attention only"):
+      M.decode_impl(cfg)
 
 
 def test_sampler_with_decode_kernel_same_tokens():

@@ -437,19 +437,26 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       ot[pl.ds(h * HD, HD), cols] = o_t.astype(BF16)
     owner_units("B", attention, lambda u: ("o", lax.div(u, P.groups)))
 
-    # C: partial (o @ wo)^T
-    def build_c(t, s, nb):
-      for kb in range(nb):
-        wait("o", s * nb + kb, P.groups * (l + 1))
-      copied_tiles(ot, s * nb * TK, nb)
-    seq = matmul_units("C", "o", build_c, p_o, "c", l, seq)
+    def copied(src, sem_name, target):
+      """B operands of C and E: src^T's rows of the unit's K blocks, once their producers (one
+      semaphore per K block) have signalled ``target`` times."""
+      def build(t, s, nb):
+        for kb in range(nb):
+          wait(sem_name, s * nb + kb, target)
+        copied_tiles(src, s * nb * TK, nb)
+      return build
 
-    # C': x += o @ wo
-    def res_c(j, dry=False):
-      wait("c", lax.div(j * 64, TN), mats["o"][1] * (l + 1))
-      if not dry:
-        residual(l, j, p_o, first=True)
-    owner_units("C'", res_c, lambda j: ("x",))
+    def residual_owners(phase, m, p_ref, sem_name, first):
+      """C' and E': x rows 64 j.. += the sum of their tile's partials of matmul m."""
+      def fn(j, dry=False):
+        wait(sem_name, lax.div(j * 64, TN), mats[m][1] * (l + 1))
+        if not dry:
+          residual(l, j, p_ref, first=first)
+      owner_units(phase, fn, lambda j: ("x",))
+
+    # C: partial (o @ wo)^T;  C': x += o @ wo
+    seq = matmul_units("C", "o", copied(ot, "o", P.groups * (l + 1)), p_o, "c", l, seq)
+    residual_owners("C'", "o", p_o, "c", first=True)
 
     # D: partial (h @ [w1 | w3])^T
     seq = matmul_units("D", "13", lambda t, s, nb: normed_tiles(xout, ss, fn, l, s * nb * TK, nb),
@@ -465,19 +472,9 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       mt[pl.ds(j * 64, 64), :] = (_bf16_round(jax.nn.silu(a)) * b).astype(BF16)
     owner_units("D'", swiglu, lambda j: ("m", j))
 
-    # E: partial (m @ w2)^T
-    def build_e(t, s, nb):
-      for kb in range(nb):
-        wait("m", s * nb + kb, l + 1)
-      copied_tiles(mt, s * nb * TK, nb)
-    seq = matmul_units("E", "2", build_e, p_2, "e", l, seq)
-
-    # E': x += m @ w2
-    def res_e(j, dry=False):
-      wait("e", lax.div(j * 64, TN), mats["2"][1] * (l + 1))
-      if not dry:
-        residual(l, j, p_2, first=False)
-    owner_units("E'", res_e, lambda j: ("x",))
+    # E: partial (m @ w2)^T;  E': x += m @ w2
+    seq = matmul_units("E", "2", copied(mt, "m", l + 1), p_2, "e", l, seq)
+    residual_owners("E'", "2", p_2, "e", first=False)
     return seq
 
   lax.fori_loop(0, L, layer_body, jnp.int32(0))
