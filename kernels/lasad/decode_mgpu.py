@@ -182,8 +182,8 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
   pid = lax.axis_index("p")
   mats = P.mats
   offs = P.offsets()
-  sem_layout, _ = P.semaphores()
-  sems = None if interpret else pl.get_global(plgpu.SemaphoreType.REGULAR((P.semaphores()[1],)))
+  sem_layout, n_sems = P.semaphores()
+  sems = None if interpret else pl.get_global(plgpu.SemaphoreType.REGULAR((n_sems,)))
 
   def sem(name, i=0):
     return sems.at[sem_layout[name][0] + i]
@@ -214,7 +214,7 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
     rest = seq - layer * per_layer
     start = jnp.int32(0)
     for (ph, m, w), n in zip(phase_mats, counts):
-      tiles, segs, nb = mats[m]
+      _, segs, nb = mats[m]
       inside = (rest >= start) & (rest < start + n)
       r = rest - start
 
@@ -288,10 +288,10 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       x_smem.at[kb].transpose((1, 0))[...] = load_wg(src_ref.at[pl.ds(k0 + kb * TK, TK), :])
     plgpu.commit_smem()
 
-  def matmul_units(phase, m, build, out_ref, sem_name, layer, seq, before=None):
+  def matmul_units(phase, m, build, out_ref, sem_name, seq, before=None):
     """This program's units of one matmul phase: build(t, s, nb) fills x_smem, then nb ring
     steps, the float32 partial to out_ref[s, tile columns] and a signal on sem_name[t]."""
-    tiles, segs, nb = mats[m]
+    _, segs, nb = mats[m]
     q, n = mine(phase)
 
     def body(i, seq):
@@ -374,7 +374,7 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       def _():
         normed_tiles(xout, ss, an, l, k0, nb)
 
-    seq = matmul_units("A", "in", build_a, p_in, "a", l, seq,
+    seq = matmul_units("A", "in", build_a, p_in, "a", seq,
                        before=lambda: wait("x", 0, 2 * nx * l))
 
     # B: attention for 8 rows of one head
@@ -455,12 +455,12 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       owner_units(phase, fn, lambda j: ("x",))
 
     # C: partial (o @ wo)^T;  C': x += o @ wo
-    seq = matmul_units("C", "o", copied(ot, "o", P.groups * (l + 1)), p_o, "c", l, seq)
+    seq = matmul_units("C", "o", copied(ot, "o", P.groups * (l + 1)), p_o, "c", seq)
     residual_owners("C'", "o", p_o, "c", first=True)
 
     # D: partial (h @ [w1 | w3])^T
     seq = matmul_units("D", "13", lambda t, s, nb: normed_tiles(xout, ss, fn, l, s * nb * TK, nb),
-                       p_13, "d", l, seq, before=lambda: wait("x", 0, (2 * l + 1) * nx))
+                       p_13, "d", seq, before=lambda: wait("x", 0, (2 * l + 1) * nx))
 
     # D': m = silu(a) b
     def swiglu(j, dry=False):
@@ -473,7 +473,7 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
     owner_units("D'", swiglu, lambda j: ("m", j))
 
     # E: partial (m @ w2)^T;  E': x += m @ w2
-    seq = matmul_units("E", "2", copied(mt, "m", l + 1), p_2, "e", l, seq)
+    seq = matmul_units("E", "2", copied(mt, "m", l + 1), p_2, "e", seq)
     residual_owners("E'", "2", p_2, "e", first=False)
     return seq
 
