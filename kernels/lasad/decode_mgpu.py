@@ -103,7 +103,7 @@ class Plan:
       raise ValueError(f"decode_mgpu: state_bufs={self.state_bufs} must be in 1..32")
     nb = max(m[2] for m in self.mats.values())
     smem = (self.stages * TK * TN * 2 + nb * self.rows * TK * 2 + self.state_bufs * HD * HD * 4
-            + HD * 4)
+            + 2 * GROUP * HD * 4)
     if smem > 227 * 1024:
       raise ValueError(f"decode_mgpu: {smem // 1024} KB of shared memory (ring {self.stages} x "
                        f"16 KB, states {self.state_bufs} x 16 KB, B operands) exceed the 227 KB "
@@ -175,7 +175,7 @@ def _bf16_round(x):
 
 def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
             xout, stout, ot, mt, p_in, p_o, p_13, p_2, ss,
-            w_smem, x_smem, vec_smem, st_smem, w_bar, st_bar, *, plan, interpret):
+            w_smem, x_smem, vt_smem, ot_smem, st_smem, w_bar, st_bar, *, plan, interpret):
   P = plan
   R, D, L, H = P.rows, P.dim, P.layers, P.heads
   nprog = P.nprog
@@ -259,13 +259,6 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
 
   def bcast_cols(v, m):   # v [n] (COLS) -> [m, n]
     return lax.broadcast_in_dim(v, (m, v.shape[0]), (1,))
-
-  def relayout(v, layout):   # a [64] float32 vector through shared memory
-    vec_smem[...] = v
-    plgpu.commit_smem()
-    out = plgpu.load(vec_smem, layout=layout, optimized=False)
-    plgpu.commit_smem()   # (every thread has read it before it is written again)
-    return out
 
   def rstd(ss_ref):   # [R] (COLS): 1 / RMS of each row of x from the per-64-row sums of squares
     acc = plgpu.load(ss_ref.at[0], layout=COLS, optimized=False)
@@ -391,7 +384,10 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       return st
 
     def attention(u, k0, dry=False):
-      """Unit u's 8 rows; k0: this program's attention rows before them in this layer."""
+      """Unit u's 8 rows; k0: this program's attention rows before them in this layer. The gates
+      are computed on the unit's [64, 8] tiles at once; per row only the state's update and
+      o = q S remain. Row vectors change layout through the [8, 64] buffers vt_smem / ot_smem,
+      written for all 8 rows between two warpgroup barriers (not one pair of barriers per row)."""
       h, g = lax.div(u, P.groups), lax.rem(u, P.groups)
       for part in range(3):
         wait("a", lax.div(part * D + h * HD, TN), mats["in"][1] * (l + 1))
@@ -402,38 +398,49 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       cols = pl.ds(g * GROUP, GROUP)
       q_t, f_t, v_t = (_bf16_round(partial_sum(p_in, pl.ds(part * D + h * HD, HD), cols))
                        for part in range(3))
-      lb = plgpu.load(lbr.at[l, pl.ds(h * HD, HD)], layout=ROWS, optimized=False)
-      hnorm = plgpu.load(hn.at[l, pl.ds(h * HD, HD)], layout=COLS, optimized=False)
-      bnd = bndr[l, h]
-      o_t = jnp.zeros((HD, GROUP), F32)
+      lb = bcast_rows(plgpu.load(lbr.at[l, pl.ds(h * HD, HD)], layout=ROWS, optimized=False),
+                      GROUP)
+      hnorm = plgpu.load(hn.at[l, pl.ds(h * HD, HD)], layout=ROWS, optimized=False)
+      is_start = plgpu.load(startr.at[cols], layout=COLS, optimized=False) != 0      # [8]
+      real = g * GROUP + lax.broadcasted_iota(jnp.int32, (GROUP,), 0) < P.batch      # [8]
+      q_t = _bf16_round(jax.nn.silu(q_t))
+      sg = jax.nn.sigmoid(f_t)
+      gate = jnp.log(jnp.maximum(sg + lb * (1.0 - sg), GATE_FLOOR))
+      k_t = _bf16_round((1.0 - lb) * (1.0 - sg))
+      gate = jnp.where(bcast_cols(is_start, HD),
+                       lax.broadcast_in_dim(bndr[l, h], (HD, GROUP), ()), gate)
+      decay_t = jnp.exp(gate)
       iota = lax.broadcasted_iota(jnp.int32, (HD, GROUP), 1)
+      picks = [(iota == j).astype(F32) for j in range(GROUP)]
+
+      def column(t, j):   # column j of a [64, 8] tile (ROWS)
+        return jnp.sum(t * picks[j], axis=1)
+
       for j in range(GROUP):
+        vt_smem.at[j][...] = column(v_t, j)
+      plgpu.commit_smem()
+      for j in range(GROUP):
+        st = take_state(k0 + j)
         if "rows" in P.skip:   # timing: the unit's loads and store without its rows' math
-          take_state(k0 + j)
           continue
         b = g * GROUP + j
-        pick = (iota == j).astype(F32)
-        q_raw, f_raw, v_row = (jnp.sum(t * pick, axis=1) for t in (q_t, f_t, v_t))
-        v = relayout(v_row, COLS)
-        bc = jnp.minimum(b, P.batch - 1)
-        q = _bf16_round(jax.nn.silu(q_raw))
-        sg = jax.nn.sigmoid(f_raw)
-        gate = jnp.log(jnp.maximum(sg + lb * (1.0 - sg), GATE_FLOOR))
-        k = _bf16_round((1.0 - lb) * (1.0 - sg))
-        is_start = lax.broadcast_in_dim(startr[bc] != 0, (HD,), ())
-        gate = jnp.where(is_start, lax.broadcast_in_dim(bnd, (HD,), ()), gate)
-        st = take_state(k0 + j)
-        st = bcast_rows(jnp.exp(gate), HD) * st + bcast_rows(k, HD) * bcast_cols(v, HD)
-        o = jnp.sum(bcast_rows(q, HD) * st, axis=0)                       # COLS
-        o = o * lax.broadcast_in_dim(lax.rsqrt(jnp.sum(o * o) / HD + P.eps), (HD,), ()) * hnorm
-        real = b < P.batch
+        v = plgpu.load(vt_smem.at[j], layout=COLS, optimized=False)
+        st = (bcast_rows(column(decay_t, j), HD) * st
+              + bcast_rows(column(k_t, j), HD) * bcast_cols(v, HD))
 
-        @pl.when(real)
+        @pl.when(b < P.batch)
         def _():
-          stout[l, bc, h] = st
+          stout[l, b, h] = st
 
-        o_row = relayout(jnp.where(lax.broadcast_in_dim(real, (HD,), ()), o, 0.0), ROWS)
-        o_t = o_t + bcast_rows(o_row, GROUP) * pick
+        ot_smem.at[j][...] = jnp.sum(bcast_rows(column(q_t, j), HD) * st, axis=0)   # COLS
+      plgpu.commit_smem()
+      o_t = jnp.zeros((HD, GROUP), F32)
+      for j in range(GROUP):
+        o_t = o_t + bcast_rows(plgpu.load(ot_smem.at[j], layout=ROWS, optimized=False),
+                               GROUP) * picks[j]
+      # the head's RMSNorm per row; rows past the batch give 0
+      scale = jnp.where(real, lax.rsqrt(jnp.sum(o_t * o_t, axis=0) / HD + P.eps), 0.0)
+      o_t = o_t * bcast_cols(scale, HD) * bcast_rows(hnorm, GROUP)
       ot[pl.ds(h * HD, HD), cols] = o_t.astype(BF16)
     owner_units("B", attention, lambda u: ("o", lax.div(u, P.groups)))
 
@@ -524,13 +531,14 @@ def decode_layers(x, state, w_in, wo, w13, w2, attn_norm, ffn_norm, head_norm, l
       scratch_types=dict(
           w_smem=plgpu.SMEM((P.stages, TK, TN), BF16, transforms=tile_transforms(TN, BF16)),
           x_smem=plgpu.SMEM((nb, R, TK), BF16, transforms=tile_transforms(TK, BF16)),
-          vec_smem=plgpu.SMEM((HD,), F32),
+          vt_smem=plgpu.SMEM((GROUP, HD), F32),
+          ot_smem=plgpu.SMEM((GROUP, HD), F32),
           st_smem=plgpu.SMEM((P.state_bufs, HD, HD), F32),
           w_bar=plgpu.Barrier(num_barriers=P.stages),
           st_bar=plgpu.Barrier(num_barriers=P.state_bufs)),
       grid=(P.nprog,), grid_names=("p",),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
-  )(xt, ss0, state.astype(F32), start.astype(jnp.int32), w_in, wo, w13, w2,
+  )(xt, ss0, state.astype(F32), jnp.pad(start.astype(jnp.int32), (0, R - b)), w_in, wo, w13, w2,
     attn_norm.astype(F32), ffn_norm.astype(F32), head_norm.astype(F32), lb.astype(F32),
     boundary.astype(F32))
   return outs[0].T[:b], outs[1]
