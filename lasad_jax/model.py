@@ -383,7 +383,8 @@ def persistent_params(cfg, params):
 
 def decode_step_persistent(cfg, kp, state, x, pos, width):
   """``decode_step`` for LASAD with every layer in one persistent kernel. kp from
-  ``persistent_params``, state [L, B, H, K, V]. Returns (state, logits, barrier timeouts: nonzero
+  ``persistent_params``, state [L, B, H, K, V] ([L, B, H, V, K] for "mosaic", whose kernel keeps
+  each state transposed; both start at zero). Returns (state, logits, barrier timeouts: nonzero
   means the kernel's programs were not all resident and the step is wrong)."""
   b = x.shape[0]
   interpret = jax.default_backend() != "gpu"

@@ -81,8 +81,8 @@ class Plan:
   stages: int = 8
   state_bufs: int = 4   # attention states in flight per program (TMA, [64, 64] float32 each)
   # timing experiments only (the results are then wrong): "attn" / "own" skip the attention and
-  # owner units' math (they still wait and signal), "rows" only the attention rows' math (not the
-  # unit's partial sums and o store), "build" the B operand tiles, "wait" every wait
+  # owner units' math (they still wait and signal), "build" the B operand tiles (with the waits
+  # of C and E), "wait" every wait
   skip: tuple = ()
 
   def __post_init__(self):
@@ -103,7 +103,7 @@ class Plan:
       raise ValueError(f"decode_mgpu: state_bufs={self.state_bufs} must be in 1..32")
     nb = max(m[2] for m in self.mats.values())
     smem = (self.stages * TK * TN * 2 + nb * self.rows * TK * 2 + self.state_bufs * HD * HD * 4
-            + 2 * GROUP * HD * 4)
+            + 3 * GROUP * HD * 4)
     if smem > 227 * 1024:
       raise ValueError(f"decode_mgpu: {smem // 1024} KB of shared memory (ring {self.stages} x "
                        f"16 KB, states {self.state_bufs} x 16 KB, B operands) exceed the 227 KB "
@@ -175,7 +175,7 @@ def _bf16_round(x):
 
 def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
             xout, stout, ot, mt, p_in, p_o, p_13, p_2, ss,
-            w_smem, x_smem, vt_smem, ot_smem, st_smem, w_bar, st_bar, *, plan, interpret):
+            w_smem, x_smem, cv_smem, st_smem, w_bar, st_bar, *, plan, interpret):
   P = plan
   R, D, L, H = P.rows, P.dim, P.layers, P.heads
   nprog = P.nprog
@@ -370,30 +370,42 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
     seq = matmul_units("A", "in", build_a, p_in, "a", seq,
                        before=lambda: wait("x", 0, 2 * nx * l))
 
-    # B: attention for 8 rows of one head
+    # B: attention for 8 rows of one head. States are kept transposed, S^T [V, K]: o = q S is
+    # then a sum along the rows of a WGMMA tile (within a warp), not across the 4 warps.
     def take_state(k):
-      """Row k's state from its TMA buffer, which then takes row k + state_bufs."""
+      """(ring slot, row k's state S^T) from its TMA buffer."""
       slot = lax.rem(k, P.state_bufs)
       plgpu.barrier_wait(st_bar.at[slot])
-      st = plgpu.load(st_smem.at[slot], layout=WG, optimized=False)
-      plgpu.commit_smem()   # every thread has read the buffer before TMA refills it
+      return slot, plgpu.load(st_smem.at[slot], layout=WG)
+
+    def give_state(k, slot, st, b, h):
+      """Row k's new state to HBM by TMA from its buffer (batch row b, head h; nothing for padding
+      rows), which then takes row k + state_bufs."""
+      if st is not None:
+        st_smem.at[slot][...] = st
+      plgpu.commit_smem()   # every thread has written (or read) the buffer
+      if st is not None:
+        @pl.when(b < P.batch)
+        def _():
+          plgpu.copy_smem_to_gmem(st_smem.at[slot], stout.at[l, b, h])
 
       @pl.when(k + P.state_bufs < att_rows)
       def _():
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         issue_state(l, k + P.state_bufs, slot)
-      return st
 
     def attention(u, k0, dry=False):
       """Unit u's 8 rows; k0: this program's attention rows before them in this layer. The gates
-      are computed on the unit's [64, 8] tiles at once; per row only the state's update and
-      o = q S remain. Row vectors change layout through the [8, 64] buffers vt_smem / ot_smem,
-      written for all 8 rows between two warpgroup barriers (not one pair of barriers per row)."""
+      are computed on the unit's [64, 8] tiles at once and their columns, needed along the
+      state's K columns, go through the [3, 8, 64] buffer cv_smem (one barrier per unit); per row
+      only the state's update and o = q S remain."""
       h, g = lax.div(u, P.groups), lax.rem(u, P.groups)
       for part in range(3):
         wait("a", lax.div(part * D + h * HD, TN), mats["in"][1] * (l + 1))
       if dry:
         for j in range(GROUP):
-          take_state(k0 + j)
+          slot, _ = take_state(k0 + j)
+          give_state(k0 + j, slot, None, g * GROUP + j, h)
         return
       cols = pl.ds(g * GROUP, GROUP)
       q_t, f_t, v_t = (_bf16_round(partial_sum(p_in, pl.ds(part * D + h * HD, HD), cols))
@@ -409,35 +421,25 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       k_t = _bf16_round((1.0 - lb) * (1.0 - sg))
       gate = jnp.where(bcast_cols(is_start, HD),
                        lax.broadcast_in_dim(bndr[l, h], (HD, GROUP), ()), gate)
-      decay_t = jnp.exp(gate)
       iota = lax.broadcasted_iota(jnp.int32, (HD, GROUP), 1)
       picks = [(iota == j).astype(F32) for j in range(GROUP)]
 
       def column(t, j):   # column j of a [64, 8] tile (ROWS)
         return jnp.sum(t * picks[j], axis=1)
 
-      for j in range(GROUP):
-        vt_smem.at[j][...] = column(v_t, j)
-      plgpu.commit_smem()
-      for j in range(GROUP):
-        st = take_state(k0 + j)
-        if "rows" in P.skip:   # timing: the unit's loads and store without its rows' math
-          continue
-        b = g * GROUP + j
-        v = plgpu.load(vt_smem.at[j], layout=COLS, optimized=False)
-        st = (bcast_rows(column(decay_t, j), HD) * st
-              + bcast_rows(column(k_t, j), HD) * bcast_cols(v, HD))
-
-        @pl.when(b < P.batch)
-        def _():
-          stout[l, b, h] = st
-
-        ot_smem.at[j][...] = jnp.sum(bcast_rows(column(q_t, j), HD) * st, axis=0)   # COLS
+      for i, t in enumerate((jnp.exp(gate), k_t, q_t)):
+        for j in range(GROUP):
+          cv_smem.at[i, j][...] = column(t, j)
       plgpu.commit_smem()
       o_t = jnp.zeros((HD, GROUP), F32)
       for j in range(GROUP):
-        o_t = o_t + bcast_rows(plgpu.load(ot_smem.at[j], layout=ROWS, optimized=False),
-                               GROUP) * picks[j]
+        slot, st = take_state(k0 + j)
+        decay, k, q = (plgpu.load(cv_smem.at[i, j], layout=COLS, optimized=False)
+                       for i in range(3))
+        st = bcast_cols(decay, HD) * st + bcast_rows(column(v_t, j), HD) * bcast_cols(k, HD)
+        o = jnp.sum(bcast_cols(q, HD) * st, axis=1)                              # ROWS
+        give_state(k0 + j, slot, st, g * GROUP + j, h)
+        o_t = o_t + bcast_rows(o, GROUP) * picks[j]
       # the head's RMSNorm per row; rows past the batch give 0
       scale = jnp.where(real, lax.rsqrt(jnp.sum(o_t * o_t, axis=0) / HD + P.eps), 0.0)
       o_t = o_t * bcast_cols(scale, HD) * bcast_rows(hnorm, GROUP)
@@ -502,7 +504,9 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
 @functools.partial(jax.jit, static_argnames=("plan", "interpret"))
 def decode_layers(x, state, w_in, wo, w13, w2, attn_norm, ffn_norm, head_norm, lb, boundary,
                   start, *, plan, interpret=False):
-  """Every layer of one decode token. x [B, d] float32; state [L, B, H, 64, 64] float32; w_in
+  """Every layer of one decode token. x [B, d] float32; state [L, B, H, 64, 64] float32, each
+  head's state transposed, S^T [V, K] (the sampler's states start at zero and only this kernel
+  reads them; the other decode paths keep [K, V]); w_in
   [L, d, 3d] (wq | wf | wv), wo [L, d, d], w13 [L, d, 2 hidden] (``interleave_w13``), w2
   [L, hidden, d] in bf16; attn_norm, ffn_norm, head_norm, lb [L, d] float32; boundary [L, H];
   start [B] bool. Returns (x after the last layer [B, d] float32, new state)."""
@@ -531,9 +535,8 @@ def decode_layers(x, state, w_in, wo, w13, w2, attn_norm, ffn_norm, head_norm, l
       scratch_types=dict(
           w_smem=plgpu.SMEM((P.stages, TK, TN), BF16, transforms=tile_transforms(TN, BF16)),
           x_smem=plgpu.SMEM((nb, R, TK), BF16, transforms=tile_transforms(TK, BF16)),
-          vt_smem=plgpu.SMEM((GROUP, HD), F32),
-          ot_smem=plgpu.SMEM((GROUP, HD), F32),
-          st_smem=plgpu.SMEM((P.state_bufs, HD, HD), F32),
+          cv_smem=plgpu.SMEM((3, GROUP, HD), F32),
+          st_smem=plgpu.SMEM((P.state_bufs, HD, HD), F32, transforms=tile_transforms(HD, F32)),
           w_bar=plgpu.Barrier(num_barriers=P.stages),
           st_bar=plgpu.Barrier(num_barriers=P.state_bufs)),
       grid=(P.nprog,), grid_names=("p",),
