@@ -173,8 +173,8 @@ def _bf16_round(x):
   return x.astype(BF16).astype(F32)
 
 
-def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
-            xout, stout, ot, mt, p_in, p_o, p_13, p_2, ss,
+def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
+            xout, ot, mt, p_in, p_o, p_13, p_2, ss,
             w_smem, x_smem, cv_smem, st_smem, w_bar, st_bar, *, plan, interpret):
   P = plan
   R, D, L, H = P.rows, P.dim, P.layers, P.heads
@@ -242,7 +242,7 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
     u = q_att + lax.div(k, GROUP) * nprog
     h, g = lax.div(u, P.groups), lax.rem(u, P.groups)
     b = jnp.minimum(g * GROUP + lax.rem(k, GROUP), P.batch - 1)
-    plgpu.copy_gmem_to_smem(stin.at[layer, b, h], st_smem.at[slot], st_bar.at[slot])
+    plgpu.copy_gmem_to_smem(st_hbm.at[layer, b, h], st_smem.at[slot], st_bar.at[slot])
 
   def prefetch_states(layer):
     for k in range(P.state_bufs):
@@ -387,7 +387,7 @@ def _kernel(xin, ssin, stin, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       if st is not None:
         @pl.when(b < P.batch)
         def _():
-          plgpu.copy_smem_to_gmem(st_smem.at[slot], stout.at[l, b, h])
+          plgpu.copy_smem_to_gmem(st_smem.at[slot], st_hbm.at[l, b, h])
 
       @pl.when(k + P.state_bufs < att_rows)
       def _():
@@ -520,7 +520,6 @@ def decode_layers(x, state, w_in, wo, w13, w2, attn_norm, ffn_norm, head_norm, l
   m = P.mats
   out_type = (
       jax.ShapeDtypeStruct((D, R), F32),                       # x^T
-      jax.ShapeDtypeStruct(state.shape, F32),                  # new state
       jax.ShapeDtypeStruct((D, R), BF16),                      # o^T
       jax.ShapeDtypeStruct((F, R), BF16),                      # m^T
       jax.ShapeDtypeStruct((m["in"][1], 3 * D, R), F32),       # partials
@@ -530,6 +529,9 @@ def decode_layers(x, state, w_in, wo, w13, w2, attn_norm, ffn_norm, head_norm, l
       jax.ShapeDtypeStruct((D // 64, R), F32),                 # sums of squares of x
   )
   nb = max(m[k][2] for k in m)
+  # The state is updated in place (each state is read by TMA before it is written), so that XLA's
+  # token loop copies no state: a mutable Ref the kernel writes becomes an aliased output.
+  st_ref = jax.new_ref(state.astype(F32))
   outs = plgpu.kernel(
       functools.partial(_kernel, plan=P, interpret=interpret), out_type=out_type,
       scratch_types=dict(
@@ -541,7 +543,7 @@ def decode_layers(x, state, w_in, wo, w13, w2, attn_norm, ffn_norm, head_norm, l
           st_bar=plgpu.Barrier(num_barriers=P.state_bufs)),
       grid=(P.nprog,), grid_names=("p",),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
-  )(xt, ss0, state.astype(F32), jnp.pad(start.astype(jnp.int32), (0, R - b)), w_in, wo, w13, w2,
+  )(xt, ss0, st_ref, jnp.pad(start.astype(jnp.int32), (0, R - b)), w_in, wo, w13, w2,
     attn_norm.astype(F32), ffn_norm.astype(F32), head_norm.astype(F32), lb.astype(F32),
     boundary.astype(F32))
-  return outs[0].T[:b], outs[1]
+  return outs[0].T[:b], jax.freeze(st_ref)
