@@ -80,6 +80,7 @@ class Plan:
   b_2: int = 4
   stages: int = 8
   state_bufs: int = 4   # attention states in flight per program (TMA, [64, 64] float32 each)
+  att_split: int = 4    # attention units per (head, 8 rows): each takes 8 / att_split rows
   # timing experiments only (the results are then wrong): "attn" / "own" skip the attention and
   # owner units' math (they still wait and signal), "build" the B operand tiles (with the waits
   # of C and E), "wait" every wait
@@ -99,8 +100,11 @@ class Plan:
         raise ValueError(f"decode_mgpu: {name}={b} must divide the {k // TK} K blocks")
     if not 1 <= self.stages <= 32:
       raise ValueError(f"decode_mgpu: stages={self.stages} must be in 1..32 (barriers per group)")
-    if not 1 <= self.state_bufs <= 32:
-      raise ValueError(f"decode_mgpu: state_bufs={self.state_bufs} must be in 1..32")
+    if not 2 <= self.state_bufs <= 32:
+      raise ValueError(f"decode_mgpu: state_bufs={self.state_bufs} must be in 2..32 (a buffer "
+                       "is refilled a row after its store)")
+    if GROUP % self.att_split:
+      raise ValueError(f"decode_mgpu: att_split={self.att_split} must divide {GROUP}")
     nb = max(m[2] for m in self.mats.values())
     smem = (self.stages * TK * TN * 2 + nb * self.rows * TK * 2 + self.state_bufs * HD * HD * 4
             + 3 * GROUP * HD * 4)
@@ -122,10 +126,14 @@ class Plan:
   def groups(self):
     return self.rows // GROUP
 
+  @property
+  def unit_rows(self):   # rows per attention unit
+    return GROUP // self.att_split
+
   def units(self):
     """Units per phase, in the order they run within a layer."""
     m = self.mats
-    return {"A": m["in"][0] * m["in"][1], "B": self.heads * self.groups,
+    return {"A": m["in"][0] * m["in"][1], "B": self.heads * self.groups * self.att_split,
             "C": m["o"][0] * m["o"][1], "C'": self.dim // 64,
             "D": m["13"][0] * m["13"][1], "D'": self.hidden // 64,
             "E": m["2"][0] * m["2"][1], "E'": self.dim // 64}
@@ -142,7 +150,7 @@ class Plan:
   def semaphores(self):
     """(offset, count per launch) of each semaphore group, and the total number."""
     m, L = self.mats, self.layers
-    groups = {"a": (m["in"][0], m["in"][1] * L), "o": (self.heads, self.groups * L),
+    groups = {"a": (m["in"][0], m["in"][1] * L), "o": (self.heads, self.groups * self.att_split * L),
               "c": (m["o"][0], m["o"][1] * L), "x": (1, 2 * (self.dim // 64) * L),
               "d": (m["13"][0], m["13"][1] * L), "m": (self.hidden // 64, L),
               "e": (m["2"][0], m["2"][1] * L), "done": (1, self.nprog)}
@@ -236,15 +244,21 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
   # come through their own ring of state_bufs TMA buffers; a layer's first ones are requested at
   # the layer's start, long before its attention units can run.
   q_att, n_att = mine("B")
-  att_rows = n_att * GROUP
+  att_rows = n_att * P.unit_rows
+  per_head = P.groups * P.att_split   # attention units per head
 
   def issue_state(layer, k, slot):
-    u = q_att + lax.div(k, GROUP) * nprog
-    h, g = lax.div(u, P.groups), lax.rem(u, P.groups)
-    b = jnp.minimum(g * GROUP + lax.rem(k, GROUP), P.batch - 1)
+    h, b = att_row(q_att + lax.div(k, P.unit_rows) * nprog, lax.rem(k, P.unit_rows))
+    b = jnp.minimum(b, P.batch - 1)
     plgpu.copy_gmem_to_smem(st_hbm.at[layer, b, h], st_smem.at[slot], st_bar.at[slot])
 
+  def att_row(u, i):
+    """(head, batch row) of attention unit u's row i."""
+    h, r = lax.div(u, per_head), lax.rem(u, per_head)
+    return h, lax.div(r, P.att_split) * GROUP + lax.rem(r, P.att_split) * P.unit_rows + i
+
   def prefetch_states(layer):
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last layer's state stores
     for k in range(P.state_bufs):
       @pl.when(k < att_rows)
       def _(k=k):
@@ -276,9 +290,15 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       x_smem.at[kb].transpose((1, 0))[...] = h.astype(BF16)
     plgpu.commit_smem()
 
-  def copied_tiles(src_ref, k0, nb):   # x_smem[kb] = src^T's rows k0 + 64 kb ... (bf16 already)
+  def copied_tiles(srcs, k0, nb):
+    """x_smem[kb] = the sum of srcs' rows k0 + 64 kb ... (bf16 already; at most one of them is
+    nonzero at each place, so the sum is exact)."""
     for kb in range(nb):
-      x_smem.at[kb].transpose((1, 0))[...] = load_wg(src_ref.at[pl.ds(k0 + kb * TK, TK), :])
+      rows = pl.ds(k0 + kb * TK, TK)
+      t = load_wg(srcs[0].at[rows, :])
+      for src in srcs[1:]:
+        t = t + load_wg(src.at[rows, :])
+      x_smem.at[kb].transpose((1, 0))[...] = t
     plgpu.commit_smem()
 
   def matmul_units(phase, m, build, out_ref, sem_name, seq, before=None):
@@ -313,7 +333,7 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
 
     def body(i, c):
       u = q + i * nprog
-      args = (u, i * GROUP) if phase == "B" else (u,)
+      args = (u, i * P.unit_rows) if phase == "B" else (u,)
       if ("attn" if phase == "B" else "own") not in P.skip:
         fn(*args)
       else:   # timing experiments: only the waits
@@ -370,7 +390,7 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
     seq = matmul_units("A", "in", build_a, p_in, "a", seq,
                        before=lambda: wait("x", 0, 2 * nx * l))
 
-    # B: attention for 8 rows of one head. States are kept transposed, S^T [V, K]: o = q S is
+    # B: attention for some rows of one head. States are kept transposed, S^T [V, K]: o = q S is
     # then a sum along the rows of a WGMMA tile (within a warp), not across the 4 warps.
     def take_state(k):
       """(ring slot, row k's state S^T) from its TMA buffer."""
@@ -380,36 +400,49 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
 
     def give_state(k, slot, st, b, h):
       """Row k's new state to HBM by TMA from its buffer (batch row b, head h; nothing for padding
-      rows), which then takes row k + state_bufs."""
+      rows or st None). Row k - 1's buffer, whose store has had a row's time to be read, then
+      takes row k - 1 + state_bufs."""
       if st is not None:
         st_smem.at[slot][...] = st
-      plgpu.commit_smem()   # every thread has written (or read) the buffer
-      if st is not None:
+        plgpu.commit_smem()   # every thread has written the buffer
+
         @pl.when(b < P.batch)
         def _():
           plgpu.copy_smem_to_gmem(st_smem.at[slot], st_hbm.at[l, b, h])
 
-      @pl.when(k + P.state_bufs < att_rows)
+      @pl.when((k >= 1) & (k - 1 + P.state_bufs < att_rows))
       def _():
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        issue_state(l, k + P.state_bufs, slot)
+        if st is None:
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        else:   # all but row k's store (if any) have read their buffers
+          @pl.when(b < P.batch)
+          def _():
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+
+          @pl.when(b >= P.batch)
+          def _():
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        issue_state(l, k - 1 + P.state_bufs, lax.rem(k - 1, P.state_bufs))
 
     def attention(u, k0, dry=False):
-      """Unit u's 8 rows; k0: this program's attention rows before them in this layer. The gates
-      are computed on the unit's [64, 8] tiles at once and their columns, needed along the
-      state's K columns, go through the [3, 8, 64] buffer cv_smem (one barrier per unit); per row
-      only the state's update and o = q S remain."""
-      h, g = lax.div(u, P.groups), lax.rem(u, P.groups)
-      for part in range(3):
-        wait("a", lax.div(part * D + h * HD, TN), mats["in"][1] * (l + 1))
+      """Unit u: unit_rows rows (from row j0 of an 8-row group) of one head; k0: this program's
+      attention rows before them in this layer. The gates are computed on the group's [64, 8]
+      tiles at once and the unit's columns, needed along the state's K columns, go through the
+      buffer cv_smem (one barrier per unit); per row only the state's update and o = q S remain.
+      Its o^T goes to its own [64, 8] tile of ot[part] (zero in the other parts' columns)."""
+      h, r = lax.div(u, per_head), lax.rem(u, per_head)
+      g, part = lax.div(r, P.att_split), lax.rem(r, P.att_split)
+      j0 = part * P.unit_rows
+      for m3 in range(3):
+        wait("a", lax.div(m3 * D + h * HD, TN), mats["in"][1] * (l + 1))
       if dry:
-        for j in range(GROUP):
-          slot, _ = take_state(k0 + j)
-          give_state(k0 + j, slot, None, g * GROUP + j, h)
+        for i in range(P.unit_rows):
+          slot, _ = take_state(k0 + i)
+          give_state(k0 + i, slot, None, g * GROUP + j0 + i, h)
         return
       cols = pl.ds(g * GROUP, GROUP)
-      q_t, f_t, v_t = (_bf16_round(partial_sum(p_in, pl.ds(part * D + h * HD, HD), cols))
-                       for part in range(3))
+      q_t, f_t, v_t = (_bf16_round(partial_sum(p_in, pl.ds(m3 * D + h * HD, HD), cols))
+                       for m3 in range(3))
       lb = bcast_rows(plgpu.load(lbr.at[l, pl.ds(h * HD, HD)], layout=ROWS, optimized=False),
                       GROUP)
       hnorm = plgpu.load(hn.at[l, pl.ds(h * HD, HD)], layout=ROWS, optimized=False)
@@ -422,37 +455,37 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       gate = jnp.where(bcast_cols(is_start, HD),
                        lax.broadcast_in_dim(bndr[l, h], (HD, GROUP), ()), gate)
       iota = lax.broadcasted_iota(jnp.int32, (HD, GROUP), 1)
-      picks = [(iota == j).astype(F32) for j in range(GROUP)]
+      picks = [(iota == j0 + i).astype(F32) for i in range(P.unit_rows)]
 
-      def column(t, j):   # column j of a [64, 8] tile (ROWS)
-        return jnp.sum(t * picks[j], axis=1)
+      def column(t, i):   # the column of the unit's row i in a [64, 8] tile (ROWS)
+        return jnp.sum(t * picks[i], axis=1)
 
-      for i, t in enumerate((jnp.exp(gate), k_t, q_t)):
-        for j in range(GROUP):
-          cv_smem.at[i, j][...] = column(t, j)
+      for m3, t in enumerate((jnp.exp(gate), k_t, q_t)):
+        for i in range(P.unit_rows):
+          cv_smem.at[m3, i][...] = column(t, i)
       plgpu.commit_smem()
       o_t = jnp.zeros((HD, GROUP), F32)
-      for j in range(GROUP):
-        slot, st = take_state(k0 + j)
-        decay, k, q = (plgpu.load(cv_smem.at[i, j], layout=COLS, optimized=False)
-                       for i in range(3))
-        st = bcast_cols(decay, HD) * st + bcast_rows(column(v_t, j), HD) * bcast_cols(k, HD)
+      for i in range(P.unit_rows):
+        slot, st = take_state(k0 + i)
+        decay, k, q = (plgpu.load(cv_smem.at[m3, i], layout=COLS, optimized=False)
+                       for m3 in range(3))
+        st = bcast_cols(decay, HD) * st + bcast_rows(column(v_t, i), HD) * bcast_cols(k, HD)
         o = jnp.sum(bcast_cols(q, HD) * st, axis=1)                              # ROWS
-        give_state(k0 + j, slot, st, g * GROUP + j, h)
-        o_t = o_t + bcast_rows(o, GROUP) * picks[j]
-      # the head's RMSNorm per row; rows past the batch give 0
+        give_state(k0 + i, slot, st, g * GROUP + j0 + i, h)
+        o_t = o_t + bcast_rows(o, GROUP) * picks[i]
+      # the head's RMSNorm per row; rows past the batch (and the other parts' rows) give 0
       scale = jnp.where(real, lax.rsqrt(jnp.sum(o_t * o_t, axis=0) / HD + P.eps), 0.0)
       o_t = o_t * bcast_cols(scale, HD) * bcast_rows(hnorm, GROUP)
-      ot[pl.ds(h * HD, HD), cols] = o_t.astype(BF16)
-    owner_units("B", attention, lambda u: ("o", lax.div(u, P.groups)))
+      ot[part, pl.ds(h * HD, HD), cols] = o_t.astype(BF16)
+    owner_units("B", attention, lambda u: ("o", lax.div(u, per_head)))
 
-    def copied(src, sem_name, target):
-      """B operands of C and E: src^T's rows of the unit's K blocks, once their producers (one
-      semaphore per K block) have signalled ``target`` times."""
+    def copied(srcs, sem_name, target):
+      """B operands of C and E: the sum of srcs^T's rows of the unit's K blocks, once their
+      producers (one semaphore per K block) have signalled ``target`` times."""
       def build(t, s, nb):
         for kb in range(nb):
           wait(sem_name, s * nb + kb, target)
-        copied_tiles(src, s * nb * TK, nb)
+        copied_tiles(srcs, s * nb * TK, nb)
       return build
 
     def residual_owners(phase, m, p_ref, sem_name, first):
@@ -464,7 +497,7 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       owner_units(phase, fn, lambda j: ("x",))
 
     # C: partial (o @ wo)^T;  C': x += o @ wo
-    seq = matmul_units("C", "o", copied(ot, "o", P.groups * (l + 1)), p_o, "c", seq)
+    seq = matmul_units("C", "o", copied([ot.at[p] for p in range(P.att_split)], "o", per_head * (l + 1)), p_o, "c", seq)
     residual_owners("C'", "o", p_o, "c", first=True)
 
     # D: partial (h @ [w1 | w3])^T
@@ -482,7 +515,7 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
     owner_units("D'", swiglu, lambda j: ("m", j))
 
     # E: partial (m @ w2)^T;  E': x += m @ w2
-    seq = matmul_units("E", "2", copied(mt, "m", l + 1), p_2, "e", seq)
+    seq = matmul_units("E", "2", copied([mt], "m", l + 1), p_2, "e", seq)
     residual_owners("E'", "2", p_2, "e", first=False)
     return seq
 
@@ -520,7 +553,7 @@ def decode_layers(x, state, w_in, wo, w13, w2, attn_norm, ffn_norm, head_norm, l
   m = P.mats
   out_type = (
       jax.ShapeDtypeStruct((D, R), F32),                       # x^T
-      jax.ShapeDtypeStruct((D, R), BF16),                      # o^T
+      jax.ShapeDtypeStruct((P.att_split, D, R), BF16),         # o^T, one per att_split part
       jax.ShapeDtypeStruct((F, R), BF16),                      # m^T
       jax.ShapeDtypeStruct((m["in"][1], 3 * D, R), F32),       # partials
       jax.ShapeDtypeStruct((m["o"][1], D, R), F32),
@@ -537,7 +570,7 @@ def decode_layers(x, state, w_in, wo, w13, w2, attn_norm, ffn_norm, head_norm, l
       scratch_types=dict(
           w_smem=plgpu.SMEM((P.stages, TK, TN), BF16, transforms=tile_transforms(TN, BF16)),
           x_smem=plgpu.SMEM((nb, R, TK), BF16, transforms=tile_transforms(TK, BF16)),
-          cv_smem=plgpu.SMEM((3, GROUP, HD), F32),
+          cv_smem=plgpu.SMEM((3, GROUP // P.att_split, HD), F32),
           st_smem=plgpu.SMEM((P.state_bufs, HD, HD), F32, transforms=tile_transforms(HD, F32)),
           w_bar=plgpu.Barrier(num_barriers=P.stages),
           st_bar=plgpu.Barrier(num_barriers=P.state_bufs)),
