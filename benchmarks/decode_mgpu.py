@@ -47,9 +47,9 @@ def main():
   for v in args.variants.split(","):
     parts = [x for x in v.split("+") if x]
     sizes = {k: int(n) for k, n in (x.split("=") for x in parts if "=" in x)}
-    plan = dataclasses.replace(base, skip=tuple(x for x in parts if "=" not in x), **sizes)
-    f = jax.jit(lambda *a, plan=plan: DM.decode_layers(*a, plan=plan))
     try:
+      plan = dataclasses.replace(base, skip=tuple(x for x in parts if "=" not in x), **sizes)
+      f = jax.jit(lambda *a, plan=plan: DM.decode_layers(*a, plan=plan))
       us, _ = device_us_per_call(f, *args_, iters=10)
     except Exception as e:  # noqa: BLE001
       print(f"{v or 'as is':<24} failed {type(e).__name__}: {str(e)[:300]}", flush=True)
