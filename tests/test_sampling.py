@@ -259,6 +259,38 @@ def test_mosaic_decode_matches_persistent(boundary):
   assert rel(out["mosaic"], out["xla"]) < 3e-2
 
 
+def test_mosaic_decode_attention_split_and_state_ring():
+  """decode_mgpu's attention units take 8 / att_split rows of a head's 8-row group and write
+  their own o^T tile, which the wo units sum; a state's TMA buffer is refilled one row after its
+  store. Whatever the split (1, 4, 8) and ring depth (2, 4), the layers give the same x and
+  states bit for bit (interpreter, one program; 3 rows padded to 16, two rows starting an image
+  row). That the states, kept transposed (S^T [V, K]), carry the right values from token to token
+  is test_mosaic_decode_matches_persistent's: 19 tokens of logits."""
+  import dataclasses
+
+  from kernels.lasad import decode_mgpu as DM
+  L, B, D, F, H = 2, 3, 128, 256, 2
+  ks = iter(jax.random.split(jax.random.key(0), 12))
+  w = lambda *s: (0.05 * jax.random.normal(next(ks), s)).astype(jnp.bfloat16)  # noqa: E731
+  args = (jax.random.normal(next(ks), (B, D)), 0.1 * jax.random.normal(next(ks), (L, B, H, 64, 64)),
+          w(L, D, 3 * D), w(L, D, D), DM.interleave_w13(w(L, D, 2 * F), F), w(L, F, D),
+          1 + 0.1 * jax.random.normal(next(ks), (L, D)), jnp.ones((L, D)), jnp.ones((L, D)),
+          jnp.full((L, D), 0.5), jnp.full((L, H), -2.0), jnp.array([True, False, True]))
+  base = DM.make_plan(layers=L, batch=B, dim=D, hidden=F, heads=H, eps=1e-5, nprog=1)
+  out = {}
+  for split, bufs in ((1, 4), (4, 2), (8, 4)):
+    plan = dataclasses.replace(base, att_split=split, state_bufs=bufs)
+    x, st = DM.decode_layers(*args, plan=plan, interpret=True)
+    out[split] = (np.asarray(x), np.asarray(st))
+  for split in (4, 8):
+    np.testing.assert_array_equal(out[split][0], out[1][0])
+    np.testing.assert_array_equal(out[split][1], out[1][1])
+  assert np.isfinite(out[1][1]).all() and not np.allclose(out[1][1], np.asarray(args[1]))
+  for bad, match in ((dict(att_split=3), "att_split=3"), (dict(state_bufs=1), "state_bufs=1")):
+    with pytest.raises(ValueError, match=match):
+      dataclasses.replace(base, **bad)
+
+
 def test_mosaic_decode_refuses_what_it_cannot_run():
   """decode_impl='mosaic' names what does not fit: a float32 compute dtype, a head_dim other than
   64 (the softmax baseline: test_decode_impl_errors); Plan names the shared memory it would

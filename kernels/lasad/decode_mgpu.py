@@ -76,7 +76,7 @@ class Plan:
   eps: float
   b_in: int = 4
   b_o: int = 2
-  b_13: int = 8
+  b_13: int = 4
   b_2: int = 4
   stages: int = 8
   state_bufs: int = 4   # attention states in flight per program (TMA, [64, 64] float32 each)
@@ -162,11 +162,12 @@ class Plan:
 
 
 def make_plan(*, layers, batch, dim, hidden, heads, eps, nprog):
-  """The tiling for these sizes (LASADGen-L: 96 / 64 / 88 / 88 matmul units per layer)."""
+  """The tiling for these sizes (LASADGen-L: 96 / 64 / 176 / 88 matmul units per layer; on the
+  H100 b_13 = 4 took 1039 us per token against 1082 for 8, BENCHMARKS.md session 18)."""
   rows = max(16, -(-batch // GROUP) * GROUP)
   return Plan(layers=layers, rows=rows, batch=batch, dim=dim, hidden=hidden, heads=heads,
               nprog=nprog, eps=eps, b_in=_divisor_at_most(dim // TK, 4),
-              b_o=_divisor_at_most(dim // TK, 2), b_13=_divisor_at_most(dim // TK, 8),
+              b_o=_divisor_at_most(dim // TK, 2), b_13=_divisor_at_most(dim // TK, 4),
               b_2=_divisor_at_most(hidden // TK, 4))
 
 
