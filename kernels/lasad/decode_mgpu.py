@@ -16,7 +16,7 @@ A B operand is built in shared memory by storing such a [64, R] tile through a t
 Work per layer, in units; unit u of a phase runs on program (u + phase offset) % nprog:
 
   A  (tile of [wq|wf|wv], K segment)   h = RMSNorm(x) tiles, partial y^T -> p_in
-  B  (head, 8 rows)                    the HGRN2 step per row from the summed partials -> o^T
+  B  (head, 8 / att_split rows)        the HGRN2 step per row from the summed partials -> o^T
   C  (tile of wo, K segment)           partial -> p_o
   C' (64 rows of x)                    x += bf16(sum of partials); sums of squares per row
   D  (tile of [w1|w3] interleaved, K)  h = RMSNorm(x), partial [a | b]^T -> p_13
@@ -34,8 +34,9 @@ Off the GPU, Mosaic GPU's interpreter runs the body as one program (it has no se
 program meets every dependency in order): that is how CI tests it. All programs must be resident
 at once, and the semaphore waits have no time limit.
 
-Status (H100, BENCHMARKS.md session 17): correct, but 1.85 ms per token, slower than the sampler's
-default; the attention rows' math and the B-operand builds are most of it (kernels/lasad/README.md).
+Status (H100, BENCHMARKS.md sessions 17-18): correct; 1.03 ms per token, still slower than the
+sampler's default; the chain of eight dependent phases per layer is most of it
+(kernels/lasad/README.md).
 """
 
 import dataclasses
