@@ -5,9 +5,9 @@
 Every layer of one LASADGen-L token (24 layers, 16 rows = 8 images with CFG, bf16 weights,
 random values) on one GPU, one warpgroup per SM. Variants are Plan.skip sets (timing experiments:
 the results are then wrong): "attn" / "own" skip the attention / owner units' math, "build" the
-B operand tiles (and C's and E's waits, inside their builds), "wait" every semaphore wait; "stages=N", "state_bufs=N" change the TMA ring
-depths (e.g. "state_bufs=8+stages=4"). Prints
-device us per token.
+B operand tiles (and C's and E's waits, inside their builds), "wait" every semaphore wait; and
+Plan fields as "name=N" (e.g. "state_bufs=2+stages=10", "att_split=1", "b_13=8"). Prints device
+us per token.
 """
 
 import argparse

@@ -151,7 +151,8 @@ class Plan:
   def semaphores(self):
     """(offset, count per launch) of each semaphore group, and the total number."""
     m, L = self.mats, self.layers
-    groups = {"a": (m["in"][0], m["in"][1] * L), "o": (self.heads, self.groups * self.att_split * L),
+    groups = {"a": (m["in"][0], m["in"][1] * L),
+              "o": (self.heads, self.groups * self.att_split * L),
               "c": (m["o"][0], m["o"][1] * L), "x": (1, 2 * (self.dim // 64) * L),
               "d": (m["13"][0], m["13"][1] * L), "m": (self.hidden // 64, L),
               "e": (m["2"][0], m["2"][1] * L), "done": (1, self.nprog)}
@@ -499,7 +500,8 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       owner_units(phase, fn, lambda j: ("x",))
 
     # C: partial (o @ wo)^T;  C': x += o @ wo
-    seq = matmul_units("C", "o", copied([ot.at[p] for p in range(P.att_split)], "o", per_head * (l + 1)), p_o, "c", seq)
+    parts = [ot.at[p] for p in range(P.att_split)]
+    seq = matmul_units("C", "o", copied(parts, "o", per_head * (l + 1)), p_o, "c", seq)
     residual_owners("C'", "o", p_o, "c", first=True)
 
     # D: partial (h @ [w1 | w3])^T
@@ -522,6 +524,7 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
     return seq
 
   lax.fori_loop(0, L, layer_body, jnp.int32(0))
+  plgpu.wait_smem_to_gmem(0)   # the last state stores have landed before the program exits
 
   # Global semaphores outlive the launch: once every program is past its last wait, program 0
   # takes each back by the count this launch added.
