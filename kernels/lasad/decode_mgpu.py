@@ -84,7 +84,8 @@ class Plan:
   att_split: int = 4    # attention units per (head, 8 rows): each takes 8 / att_split rows
   # timing experiments only (the results are then wrong): "attn" / "own" skip the attention and
   # owner units' math (they still wait and signal), "build" the B operand tiles (with the waits
-  # of C and E), "wait" every wait
+  # of C and E), "wait" every wait, "wait:NAME" the waits on one semaphore group (x: A and D for
+  # the residual owners, a: B for A, o: C for B, c: C' for C, d: D' for D, m: E for D', e: E')
   skip: tuple = ()
 
   def __post_init__(self):
@@ -204,7 +205,7 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       plgpu.semaphore_signal(sem(name, i), 1, memory_scope="gpu")
 
   def wait(name, i, target):
-    if not interpret and "wait" not in P.skip:
+    if not interpret and "wait" not in P.skip and f"wait:{name}" not in P.skip:
       plgpu.semaphore_wait(sem(name, i), target, decrement=False, memory_scope="gpu")
 
   def mine(phase):
