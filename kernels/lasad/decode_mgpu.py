@@ -20,8 +20,8 @@ Work per layer, in units; unit u of a phase runs on program (u + phase offset) %
   C  (tile of wo, K segment)           partial -> p_o
   C' (64 rows of x)                    x += bf16(sum of partials); sums of squares per row
   D  (tile of [w1|w3] interleaved, K)  h = RMSNorm(x), partial [a | b]^T -> p_13
-  D' (64 columns of m)                 m^T = silu(a) b from the summed partials
-  E  (tile of w2, K segment)           partial -> p_2
+  E  (tile of w2, K segment)           m^T = silu(a) b of its K segment from the summed
+                                       partials (each unit its own copy), partial -> p_2
   E' (64 rows of x)                    as C'
 
 No grid barrier: each unit waits on global semaphores for exactly its inputs (counters that only
@@ -85,7 +85,7 @@ class Plan:
   # timing experiments only (the results are then wrong): "attn" / "own" skip the attention and
   # owner units' math (they still wait and signal), "build" the B operand tiles (with the waits
   # of C and E), "wait" every wait, "wait:NAME" the waits on one semaphore group (x: A and D for
-  # the residual owners, a: B for A, o: C for B, c: C' for C, d: D' for D, m: E for D', e: E')
+  # the residual owners, a: B for A, o: C for B, c: C' for C, d: E for D, e: E' for E)
   skip: tuple = ()
 
   def __post_init__(self):
@@ -137,7 +137,7 @@ class Plan:
     m = self.mats
     return {"A": m["in"][0] * m["in"][1], "B": self.heads * self.groups * self.att_split,
             "C": m["o"][0] * m["o"][1], "C'": self.dim // 64,
-            "D": m["13"][0] * m["13"][1], "D'": self.hidden // 64,
+            "D": m["13"][0] * m["13"][1],
             "E": m["2"][0] * m["2"][1], "E'": self.dim // 64}
 
   def offsets(self):
@@ -155,7 +155,7 @@ class Plan:
     groups = {"a": (m["in"][0], m["in"][1] * L),
               "o": (self.heads, self.groups * self.att_split * L),
               "c": (m["o"][0], m["o"][1] * L), "x": (1, 2 * (self.dim // 64) * L),
-              "d": (m["13"][0], m["13"][1] * L), "m": (self.hidden // 64, L),
+              "d": (m["13"][0], m["13"][1] * L),
               "e": (m["2"][0], m["2"][1] * L), "done": (1, self.nprog)}
     out, at = {}, 0
     for name, (n, per_launch) in groups.items():
@@ -186,7 +186,7 @@ def _bf16_round(x):
 
 
 def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
-            xout, ot, mt, p_in, p_o, p_13, p_2, ss,
+            xout, ot, p_in, p_o, p_13, p_2, ss,
             w_smem, x_smem, cv_smem, st_smem, w_bar, st_bar, *, plan, interpret):
   P = plan
   R, D, L, H = P.rows, P.dim, P.layers, P.heads
@@ -484,7 +484,7 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
     owner_units("B", attention, lambda u: ("o", lax.div(u, per_head)))
 
     def copied(srcs, sem_name, target):
-      """B operands of C and E: the sum of srcs^T's rows of the unit's K blocks, once their
+      """B operands of C: the sum of srcs^T's rows of the unit's K blocks, once their
       producers (one semaphore per K block) have signalled ``target`` times."""
       def build(t, s, nb):
         for kb in range(nb):
@@ -509,18 +509,20 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
     seq = matmul_units("D", "13", lambda t, s, nb: normed_tiles(xout, ss, fn, l, s * nb * TK, nb),
                        p_13, "d", seq, before=lambda: wait("x", 0, (2 * l + 1) * nx))
 
-    # D': m = silu(a) b
-    def swiglu(j, dry=False):
-      wait("d", j, mats["13"][1] * (l + 1))
-      if dry:
-        return
-      a = _bf16_round(partial_sum(p_13, pl.ds(j * TN, 64)))
-      b = _bf16_round(partial_sum(p_13, pl.ds(j * TN + 64, 64)))
-      mt[pl.ds(j * 64, 64), :] = (_bf16_round(jax.nn.silu(a)) * b).astype(BF16)
-    owner_units("D'", swiglu, lambda j: ("m", j))
+    # E: partial (m @ w2)^T with m = silu(a) b of the unit's K blocks made from D's partials
+    # (D tile j holds a and b of m's rows 64 j..: no SwiGLU phase and hop of its own);
+    # E': x += m @ w2
+    def swiglu_tiles(t, s, nb):
+      for kb in range(nb):
+        wait("d", s * nb + kb, mats["13"][1] * (l + 1))
+      for kb in range(nb):
+        j = s * nb + kb
+        a = _bf16_round(partial_sum(p_13, pl.ds(j * TN, 64)))
+        b = _bf16_round(partial_sum(p_13, pl.ds(j * TN + 64, 64)))
+        x_smem.at[kb].transpose((1, 0))[...] = (_bf16_round(jax.nn.silu(a)) * b).astype(BF16)
+      plgpu.commit_smem()
 
-    # E: partial (m @ w2)^T;  E': x += m @ w2
-    seq = matmul_units("E", "2", copied([mt], "m", l + 1), p_2, "e", seq)
+    seq = matmul_units("E", "2", swiglu_tiles, p_2, "e", seq)
     residual_owners("E'", "2", p_2, "e", first=False)
     return seq
 
@@ -560,7 +562,6 @@ def decode_layers(x, state, w_in, wo, w13, w2, attn_norm, ffn_norm, head_norm, l
   out_type = (
       jax.ShapeDtypeStruct((D, R), F32),                       # x^T
       jax.ShapeDtypeStruct((P.att_split, D, R), BF16),         # o^T, one per att_split part
-      jax.ShapeDtypeStruct((F, R), BF16),                      # m^T
       jax.ShapeDtypeStruct((m["in"][1], 3 * D, R), F32),       # partials
       jax.ShapeDtypeStruct((m["o"][1], D, R), F32),
       jax.ShapeDtypeStruct((m["13"][1], 2 * F, R), F32),
