@@ -79,7 +79,7 @@ class Plan:
   b_o: int = 2
   b_13: int = 4
   b_2: int = 4
-  stages: int = 8
+  stages: int = 4       # weight ring depth: 3-5 measured ~3% faster than 8 (BENCHMARKS.md s18)
   state_bufs: int = 4   # attention states in flight per program (TMA, [64, 64] float32 each)
   att_split: int = 4    # attention units per (head, 8 rows): each takes 8 / att_split rows
   # timing experiments only (the results are then wrong): "attn" / "own" skip the attention and
