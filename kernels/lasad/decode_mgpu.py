@@ -34,7 +34,7 @@ Off the GPU, Mosaic GPU's interpreter runs the body as one program (it has no se
 program meets every dependency in order): that is how CI tests it. All programs must be resident
 at once, and the semaphore waits have no time limit.
 
-Status (H100, BENCHMARKS.md sessions 17-18): correct; 1.00 ms per token, still slower than the
+Status (H100, BENCHMARKS.md sessions 17-18): correct; 0.96 ms per token, still slower than the
 sampler's default; the chain of seven dependent phases per layer is most of it
 (kernels/lasad/README.md).
 """
