@@ -53,7 +53,8 @@ from kernels.sampling.gemm import ring_step, tile_transforms
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 TK, TN, HD = 64, 128, 64       # K block, column tile, head dim (= TK: a K block of o is a head)
-GROUP = 8                      # rows per attention unit (a WGMMA tile's narrowest width)
+GROUP = 8                      # rows of an o^T tile (a WGMMA tile's narrowest width); an
+                               # attention unit takes GROUP / Plan.att_split of them
 WG = plgpu.Layout.WGMMA
 ROWS = WG.reduce(1)            # a vector indexed like the rows of a WGMMA tile
 COLS = WG.reduce(0)            # ... like its columns
@@ -244,7 +245,8 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
     def _(s=s):
       issue(jnp.int32(s), s)
 
-  # Attention states: this program's rows k = 0, 1, ... of a layer (row k % 8 of its unit k // 8)
+  # Attention states: this program's rows k = 0, 1, ... of a layer (row k % unit_rows of its
+  # unit k // unit_rows)
   # come through their own ring of state_bufs TMA buffers; a layer's first ones are requested at
   # the layer's start, long before its attention units can run.
   q_att, n_att = mine("B")
@@ -434,15 +436,15 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       tiles at once and the unit's columns, needed along the state's K columns, go through the
       buffer cv_smem (one barrier per unit); per row only the state's update and o = q S remain.
       Its o^T goes to its own [64, 8] tile of ot[part] (zero in the other parts' columns)."""
-      h, r = lax.div(u, per_head), lax.rem(u, per_head)
-      g, part = lax.div(r, P.att_split), lax.rem(r, P.att_split)
-      j0 = part * P.unit_rows
+      h, b0 = att_row(u, 0)   # the same rows as the state loads (issue_state)
+      g, j0 = lax.div(b0, GROUP), lax.rem(b0, GROUP)
+      part = lax.div(j0, P.unit_rows)
       for m3 in range(3):
         wait("a", lax.div(m3 * D + h * HD, TN), mats["in"][1] * (l + 1))
       if dry:
         for i in range(P.unit_rows):
           slot, _ = take_state(k0 + i)
-          give_state(k0 + i, slot, None, g * GROUP + j0 + i, h)
+          give_state(k0 + i, slot, None, b0 + i, h)
         return
       cols = pl.ds(g * GROUP, GROUP)
       q_t, f_t, v_t = (_bf16_round(partial_sum(p_in, pl.ds(m3 * D + h * HD, HD), cols))
@@ -475,7 +477,7 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
                        for m3 in range(3))
         st = bcast_cols(decay, HD) * st + bcast_rows(column(v_t, i), HD) * bcast_cols(k, HD)
         o = jnp.sum(bcast_cols(q, HD) * st, axis=1)                              # ROWS
-        give_state(k0 + i, slot, st, g * GROUP + j0 + i, h)
+        give_state(k0 + i, slot, st, b0 + i, h)
         o_t = o_t + bcast_rows(o, GROUP) * picks[i]
       # the head's RMSNorm per row; rows past the batch (and the other parts' rows) give 0
       scale = jnp.where(real, lax.rsqrt(jnp.sum(o_t * o_t, axis=0) / HD + P.eps), 0.0)
