@@ -220,6 +220,23 @@ def _decode_run(cfg, params, toks, labels, width, impl):
   return np.asarray(logits)
 
 
+def _l_decode_case():
+  """LASADGen-L's layer sizes, two layers (learned boundary, head 0's row-start decay -8 in each
+  layer), a 1024-token vocabulary; 16 rows (8 images with CFG) of 40 teacher-forced tokens."""
+  from flax import nnx
+
+  from configs.lasad import get_config
+  from lasad_jax import model as M
+
+  cfg = get_config("L")
+  cfg.num_layers, cfg.boundary, cfg.vocab_size = 2, "learned", 1024
+  params = M.LASADGen(cfg, rngs=nnx.Rngs(1)).params()
+  params["blocks"]["boundary"] = params["blocks"]["boundary"].at[:, 0].set(-8.0)
+  toks = jax.random.randint(jax.random.key(0), (16, 40), 0, cfg.vocab_size)
+  labels = jnp.arange(16) % 1001
+  return cfg, params, toks, labels
+
+
 def test_persistent_decode_compiled():
   """kernels/lasad/decode_persistent.py compiled, one program per SM with grid barriers: at
   LASADGen-L's layer sizes (two layers, 16 rows = 8 images with CFG, bf16) teacher-forced decode
@@ -233,12 +250,7 @@ def test_persistent_decode_compiled():
 
   run = _decode_run
 
-  cfg = get_config("L")
-  cfg.num_layers, cfg.boundary, cfg.vocab_size = 2, "learned", 1024
-  params = M.LASADGen(cfg, rngs=nnx.Rngs(1)).params()
-  params["blocks"]["boundary"] = params["blocks"]["boundary"].at[:, 0].set(-8.0)
-  toks = jax.random.randint(jax.random.key(0), (16, 40), 0, cfg.vocab_size)
-  labels = jnp.arange(16) % 1001
+  cfg, params, toks, labels = _l_decode_case()
   out = {}
   for dtype, impl in (("float32", "xla"), ("bfloat16", "pallas"), ("bfloat16", "persistent")):
     cfg.dtype = dtype
@@ -265,17 +277,7 @@ def test_mosaic_decode_compiled():
   LASADGen-L's layer sizes (two layers, 16 rows = 8 images with CFG, bf16) teacher-forced decode
   logits no further from the float32 XLA path's than the bf16 per-layer Pallas path is, close to
   the Triton persistent kernel's (same rounding points), and twice bit for bit the same."""
-  from flax import nnx
-
-  from configs.lasad import get_config
-  from lasad_jax import model as M
-
-  cfg = get_config("L")
-  cfg.num_layers, cfg.boundary, cfg.vocab_size = 2, "learned", 1024
-  params = M.LASADGen(cfg, rngs=nnx.Rngs(1)).params()
-  params["blocks"]["boundary"] = params["blocks"]["boundary"].at[:, 0].set(-8.0)
-  toks = jax.random.randint(jax.random.key(0), (16, 40), 0, cfg.vocab_size)
-  labels = jnp.arange(16) % 1001
+  cfg, params, toks, labels = _l_decode_case()
   out = {}
   for dtype, impl in (("float32", "xla"), ("bfloat16", "pallas"), ("bfloat16", "persistent"),
                       ("bfloat16", "mosaic")):
