@@ -22,6 +22,17 @@ if [[ ! -x .venv/bin/python ]]; then
   echo "creating .venv with $($py --version)"
   "$py" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[dev]"
+# Registry downloads are sometimes cut off mid-file (stop 28's CI died that way), so pip retries
+# and resumes, and the whole install is tried up to three times before giving up.
+pip_install() {
+  local attempt
+  for attempt in 1 2 3; do
+    if .venv/bin/python -m pip install -q --retries 10 --timeout 60 "$@"; then return 0; fi
+    echo "pip install $* failed (attempt $attempt of 3); retrying in 10 s" >&2
+    sleep 10
+  done
+  return 1
+}
+pip_install --upgrade pip
+pip_install --resume-retries 10 -e ".[dev]"
 touch "$stamp"
