@@ -291,6 +291,53 @@ def test_mosaic_decode_attention_split_and_state_ring():
       dataclasses.replace(base, **bad)
 
 
+@pytest.mark.parametrize("sizes", [
+    dict(layers=24, batch=16, dim=1024, hidden=2816, heads=16, nprog=132),   # LASADGen-L, H100
+    dict(layers=2, batch=3, dim=128, hidden=512, heads=2, nprog=1),          # the interpreter's
+    dict(layers=3, batch=40, dim=768, hidden=2048, heads=12, nprog=114)])    # B-sized, H20-like
+def test_mosaic_decode_semaphore_bookkeeping(sizes):
+  """decode_mgpu's units signal and wait on global semaphores, which Mosaic GPU's interpreter
+  skips and the GPU test covers only at L: a consumer waiting for one signal too many hangs the
+  kernel, one too few reads partials being written. Here, from Plan alone: every semaphore of a
+  group gets exactly the per-layer count its consumers wait for, from exactly the producers
+  whose outputs the consumer reads, and the counts per launch (taken back at the end) add up."""
+  from kernels.lasad import decode_mgpu as DM
+  P = DM.make_plan(eps=1e-5, **sizes)
+  units, counts, m = P.units(), P.sem_counts(), P.mats
+  by_sem = {}   # (group, index) -> the units (phase, u) of one layer that signal it
+  for phase, n in units.items():
+    for u in range(n):
+      group, i = P.sem_index(phase, u)
+      by_sem.setdefault((group, int(i)), []).append((phase, u))
+  for group, (n, per_layer) in counts.items():
+    for i in range(n):
+      assert len(by_sem.get((group, i), ())) == per_layer, (group, i)
+  assert set(by_sem) == {(g, i) for g, (n, _) in counts.items() for i in range(n)}, \
+      "signals on semaphores no consumer waits on"
+  layout, _ = P.semaphores()
+  for group, (n, per_layer) in counts.items():
+    assert layout[group][1:] == (n, per_layer * P.layers)
+
+  def producers(group, i):
+    return {u for _, u in by_sem[group, i]}
+  segs_in = m["in"][1]
+  per_head = P.per_head
+  for h in range(P.heads):   # an attention unit: the A tiles holding its head's q, f and v
+    tiles = {int(u) // segs_in for u in producers("a", h * DM.HD // DM.TN)}
+    assert {(m3 * P.dim + h * DM.HD) // DM.TN for m3 in range(3)} <= tiles
+  for s in range(m["o"][1]):   # a wo unit of K segment s: the attention units of its b_o heads
+    heads = {u // per_head for u in producers("o", s)}
+    assert heads == set(range(s * P.b_o, (s + 1) * P.b_o))
+  for s in range(m["2"][1]):   # a w2 unit of K segment s: the w1|w3 tiles of its K blocks
+    tiles = {u // m["13"][1] for u in producers("d", s)}
+    assert tiles == set(range(s * P.b_2, (s + 1) * P.b_2))
+  for j in range(P.dim // 64):   # a residual owner of x rows 64 j..: all of its wo / w2 tile
+    t = j * 64 // DM.TN
+    assert {u // m["o"][1] for u in producers("c", t)} == {t}
+    assert {u // m["2"][1] for u in producers("e", t)} == {t}
+    assert len(producers("c", t)) == m["o"][1] and len(producers("e", t)) == m["2"][1]
+
+
 def test_mosaic_decode_refuses_what_it_cannot_run():
   """decode_impl='mosaic' names what does not fit: a float32 compute dtype, a head_dim other than
   64 (the softmax baseline: test_decode_impl_errors); Plan names the shared memory it would

@@ -34,8 +34,8 @@ Off the GPU, Mosaic GPU's interpreter runs the body as one program (it has no se
 program meets every dependency in order): that is how CI tests it. All programs must be resident
 at once, and the semaphore waits have no time limit.
 
-Status (H100, BENCHMARKS.md sessions 17-18): correct; 0.96 ms per token, still slower than the
-sampler's default; the chain of seven dependent phases per layer is most of it
+Status (H100, BENCHMARKS.md sessions 17-19): correct; 0.83 ms per token, level with the
+sampler's default in the sampler; each layer is one chain of seven dependent units
 (kernels/lasad/README.md).
 """
 
@@ -78,10 +78,11 @@ class Plan:
   eps: float
   b_in: int = 4
   b_o: int = 2
-  b_13: int = 4
+  b_13: int = 8
   b_2: int = 4
   stages: int = 4       # weight ring depth: 3-5 measured ~3% faster than 8 (BENCHMARKS.md s18)
-  state_bufs: int = 4   # attention states in flight per program (TMA, [64, 64] float32 each)
+  state_bufs: int = 2   # attention states in flight per program (TMA, [64, 64] float32 each;
+                        # 2 took 830 us per token against 844 for 4, BENCHMARKS.md session 19)
   att_split: int = 4    # attention units per (head, 8 rows): each takes 8 / att_split rows
   # timing experiments only (the results are then wrong): "attn" / "own" skip the attention and
   # owner units' math (they still wait and signal), "build" the B operand tiles (with the waits
@@ -130,13 +131,17 @@ class Plan:
     return self.rows // GROUP
 
   @property
+  def per_head(self):   # attention units per head
+    return self.groups * self.att_split
+
+  @property
   def unit_rows(self):   # rows per attention unit
     return GROUP // self.att_split
 
   def units(self):
     """Units per phase, in the order they run within a layer."""
     m = self.mats
-    return {"A": m["in"][0] * m["in"][1], "B": self.heads * self.groups * self.att_split,
+    return {"A": m["in"][0] * m["in"][1], "B": self.heads * self.per_head,
             "C": m["o"][0] * m["o"][1], "C'": self.dim // 64,
             "D": m["13"][0] * m["13"][1],
             "E": m["2"][0] * m["2"][1], "E'": self.dim // 64}
@@ -150,14 +155,40 @@ class Plan:
       at = (at + n) % self.nprog
     return out
 
+  # One semaphore per consumer's input set, so that a unit polls once (each poll is an L2 round
+  # trip): "a" per head pair (the q, f and v tiles of its columns), "o" per wo K segment (b_o
+  # heads), "d" per w2 K segment (b_2 tiles of [w1 | w3]); "c" / "e" per column tile; "x"
+  # counts the residual owners (C' and E').
+  def sem_index(self, phase, u):
+    """(group, index) of the semaphore that unit u of ``phase`` signals (u an int or a traced
+    int32; consumers wait on the same indices: the kernel's wait calls)."""
+    m = self.mats
+    if phase == "A":
+      return "a", (u // m["in"][1]) % (self.dim // TN)
+    if phase == "B":
+      return "o", u // (self.per_head * self.b_o)
+    if phase == "C":
+      return "c", u // m["o"][1]
+    if phase == "D":
+      return "d", u // m["13"][1] // self.b_2
+    if phase == "E":
+      return "e", u // m["2"][1]
+    return "x", u * 0   # C', E'
+
+  def sem_counts(self):
+    """{group: (semaphores, signals each gets per layer)}: a consumer of layer l waits for
+    (l + 1) x the latter (x: a layer's C' owners are half of it)."""
+    m = self.mats
+    return {"a": (self.dim // TN, 3 * m["in"][1]),
+            "o": (self.heads // self.b_o, self.b_o * self.per_head),
+            "c": (m["o"][0], m["o"][1]), "x": (1, 2 * (self.dim // 64)),
+            "d": (m["13"][0] // self.b_2, self.b_2 * m["13"][1]),
+            "e": (m["2"][0], m["2"][1])}
+
   def semaphores(self):
-    """(offset, count per launch) of each semaphore group, and the total number."""
-    m, L = self.mats, self.layers
-    groups = {"a": (m["in"][0], m["in"][1] * L),
-              "o": (self.heads, self.groups * self.att_split * L),
-              "c": (m["o"][0], m["o"][1] * L), "x": (1, 2 * (self.dim // 64) * L),
-              "d": (m["13"][0], m["13"][1] * L),
-              "e": (m["2"][0], m["2"][1] * L), "done": (1, self.nprog)}
+    """(offset, count, signals per launch) of each semaphore group, and the total number."""
+    groups = {k: (n, per * self.layers) for k, (n, per) in self.sem_counts().items()}
+    groups["done"] = (1, self.nprog)
     out, at = {}, 0
     for name, (n, per_launch) in groups.items():
       out[name] = (at, n, per_launch)
@@ -166,12 +197,13 @@ class Plan:
 
 
 def make_plan(*, layers, batch, dim, hidden, heads, eps, nprog):
-  """The tiling for these sizes (LASADGen-L: 96 / 64 / 176 / 88 matmul units per layer; on the
-  H100 b_13 = 4 took 1039 us per token against 1082 for 8, BENCHMARKS.md session 18)."""
+  """The tiling for these sizes (LASADGen-L: 96 / 64 / 88 / 88 matmul units per layer). On the
+  H100 b_13 = 8 took 844 us per token against 863 for 4 (b_in 8, b_2 2 or 11, b_o 1 or 4,
+  att_split 2 or 8 were slower or equal; BENCHMARKS.md session 19)."""
   rows = max(16, -(-batch // GROUP) * GROUP)
   return Plan(layers=layers, rows=rows, batch=batch, dim=dim, hidden=hidden, heads=heads,
               nprog=nprog, eps=eps, b_in=_divisor_at_most(dim // TK, 4),
-              b_o=_divisor_at_most(dim // TK, 2), b_13=_divisor_at_most(dim // TK, 4),
+              b_o=_divisor_at_most(dim // TK, 2), b_13=_divisor_at_most(dim // TK, 8),
               b_2=_divisor_at_most(hidden // TK, 4))
 
 
@@ -207,7 +239,8 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
 
   def wait(name, i, target):
     if not interpret and "wait" not in P.skip and f"wait:{name}" not in P.skip:
-      plgpu.semaphore_wait(sem(name, i), target, decrement=False, memory_scope="gpu")
+      with jax.named_scope(f"wait_{name}"):   # a span of the profile (decode_layers' profile_dir)
+        plgpu.semaphore_wait(sem(name, i), target, decrement=False, memory_scope="gpu")
 
   def mine(phase):
     """(first unit of this program in ``phase``, how many: units q, q + nprog, ...)."""
@@ -251,7 +284,7 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
   # the layer's start, long before its attention units can run.
   q_att, n_att = mine("B")
   att_rows = n_att * P.unit_rows
-  per_head = P.groups * P.att_split   # attention units per head
+  per_head = P.per_head
 
   def issue_state(layer, k, slot):
     h, b = att_row(q_att + lax.div(k, P.unit_rows) * nprog, lax.rem(k, P.unit_rows))
@@ -286,30 +319,36 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       acc = acc + plgpu.load(ss_ref.at[j], layout=COLS, optimized=False)
     return lax.rsqrt(acc / D + P.eps)
 
+  def to_x_smem(tiles):
+    """x_smem[kb] = tiles[kb] ([64, R] each, cast to bf16). Builds load all their tiles before
+    the first store, so that the loads are in flight together (a store is a barrier)."""
+    for kb, t in enumerate(tiles):
+      x_smem.at[kb].transpose((1, 0))[...] = t.astype(BF16)
+    plgpu.commit_smem()
+
   def normed_tiles(x_ref, ss_ref, norm_ref, layer, k0, nb):
     """x_smem[kb] = bf16(x * rstd * norm) for the nb K blocks from row k0 of x^T."""
+    rows = [pl.ds(k0 + kb * TK, TK) for kb in range(nb)]
+    xs = [load_wg(x_ref.at[r, :]) for r in rows]
+    gs = [plgpu.load(norm_ref.at[layer, r], layout=ROWS, optimized=False) for r in rows]
     r = bcast_cols(rstd(ss_ref), TK)
-    for kb in range(nb):
-      rows = pl.ds(k0 + kb * TK, TK)
-      g = plgpu.load(norm_ref.at[layer, rows], layout=ROWS, optimized=False)
-      h = load_wg(x_ref.at[rows, :]) * r * bcast_rows(g, R)
-      x_smem.at[kb].transpose((1, 0))[...] = h.astype(BF16)
-    plgpu.commit_smem()
+    to_x_smem([x * r * bcast_rows(g, R) for x, g in zip(xs, gs)])
 
   def copied_tiles(srcs, k0, nb):
     """x_smem[kb] = the sum of srcs' rows k0 + 64 kb ... (bf16 already; at most one of them is
     nonzero at each place, so the sum is exact)."""
+    tiles = []
     for kb in range(nb):
       rows = pl.ds(k0 + kb * TK, TK)
-      t = load_wg(srcs[0].at[rows, :])
-      for src in srcs[1:]:
-        t = t + load_wg(src.at[rows, :])
-      x_smem.at[kb].transpose((1, 0))[...] = t
-    plgpu.commit_smem()
+      ts = [load_wg(src.at[rows, :]) for src in srcs]
+      tiles.append(functools.reduce(lambda a, b: a + b, ts))
+    to_x_smem(tiles)
 
-  def matmul_units(phase, m, build, out_ref, sem_name, seq, before=None):
+  per = {k: v[1] for k, v in P.sem_counts().items()}   # signals per layer on each semaphore
+
+  def matmul_units(phase, m, build, out_ref, seq, before=None):
     """This program's units of one matmul phase: build(t, s, nb) fills x_smem, then nb ring
-    steps, the float32 partial to out_ref[s, tile columns] and a signal on sem_name[t]."""
+    steps, the float32 partial to out_ref[s, tile columns] and a signal (Plan.sem_index)."""
     _, segs, nb = mats[m]
     q, n = mine(phase)
 
@@ -317,24 +356,29 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       u = q + i * nprog
       t, s = lax.div(u, segs), lax.rem(u, segs)
       if "build" not in P.skip:
-        build(t, s, nb)
+        with jax.named_scope("build"):   # profile steps (decode_layers' profile_dir)
+          build(t, s, nb)
 
       def with_acc(acc):
-        for kb in range(nb):
-          ring_step(acc, seq + kb, total, w_smem, w_bar, x_smem.at[kb], issue)
-        out_ref[s, pl.ds(t * TN, TN), :] = acc[...]
+        with jax.named_scope("mma"):
+          for kb in range(nb):
+            ring_step(acc, seq + kb, total, w_smem, w_bar, x_smem.at[kb], issue)
+        with jax.named_scope("store"):
+          out_ref[s, pl.ds(t * TN, TN), :] = acc[...]
       pl.run_scoped(with_acc, plgpu.ACC((TN, R), F32))
-      signal(sem_name, t)
+      with jax.named_scope("signal"):
+        signal(*P.sem_index(phase, u))
       return seq + nb
 
-    if before is not None:
-      @pl.when(n > 0)
-      def _():
-        before()
-    return lax.fori_loop(0, n, body, seq)
+    with jax.named_scope(phase):   # one span per layer of the profile
+      if before is not None:
+        @pl.when(n > 0)
+        def _():
+          before()
+      return lax.fori_loop(0, n, body, seq)
 
-  def owner_units(phase, fn, sem_name):
-    """This program's units of a phase without weights: fn(u), then a signal on sem_name[u]."""
+  def owner_units(phase, fn):
+    """This program's units of a phase without weights: fn(u), then a signal (Plan.sem_index)."""
     q, n = mine(phase)
 
     def body(i, c):
@@ -344,9 +388,10 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
         fn(*args)
       else:   # timing experiments: only the waits
         fn(*args, dry=True)
-      signal(*sem_name(u))
+      signal(*P.sem_index(phase, u))
       return c
-    lax.fori_loop(0, n, body, 0)
+    with jax.named_scope(phase):
+      lax.fori_loop(0, n, body, 0)
 
   def partial_sum(p_ref, rows, cols=slice(None)):
     segs = p_ref.shape[0]
@@ -377,7 +422,6 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       finish(load_wg(xout.at[rows, :]))
 
   # ---------------------------------------------------------------- one layer
-  nx = D // 64
 
   def layer_body(l, seq):
     prefetch_states(l)
@@ -393,8 +437,7 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       def _():
         normed_tiles(xout, ss, an, l, k0, nb)
 
-    seq = matmul_units("A", "in", build_a, p_in, "a", seq,
-                       before=lambda: wait("x", 0, 2 * nx * l))
+    seq = matmul_units("A", "in", build_a, p_in, seq, before=lambda: wait("x", 0, per["x"] * l))
 
     # B: attention for some rows of one head. States are kept transposed, S^T [V, K]: o = q S is
     # then a sum along the rows of a WGMMA tile (within a warp), not across the 4 warps.
@@ -439,93 +482,94 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       h, b0 = att_row(u, 0)   # the same rows as the state loads (issue_state)
       g, j0 = lax.div(b0, GROUP), lax.rem(b0, GROUP)
       part = lax.div(j0, P.unit_rows)
-      for m3 in range(3):
-        wait("a", lax.div(m3 * D + h * HD, TN), mats["in"][1] * (l + 1))
+      wait("a", lax.div(h * HD, TN), per["a"] * (l + 1))   # its q, f and v tiles
       if dry:
         for i in range(P.unit_rows):
           slot, _ = take_state(k0 + i)
           give_state(k0 + i, slot, None, b0 + i, h)
         return
-      cols = pl.ds(g * GROUP, GROUP)
-      q_t, f_t, v_t = (_bf16_round(partial_sum(p_in, pl.ds(m3 * D + h * HD, HD), cols))
-                       for m3 in range(3))
-      lb = bcast_rows(plgpu.load(lbr.at[l, pl.ds(h * HD, HD)], layout=ROWS, optimized=False),
-                      GROUP)
-      hnorm = plgpu.load(hn.at[l, pl.ds(h * HD, HD)], layout=ROWS, optimized=False)
-      is_start = plgpu.load(startr.at[cols], layout=COLS, optimized=False) != 0      # [8]
-      real = g * GROUP + lax.broadcasted_iota(jnp.int32, (GROUP,), 0) < P.batch      # [8]
-      q_t = _bf16_round(jax.nn.silu(q_t))
-      sg = jax.nn.sigmoid(f_t)
-      gate = jnp.log(jnp.maximum(sg + lb * (1.0 - sg), GATE_FLOOR))
-      k_t = _bf16_round((1.0 - lb) * (1.0 - sg))
-      gate = jnp.where(bcast_cols(is_start, HD),
-                       lax.broadcast_in_dim(bndr[l, h], (HD, GROUP), ()), gate)
-      iota = lax.broadcasted_iota(jnp.int32, (HD, GROUP), 1)
-      picks = [(iota == j0 + i).astype(F32) for i in range(P.unit_rows)]
+      with jax.named_scope("gates"):   # profile steps
+        cols = pl.ds(g * GROUP, GROUP)
+        q_t, f_t, v_t = (_bf16_round(partial_sum(p_in, pl.ds(m3 * D + h * HD, HD), cols))
+                         for m3 in range(3))
+        lb = bcast_rows(plgpu.load(lbr.at[l, pl.ds(h * HD, HD)], layout=ROWS, optimized=False),
+                        GROUP)
+        hnorm = plgpu.load(hn.at[l, pl.ds(h * HD, HD)], layout=ROWS, optimized=False)
+        is_start = plgpu.load(startr.at[cols], layout=COLS, optimized=False) != 0      # [8]
+        real = g * GROUP + lax.broadcasted_iota(jnp.int32, (GROUP,), 0) < P.batch      # [8]
+        q_t = _bf16_round(jax.nn.silu(q_t))
+        sg = jax.nn.sigmoid(f_t)
+        gate = jnp.log(jnp.maximum(sg + lb * (1.0 - sg), GATE_FLOOR))
+        k_t = _bf16_round((1.0 - lb) * (1.0 - sg))
+        gate = jnp.where(bcast_cols(is_start, HD),
+                         lax.broadcast_in_dim(bndr[l, h], (HD, GROUP), ()), gate)
+        iota = lax.broadcasted_iota(jnp.int32, (HD, GROUP), 1)
+        picks = [(iota == j0 + i).astype(F32) for i in range(P.unit_rows)]
 
-      def column(t, i):   # the column of the unit's row i in a [64, 8] tile (ROWS)
-        return jnp.sum(t * picks[i], axis=1)
+        def column(t, i):   # the column of the unit's row i in a [64, 8] tile (ROWS)
+          return jnp.sum(t * picks[i], axis=1)
 
-      for m3, t in enumerate((jnp.exp(gate), k_t, q_t)):
+        for m3, t in enumerate((jnp.exp(gate), k_t, q_t)):
+          for i in range(P.unit_rows):
+            cv_smem.at[m3, i][...] = column(t, i)
+        plgpu.commit_smem()
+      with jax.named_scope("rows"):
+        o_t = jnp.zeros((HD, GROUP), F32)
         for i in range(P.unit_rows):
-          cv_smem.at[m3, i][...] = column(t, i)
-      plgpu.commit_smem()
-      o_t = jnp.zeros((HD, GROUP), F32)
-      for i in range(P.unit_rows):
-        slot, st = take_state(k0 + i)
-        decay, k, q = (plgpu.load(cv_smem.at[m3, i], layout=COLS, optimized=False)
-                       for m3 in range(3))
-        st = bcast_cols(decay, HD) * st + bcast_rows(column(v_t, i), HD) * bcast_cols(k, HD)
-        o = jnp.sum(bcast_cols(q, HD) * st, axis=1)                              # ROWS
-        give_state(k0 + i, slot, st, b0 + i, h)
-        o_t = o_t + bcast_rows(o, GROUP) * picks[i]
-      # the head's RMSNorm per row; rows past the batch (and the other parts' rows) give 0
-      scale = jnp.where(real, lax.rsqrt(jnp.sum(o_t * o_t, axis=0) / HD + P.eps), 0.0)
-      o_t = o_t * bcast_cols(scale, HD) * bcast_rows(hnorm, GROUP)
-      ot[part, pl.ds(h * HD, HD), cols] = o_t.astype(BF16)
-    owner_units("B", attention, lambda u: ("o", lax.div(u, per_head)))
+          slot, st = take_state(k0 + i)
+          decay, k, q = (plgpu.load(cv_smem.at[m3, i], layout=COLS, optimized=False)
+                         for m3 in range(3))
+          st = bcast_cols(decay, HD) * st + bcast_rows(column(v_t, i), HD) * bcast_cols(k, HD)
+          o = jnp.sum(bcast_cols(q, HD) * st, axis=1)                              # ROWS
+          give_state(k0 + i, slot, st, b0 + i, h)
+          o_t = o_t + bcast_rows(o, GROUP) * picks[i]
+      with jax.named_scope("out"):
+        # the head's RMSNorm per row; rows past the batch (and the other parts' rows) give 0
+        scale = jnp.where(real, lax.rsqrt(jnp.sum(o_t * o_t, axis=0) / HD + P.eps), 0.0)
+        o_t = o_t * bcast_cols(scale, HD) * bcast_rows(hnorm, GROUP)
+        ot[part, pl.ds(h * HD, HD), cols] = o_t.astype(BF16)
+    owner_units("B", attention)
 
-    def copied(srcs, sem_name, target):
-      """B operands of C: the sum of srcs^T's rows of the unit's K blocks, once their
-      producers (one semaphore per K block) have signalled ``target`` times."""
+    def copied(srcs):
+      """B operands of C: the sum of srcs^T's rows of the unit's K blocks, once the attention
+      units of its K segment's heads have signalled."""
       def build(t, s, nb):
-        for kb in range(nb):
-          wait(sem_name, s * nb + kb, target)
+        wait("o", s, per["o"] * (l + 1))
         copied_tiles(srcs, s * nb * TK, nb)
       return build
 
-    def residual_owners(phase, m, p_ref, sem_name, first):
-      """C' and E': x rows 64 j.. += the sum of their tile's partials of matmul m."""
+    def residual_owners(phase, p_ref, sem_name, first):
+      """C' and E': x rows 64 j.. += the sum of their tile's partials."""
       def fn(j, dry=False):
-        wait(sem_name, lax.div(j * 64, TN), mats[m][1] * (l + 1))
+        wait(sem_name, lax.div(j * 64, TN), per[sem_name] * (l + 1))
         if not dry:
           residual(l, j, p_ref, first=first)
-      owner_units(phase, fn, lambda j: ("x",))
+      owner_units(phase, fn)
 
     # C: partial (o @ wo)^T;  C': x += o @ wo
     parts = [ot.at[p] for p in range(P.att_split)]
-    seq = matmul_units("C", "o", copied(parts, "o", per_head * (l + 1)), p_o, "c", seq)
-    residual_owners("C'", "o", p_o, "c", first=True)
+    seq = matmul_units("C", "o", copied(parts), p_o, seq)
+    residual_owners("C'", p_o, "c", first=True)
 
-    # D: partial (h @ [w1 | w3])^T
+    # D: partial (h @ [w1 | w3])^T, once this layer's C' owners (half of x's per layer) are done
     seq = matmul_units("D", "13", lambda t, s, nb: normed_tiles(xout, ss, fn, l, s * nb * TK, nb),
-                       p_13, "d", seq, before=lambda: wait("x", 0, (2 * l + 1) * nx))
+                       p_13, seq, before=lambda: wait("x", 0, per["x"] * l + per["x"] // 2))
 
     # E: partial (m @ w2)^T with m = silu(a) b of the unit's K blocks made from D's partials
     # (D tile j holds a and b of m's rows 64 j..: no SwiGLU phase and hop of its own);
     # E': x += m @ w2
     def swiglu_tiles(t, s, nb):
-      for kb in range(nb):
-        wait("d", s * nb + kb, mats["13"][1] * (l + 1))
+      wait("d", s, per["d"] * (l + 1))
+      tiles = []
       for kb in range(nb):
         j = s * nb + kb
         a = _bf16_round(partial_sum(p_13, pl.ds(j * TN, 64)))
         b = _bf16_round(partial_sum(p_13, pl.ds(j * TN + 64, 64)))
-        x_smem.at[kb].transpose((1, 0))[...] = (_bf16_round(jax.nn.silu(a)) * b).astype(BF16)
-      plgpu.commit_smem()
+        tiles.append(_bf16_round(jax.nn.silu(a)) * b)
+      to_x_smem(tiles)
 
-    seq = matmul_units("E", "2", swiglu_tiles, p_2, "e", seq)
-    residual_owners("E'", "2", p_2, "e", first=False)
+    seq = matmul_units("E", "2", swiglu_tiles, p_2, seq)
+    residual_owners("E'", p_2, "e", first=False)
     return seq
 
   lax.fori_loop(0, L, layer_body, jnp.int32(0))
@@ -544,15 +588,19 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
           for name, (_, n, per_launch) in sem_layout.items() for i in range(n)])
 
 
-@functools.partial(jax.jit, static_argnames=("plan", "interpret"))
+@functools.partial(jax.jit, static_argnames=("plan", "interpret", "profile_dir"))
 def decode_layers(x, state, w_in, wo, w13, w2, attn_norm, ffn_norm, head_norm, lb, boundary,
-                  start, *, plan, interpret=False):
+                  start, *, plan, interpret=False, profile_dir=""):
   """Every layer of one decode token. x [B, d] float32; state [L, B, H, 64, 64] float32, each
   head's state transposed, S^T [V, K] (the sampler's states start at zero and only this kernel
   reads them; the other decode paths keep [K, V]); w_in
   [L, d, 3d] (wq | wf | wv), wo [L, d, d], w13 [L, d, 2 hidden] (``interleave_w13``), w2
   [L, hidden, d] in bf16; attn_norm, ffn_norm, head_norm, lb [L, d] float32; boundary [L, H];
-  start [B] bool. Returns (x after the last layer [B, d] float32, new state)."""
+  start [B] bool. Returns (x after the last layer [B, d] float32, new state).
+
+  ``profile_dir`` (GPU): each call also writes a Chrome trace of every program's phases and
+  semaphore waits there (Mosaic GPU's on-device profiler; benchmarks/decode_mgpu.py --profile
+  summarises it)."""
   P = plan
   b = x.shape[0]
   R, D, F = P.rows, P.dim, P.hidden
@@ -584,6 +632,10 @@ def decode_layers(x, state, w_in, wo, w13, w2, attn_norm, ffn_norm, head_norm, l
           w_bar=plgpu.Barrier(num_barriers=P.stages),
           st_bar=plgpu.Barrier(num_barriers=P.state_bufs)),
       grid=(P.nprog,), grid_names=("p",),
+      compiler_params=plgpu.CompilerParams(
+          # spans per program: per layer 7 phases and their waits (~12), with room
+          profile_space=64 * P.layers if profile_dir else 0, profile_dir=profile_dir,
+          profile_bounds_check=True),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(xt, ss0, st_ref, jnp.pad(start.astype(jnp.int32), (0, R - b)), w_in, wo, w13, w2,
     attn_norm.astype(F32), ffn_norm.astype(F32), head_norm.astype(F32), lb.astype(F32),
