@@ -32,7 +32,8 @@ def get_config(variant="B"):
   c.impl = "auto"                                      # lasad_attention implementation
   # sampler's decode step: auto (a Pallas attention kernel per layer on GPU) | xla | pallas |
   # persistent (every layer in one Triton kernel) | mosaic (the same in Mosaic GPU; bf16,
-  # head_dim 64); both opt-in and slower today: kernels/lasad/README.md
+  # head_dim 64); both opt-in: persistent is slower than auto, mosaic level with it on an H100
+  # with a longer first call (kernels/lasad/README.md)
   c.decode_impl = "auto"
   c.kernel_sub = 32   # Pallas kernel sub-chunk (16 | 32; 32 was 33% faster fwd+bwd on an H100 at
                       # the training shape: kernels/lasad/pallas.py BlockSizes)
