@@ -318,24 +318,44 @@ def test_mosaic_decode_semaphore_bookkeeping(sizes):
   for group, (n, per_layer) in counts.items():
     assert layout[group][1:] == (n, per_layer * P.layers)
 
-  def producers(group, i):
-    return {u for _, u in by_sem[group, i]}
-  segs_in = m["in"][1]
+  def producers(phase, u):   # the units whose signals unit u of phase waits for (Plan.wait_on)
+    group, i, _ = P.wait_on(phase, u, 0)
+    return by_sem[group, i]
+  segs_in, segs_o, segs_13, segs_2 = (m[k][1] for k in ("in", "o", "13", "2"))
   per_head = P.per_head
-  for h in range(P.heads):   # an attention unit: the A tiles holding its head's q, f and v
-    tiles = {int(u) // segs_in for u in producers("a", h * DM.HD // DM.TN)}
+  # what each consumer reads, restated here from the units' definitions (the module docstring)
+  for u in range(units["B"]):   # an attention unit: the A tiles holding its head's q, f and v
+    h = u // per_head
+    assert {ph for ph, _ in producers("B", u)} == {"A"}
+    tiles = {pu // segs_in for _, pu in producers("B", u)}
     assert {(m3 * P.dim + h * DM.HD) // DM.TN for m3 in range(3)} <= tiles
-  for s in range(m["o"][1]):   # a wo unit of K segment s: the attention units of its b_o heads
-    heads = {u // per_head for u in producers("o", s)}
-    assert heads == set(range(s * P.b_o, (s + 1) * P.b_o))
-  for s in range(m["2"][1]):   # a w2 unit of K segment s: the w1|w3 tiles of its K blocks
-    tiles = {u // m["13"][1] for u in producers("d", s)}
-    assert tiles == set(range(s * P.b_2, (s + 1) * P.b_2))
-  for j in range(P.dim // 64):   # a residual owner of x rows 64 j..: all of its wo / w2 tile
-    t = j * 64 // DM.TN
-    assert {u // m["o"][1] for u in producers("c", t)} == {t}
-    assert {u // m["2"][1] for u in producers("e", t)} == {t}
-    assert len(producers("c", t)) == m["o"][1] and len(producers("e", t)) == m["2"][1]
+  for u in range(units["C"]):   # a wo unit of K segment s: the attention units of its b_o heads
+    s = u % segs_o
+    assert {pu // per_head for ph, pu in producers("C", u) if ph == "B"} == \
+        set(range(s * P.b_o, (s + 1) * P.b_o))
+    assert {ph for ph, _ in producers("C", u)} == {"B"}
+  for u in range(units["E"]):   # a w2 unit of K segment s: the w1|w3 tiles of its K blocks
+    s = u % segs_2
+    assert {ph for ph, _ in producers("E", u)} == {"D"}
+    assert {pu // segs_13 for _, pu in producers("E", u)} == set(range(s * P.b_2, (s + 1) * P.b_2))
+  for owner, mat, segs in (("C'", "C", segs_o), ("E'", "E", segs_2)):
+    for j in range(units[owner]):   # a residual owner of x rows 64 j..: all of its tile's units
+      t = j * 64 // DM.TN
+      assert sorted(producers(owner, j)) == [(mat, t * segs + s) for s in range(segs)]
+  for phase in ("A", "D"):   # the input norms: every residual owner
+    assert sorted(producers(phase, 0)) == sorted(
+        [("C'", j) for j in range(units["C'"])] + [("E'", j) for j in range(units["E'"])])
+  # the counts waited for: run the units one after another, layer by layer (an order the
+  # dependencies allow, as the interpreter does): each wait's count is exactly the signals its
+  # semaphore has had by then, i.e. it waits for every producer before it and for nothing more
+  have = dict.fromkeys(by_sem, 0)
+  for layer in range(min(P.layers, 3)):
+    for phase, n in units.items():
+      for u in range(n):
+        group, i, count = P.wait_on(phase, u, layer)
+        assert have[group, i] == count, (layer, phase, u, group, i)
+      for u in range(n):
+        have[P.sem_index(phase, int(u))[0], int(P.sem_index(phase, u)[1])] += 1
 
 
 def test_mosaic_decode_refuses_what_it_cannot_run():

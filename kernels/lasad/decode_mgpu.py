@@ -175,6 +175,23 @@ class Plan:
       return "e", u // m["2"][1]
     return "x", u * 0   # C', E'
 
+  def wait_on(self, phase, u, layer):
+    """(group, index, count) that unit u of ``phase`` in ``layer`` waits for before it reads its
+    inputs (u, layer ints or traced int32; the kernel's waits): its producers' semaphore, once
+    every producer up to this layer has signalled. A and D wait on "x" once per phase (u unused)
+    for the residual owners of the layer before (A) or of this layer's C' too (D)."""
+    per = {k: v[1] for k, v in self.sem_counts().items()}
+    if phase in ("A", "D"):
+      return "x", 0, per["x"] * layer + (per["x"] // 2 if phase == "D" else 0)
+    if phase == "B":    # q, f and v of its head
+      return "a", u // self.per_head * HD // TN, per["a"] * (layer + 1)
+    if phase == "C":    # o of its K segment's heads
+      return "o", u % self.mats["o"][1], per["o"] * (layer + 1)
+    if phase == "E":    # [a | b] partials of its K segment's tiles
+      return "d", u % self.mats["2"][1], per["d"] * (layer + 1)
+    group = {"C'": "c", "E'": "e"}[phase]   # owners of x rows 64 u..: their tile's partials
+    return group, u * 64 // TN, per[group] * (layer + 1)
+
   def sem_counts(self):
     """{group: (semaphores, signals each gets per layer)}: a consumer of layer l waits for
     (l + 1) x the latter (x: a layer's C' owners are half of it)."""
@@ -236,6 +253,9 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
   def signal(name, i=0):
     if not interpret:
       plgpu.semaphore_signal(sem(name, i), 1, memory_scope="gpu")
+
+  def wait_for(phase, u, layer):
+    wait(*P.wait_on(phase, u, layer))
 
   def wait(name, i, target):
     if not interpret and "wait" not in P.skip and f"wait:{name}" not in P.skip:
@@ -344,8 +364,6 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       tiles.append(functools.reduce(lambda a, b: a + b, ts))
     to_x_smem(tiles)
 
-  per = {k: v[1] for k, v in P.sem_counts().items()}   # signals per layer on each semaphore
-
   def matmul_units(phase, m, build, out_ref, seq, before=None):
     """This program's units of one matmul phase: build(t, s, nb) fills x_smem, then nb ring
     steps, the float32 partial to out_ref[s, tile columns] and a signal (Plan.sem_index)."""
@@ -437,7 +455,7 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       def _():
         normed_tiles(xout, ss, an, l, k0, nb)
 
-    seq = matmul_units("A", "in", build_a, p_in, seq, before=lambda: wait("x", 0, per["x"] * l))
+    seq = matmul_units("A", "in", build_a, p_in, seq, before=lambda: wait_for("A", 0, l))
 
     # B: attention for some rows of one head. States are kept transposed, S^T [V, K]: o = q S is
     # then a sum along the rows of a WGMMA tile (within a warp), not across the 4 warps.
@@ -482,7 +500,7 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       h, b0 = att_row(u, 0)   # the same rows as the state loads (issue_state)
       g, j0 = lax.div(b0, GROUP), lax.rem(b0, GROUP)
       part = lax.div(j0, P.unit_rows)
-      wait("a", lax.div(h * HD, TN), per["a"] * (l + 1))   # its q, f and v tiles
+      wait_for("B", u, l)   # its q, f and v tiles
       if dry:
         for i in range(P.unit_rows):
           slot, _ = take_state(k0 + i)
@@ -534,14 +552,14 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       """B operands of C: the sum of srcs^T's rows of the unit's K blocks, once the attention
       units of its K segment's heads have signalled."""
       def build(t, s, nb):
-        wait("o", s, per["o"] * (l + 1))
+        wait_for("C", t * mats["o"][1] + s, l)
         copied_tiles(srcs, s * nb * TK, nb)
       return build
 
-    def residual_owners(phase, p_ref, sem_name, first):
+    def residual_owners(phase, p_ref, first):
       """C' and E': x rows 64 j.. += the sum of their tile's partials."""
       def fn(j, dry=False):
-        wait(sem_name, lax.div(j * 64, TN), per[sem_name] * (l + 1))
+        wait_for(phase, j, l)
         if not dry:
           residual(l, j, p_ref, first=first)
       owner_units(phase, fn)
@@ -549,17 +567,17 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
     # C: partial (o @ wo)^T;  C': x += o @ wo
     parts = [ot.at[p] for p in range(P.att_split)]
     seq = matmul_units("C", "o", copied(parts), p_o, seq)
-    residual_owners("C'", p_o, "c", first=True)
+    residual_owners("C'", p_o, first=True)
 
     # D: partial (h @ [w1 | w3])^T, once this layer's C' owners (half of x's per layer) are done
     seq = matmul_units("D", "13", lambda t, s, nb: normed_tiles(xout, ss, fn, l, s * nb * TK, nb),
-                       p_13, seq, before=lambda: wait("x", 0, per["x"] * l + per["x"] // 2))
+                       p_13, seq, before=lambda: wait_for("D", 0, l))
 
     # E: partial (m @ w2)^T with m = silu(a) b of the unit's K blocks made from D's partials
     # (D tile j holds a and b of m's rows 64 j..: no SwiGLU phase and hop of its own);
     # E': x += m @ w2
     def swiglu_tiles(t, s, nb):
-      wait("d", s, per["d"] * (l + 1))
+      wait_for("E", t * mats["2"][1] + s, l)
       tiles = []
       for kb in range(nb):
         j = s * nb + kb
@@ -569,7 +587,7 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       to_x_smem(tiles)
 
     seq = matmul_units("E", "2", swiglu_tiles, p_2, seq)
-    residual_owners("E'", p_2, "e", first=False)
+    residual_owners("E'", p_2, first=False)
     return seq
 
   lax.fori_loop(0, L, layer_body, jnp.int32(0))
