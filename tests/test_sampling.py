@@ -263,7 +263,7 @@ def test_mosaic_decode_attention_split_and_state_ring():
   """decode_mgpu's attention units take 8 / att_split rows of a head's 8-row group and write
   their own o^T tile, which the wo units sum; a state's TMA buffer is refilled one row after its
   store. Whatever the split (1, 4, 8) and ring depth (2, 4), the layers give the same x and
-  states bit for bit; so does Plan.swiglu_in_d (interpreter, one program; 3 rows padded to 16, two rows starting an image
+  states bit for bit; so do Plan.swiglu_in_d and owners_in_last (interpreter, one program; 3 rows padded to 16, two rows starting an image
   row). That the states, kept transposed (S^T [V, K]), carry the right values from token to token
   is test_mosaic_decode_matches_persistent's: 19 tokens of logits."""
   import dataclasses
@@ -286,12 +286,15 @@ def test_mosaic_decode_attention_split_and_state_ring():
     np.testing.assert_array_equal(out[split][0], out[1][0])
     np.testing.assert_array_equal(out[split][1], out[1][1])
   assert np.isfinite(out[1][1]).all() and not np.allclose(out[1][1], np.asarray(args[1]))
-  # m = silu(a) b made once per [w1|w3] tile by the unit of its last K segment (here 2 of them)
-  # and copied by the w2 units, or made by every w2 unit: the same layers bit for bit
-  sw = [DM.decode_layers(*args, plan=dataclasses.replace(base, b_13=1, swiglu_in_d=on),
-                         interpret=True) for on in (False, True)]
-  np.testing.assert_array_equal(np.asarray(sw[1][0]), np.asarray(sw[0][0]))
-  np.testing.assert_array_equal(np.asarray(sw[1][1]), np.asarray(sw[0][1]))
+  # m = silu(a) b made once per [w1|w3] tile by the unit of its last K segment and copied by the
+  # w2 units (swiglu_in_d), the residual sums run by the last K segment's wo / w2 unit of a tile
+  # (owners_in_last), here with 2 K segments each: the same layers bit for bit
+  two = dataclasses.replace(base, b_13=1, b_o=1)
+  sw = [DM.decode_layers(*args, plan=dataclasses.replace(two, **kw), interpret=True)
+        for kw in ({}, dict(swiglu_in_d=True), dict(owners_in_last=True, swiglu_in_d=True))]
+  for x, st in sw[1:]:
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(sw[0][0]))
+    np.testing.assert_array_equal(np.asarray(st), np.asarray(sw[0][1]))
   for bad, match in ((dict(att_split=3), "att_split=3"), (dict(state_bufs=1), "state_bufs=1")):
     with pytest.raises(ValueError, match=match):
       dataclasses.replace(base, **bad)

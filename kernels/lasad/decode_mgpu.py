@@ -87,6 +87,9 @@ class Plan:
   swiglu_in_d: bool = False   # m = silu(a) b made once per [w1|w3] tile, by the unit of its last
                               # K segment once the others have signalled ("S", stored as bf16 m^T),
                               # instead of by every w2 unit for its own K blocks
+  owners_in_last: bool = False   # the residual owners C' / E' of a wo / w2 tile's rows run on the
+                                 # unit of the tile's last K segment, after it has signalled,
+                                 # instead of as units of their own on the next programs
   # timing experiments only (the results are then wrong): "attn" / "own" skip the attention and
   # owner units' math (they still wait and signal), "build" the B operand tiles (with the waits
   # of C and E), "wait" every wait, "wait:NAME" the waits on one semaphore group (x: A and D for
@@ -143,7 +146,8 @@ class Plan:
 
   def units(self):
     """Units per phase, in the order they run within a layer. "S" (swiglu_in_d) is no phase of
-    its own: the D unit of a tile's last K segment goes on with it (tile t is S unit t)."""
+    its own: the D unit of a tile's last K segment goes on with it (tile t is S unit t); nor are
+    C' and E' with owners_in_last (the C / E unit of tile t's last segment runs owners 2t, 2t + 1)."""
     m = self.mats
     out = {"A": m["in"][0] * m["in"][1], "B": self.heads * self.per_head,
            "C": m["o"][0] * m["o"][1], "C'": self.dim // 64,
@@ -157,8 +161,9 @@ class Plan:
     """First program of each phase: each phase starts where the one before ended, so that the
     programs' work per layer evens out."""
     out, at = {}, 0
+    virtual = ("S", "C'", "E'") if self.owners_in_last else ("S",)
     for name, n in self.units().items():
-      if name != "S":
+      if name not in virtual:
         out[name] = at
         at = (at + n) % self.nprog
     return out
@@ -574,18 +579,35 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
         copied_tiles(srcs, s * nb * TK, nb)
       return build
 
-    def residual_owners(phase, p_ref, first):
-      """C' and E': x rows 64 j.. += the sum of their tile's partials."""
+    def residual_owners(phase, p_ref, first, segs):
+      """C' and E': x rows 64 j.. += the sum of their tile's partials. As units of their own,
+      or (owners_in_last) the after hook of the tile's matmul units, which runs the tile's
+      owners on the unit of its last K segment."""
       def fn(j, dry=False):
         wait_for(phase, j, l)
         if not dry:
           residual(l, j, p_ref, first=first)
-      owner_units(phase, fn)
+      if not P.owners_in_last:
+        owner_units(phase, fn)
+        return None
+
+      def after(u, t, s):
+        @pl.when(s == segs - 1)
+        def _():
+          with jax.named_scope(phase):
+            for jj in range(TN // 64):
+              fn(t * (TN // 64) + jj, dry="own" in P.skip)
+              signal(*P.sem_index(phase, t * (TN // 64) + jj))
+      return after
 
     # C: partial (o @ wo)^T;  C': x += o @ wo
     parts = [ot.at[p] for p in range(P.att_split)]
-    seq = matmul_units("C", "o", copied(parts), p_o, seq)
-    residual_owners("C'", p_o, first=True)
+    if P.owners_in_last:
+      seq = matmul_units("C", "o", copied(parts), p_o, seq,
+                         after=residual_owners("C'", p_o, True, mats["o"][1]))
+    else:
+      seq = matmul_units("C", "o", copied(parts), p_o, seq)
+      residual_owners("C'", p_o, True, mats["o"][1])
 
     # D tile j holds a and b of m's rows 64 j.. (m = silu(a) b)
     def swiglu(j):
@@ -616,8 +638,12 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       else:
         to_x_smem([swiglu(s * nb + kb) for kb in range(nb)])
 
-    seq = matmul_units("E", "2", swiglu_tiles, p_2, seq)
-    residual_owners("E'", p_2, first=False)
+    if P.owners_in_last:
+      seq = matmul_units("E", "2", swiglu_tiles, p_2, seq,
+                         after=residual_owners("E'", p_2, False, mats["2"][1]))
+    else:
+      seq = matmul_units("E", "2", swiglu_tiles, p_2, seq)
+      residual_owners("E'", p_2, False, mats["2"][1])
     return seq
 
   lax.fori_loop(0, L, layer_body, jnp.int32(0))
