@@ -263,7 +263,7 @@ def test_mosaic_decode_attention_split_and_state_ring():
   """decode_mgpu's attention units take 8 / att_split rows of a head's 8-row group and write
   their own o^T tile, which the wo units sum; a state's TMA buffer is refilled one row after its
   store. Whatever the split (1, 4, 8) and ring depth (2, 4), the layers give the same x and
-  states bit for bit; so do Plan.swiglu_in_d and owners_in_last (interpreter, one program; 3 rows padded to 16, two rows starting an image
+  states bit for bit (interpreter, one program; 3 rows padded to 16, two rows starting an image
   row). That the states, kept transposed (S^T [V, K]), carry the right values from token to token
   is test_mosaic_decode_matches_persistent's: 19 tokens of logits."""
   import dataclasses
@@ -286,15 +286,6 @@ def test_mosaic_decode_attention_split_and_state_ring():
     np.testing.assert_array_equal(out[split][0], out[1][0])
     np.testing.assert_array_equal(out[split][1], out[1][1])
   assert np.isfinite(out[1][1]).all() and not np.allclose(out[1][1], np.asarray(args[1]))
-  # m = silu(a) b made once per [w1|w3] tile by the unit of its last K segment and copied by the
-  # w2 units (swiglu_in_d), the residual sums run by the last K segment's wo / w2 unit of a tile
-  # (owners_in_last), here with 2 K segments each: the same layers bit for bit
-  two = dataclasses.replace(base, b_13=1, b_o=1)
-  sw = [DM.decode_layers(*args, plan=dataclasses.replace(two, **kw), interpret=True)
-        for kw in ({}, dict(swiglu_in_d=True), dict(owners_in_last=True, swiglu_in_d=True))]
-  for x, st in sw[1:]:
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(sw[0][0]))
-    np.testing.assert_array_equal(np.asarray(st), np.asarray(sw[0][1]))
   for bad, match in ((dict(att_split=3), "att_split=3"), (dict(state_bufs=1), "state_bufs=1")):
     with pytest.raises(ValueError, match=match):
       dataclasses.replace(base, **bad)
@@ -304,17 +295,14 @@ def test_mosaic_decode_attention_split_and_state_ring():
     dict(layers=24, batch=16, dim=1024, hidden=2816, heads=16, nprog=132),   # LASADGen-L, H100
     dict(layers=2, batch=3, dim=128, hidden=512, heads=2, nprog=1),          # the interpreter's
     dict(layers=3, batch=40, dim=768, hidden=2048, heads=12, nprog=114)])    # B-sized, H20-like
-@pytest.mark.parametrize("swiglu_in_d", [False, True])
-def test_mosaic_decode_semaphore_bookkeeping(sizes, swiglu_in_d):
+def test_mosaic_decode_semaphore_bookkeeping(sizes):
   """decode_mgpu's units signal and wait on global semaphores, which Mosaic GPU's interpreter
   skips and the GPU test covers only at L: a consumer waiting for one signal too many hangs the
   kernel, one too few reads partials being written. Here, from Plan alone: every semaphore of a
   group gets exactly the per-layer count its consumers wait for, from exactly the producers
   whose outputs the consumer reads, and the counts per launch (taken back at the end) add up."""
-  import dataclasses
-
   from kernels.lasad import decode_mgpu as DM
-  P = dataclasses.replace(DM.make_plan(eps=1e-5, **sizes), swiglu_in_d=swiglu_in_d)
+  P = DM.make_plan(eps=1e-5, **sizes)
   units, counts, m = P.units(), P.sem_counts(), P.mats
   by_sem = {}   # (group, index) -> the units (phase, u) of one layer that signal it
   for phase, n in units.items():
@@ -348,14 +336,8 @@ def test_mosaic_decode_semaphore_bookkeeping(sizes, swiglu_in_d):
     assert {ph for ph, _ in producers("C", u)} == {"B"}
   for u in range(units["E"]):   # a w2 unit of K segment s: the w1|w3 tiles of its K blocks
     s = u % segs_2
-    if swiglu_in_d:   # ... through their S units (m made once per tile)
-      assert sorted(producers("E", u)) == [("S", t) for t in range(s * P.b_2, (s + 1) * P.b_2)]
-    else:
-      assert {ph for ph, _ in producers("E", u)} == {"D"}
-      assert {pu // segs_13 for _, pu in producers("E", u)} == \
-          set(range(s * P.b_2, (s + 1) * P.b_2))
-  for t in range(units.get("S", 0)):   # S unit t: every K segment's D unit of tile t
-    assert sorted(producers("S", t)) == [("D", t * segs_13 + s) for s in range(segs_13)]
+    assert {ph for ph, _ in producers("E", u)} == {"D"}
+    assert {pu // segs_13 for _, pu in producers("E", u)} == set(range(s * P.b_2, (s + 1) * P.b_2))
   for owner, mat, segs in (("C'", "C", segs_o), ("E'", "E", segs_2)):
     for j in range(units[owner]):   # a residual owner of x rows 64 j..: all of its tile's units
       t = j * 64 // DM.TN

@@ -84,12 +84,6 @@ class Plan:
   state_bufs: int = 2   # attention states in flight per program (TMA, [64, 64] float32 each;
                         # 2 took 830 us per token against 844 for 4, BENCHMARKS.md session 19)
   att_split: int = 4    # attention units per (head, 8 rows): each takes 8 / att_split rows
-  swiglu_in_d: bool = False   # m = silu(a) b made once per [w1|w3] tile, by the unit of its last
-                              # K segment once the others have signalled ("S", stored as bf16 m^T),
-                              # instead of by every w2 unit for its own K blocks
-  owners_in_last: bool = False   # the residual owners C' / E' of a wo / w2 tile's rows run on the
-                                 # unit of the tile's last K segment, after it has signalled,
-                                 # instead of as units of their own on the next programs
   # timing experiments only (the results are then wrong): "attn" / "own" skip the attention and
   # owner units' math (they still wait and signal), "build" the B operand tiles (with the waits
   # of C and E), "wait" every wait, "wait:NAME" the waits on one semaphore group (x: A and D for
@@ -145,34 +139,26 @@ class Plan:
     return GROUP // self.att_split
 
   def units(self):
-    """Units per phase, in the order they run within a layer. "S" (swiglu_in_d) is no phase of
-    its own: the D unit of a tile's last K segment goes on with it (tile t is S unit t); nor are
-    C' and E' with owners_in_last (the C / E unit of tile t's last segment runs owners 2t, 2t + 1)."""
+    """Units per phase, in the order they run within a layer."""
     m = self.mats
-    out = {"A": m["in"][0] * m["in"][1], "B": self.heads * self.per_head,
-           "C": m["o"][0] * m["o"][1], "C'": self.dim // 64,
-           "D": m["13"][0] * m["13"][1]}
-    if self.swiglu_in_d:
-      out["S"] = m["13"][0]
-    out.update({"E": m["2"][0] * m["2"][1], "E'": self.dim // 64})
-    return out
+    return {"A": m["in"][0] * m["in"][1], "B": self.heads * self.per_head,
+            "C": m["o"][0] * m["o"][1], "C'": self.dim // 64,
+            "D": m["13"][0] * m["13"][1],
+            "E": m["2"][0] * m["2"][1], "E'": self.dim // 64}
 
   def offsets(self):
     """First program of each phase: each phase starts where the one before ended, so that the
     programs' work per layer evens out."""
     out, at = {}, 0
-    virtual = ("S", "C'", "E'") if self.owners_in_last else ("S",)
     for name, n in self.units().items():
-      if name not in virtual:
-        out[name] = at
-        at = (at + n) % self.nprog
+      out[name] = at
+      at = (at + n) % self.nprog
     return out
 
   # One semaphore per consumer's input set, so that a unit polls once (each poll is an L2 round
   # trip): "a" per head pair (the q, f and v tiles of its columns), "o" per wo K segment (b_o
   # heads), "d" per w2 K segment (b_2 tiles of [w1 | w3]); "c" / "e" per column tile; "x"
-  # counts the residual owners (C' and E'). With swiglu_in_d, "p" per [w1|w3] tile (its K
-  # segments' partials, for its S unit) and "d" per w2 K segment counts S units.
+  # counts the residual owners (C' and E').
   def sem_index(self, phase, u):
     """(group, index) of the semaphore that unit u of ``phase`` signals (u an int or a traced
     int32; consumers wait on the same indices: the kernel's wait calls)."""
@@ -184,11 +170,7 @@ class Plan:
     if phase == "C":
       return "c", u // m["o"][1]
     if phase == "D":
-      if self.swiglu_in_d:
-        return "p", u // m["13"][1]
       return "d", u // m["13"][1] // self.b_2
-    if phase == "S":
-      return "d", u // self.b_2
     if phase == "E":
       return "e", u // m["2"][1]
     return "x", u * 0   # C', E'
@@ -205,10 +187,8 @@ class Plan:
       return "a", u // self.per_head * HD // TN, per["a"] * (layer + 1)
     if phase == "C":    # o of its K segment's heads
       return "o", u % self.mats["o"][1], per["o"] * (layer + 1)
-    if phase == "E":    # [a | b] partials (or S's m) of its K segment's tiles
+    if phase == "E":    # [a | b] partials of its K segment's tiles
       return "d", u % self.mats["2"][1], per["d"] * (layer + 1)
-    if phase == "S":    # its tile's partials
-      return "p", u, per["p"] * (layer + 1)
     group = {"C'": "c", "E'": "e"}[phase]   # owners of x rows 64 u..: their tile's partials
     return group, u * 64 // TN, per[group] * (layer + 1)
 
@@ -219,9 +199,8 @@ class Plan:
     return {"a": (self.dim // TN, 3 * m["in"][1]),
             "o": (self.heads // self.b_o, self.b_o * self.per_head),
             "c": (m["o"][0], m["o"][1]), "x": (1, 2 * (self.dim // 64)),
-            "d": (m["13"][0] // self.b_2, self.b_2 * (1 if self.swiglu_in_d else m["13"][1])),
-            "e": (m["2"][0], m["2"][1])} | (
-                {"p": (m["13"][0], m["13"][1])} if self.swiglu_in_d else {})
+            "d": (m["13"][0] // self.b_2, self.b_2 * m["13"][1]),
+            "e": (m["2"][0], m["2"][1])}
 
   def semaphores(self):
     """(offset, count, signals per launch) of each semaphore group, and the total number."""
@@ -257,7 +236,7 @@ def _bf16_round(x):
 
 
 def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
-            xout, ot, p_in, p_o, p_13, p_2, ss, mt,
+            xout, ot, p_in, p_o, p_13, p_2, ss,
             w_smem, x_smem, cv_smem, st_smem, w_bar, st_bar, *, plan, interpret):
   P = plan
   R, D, L, H = P.rows, P.dim, P.layers, P.heads
@@ -385,7 +364,7 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       tiles.append(functools.reduce(lambda a, b: a + b, ts))
     to_x_smem(tiles)
 
-  def matmul_units(phase, m, build, out_ref, seq, before=None, after=None):
+  def matmul_units(phase, m, build, out_ref, seq, before=None):
     """This program's units of one matmul phase: build(t, s, nb) fills x_smem, then nb ring
     steps, the float32 partial to out_ref[s, tile columns] and a signal (Plan.sem_index)."""
     _, segs, nb = mats[m]
@@ -407,8 +386,6 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
       pl.run_scoped(with_acc, plgpu.ACC((TN, R), F32))
       with jax.named_scope("signal"):
         signal(*P.sem_index(phase, u))
-      if after is not None:
-        after(u, t, s)
       return seq + nb
 
     with jax.named_scope(phase):   # one span per layer of the profile
@@ -579,71 +556,38 @@ def _kernel(xin, ssin, st_hbm, startr, w_in, wo, w13, w2, an, fn, hn, lbr, bndr,
         copied_tiles(srcs, s * nb * TK, nb)
       return build
 
-    def residual_owners(phase, p_ref, first, segs):
-      """C' and E': x rows 64 j.. += the sum of their tile's partials. As units of their own,
-      or (owners_in_last) the after hook of the tile's matmul units, which runs the tile's
-      owners on the unit of its last K segment."""
+    def residual_owners(phase, p_ref, first):
+      """C' and E': x rows 64 j.. += the sum of their tile's partials."""
       def fn(j, dry=False):
         wait_for(phase, j, l)
         if not dry:
           residual(l, j, p_ref, first=first)
-      if not P.owners_in_last:
-        owner_units(phase, fn)
-        return None
-
-      def after(u, t, s):
-        @pl.when(s == segs - 1)
-        def _():
-          with jax.named_scope(phase):
-            for jj in range(TN // 64):
-              fn(t * (TN // 64) + jj, dry="own" in P.skip)
-              signal(*P.sem_index(phase, t * (TN // 64) + jj))
-      return after
+      owner_units(phase, fn)
 
     # C: partial (o @ wo)^T;  C': x += o @ wo
     parts = [ot.at[p] for p in range(P.att_split)]
-    if P.owners_in_last:
-      seq = matmul_units("C", "o", copied(parts), p_o, seq,
-                         after=residual_owners("C'", p_o, True, mats["o"][1]))
-    else:
-      seq = matmul_units("C", "o", copied(parts), p_o, seq)
-      residual_owners("C'", p_o, True, mats["o"][1])
-
-    # D tile j holds a and b of m's rows 64 j.. (m = silu(a) b)
-    def swiglu(j):
-      a = _bf16_round(partial_sum(p_13, pl.ds(j * TN, 64)))
-      b = _bf16_round(partial_sum(p_13, pl.ds(j * TN + 64, 64)))
-      return _bf16_round(jax.nn.silu(a)) * b
-
-    def swiglu_owner(u, t, s):
-      """swiglu_in_d: the unit of tile t's last K segment makes m's rows 64 t.. once."""
-      @pl.when(s == mats["13"][1] - 1)
-      def _():
-        with jax.named_scope("S"):
-          wait_for("S", t, l)
-          mt[pl.ds(t * 64, 64), :] = swiglu(t).astype(BF16)
-          signal(*P.sem_index("S", t))
+    seq = matmul_units("C", "o", copied(parts), p_o, seq)
+    residual_owners("C'", p_o, first=True)
 
     # D: partial (h @ [w1 | w3])^T, once this layer's C' owners (half of x's per layer) are done
     seq = matmul_units("D", "13", lambda t, s, nb: normed_tiles(xout, ss, fn, l, s * nb * TK, nb),
-                       p_13, seq, before=lambda: wait_for("D", 0, l),
-                       after=swiglu_owner if P.swiglu_in_d else None)
+                       p_13, seq, before=lambda: wait_for("D", 0, l))
 
-    # E: partial (m @ w2)^T with m of the unit's K blocks made from D's partials (no SwiGLU
-    # phase and hop of its own), or copied from S's m^T; E': x += m @ w2
+    # E: partial (m @ w2)^T with m = silu(a) b of the unit's K blocks made from D's partials
+    # (D tile j holds a and b of m's rows 64 j..: no SwiGLU phase and hop of its own);
+    # E': x += m @ w2
     def swiglu_tiles(t, s, nb):
       wait_for("E", t * mats["2"][1] + s, l)
-      if P.swiglu_in_d:
-        copied_tiles([mt], s * nb * TK, nb)
-      else:
-        to_x_smem([swiglu(s * nb + kb) for kb in range(nb)])
+      tiles = []
+      for kb in range(nb):
+        j = s * nb + kb
+        a = _bf16_round(partial_sum(p_13, pl.ds(j * TN, 64)))
+        b = _bf16_round(partial_sum(p_13, pl.ds(j * TN + 64, 64)))
+        tiles.append(_bf16_round(jax.nn.silu(a)) * b)
+      to_x_smem(tiles)
 
-    if P.owners_in_last:
-      seq = matmul_units("E", "2", swiglu_tiles, p_2, seq,
-                         after=residual_owners("E'", p_2, False, mats["2"][1]))
-    else:
-      seq = matmul_units("E", "2", swiglu_tiles, p_2, seq)
-      residual_owners("E'", p_2, False, mats["2"][1])
+    seq = matmul_units("E", "2", swiglu_tiles, p_2, seq)
+    residual_owners("E'", p_2, first=False)
     return seq
 
   lax.fori_loop(0, L, layer_body, jnp.int32(0))
@@ -691,7 +635,6 @@ def decode_layers(x, state, w_in, wo, w13, w2, attn_norm, ffn_norm, head_norm, l
       jax.ShapeDtypeStruct((m["13"][1], 2 * F, R), F32),
       jax.ShapeDtypeStruct((m["2"][1], D, R), F32),
       jax.ShapeDtypeStruct((D // 64, R), F32),                 # sums of squares of x
-      jax.ShapeDtypeStruct((F, R), BF16),                      # m^T (swiglu_in_d)
   )
   nb = max(m[k][2] for k in m)
   # The state is updated in place (each state is read by TMA before it is written), so that XLA's
