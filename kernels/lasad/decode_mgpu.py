@@ -161,7 +161,7 @@ class Plan:
   # counts the residual owners (C' and E').
   def sem_index(self, phase, u):
     """(group, index) of the semaphore that unit u of ``phase`` signals (u an int or a traced
-    int32; consumers wait on the same indices: the kernel's wait calls)."""
+    int32; its consumers wait on it through ``wait_on``)."""
     m = self.mats
     if phase == "A":
       return "a", (u // m["in"][1]) % (self.dim // TN)
