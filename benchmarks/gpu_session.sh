@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the GPU runs recorded in BENCHMARKS.md / RESULTS.md executed, stage by stage, on the device
 # machine (its python3 has jax[cuda], torch; grain, ml_collections and fla come as wheels in .whl/).
-#   bash benchmarks/gpu_session.sh STAGE...   stages: tests train sampling profile topk scaling sad fla ops parts lina plina ncu hlo
+#   bash benchmarks/gpu_session.sh STAGE...   stages: tests train sampling profile topk scaling sad fla fixtures ops parts lina plina ncu hlo
 # Logs and JSON go to $OUT (default: ./out).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -44,6 +44,10 @@ for stage in "$@"; do
                 --seeds "${SAD_SEEDS:-0,1,2}" 2>&1 | tee -a "$OUT/sad.log"
               tar czf "$OUT/sad.tgz" -C "$OUT" sad && rm -rf "$OUT/sad" ;;   # one file comes back
     fla)      timeout 560 python3 -m pytest -q -s tests/test_gpu.py -k fla 2>&1 | tee "$OUT/test_gpu_fla.log" ;;
+    # tests/fixtures/fla_gla.npz with fla's chunk_gla cases (they need CUDA; fla autotunes for
+    # minutes): copy $OUT/fla_gla.npz over the committed one, then run tests/test_parity.py.
+    fixtures) timeout ${FIXTURES_TIMEOUT:-560} python3 scripts/make_parity_fixtures.py \
+                --out "$OUT/fla_gla.npz" 2>&1 | tee "$OUT/fixtures.log" ;;
     ops)      timeout ${OPS_TIMEOUT:-560} python3 benchmarks/ops.py ${OPS_ARGS:-} \
                 --out "$OUT/ops_h100.json" 2>&1 | tee "$OUT/ops.log" ;;
     parts)    timeout ${PARTS_TIMEOUT:-200} python3 benchmarks/ops_parts.py ${PARTS_ARGS:-} \
