@@ -271,6 +271,8 @@ def decode_impl(cfg):
     if jnp.dtype(cfg.dtype) != jnp.bfloat16:
       raise ValueError(f"config.decode_impl='mosaic' computes in bfloat16; got config.dtype="
                        f"{cfg.dtype!r}")
+    if jax.default_backend() == "gpu":
+      decode_mgpu.check_device(jax.devices()[0])
   return impl
 
 

@@ -360,8 +360,9 @@ def test_mosaic_decode_semaphore_bookkeeping(sizes):
 
 def test_mosaic_decode_refuses_what_it_cannot_run():
   """decode_impl='mosaic' names what does not fit: a float32 compute dtype, a head_dim other than
-  64 (the softmax baseline: test_decode_impl_errors); Plan names the shared memory it would
-  need and a K split that does not divide."""
+  64 (the softmax baseline: test_decode_impl_errors), a GPU other than Hopper, more than 64
+  rows; Plan names the shared memory it would need and a K split that does not divide."""
+  import collections
   import dataclasses
 
   from kernels.lasad import decode_mgpu as DM
@@ -375,6 +376,15 @@ def test_mosaic_decode_refuses_what_it_cannot_run():
   with pytest.raises(ValueError, match="head_dim 64"):
     M.decode_impl(cfg)
   plan = DM.make_plan(layers=24, batch=16, dim=1024, hidden=2816, heads=16, eps=1e-5, nprog=132)
+  with pytest.raises(ValueError, match="at most 64 rows.*batch of 80.*decode_impl='auto'"):
+    DM.make_plan(layers=24, batch=80, dim=1024, hidden=2816, heads=16, eps=1e-5, nprog=132)
+  # a GPU without wgmma / TMA (the check on a GPU backend; here fake devices)
+  gpu = collections.namedtuple("Device", "device_kind compute_capability")
+  with pytest.raises(ValueError, match="Hopper.*A100-SXM4-80GB has 8.0.*decode_impl='auto'"):
+    DM.check_device(gpu("NVIDIA A100-SXM4-80GB", "8.0"))
+  with pytest.raises(ValueError, match="B200 has 10.0"):
+    DM.check_device(gpu("NVIDIA B200", "10.0"))
+  DM.check_device(gpu("NVIDIA H100 80GB HBM3", "9.0"))
   with pytest.raises(ValueError, match="shared memory"):
     dataclasses.replace(plan, stages=12)
   with pytest.raises(ValueError, match="b_2=3"):

@@ -95,6 +95,10 @@ class Plan:
       raise ValueError(f"decode_mgpu: needs dim a multiple of {TN} (got {self.dim}), hidden of "
                        f"{TK} (got {self.hidden}) and head_dim {HD} (dim / heads = "
                        f"{self.dim // max(self.heads, 1)})")
+    if self.batch > 64:
+      raise ValueError(f"config.decode_impl='mosaic' decodes at most 64 rows at a time (a wgmma "
+                       f"operand's width), got a batch of {self.batch} (images, x 2 with CFG): "
+                       "sample in smaller batches or use config.decode_impl='auto'")
     if self.rows % GROUP or not self.batch <= self.rows <= 64:
       raise ValueError(f"decode_mgpu: rows={self.rows} must be a multiple of {GROUP}, >= batch="
                        f"{self.batch} and <= 64")
@@ -211,6 +215,16 @@ class Plan:
       out[name] = (at, n, per_launch)
       at += n
     return out, at
+
+
+def check_device(device):
+  """Raise a clear error unless ``device`` can run the kernel: a Hopper GPU (compute capability
+  9.x; the kernel is built on wgmma and TMA, which other generations lack or replace)."""
+  cc = str(getattr(device, "compute_capability", ""))
+  if not cc.startswith("9."):
+    raise ValueError(f"config.decode_impl='mosaic' needs a Hopper GPU (compute capability 9.x, "
+                     f"e.g. H100 / H200); {getattr(device, 'device_kind', device)} has "
+                     f"{cc or 'none'}: use config.decode_impl='auto'")
 
 
 def make_plan(*, layers, batch, dim, hidden, heads, eps, nprog):
