@@ -48,6 +48,9 @@ def get_config(variant="B"):
   # the Pallas kernels when impl resolves to pallas, else XLA) | kernel | xla
   # (lasad_jax.ops.hgrn2_attention).
   c.kernel_gate = "auto"
+  # Residual adds + the RMSNorm after them (training forward): auto (one-pass Pallas kernels each
+  # way when impl resolves to pallas, i.e. on a GPU) | pallas | xla (kernels/norm/add_rms.py).
+  c.fused_norm = "auto"
   # Parallel forward over the layers: True = one lax.scan over the stacked weights (compile time
   # independent of depth); False = unrolled, one copy per layer. In training with remat policy
   # dots / dots_attn the scan copies each saved activation into its stacked [L, ...] buffer and

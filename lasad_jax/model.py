@@ -22,7 +22,8 @@ from kernels.lasad import decode as decode_kernel
 from kernels.lasad import decode_mgpu
 from kernels.lasad import decode_persistent
 from kernels.lasad import reference
-from lasad_jax.ops import GATES, hgrn2_attention
+from kernels.norm import add_rms
+from lasad_jax.ops import GATES, default_impl, hgrn2_attention
 from lasad_jax import remat
 
 PREFIX = 1  # one class token before the image tokens
@@ -85,9 +86,15 @@ def _attn_out(cfg, p, o):
 
 
 def _mlp(cfg, p, x):
-  """SwiGLU; its two matmul operands are named for remat "dots_attn_acts" (identity elsewhere)."""
+  """RMSNorm, then SwiGLU."""
+  return _swiglu(cfg, p, _rms(x, p["ffn_norm"], cfg.norm_eps).astype(jnp.dtype(cfg.dtype)))
+
+
+def _swiglu(cfg, p, h):
+  """SwiGLU of the normed input h; its two matmul operands are named for remat "dots_attn_acts"
+  (identity elsewhere)."""
   dt = jnp.dtype(cfg.dtype)
-  h = remat.checkpoint_name(_rms(x, p["ffn_norm"], cfg.norm_eps).astype(dt), "mlp_in")
+  h = remat.checkpoint_name(h, "mlp_in")
   if "w13" in p:
     a, b = jnp.split(h @ p["w13"].astype(dt), 2, axis=-1)
   else:
@@ -177,41 +184,75 @@ def forward(cfg, params, tokens, labels, width=None):
     cos, sin = rope_2d(jnp.arange(x.shape[1]), width, cfg.head_dim)
   kernel_kw = _kernel_kw(cfg)
 
-  def layer(x, xs):
-    p, lb = xs
+  # A block's residual adds and the RMSNorm after them run as one op (config.fused_norm): the
+  # FFN norm after the attention's add, and the next block's attention norm (the final norm after
+  # the last block) after both adds. So the scan carries (x, h), h the block's normed input.
+  add_rms = add_rms_impl(cfg)
+  dt = jnp.dtype(cfg.dtype)
+  eps = cfg.norm_eps
+  blocks = params["blocks"]
+  next_norm = jnp.concatenate([blocks["attn_norm"][1:], params["norm"][None]], 0)
+
+  def layer(carry, xs):
+    x, h = carry
+    p, lb, w_next = xs
     # Only ever used as the input projections' bf16 operand; named for remat "dots_attn_acts".
-    h = remat.checkpoint_name(_rms(x, p["attn_norm"], cfg.norm_eps).astype(cfg.dtype), "attn_in")
+    h = remat.checkpoint_name(h, "attn_in")
     if cfg.attention == "softmax":
       q, k, v = _softmax_qkv(cfg, p, h)
       o = jax.nn.dot_product_attention(_rotate(q, cos, sin), _rotate(k, cos, sin), v,
                                        is_causal=True)
       o = remat.checkpoint_name(o, "attn_out")
-      x = x + _softmax_out(cfg, p, o).astype(jnp.float32)
+      d_attn = _softmax_out(cfg, p, o)
     else:
       # The gates (reference.hgrn2_gates) run inside the Pallas kernels, or in XLA (config.
       # kernel_gate; hgrn2_attention).
-      q_raw, f, v = _in_proj(p, h, ("wq", "wf", "wv"), jnp.dtype(cfg.dtype))
+      q_raw, f, v = _in_proj(p, h, ("wq", "wf", "wv"), dt)
       o = hgrn2_attention(_heads(cfg, q_raw), _heads(cfg, f), _heads(cfg, v),
                           lb.reshape(cfg.num_heads, cfg.head_dim),
                           width=None if cfg.boundary == "none" else width, prefix=PREFIX,
                           boundary=_boundary(cfg, p), scale=1.0, impl=cfg.impl,
                           gate=_kernel_gate(cfg), **kernel_kw)
       o = remat.checkpoint_name(o, "attn_out")
-      x = x + _attn_out(cfg, p, o).astype(jnp.float32)
-    return x + _mlp(cfg, p, x).astype(jnp.float32), None
+      d_attn = _attn_out(cfg, p, o)
+    _, h_ffn = add_rms(x, (d_attn,), p["ffn_norm"], eps, dt)
+    d_ffn = _swiglu(cfg, p, h_ffn)
+    # x + d_attn + d_ffn in that order: the same float32 sums as two separate adds.
+    return add_rms(x, (d_attn, d_ffn), w_next, eps, dt), None
 
   layer = remat.wrap(layer, cfg)   # config.remat / remat_policy (lasad_jax/remat.py)
+  carry = (x, _rms(x, blocks["attn_norm"][0], eps).astype(dt))
   if cfg.get("scan_layers", True):
-    x, _ = jax.lax.scan(layer, x, (params["blocks"], lbs))
+    (x, h), _ = jax.lax.scan(layer, carry, (blocks, lbs, next_norm))
   else:   # unrolled: see scan_layers in configs/lasad.py
     # One split per stacked array, not L slices: the gradient of L slices is a sum of L padded
     # slices, which XLA fused into a select chain at 0.35-0.95 TB/s (4.7 ms of LASADGen-L's step
     # on the H100); a split's gradient is one concatenation (BENCHMARKS.md session 13).
-    leaves, tree = jax.tree.flatten((params["blocks"], lbs))
+    leaves, tree = jax.tree.flatten((blocks, lbs, next_norm))
     parts = [jnp.split(a, cfg.num_layers) for a in leaves]
     for i in range(cfg.num_layers):
-      x, _ = layer(x, tree.unflatten([p[i].reshape(a.shape[1:]) for p, a in zip(parts, leaves)]))
-  return _logits(cfg, params, x)
+      carry, _ = layer(carry, tree.unflatten([p[i].reshape(a.shape[1:])
+                                              for p, a in zip(parts, leaves)]))
+    x, h = carry
+  return (h @ params["head"].astype(dt)).astype(jnp.float32)
+
+
+def add_rms_impl(cfg):
+  """config.fused_norm -> the residual-add + RMSNorm op (kernels/norm/add_rms.py): "pallas" (one
+  pass each way), "xla" (the same math in jnp), "auto" (pallas when config.impl resolves to the
+  Pallas attention kernels, i.e. on a GPU, and the model dim has a power-of-two divisor >= 64)."""
+  mode = cfg.get("fused_norm", "auto")
+  if mode not in ("auto", "pallas", "xla"):
+    raise ValueError(f"config.fused_norm must be 'auto', 'pallas' or 'xla', got {mode!r}")
+  if mode == "auto":
+    impl = default_impl() if cfg.get("impl", "auto") == "auto" else cfg.impl
+    mode = "pallas" if impl == "pallas" and add_rms.supported(cfg.dim) else "xla"
+  if mode == "xla":
+    return add_rms.add_rms_reference
+  if not add_rms.supported(cfg.dim):
+    raise ValueError(f"config.fused_norm='pallas' needs a model dim with a power-of-two divisor "
+                     f">= 64, got dim={cfg.dim}; use 'xla' or 'auto'")
+  return add_rms.add_rms_pallas
 
 
 def _logits(cfg, params, x):

@@ -1,0 +1,1 @@
+"""Residual add + RMSNorm (kernels/norm/add_rms.py)."""

@@ -1,0 +1,228 @@
+"""Residual add + RMSNorm as one pass each way (Pallas GPU, Triton backend), under custom_vjp.
+
+    y = x + d_1 + ... + d_n        (float32, added in that order)
+    h = (y * rsqrt(mean(y^2) + eps) * w).astype(out_dtype)
+
+Both outputs are used by a transformer block: y is the residual stream, h the next matmuls'
+operand. XLA computes this as an add pass and a norm pass forward, and backward as a reduction
+pass, an elementwise pass and a conversion of the residual gradient to bf16 (each re-reading the
+rows: LASADGen-L's training step spent ~1.6 ms per layer in them on an H100, BENCHMARKS.md session
+13). Here each direction reads its rows once:
+
+  forward   x [M, D] f32, d_i [M, D] -> y f32, h
+  backward  x, d_i, gy (f32), gh -> gx = gy + dRMSNorm(gh) (f32), gd = gx in the d_i dtype,
+            dw (per-program partial sums, added up in XLA)
+
+The backward recomputes y from x and the d_i (its only residuals are the inputs), so under
+rematerialisation nothing extra is saved and the forward kernel is not rerun.
+
+``add_rms_reference`` is the same math in jnp (the model's path on CPU and for dims the kernel
+does not take). The kernels run compiled on a GPU and in the Pallas interpreter elsewhere.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  rows: int = 2          # rows per step (a power of two); a step's tiles are [rows, D]
+  steps: int = 32        # steps per program: the backward's dw partials are [M / (rows*steps), D]
+  num_warps: int = 4
+
+
+def add_rms_reference(x, deltas, w, eps, out_dtype):
+  """(y, h) in jnp: the model's own RMSNorm after its residual adds."""
+  y = x.astype(F32)
+  for d in deltas:
+    y = y + d.astype(F32)
+  h = y * lax.rsqrt(jnp.mean(y * y, -1, keepdims=True) + eps) * w
+  return y, h.astype(out_dtype)
+
+
+def column_block(dim):
+  """The largest power of two <= 1024 dividing ``dim`` (Triton tiles are powers of two), or None
+  when that is below 64 (the kernel would loop over too many tiny column blocks)."""
+  cb = 1
+  while dim % (2 * cb) == 0 and 2 * cb <= 1024:
+    cb *= 2
+  return cb if cb >= 64 else None
+
+
+def supported(dim):
+  return column_block(dim) is not None
+
+
+# --------------------------------------------------------------------------- kernels
+def _cols(dim):
+  cb = column_block(dim)
+  return [pl.ds(c * cb, cb) for c in range(dim // cb)]
+
+
+def _load_y(x_ref, d_refs, rows, cols):
+  """y of the step's rows, one [r, cb] float32 tile per column block."""
+  ys = []
+  for c in cols:
+    y = x_ref[rows, c].astype(F32)
+    for d in d_refs:
+      y = y + d[rows, c].astype(F32)
+    ys.append(y)
+  return ys
+
+
+def _inv_rms(ys, dim, eps):
+  ss = sum(jnp.sum(y * y, axis=1, keepdims=True) for y in ys)
+  return lax.rsqrt(ss / dim + eps)
+
+
+def _fwd_kernel(x_ref, *refs, n_d, dim, eps, bs):
+  d_refs, (w_ref, y_ref, h_ref) = refs[:n_d], refs[n_d:]
+  cols = _cols(dim)
+
+  def step(j, carry):
+    rows = pl.ds(j * bs.rows, bs.rows)
+    ys = _load_y(x_ref, d_refs, rows, cols)
+    r = _inv_rms(ys, dim, eps)
+    for c, y in zip(cols, ys):
+      y_ref[rows, c] = y
+      h_ref[rows, c] = (y * r * w_ref[:, c].astype(F32)).astype(h_ref.dtype)
+    return carry
+
+  lax.fori_loop(0, bs.steps, step, 0)
+
+
+def _bwd_kernel(x_ref, *refs, n_d, dim, eps, bs):
+  d_refs = refs[:n_d]
+  w_ref, gy_ref, gh_ref, gx_ref, gd_ref, dw_ref = refs[n_d:]
+  cols = _cols(dim)
+
+  def step(j, dws):
+    rows = pl.ds(j * bs.rows, bs.rows)
+    ys = _load_y(x_ref, d_refs, rows, cols)
+    r = _inv_rms(ys, dim, eps)
+    ns = [y * r for y in ys]
+    ghs = [gh_ref[rows, c].astype(F32) for c in cols]
+    gns = [gh * w_ref[:, c].astype(F32) for gh, c in zip(ghs, cols)]
+    m = sum(jnp.sum(gn * n, axis=1, keepdims=True) for gn, n in zip(gns, ns)) / dim
+    out = []
+    for c, n, gn, gh, dw in zip(cols, ns, gns, ghs, dws):
+      gx = gy_ref[rows, c] + r * (gn - n * m)
+      gx_ref[rows, c] = gx
+      gd_ref[rows, c] = gx.astype(gd_ref.dtype)
+      out.append(dw + jnp.sum(gh * n, axis=0, keepdims=True))
+    return tuple(out)
+
+  cb = column_block(dim)
+  init = tuple(jnp.zeros((1, cb), F32) for _ in cols)
+  dws = lax.fori_loop(0, bs.steps, step, init)
+  for c, dw in zip(cols, dws):
+    dw_ref[:, c] = dw
+
+
+# --------------------------------------------------------------------------- calls
+def _block(bs):
+  return bs.rows * bs.steps
+
+
+def _specs(n, dim, bs):
+  return [pl.BlockSpec((_block(bs), dim), lambda i: (i, 0)) for _ in range(n)]
+
+
+def _w_spec(dim):
+  return pl.BlockSpec((1, dim), lambda i: (0, 0))
+
+
+def _params(bs):
+  return plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=1)
+
+
+def _fwd_call(x, deltas, w, eps, out_dtype, bs, interpret):
+  m, dim = x.shape
+  kern = functools.partial(_fwd_kernel, n_d=len(deltas), dim=dim, eps=eps, bs=bs)
+  return pl.pallas_call(
+      kern, grid=(m // _block(bs),),
+      in_specs=_specs(1 + len(deltas), dim, bs) + [_w_spec(dim)],
+      out_specs=_specs(2, dim, bs),
+      out_shape=[jax.ShapeDtypeStruct((m, dim), F32), jax.ShapeDtypeStruct((m, dim), out_dtype)],
+      compiler_params=_params(bs), interpret=interpret, name="add_rms_forward",
+  )(x, *deltas, w)
+
+
+def _bwd_call(x, deltas, w, gy, gh, eps, bs, interpret):
+  m, dim = x.shape
+  g = m // _block(bs)
+  kern = functools.partial(_bwd_kernel, n_d=len(deltas), dim=dim, eps=eps, bs=bs)
+  gd_dtype = deltas[0].dtype if deltas else F32
+  gx, gd, dw = pl.pallas_call(
+      kern, grid=(g,),
+      in_specs=_specs(1 + len(deltas), dim, bs) + [_w_spec(dim)] + _specs(2, dim, bs),
+      out_specs=_specs(2, dim, bs) + [pl.BlockSpec((1, dim), lambda i: (i, 0))],
+      out_shape=[jax.ShapeDtypeStruct((m, dim), F32), jax.ShapeDtypeStruct((m, dim), gd_dtype),
+                 jax.ShapeDtypeStruct((g, dim), F32)],
+      compiler_params=_params(bs), interpret=interpret, name="add_rms_backward",
+  )(x, *deltas, w, gy, gh)
+  return gx, gd, jnp.sum(dw, axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _add_rms(x, deltas, w, eps, out_dtype, bs, interpret):
+  return _fwd_call(x, deltas, w, eps, out_dtype, bs, interpret)
+
+
+def _add_rms_fwd(x, deltas, w, eps, out_dtype, bs, interpret):
+  return _fwd_call(x, deltas, w, eps, out_dtype, bs, interpret), (x, deltas, w)
+
+
+def _add_rms_bwd(eps, out_dtype, bs, interpret, res, cts):
+  x, deltas, w = res
+  gy, gh = cts
+  gx, gd, dw = _bwd_call(x, deltas, w, gy.astype(F32), gh.astype(out_dtype), eps, bs, interpret)
+  gds = tuple(gd if d.dtype == gd.dtype else gx.astype(d.dtype) for d in deltas)
+  return gx.astype(x.dtype), gds, dw.reshape(w.shape).astype(w.dtype)
+
+
+_add_rms.defvjp(_add_rms_fwd, _add_rms_bwd)
+
+
+def add_rms_pallas(x, deltas, w, eps, out_dtype, *, block_sizes=BlockSizes(), interpret=None):
+  """``add_rms_reference`` by the kernels. x [..., D] float32, deltas: arrays of x's shape (one
+  dtype), w [D]. Returns (y [..., D] float32, h [..., D] out_dtype)."""
+  deltas = tuple(deltas)
+  dim = x.shape[-1]
+  if x.dtype != F32:
+    raise ValueError(f"add_rms_pallas: x must be float32 (the residual stream), got {x.dtype}")
+  for i, d in enumerate(deltas):
+    if d.shape != x.shape:
+      raise ValueError(f"add_rms_pallas: deltas[{i}] has shape {d.shape}, x has {x.shape}")
+    if d.dtype != deltas[0].dtype:
+      raise ValueError(f"add_rms_pallas: deltas must share one dtype, got {d.dtype} and "
+                       f"{deltas[0].dtype}")
+  if w.shape != (dim,):
+    raise ValueError(f"add_rms_pallas: w must have shape ({dim},), got {w.shape}")
+  if not supported(dim):
+    raise ValueError(f"add_rms_pallas: the last dim {dim} needs a power-of-two divisor >= 64; "
+                     f"use add_rms_reference")
+  bs = block_sizes
+  if bs.rows < 1 or bs.rows & (bs.rows - 1) or bs.steps < 1:
+    raise ValueError(f"add_rms_pallas: BlockSizes.rows must be a power of two and steps >= 1, "
+                     f"got {bs}")
+  interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+  lead = x.shape[:-1]
+  m = int(x.size // dim)
+  pad = -m % _block(bs)
+  flat = [a.reshape(m, dim) for a in (x,) + deltas]
+  if pad:   # zero rows: finite (y = 0, rsqrt(eps)), and their gh = 0 adds nothing to dw
+    flat = [jnp.pad(a, ((0, pad), (0, 0))) for a in flat]
+  y, h = _add_rms(flat[0], tuple(flat[1:]), w.reshape(1, dim), float(eps), jnp.dtype(out_dtype),
+                  bs, interpret)
+  if pad:
+    y, h = y[:m], h[:m]
+  return y.reshape(lead + (dim,)), h.reshape(lead + (dim,))
