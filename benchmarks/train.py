@@ -40,7 +40,8 @@ from benchmarks_common import profile_call  # noqa: E402
 
 
 def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", kernel_sub=32,
-            profile=0, forward="auto", dots="split", scan=True, cumsum="auto", gate="auto"):
+            profile=0, forward="auto", dots="split", scan=True, cumsum="auto", gate="auto",
+            fused_norm="auto"):
   n = jax.device_count()
   cfg = get_config(variant)
   cfg.attention = attention
@@ -52,6 +53,7 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
   cfg.kernel_dots = dots
   cfg.kernel_cumsum = cumsum
   cfg.kernel_gate = gate
+  cfg.fused_norm = fused_norm
   cfg.scan_layers = scan
   cfg.warmup_steps = 10
   cfg.mesh.data, cfg.mesh.fsdp = (n, 1) if mesh_kind == "data" else (1, n)
@@ -98,7 +100,7 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
   return dict(variant=variant, attention=attention, batch=batch, mesh=mesh_kind, devices=n,
               remat=policy if remat else False, kernel_sub=kernel_sub,
               kernel_forward=forward, kernel_dots=dots, kernel_cumsum=cumsum, kernel_gate=gate,
-              scan_layers=scan,
+              fused_norm=fused_norm, scan_layers=scan,
               params_m=round(M.count_params(cfg) / 1e6, 2),
               step_ms=round(sec * 1e3, 2), tokens_per_s=round(tps),
               images_per_s=round(batch / sec, 1),
@@ -125,6 +127,8 @@ def main():
                   help="Pallas row cumulative sums (config.kernel_cumsum)")
   ap.add_argument("--kernel-gate", default="auto", choices=GATES,
                   help="where the HGRN2 gates run (config.kernel_gate)")
+  ap.add_argument("--fused-norm", default="auto", choices=("auto", "pallas", "xla"),
+                  help="residual add + RMSNorm op (config.fused_norm)")
   ap.add_argument("--no-scan", action="store_true",
                   help="unrolled layers (config.scan_layers=False) instead of one lax.scan")
   ap.add_argument("--profile", type=int, default=0,
@@ -145,7 +149,7 @@ def main():
           r = run_one(variant, attention, batch, args.mesh, args.iters, args.remat,
                       args.remat_policy, args.kernel_sub, args.profile,
                       args.kernel_forward, args.kernel_dots, not args.no_scan,
-                      args.kernel_cumsum, args.kernel_gate)
+                      args.kernel_cumsum, args.kernel_gate, args.fused_norm)
         except Exception as e:  # noqa: BLE001  (out of memory: try the next smaller batch)
           msg = str(e).splitlines()[0][:120]
           if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
