@@ -6,7 +6,8 @@
 
 - ``"full"``: keep only the block input; the backward pass reruns the whole block.
 - ``"dots"``: also keep the outputs of the matmuls against weights
-  (``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``); the backward reruns only the
+  (``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``) and the block output where the
+  model names it ``"block_out"`` (the next block's input, kept anyway); the backward reruns only the
   elementwise work and the attention operator.
 - ``"dots_attn"``: ``"dots"`` plus the attention output (tagged ``"attn_out"`` with
   ``checkpoint_name``), so the attention kernel's forward is not rerun either.
@@ -44,8 +45,10 @@ def wrap(fn, cfg):
   ckpt = functools.partial(jax.checkpoint, prevent_cse=not cfg.get("scan_layers", True))
   if policy == "full":
     return ckpt(fn)
-  if policy == "dots":
-    return ckpt(fn, policy=cp.dots_with_no_batch_dims_saveable)
-  names = ("attn_out",) + (ACT_NAMES if policy == "dots_attn_acts" else ())
+  # "block_out" (LASADGen: a block's output, read by the gradient of the norm after its residual
+  # adds) is the next block's input, kept anyway: saving it costs no memory.
+  names = ("block_out",)
+  if policy != "dots":
+    names += ("attn_out",) + (ACT_NAMES if policy == "dots_attn_acts" else ())
   return ckpt(fn, policy=cp.save_from_both_policies(
       cp.dots_with_no_batch_dims_saveable, cp.save_only_these_names(*names)))

@@ -13,8 +13,9 @@ rows: LASADGen-L's training step spent ~1.6 ms per layer in them on an H100, BEN
   backward  x, d_i, gy (f32), gh -> gx = gy + dRMSNorm(gh) (f32), gd = gx in the d_i dtype,
             dw (per-program partial sums, added up in XLA)
 
-The backward recomputes y from x and the d_i (its only residuals are the inputs), so under
-rematerialisation nothing extra is saved and the forward kernel is not rerun.
+The backward recomputes y from x and the d_i (its residuals are the inputs), or with
+``save_output`` reads y itself; either way a remat policy that keeps those values never reruns
+the forward kernel.
 
 ``add_rms_reference`` is the same math in jnp (the model's path on CPU and for dims the kernel
 does not take). The kernels run compiled on a GPU and in the Pallas interpreter elsewhere.
@@ -26,6 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -39,11 +41,14 @@ class BlockSizes:
   num_warps: int = 4
 
 
-def add_rms_reference(x, deltas, w, eps, out_dtype):
-  """(y, h) in jnp: the model's own RMSNorm after its residual adds."""
+def add_rms_reference(x, deltas, w, eps, out_dtype, save_output=None):
+  """(y, h) in jnp: the model's own RMSNorm after its residual adds. ``save_output``: a
+  ``checkpoint_name`` for y, which the norm's gradient then reads (see ``add_rms_pallas``)."""
   y = x.astype(F32)
   for d in deltas:
     y = y + d.astype(F32)
+  if save_output is not None:
+    y = checkpoint_name(y, save_output)
   h = y * lax.rsqrt(jnp.mean(y * y, -1, keepdims=True) + eps) * w
   return y, h.astype(out_dtype)
 
@@ -156,11 +161,10 @@ def _fwd_call(x, deltas, w, eps, out_dtype, bs, interpret):
   )(x, *deltas, w)
 
 
-def _bwd_call(x, deltas, w, gy, gh, eps, bs, interpret):
+def _bwd_call(x, deltas, w, gy, gh, eps, gd_dtype, bs, interpret):
   m, dim = x.shape
   g = m // _block(bs)
   kern = functools.partial(_bwd_kernel, n_d=len(deltas), dim=dim, eps=eps, bs=bs)
-  gd_dtype = deltas[0].dtype if deltas else F32
   gx, gd, dw = pl.pallas_call(
       kern, grid=(g,),
       in_specs=_specs(1 + len(deltas), dim, bs) + [_w_spec(dim)] + _specs(2, dim, bs),
@@ -172,30 +176,44 @@ def _bwd_call(x, deltas, w, gy, gh, eps, bs, interpret):
   return gx, gd, jnp.sum(dw, axis=0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _add_rms(x, deltas, w, eps, out_dtype, bs, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
+def _add_rms(x, deltas, w, eps, out_dtype, bs, interpret, save_output, d_spec):
   return _fwd_call(x, deltas, w, eps, out_dtype, bs, interpret)
 
 
-def _add_rms_fwd(x, deltas, w, eps, out_dtype, bs, interpret):
-  return _fwd_call(x, deltas, w, eps, out_dtype, bs, interpret), (x, deltas, w)
+def _add_rms_fwd(x, deltas, w, eps, out_dtype, bs, interpret, save_output, d_spec):
+  y, h = _fwd_call(x, deltas, w, eps, out_dtype, bs, interpret)
+  if save_output is None:
+    return (y, h), (x, deltas, w)
+  y = checkpoint_name(y, save_output)   # the residual itself, so a remat policy can keep it
+  return (y, h), (y, (), w)
 
 
-def _add_rms_bwd(eps, out_dtype, bs, interpret, res, cts):
+def _add_rms_bwd(eps, out_dtype, bs, interpret, save_output, d_spec, res, cts):
+  """d_spec: (number of deltas, their dtype). With ``save_output`` the residuals are (y, (), w) and
+  the kernel reads y as its x with no deltas."""
   x, deltas, w = res
   gy, gh = cts
-  gx, gd, dw = _bwd_call(x, deltas, w, gy.astype(F32), gh.astype(out_dtype), eps, bs, interpret)
-  gds = tuple(gd if d.dtype == gd.dtype else gx.astype(d.dtype) for d in deltas)
-  return gx.astype(x.dtype), gds, dw.reshape(w.shape).astype(w.dtype)
+  gx, gd, dw = _bwd_call(x, deltas, w, gy.astype(F32), gh.astype(out_dtype), eps, d_spec[1], bs,
+                         interpret)
+  return gx.astype(x.dtype), (gd,) * d_spec[0], dw.reshape(w.shape).astype(w.dtype)
 
 
 _add_rms.defvjp(_add_rms_fwd, _add_rms_bwd)
 
 
-def add_rms_pallas(x, deltas, w, eps, out_dtype, *, block_sizes=BlockSizes(), interpret=None):
+def add_rms_pallas(x, deltas, w, eps, out_dtype, save_output=None, *, block_sizes=BlockSizes(),
+                   interpret=None):
   """``add_rms_reference`` by the kernels. x [..., D] float32, deltas: arrays of x's shape (one
-  dtype), w [D]. Returns (y [..., D] float32, h [..., D] out_dtype)."""
+  dtype, at least one), w [D]. Returns (y [..., D] float32, h [..., D] out_dtype).
+
+  The gradient kernel needs y. By default it recomputes y from x and the deltas (its residuals
+  are the inputs). With ``save_output`` (a ``checkpoint_name``) it reads y itself, named so: use it
+  where y is kept anyway (a block's output, which the next block keeps as its input) and the
+  deltas would otherwise be kept only for this (under a remat policy that saves the name)."""
   deltas = tuple(deltas)
+  if not deltas:
+    raise ValueError("add_rms_pallas: give at least one delta (for a plain RMSNorm use jnp)")
   dim = x.shape[-1]
   if x.dtype != F32:
     raise ValueError(f"add_rms_pallas: x must be float32 (the residual stream), got {x.dtype}")
@@ -222,7 +240,7 @@ def add_rms_pallas(x, deltas, w, eps, out_dtype, *, block_sizes=BlockSizes(), in
   if pad:   # zero rows: finite (y = 0, rsqrt(eps)), and their gh = 0 adds nothing to dw
     flat = [jnp.pad(a, ((0, pad), (0, 0))) for a in flat]
   y, h = _add_rms(flat[0], tuple(flat[1:]), w.reshape(1, dim), float(eps), jnp.dtype(out_dtype),
-                  bs, interpret)
+                  bs, interpret, save_output, (len(deltas), jnp.dtype(deltas[0].dtype)))
   if pad:
     y, h = y[:m], h[:m]
   return y.reshape(lead + (dim,)), h.reshape(lead + (dim,))
