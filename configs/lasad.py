@@ -49,7 +49,8 @@ def get_config(variant="B"):
   # (lasad_jax.ops.hgrn2_attention).
   c.kernel_gate = "auto"
   # Residual adds + the RMSNorm after them (training forward): auto (one-pass Pallas kernels each
-  # way when impl resolves to pallas, i.e. on a GPU) | pallas | xla (kernels/norm/add_rms.py).
+  # way when impl resolves to pallas, i.e. on a GPU, and scan_layers is False) | pallas | xla
+  # (kernels/norm/add_rms.py).
   c.fused_norm = "auto"
   # Parallel forward over the layers: True = one lax.scan over the stacked weights (compile time
   # independent of depth); False = unrolled, one copy per layer. In training with remat policy

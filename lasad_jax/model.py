@@ -184,18 +184,25 @@ def forward(cfg, params, tokens, labels, width=None):
     cos, sin = rope_2d(jnp.arange(x.shape[1]), width, cfg.head_dim)
   kernel_kw = _kernel_kw(cfg)
 
-  # Each residual add and the RMSNorm after it run as one op (config.fused_norm): the FFN norm
-  # after the attention's add, the next block's attention norm (the final norm after the last
-  # block) after the FFN's add. So the scan carries (x, h), h the block's normed input.
+  # A residual add and the RMSNorm after it run as one op (config.fused_norm): always the FFN
+  # norm after the attention's add; with the layers unrolled also the next block's attention norm
+  # (the final norm after the last block) after the FFN's add, so the layers pass (x, h), h the
+  # next block's normed input. Its gradient reads the block output, named "block_out", which
+  # remat keeps anyway as the next block's input. In a lax.scan that saving would be a second
+  # stacked copy of the carry (+6.4 GB for L at batch 256), so there the block ends with a plain
+  # add and the next block starts with its norm, as before.
   add_rms = add_rms_impl(cfg)
   dt = jnp.dtype(cfg.dtype)
   eps = cfg.norm_eps
   blocks = params["blocks"]
-  next_norm = jnp.concatenate([blocks["attn_norm"][1:], params["norm"][None]], 0)
+  scan = cfg.get("scan_layers", True)
 
   def layer(carry, xs):
-    x, h = carry
-    p, lb, w_next = xs
+    if scan:
+      x, (p, lb) = carry, xs
+      h = _rms(x, p["attn_norm"], eps).astype(dt)
+    else:
+      (x, h), (p, lb, w_next) = carry, xs
     # Only ever used as the input projections' bf16 operand; named for remat "dots_attn_acts".
     h = remat.checkpoint_name(h, "attn_in")
     if cfg.attention == "softmax":
@@ -217,38 +224,43 @@ def forward(cfg, params, tokens, labels, width=None):
       d_attn = _attn_out(cfg, p, o)
     x, h_ffn = add_rms(x, (d_attn,), p["ffn_norm"], eps, dt)
     d_ffn = _swiglu(cfg, p, h_ffn)
-    # The second norm's gradient reads the block output itself (named "block_out": the next
-    # block keeps it as its input anyway), so remat keeps neither the mid-block x nor d_ffn for
-    # it (keeping d_ffn: +3.2 GB for L at batch 256, out of memory on an H100, session 21).
+    if scan:
+      return x + d_ffn.astype(jnp.float32), None
+    # Naming the output keeps neither the mid-block x nor d_ffn for the norm's gradient (keeping
+    # d_ffn: +3.2 GB for L at batch 256, out of memory on an H100, session 21).
     return add_rms(x, (d_ffn,), w_next, eps, dt, "block_out"), None
 
   layer = remat.wrap(layer, cfg)   # config.remat / remat_policy (lasad_jax/remat.py)
+  if scan:
+    x, _ = jax.lax.scan(layer, x, (blocks, lbs))
+    return _logits(cfg, params, x)
+  # Unrolled: one split per stacked array, not L slices: the gradient of L slices is a sum of L
+  # padded slices, which XLA fused into a select chain at 0.35-0.95 TB/s (4.7 ms of LASADGen-L's
+  # step on the H100); a split's gradient is one concatenation (BENCHMARKS.md session 13).
+  next_norm = jnp.concatenate([blocks["attn_norm"][1:], params["norm"][None]], 0)
+  leaves, tree = jax.tree.flatten((blocks, lbs, next_norm))
+  parts = [jnp.split(a, cfg.num_layers) for a in leaves]
   carry = (x, _rms(x, blocks["attn_norm"][0], eps).astype(dt))
-  if cfg.get("scan_layers", True):
-    (x, h), _ = jax.lax.scan(layer, carry, (blocks, lbs, next_norm))
-  else:   # unrolled: see scan_layers in configs/lasad.py
-    # One split per stacked array, not L slices: the gradient of L slices is a sum of L padded
-    # slices, which XLA fused into a select chain at 0.35-0.95 TB/s (4.7 ms of LASADGen-L's step
-    # on the H100); a split's gradient is one concatenation (BENCHMARKS.md session 13).
-    leaves, tree = jax.tree.flatten((blocks, lbs, next_norm))
-    parts = [jnp.split(a, cfg.num_layers) for a in leaves]
-    for i in range(cfg.num_layers):
-      carry, _ = layer(carry, tree.unflatten([p[i].reshape(a.shape[1:])
-                                              for p, a in zip(parts, leaves)]))
-    x, h = carry
-  return (h @ params["head"].astype(dt)).astype(jnp.float32)
+  for i in range(cfg.num_layers):
+    carry, _ = layer(carry, tree.unflatten([p[i].reshape(a.shape[1:])
+                                            for p, a in zip(parts, leaves)]))
+  return (carry[1] @ params["head"].astype(dt)).astype(jnp.float32)
 
 
 def add_rms_impl(cfg):
   """config.fused_norm -> the residual-add + RMSNorm op (kernels/norm/add_rms.py): "pallas" (one
   pass each way), "xla" (the same math in jnp), "auto" (pallas when config.impl resolves to the
-  Pallas attention kernels, i.e. on a GPU, and the model dim has a power-of-two divisor >= 64)."""
+  Pallas attention kernels, i.e. on a GPU, the layers are unrolled and the model dim has a
+  power-of-two divisor >= 64). H100, batch 256, step ms xla -> pallas in one call each
+  (BENCHMARKS.md session 21): L unrolled 361.8 -> 354.2; L in a scan, where only the FFN norm is
+  fused, 426.2 -> 430.0 (so auto keeps xla there); B unrolled 129.7 -> 130.1."""
   mode = cfg.get("fused_norm", "auto")
   if mode not in ("auto", "pallas", "xla"):
     raise ValueError(f"config.fused_norm must be 'auto', 'pallas' or 'xla', got {mode!r}")
   if mode == "auto":
     impl = default_impl() if cfg.get("impl", "auto") == "auto" else cfg.impl
-    mode = "pallas" if impl == "pallas" and add_rms.supported(cfg.dim) else "xla"
+    unrolled = not cfg.get("scan_layers", True)
+    mode = "pallas" if impl == "pallas" and unrolled and add_rms.supported(cfg.dim) else "xla"
   if mode == "xla":
     return add_rms.add_rms_reference
   if not add_rms.supported(cfg.dim):
