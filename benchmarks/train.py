@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 
 from configs.imagenet import get_config  # noqa: E402
 from kernels.lasad.pallas import CUMSUM_MODES  # noqa: E402
+from kernels.norm.add_rms import MODES as FUSED_NORMS  # noqa: E402
 from lasad_jax import model as M  # noqa: E402
 from lasad_jax import sharding as S  # noqa: E402
 from lasad_jax import training as T  # noqa: E402
@@ -127,7 +128,7 @@ def main():
                   help="Pallas row cumulative sums (config.kernel_cumsum)")
   ap.add_argument("--kernel-gate", default="auto", choices=GATES,
                   help="where the HGRN2 gates run (config.kernel_gate)")
-  ap.add_argument("--fused-norm", default="auto", choices=("auto", "pallas", "xla"),
+  ap.add_argument("--fused-norm", default="auto", choices=FUSED_NORMS,
                   help="residual add + RMSNorm op (config.fused_norm)")
   ap.add_argument("--no-scan", action="store_true",
                   help="unrolled layers (config.scan_layers=False) instead of one lax.scan")

@@ -35,9 +35,7 @@ def mlp_hidden(dim):
   return 256 * -(-hidden // 256)
 
 
-def _rms(x, w, eps):
-  x32 = x.astype(jnp.float32)
-  return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps) * w
+_rms = add_rms.rms_norm
 
 
 def _lower_bounds(lb_param):
@@ -191,7 +189,7 @@ def forward(cfg, params, tokens, labels, width=None):
   # remat keeps anyway as the next block's input. In a lax.scan that saving would be a second
   # stacked copy of the carry (+6.4 GB for L at batch 256), so there the block ends with a plain
   # add and the next block starts with its norm, as before.
-  add_rms = add_rms_impl(cfg)
+  add_norm = add_rms_impl(cfg)
   dt = jnp.dtype(cfg.dtype)
   eps = cfg.norm_eps
   blocks = params["blocks"]
@@ -222,13 +220,13 @@ def forward(cfg, params, tokens, labels, width=None):
                           gate=_kernel_gate(cfg), **kernel_kw)
       o = remat.checkpoint_name(o, "attn_out")
       d_attn = _attn_out(cfg, p, o)
-    x, h_ffn = add_rms(x, (d_attn,), p["ffn_norm"], eps, dt)
+    x, h_ffn = add_norm(x, (d_attn,), p["ffn_norm"], eps, dt)
     d_ffn = _swiglu(cfg, p, h_ffn)
     if scan:
       return x + d_ffn.astype(jnp.float32), None
     # Naming the output keeps neither the mid-block x nor d_ffn for the norm's gradient (keeping
     # d_ffn: +3.2 GB for L at batch 256, out of memory on an H100, session 21).
-    return add_rms(x, (d_ffn,), w_next, eps, dt, "block_out"), None
+    return add_norm(x, (d_ffn,), w_next, eps, dt, "block_out"), None
 
   layer = remat.wrap(layer, cfg)   # config.remat / remat_policy (lasad_jax/remat.py)
   if scan:
@@ -244,7 +242,7 @@ def forward(cfg, params, tokens, labels, width=None):
   for i in range(cfg.num_layers):
     carry, _ = layer(carry, tree.unflatten([p[i].reshape(a.shape[1:])
                                             for p, a in zip(parts, leaves)]))
-  return (carry[1] @ params["head"].astype(dt)).astype(jnp.float32)
+  return _head(cfg, params, carry[1])
 
 
 def add_rms_impl(cfg):
@@ -255,8 +253,8 @@ def add_rms_impl(cfg):
   (BENCHMARKS.md session 21): L unrolled 361.8 -> 354.2; L in a scan, where only the FFN norm is
   fused, 426.2 -> 430.0 (so auto keeps xla there); B unrolled 129.7 -> 130.1."""
   mode = cfg.get("fused_norm", "auto")
-  if mode not in ("auto", "pallas", "xla"):
-    raise ValueError(f"config.fused_norm must be 'auto', 'pallas' or 'xla', got {mode!r}")
+  if mode not in add_rms.MODES:
+    raise ValueError(f"config.fused_norm must be one of {add_rms.MODES}, got {mode!r}")
   if mode == "auto":
     impl = default_impl() if cfg.get("impl", "auto") == "auto" else cfg.impl
     unrolled = not cfg.get("scan_layers", True)
@@ -270,8 +268,12 @@ def add_rms_impl(cfg):
 
 
 def _logits(cfg, params, x):
+  return _head(cfg, params, _rms(x, params["norm"], cfg.norm_eps).astype(jnp.dtype(cfg.dtype)))
+
+
+def _head(cfg, params, h):
+  """Logits [..., vocab] float32 from the final-normed h."""
   dt = jnp.dtype(cfg.dtype)
-  h = _rms(x, params["norm"], cfg.norm_eps).astype(dt)
   return (h @ params["head"].astype(dt)).astype(jnp.float32)
 
 

@@ -15,8 +15,14 @@ TOL_NAIVE = {"reference": 1e-5, "chunk": 1e-4, "pallas": 1e-4}
 TOL_CHUNK_GLA = 1e-2
 
 
+def _width(x):
+  """The case's width, None for no mask (stored as -1)."""
+  return None if np.all(np.asarray(x["width"]) < 0) else np.asarray(x["width"])
+
+
 def ours(x, impl):
-  width = None if np.all(np.asarray(x["width"]) < 0) else jnp.asarray(x["width"])
+  width = _width(x)
+  width = None if width is None else jnp.asarray(width)
   has_h0 = bool(x["has_h0"])
 
   def f(q, k, v, g, h0):
@@ -35,8 +41,7 @@ def compare(x, mine, theirs):
   from comparing g~ with g: a bf16-rounded g can equal the boundary exactly (case 7 of the fixture
   has g = -0.5 at 17 places, some of them on row starts)."""
   b, t = x["g"].shape[:2]
-  width = None if np.all(np.asarray(x["width"]) < 0) else x["width"]
-  off = ~oracle.row_starts(t, width, x["prefix"], b)[:, :, None, None]
+  off = ~oracle.row_starts(t, _width(x), x["prefix"], b)[:, :, None, None]
   errs = {}
   for n in ("o", "ht", "dq", "dk", "dv", "dg", "dh0"):
     if n == "dh0" and not bool(x["has_h0"]):

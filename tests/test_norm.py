@@ -12,11 +12,7 @@ from configs.lasad import get_config
 from kernels.norm.add_rms import BlockSizes, add_rms_pallas, add_rms_reference, column_block
 from lasad_jax import model as M
 from lasad_jax.ops import default_impl
-
-
-def rel_rms(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.sqrt(np.mean((a - b) ** 2)) / (np.sqrt(np.mean(b ** 2)) + 1e-30))
+from oracle import rel_rms
 
 
 def _case(lead, dim, n_d, seed=0):

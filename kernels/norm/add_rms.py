@@ -37,6 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 F32 = jnp.float32
+MODES = ("auto", "pallas", "xla")   # config.fused_norm (lasad_jax.model.add_rms_impl)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,16 +47,21 @@ class BlockSizes:
   num_warps: int = 4
 
 
+def rms_norm(x, w, eps):
+  """RMSNorm in float32 (LASADGen's, LlamaGen's): x / sqrt(mean(x^2) + eps) * w."""
+  x32 = x.astype(F32)
+  return x32 * lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps) * w
+
+
 def add_rms_reference(x, deltas, w, eps, out_dtype, save_output=None):
-  """(y, h) in jnp: the model's own RMSNorm after its residual adds. ``save_output``: a
-  ``checkpoint_name`` for y, which the norm's gradient then reads (see ``add_rms_pallas``)."""
+  """(y, h) in jnp: ``rms_norm`` after the residual adds. ``save_output``: a ``checkpoint_name``
+  for y, which the norm's gradient then reads (see ``add_rms_pallas``)."""
   y = x.astype(F32)
   for d in deltas:
     y = y + d.astype(F32)
   if save_output is not None:
     y = checkpoint_name(y, save_output)
-  h = y * lax.rsqrt(jnp.mean(y * y, -1, keepdims=True) + eps) * w
-  return y, h.astype(out_dtype)
+  return y, rms_norm(y, w, eps).astype(out_dtype)
 
 
 def column_block(dim):
