@@ -52,6 +52,11 @@ def get_config(variant="B"):
   # way when impl resolves to pallas, i.e. on a GPU, and scan_layers is False) | pallas | xla
   # (kernels/norm/add_rms.py).
   c.fused_norm = "auto"
+  # With the fused-norm kernels and unrolled layers, give each normed h to its matmuls as separate
+  # outputs (one buffer), so the norm's backward kernel adds their gradients (the 3 input
+  # projections', w1's and w3's) as it reads them instead of an XLA pass first
+  # (kernels/norm/add_rms.py ``copies``). False: one h, as before session 22.
+  c.norm_copies = True
   # Parallel forward over the layers: True = one lax.scan over the stacked weights (compile time
   # independent of depth); False = unrolled, one copy per layer. In training with remat policy
   # dots / dots_attn the scan copies each saved activation into its stacked [L, ...] buffer and

@@ -12,6 +12,8 @@ block code serves the parallel forward (``forward``) and the one-token decode st
 (``decode_step``), which keeps only a [B, H, K, V] float32 state per layer.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -55,10 +57,12 @@ def _boundary(cfg, p):
 
 def _in_proj(p, h, names, dt):
   """h @ p[name] for each name; one matmul against ``p["w_in"]`` (the names' weights side by side,
-  made by ``unstack_for_decode``) when present."""
+  made by ``unstack_for_decode``) when present. h: one array, or a tuple of one copy per name
+  (``add_rms``'s ``copies``: the norm's backward kernel sums their gradients itself)."""
   if "w_in" in p:
     return jnp.split(h @ p["w_in"].astype(dt), len(names), axis=-1)
-  return [h @ p[n].astype(dt) for n in names]
+  hs = h if isinstance(h, tuple) else (h,) * len(names)
+  return [x @ p[n].astype(dt) for x, n in zip(hs, names)]
 
 
 def _heads(cfg, x):
@@ -89,14 +93,17 @@ def _mlp(cfg, p, x):
 
 
 def _swiglu(cfg, p, h):
-  """SwiGLU of the normed input h; its two matmul operands are named for remat "dots_attn_acts"
-  (identity elsewhere)."""
+  """SwiGLU of the normed input h (one array, or a copy for w1 and one for w3); its two matmul
+  operands are named for remat "dots_attn_acts" (identity elsewhere)."""
   dt = jnp.dtype(cfg.dtype)
-  h = remat.checkpoint_name(h, "mlp_in")
-  if "w13" in p:
-    a, b = jnp.split(h @ p["w13"].astype(dt), 2, axis=-1)
+  if isinstance(h, tuple):
+    h1, h3 = (remat.checkpoint_name(x, "mlp_in") for x in h)
   else:
-    a, b = h @ p["w1"].astype(dt), h @ p["w3"].astype(dt)
+    h1 = h3 = remat.checkpoint_name(h, "mlp_in")
+  if "w13" in p:
+    a, b = jnp.split(h1 @ p["w13"].astype(dt), 2, axis=-1)
+  else:
+    a, b = h1 @ p["w1"].astype(dt), h3 @ p["w3"].astype(dt)
   return remat.checkpoint_name(jax.nn.silu(a) * b, "mlp_act") @ p["w2"].astype(dt)
 
 
@@ -126,7 +133,8 @@ def _rotate(x, cos, sin):
 def _softmax_qkv(cfg, p, h):
   dt = jnp.dtype(cfg.dtype)
   split = lambda x: x.reshape(x.shape[:-1] + (cfg.num_heads, cfg.head_dim))
-  return tuple(split(y) for y in _in_proj(p, h.astype(dt), ("wq", "wk", "wv"), dt))
+  h = h if isinstance(h, tuple) else h.astype(dt)
+  return tuple(split(y) for y in _in_proj(p, h, ("wq", "wk", "wv"), dt))
 
 
 def _softmax_out(cfg, p, o):
@@ -195,14 +203,23 @@ def forward(cfg, params, tokens, labels, width=None):
   blocks = params["blocks"]
   scan = cfg.get("scan_layers", True)
 
-  def layer(carry, xs):
+  # With the layers unrolled, each normed h goes to its matmuls as one copy per matmul (three for
+  # the input projections, two for w1 / w3): the norm's backward kernel sums their gradients as it
+  # reads them, instead of an XLA pass (add_rms's ``copies``; config.norm_copies, default True).
+  # Only for the kernels (XLA's jnp path sums them inside its own fusion anyway) and not in a scan,
+  # where remat would stack each copy it keeps.
+  copies = (add_norm is add_rms.add_rms_pallas and not scan and cfg.get("norm_copies", True))
+  n_attn, n_ffn = (3, 2) if copies else (1, 1)
+
+  def layer(carry, xs, n_next):
     if scan:
       x, (p, lb) = carry, xs
       h = _rms(x, p["attn_norm"], eps).astype(dt)
     else:
       (x, h), (p, lb, w_next) = carry, xs
     # Only ever used as the input projections' bf16 operand; named for remat "dots_attn_acts".
-    h = remat.checkpoint_name(h, "attn_in")
+    h = (tuple(remat.checkpoint_name(a, "attn_in") for a in h) if isinstance(h, tuple)
+         else remat.checkpoint_name(h, "attn_in"))
     if cfg.attention == "softmax":
       q, k, v = _softmax_qkv(cfg, p, h)
       o = jax.nn.dot_product_attention(_rotate(q, cos, sin), _rotate(k, cos, sin), v,
@@ -220,17 +237,18 @@ def forward(cfg, params, tokens, labels, width=None):
                           gate=_kernel_gate(cfg), **kernel_kw)
       o = remat.checkpoint_name(o, "attn_out")
       d_attn = _attn_out(cfg, p, o)
-    x, h_ffn = add_norm(x, (d_attn,), p["ffn_norm"], eps, dt)
+    x, h_ffn = add_norm(x, (d_attn,), p["ffn_norm"], eps, dt, None, n_ffn)
     d_ffn = _swiglu(cfg, p, h_ffn)
     if scan:
       return x + d_ffn.astype(jnp.float32), None
     # Naming the output keeps neither the mid-block x nor d_ffn for the norm's gradient (keeping
     # d_ffn: +3.2 GB for L at batch 256, out of memory on an H100, session 21).
-    return add_norm(x, (d_ffn,), w_next, eps, dt, "block_out"), None
+    return add_norm(x, (d_ffn,), w_next, eps, dt, "block_out", n_next), None
 
-  layer = remat.wrap(layer, cfg)   # config.remat / remat_policy (lasad_jax/remat.py)
+  # config.remat / remat_policy (lasad_jax/remat.py); the last block's h goes to the head alone
+  mid, last = (remat.wrap(functools.partial(layer, n_next=n), cfg) for n in (n_attn, 1))
   if scan:
-    x, _ = jax.lax.scan(layer, x, (blocks, lbs))
+    x, _ = jax.lax.scan(last, x, (blocks, lbs))
     return _logits(cfg, params, x)
   # Unrolled: one split per stacked array, not L slices: the gradient of L slices is a sum of L
   # padded slices, which XLA fused into a select chain at 0.35-0.95 TB/s (4.7 ms of LASADGen-L's
@@ -240,8 +258,9 @@ def forward(cfg, params, tokens, labels, width=None):
   parts = [jnp.split(a, cfg.num_layers) for a in leaves]
   carry = (x, _rms(x, blocks["attn_norm"][0], eps).astype(dt))
   for i in range(cfg.num_layers):
-    carry, _ = layer(carry, tree.unflatten([p[i].reshape(a.shape[1:])
-                                            for p, a in zip(parts, leaves)]))
+    fn = last if i == cfg.num_layers - 1 else mid
+    carry, _ = fn(carry, tree.unflatten([p[i].reshape(a.shape[1:])
+                                         for p, a in zip(parts, leaves)]))
   return _head(cfg, params, carry[1])
 
 

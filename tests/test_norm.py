@@ -1,6 +1,8 @@
 """Residual add + RMSNorm (kernels/norm/add_rms.py): the Pallas kernels (interpreted on CPU)
 against the jnp reference, forward and every gradient; the model with config.fused_norm."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -53,6 +55,34 @@ def test_kernel_matches_reference(lead, dim, n_d, save):
     assert rel_rms(a, b) < 1e-4   # gx rounded to bf16: a flip where gx differs in the last bits
 
 
+@pytest.mark.parametrize("lead,copies", [((3, 37), 3), ((4, 16), 2)])
+def test_kernel_copies(lead, copies):
+  """h given to ``copies`` consumers as separate outputs (one buffer): each copy's cotangent goes
+  into the backward kernel, which adds them; the same gradients as one h whose cotangent is their
+  sum. (3, 37) rows need padding, where h is sliced once and then copied."""
+  x, ds, w, gy, _ = _case(lead, 1024, 1)
+  # small integers: their sums are exact in bf16 too, so autodiff's bf16 sum of the cotangents
+  # (the reference) and the kernel's float32 sum agree and the comparison can be tight
+  ghs = [jax.random.randint(jax.random.key(10 + i), x.shape, -8, 9).astype(jnp.bfloat16)
+         for i in range(copies)]
+
+  def loss(f, x, ds, w):
+    y, hs = f(x, ds, w, 1e-5, jnp.bfloat16, None, copies)
+    assert isinstance(hs, tuple) and len(hs) == copies
+    return jnp.sum(y * gy) + sum(jnp.sum(h.astype(jnp.float32) * g.astype(jnp.float32))
+                                 for h, g in zip(hs, ghs))
+  kern = functools.partial(add_rms_pallas, block_sizes=BlockSizes(rows=2, steps=4))
+  g0 = jax.grad(functools.partial(loss, add_rms_reference), argnums=(0, 1, 2))(x, ds, w)
+  g1 = jax.grad(functools.partial(loss, kern), argnums=(0, 1, 2))(x, ds, w)
+  (gx1, (gd1,), dw1), (gx0, (gd0,), dw0) = g1, g0
+  assert rel_rms(gx1, gx0) < 1e-6 and rel_rms(dw1, dw0) < 1e-6
+  assert rel_rms(gd1, gd0) < 1e-4   # gx rounded to bf16, as in test_kernel_matches_reference
+  y, hs = kern(x, ds, w, 1e-5, jnp.bfloat16, None, copies)
+  _, h = kern(x, ds, w, 1e-5, jnp.bfloat16)
+  for c in hs:
+    np.testing.assert_array_equal(np.asarray(c), np.asarray(h))
+
+
 def test_kernel_bad_input():
   x, ds, w, _, _ = _case((4,), 128, 1)
   with pytest.raises(ValueError, match="x must be float32"):
@@ -63,6 +93,8 @@ def test_kernel_bad_input():
     add_rms_pallas(x, ds, w[:64], 1e-5, jnp.bfloat16)
   with pytest.raises(ValueError, match="power-of-two divisor"):
     add_rms_pallas(x[:, :96], (ds[0][:, :96],), w[:96], 1e-5, jnp.bfloat16)
+  with pytest.raises(ValueError, match="copies must be an int >= 1"):
+    add_rms_pallas(x, ds, w, 1e-5, jnp.bfloat16, copies=0)
   with pytest.raises(ValueError, match="rows must be a power of two"):
     add_rms_pallas(x, ds, w, 1e-5, jnp.bfloat16, block_sizes=BlockSizes(rows=3))
   assert column_block(1024) == 1024 and column_block(3200) == 128 and column_block(96) is None
@@ -145,3 +177,51 @@ def test_model_remat_keeps_nothing_extra(scan):
              if "_swiglu" in why and "dot_general" in why and aval.shape[-1] == c.dim]
   assert not ffn_out, ffn_out
   assert sum("block_out" in why for _, why in saved) == c.num_layers
+
+
+def _bf16_cotangent_sums(jaxpr, dim):
+  """add_any equations with a bf16 [..., dim] output, in sub-jaxprs too."""
+  n = 0
+  for e in jaxpr.eqns:
+    out = e.outvars[0].aval
+    n += (e.primitive.name == "add_any" and out.dtype == jnp.bfloat16 and out.shape[-1] == dim)
+    for v in e.params.values():
+      sub = getattr(v, "jaxpr", v)
+      if hasattr(sub, "eqns"):
+        n += _bf16_cotangent_sums(sub, dim)
+  return n
+
+
+def _unrolled_grad(mode, copies, tok):
+  c = get_config("tiny")
+  c.update(dtype="bfloat16", scan_layers=False, remat=True, remat_policy="dots_attn_acts",
+           fused_norm=mode, norm_copies=copies)
+  params = M.LASADGen(c, rngs=nnx.Rngs(0)).params()
+  c = ml_collections.FrozenConfigDict(c)
+  loss = lambda p: jnp.mean(M.forward(c, p, tok, jnp.zeros(tok.shape[:1], jnp.int32), width=8))  # noqa: E731
+  return jax.grad(loss), params, c
+
+
+def test_model_copies_leave_no_cotangent_sums():
+  """Unrolled with the kernels, each normed h reaches its matmuls as separate copies, so autodiff
+  sums none of their bf16 gradients (the kernel adds them as it reads them); only block 0's
+  attention norm (XLA's) keeps its two sums of three. Without copies (config.norm_copies=False),
+  and on the jnp path, there are 3 per layer."""
+  tok = jnp.zeros((2, 32), jnp.int32)
+  sums = {}
+  for mode, copies in (("xla", True), ("pallas", True), ("pallas", False)):
+    g, params, c = _unrolled_grad(mode, copies, tok)
+    sums[mode, copies] = _bf16_cotangent_sums(jax.make_jaxpr(g)(params).jaxpr, c.dim)
+  n = c.num_layers
+  assert sums == {("xla", True): 3 * n, ("pallas", True): 2, ("pallas", False): 3 * n}, sums
+
+
+def test_model_copies_cost_no_memory():
+  """The copies are one buffer: the compiled gradient's temporary memory is the same with and
+  without them (XLA on the CPU, kernels interpreted; 72 bytes apart when written)."""
+  tok = jnp.zeros((4, 128), jnp.int32)
+  temp = {}
+  for copies in (True, False):
+    g, params, _ = _unrolled_grad("pallas", copies, tok)
+    temp[copies] = jax.jit(g).lower(params).compile().memory_analysis().temp_size_in_bytes
+  assert abs(temp[True] - temp[False]) <= 1024, temp

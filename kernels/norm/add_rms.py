@@ -13,6 +13,9 @@ rows: LASADGen-L's training step spent ~1.6 ms per layer in them on an H100, BEN
   backward  x, d_i, gy (f32), gh -> gx = gy + dRMSNorm(gh) (f32), gd = gx in the d_i dtype,
             dw (per-program partial sums, added up in XLA)
 
+With ``copies=n`` h is returned n times (one buffer), one per consuming matmul, and the backward
+kernel reads the n gradients gh_1..gh_n and adds them itself (no XLA pass summing them first).
+
 The backward recomputes y from x and the d_i (its residuals are the inputs), or with
 ``save_output`` reads y itself; either way a remat policy that keeps those values does not rerun
 the forward kernel (the rematerialised jaxpr still holds a dead copy of the forward call, because
@@ -53,15 +56,23 @@ def rms_norm(x, w, eps):
   return x32 * lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps) * w
 
 
-def add_rms_reference(x, deltas, w, eps, out_dtype, save_output=None):
+def _check_copies(copies):
+  if not isinstance(copies, int) or copies < 1:
+    raise ValueError(f"add_rms: copies must be an int >= 1 (h once per consumer), got {copies!r}")
+
+
+def add_rms_reference(x, deltas, w, eps, out_dtype, save_output=None, copies=1):
   """(y, h) in jnp: ``rms_norm`` after the residual adds. ``save_output``: a ``checkpoint_name``
-  for y, which the norm's gradient then reads (see ``add_rms_pallas``)."""
+  for y, which the norm's gradient then reads (see ``add_rms_pallas``). ``copies`` > 1 returns
+  (y, (h,) * copies), as ``add_rms_pallas`` does (here they are one value)."""
+  _check_copies(copies)
   y = x.astype(F32)
   for d in deltas:
     y = y + d.astype(F32)
   if save_output is not None:
     y = checkpoint_name(y, save_output)
-  return y, rms_norm(y, w, eps).astype(out_dtype)
+  h = rms_norm(y, w, eps).astype(out_dtype)
+  return (y, h) if copies == 1 else (y, (h,) * copies)
 
 
 def column_block(dim):
@@ -115,9 +126,11 @@ def _fwd_kernel(x_ref, *refs, n_d, dim, eps, bs):
   lax.fori_loop(0, bs.steps, step, 0)
 
 
-def _bwd_kernel(x_ref, *refs, n_d, dim, eps, bs):
+def _bwd_kernel(x_ref, *refs, n_d, n_h, dim, eps, bs):
   d_refs = refs[:n_d]
-  w_ref, gy_ref, gh_ref, gx_ref, gd_ref, dw_ref = refs[n_d:]
+  w_ref, gy_ref = refs[n_d:n_d + 2]
+  gh_refs = refs[n_d + 2:n_d + 2 + n_h]
+  gx_ref, gd_ref, dw_ref = refs[n_d + 2 + n_h:]
   cols = _cols(dim)
 
   def step(j, dws):
@@ -125,7 +138,7 @@ def _bwd_kernel(x_ref, *refs, n_d, dim, eps, bs):
     ys = _load_y(x_ref, d_refs, rows, cols)
     r = _inv_rms(ys, dim, eps)
     ns = [y * r for y in ys]
-    ghs = [gh_ref[rows, c].astype(F32) for c in cols]
+    ghs = [sum(g[rows, c].astype(F32) for g in gh_refs) for c in cols]   # h's copies' parts
     gns = [gh * w_ref[:, c].astype(F32) for gh, c in zip(ghs, cols)]
     m = sum(jnp.sum(gn * n, axis=1, keepdims=True) for gn, n in zip(gns, ns)) / dim
     out = []
@@ -172,51 +185,60 @@ def _fwd_call(x, deltas, w, eps, out_dtype, bs, interpret):
   )(x, *deltas, w)
 
 
-def _bwd_call(x, deltas, w, gy, gh, eps, gd_dtype, bs, interpret):
+def _bwd_call(x, deltas, w, gy, ghs, eps, gd_dtype, bs, interpret):
   m, dim = x.shape
   g = m // _block(bs)
-  kern = functools.partial(_bwd_kernel, n_d=len(deltas), dim=dim, eps=eps, bs=bs)
+  kern = functools.partial(_bwd_kernel, n_d=len(deltas), n_h=len(ghs), dim=dim, eps=eps, bs=bs)
   gx, gd, dw = pl.pallas_call(
       kern, grid=(g,),
-      in_specs=_specs(1 + len(deltas), dim, bs) + [_w_spec(dim)] + _specs(2, dim, bs),
+      in_specs=_specs(1 + len(deltas), dim, bs) + [_w_spec(dim)] + _specs(1 + len(ghs), dim, bs),
       out_specs=_specs(2, dim, bs) + [pl.BlockSpec((1, dim), lambda i: (i, 0))],
       out_shape=[jax.ShapeDtypeStruct((m, dim), F32), jax.ShapeDtypeStruct((m, dim), gd_dtype),
                  jax.ShapeDtypeStruct((g, dim), F32)],
       compiler_params=_params(bs), interpret=interpret, name="add_rms_backward",
-  )(x, *deltas, w, gy, gh)
+  )(x, *deltas, w, gy, *ghs)
   return gx, gd, jnp.sum(dw, axis=0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
-def _add_rms(x, deltas, w, eps, out_dtype, bs, interpret, save_output, d_spec):
-  return _fwd_call(x, deltas, w, eps, out_dtype, bs, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8, 9))
+def _add_rms(x, deltas, w, eps, out_dtype, bs, interpret, save_output, d_spec, copies):
+  y, h = _fwd_call(x, deltas, w, eps, out_dtype, bs, interpret)
+  return y, (h,) * copies
 
 
-def _add_rms_fwd(x, deltas, w, eps, out_dtype, bs, interpret, save_output, d_spec):
+def _add_rms_fwd(x, deltas, w, eps, out_dtype, bs, interpret, save_output, d_spec, copies):
   y, h = _fwd_call(x, deltas, w, eps, out_dtype, bs, interpret)
   if save_output is None:
-    return (y, h), (x, deltas, w)
+    return (y, (h,) * copies), (x, deltas, w)
   y = checkpoint_name(y, save_output)   # the residual itself, so a remat policy can keep it
-  return (y, h), (y, (), w)
+  return (y, (h,) * copies), (y, (), w)
 
 
-def _add_rms_bwd(eps, out_dtype, bs, interpret, save_output, d_spec, res, cts):
+def _add_rms_bwd(eps, out_dtype, bs, interpret, save_output, d_spec, copies, res, cts):
   """d_spec: (number of deltas, their dtype). With ``save_output`` the residuals are (y, (), w) and
-  the kernel reads y as its x with no deltas."""
+  the kernel reads y as its x with no deltas. h's copies' cotangents go in separately and the
+  kernel adds them as it reads them (no XLA pass that sums them first)."""
   x, deltas, w = res
-  gy, gh = cts
-  gx, gd, dw = _bwd_call(x, deltas, w, gy.astype(F32), gh.astype(out_dtype), eps, d_spec[1], bs,
-                         interpret)
+  gy, ghs = cts
+  gx, gd, dw = _bwd_call(x, deltas, w, gy.astype(F32), [g.astype(out_dtype) for g in ghs], eps,
+                         d_spec[1], bs, interpret)
   return gx.astype(x.dtype), (gd,) * d_spec[0], dw.reshape(w.shape).astype(w.dtype)
 
 
 _add_rms.defvjp(_add_rms_fwd, _add_rms_bwd)
 
 
-def add_rms_pallas(x, deltas, w, eps, out_dtype, save_output=None, *, block_sizes=BlockSizes(),
-                   interpret=None):
+def add_rms_pallas(x, deltas, w, eps, out_dtype, save_output=None, copies=1, *,
+                   block_sizes=BlockSizes(), interpret=None):
   """``add_rms_reference`` by the kernels. x [..., D] float32, deltas: arrays of x's shape (one
-  dtype, at least one), w [D]. Returns (y [..., D] float32, h [..., D] out_dtype).
+  dtype, at least one), w [D]. Returns (y [..., D] float32, h [..., D] out_dtype), or with
+  ``copies`` = n > 1 (y, (h,) * n).
+
+  ``copies``: give h to each of its n consumers (e.g. the q, f, v projections) as its own output.
+  They are one buffer (nothing is copied), but their gradients reach the backward kernel
+  separately and it adds them while it reads them; with one h, XLA first sums the n matmul
+  gradients in a pass of its own (LASADGen-L on an H100: 175 us per layer for three, 128 us for
+  two, session 21's profile).
 
   The gradient kernel needs y. By default it recomputes y from x and the deltas (its residuals
   are the inputs). With ``save_output`` (a ``checkpoint_name``) it reads y itself, named so: use it
@@ -239,6 +261,7 @@ def add_rms_pallas(x, deltas, w, eps, out_dtype, save_output=None, *, block_size
   if not supported(dim):
     raise ValueError(f"add_rms_pallas: the last dim {dim} needs a power-of-two divisor >= 64; "
                      f"use add_rms_reference")
+  _check_copies(copies)
   bs = block_sizes
   if bs.rows < 1 or bs.rows & (bs.rows - 1) or bs.steps < 1:
     raise ValueError(f"add_rms_pallas: BlockSizes.rows must be a power of two and steps >= 1, "
@@ -250,8 +273,12 @@ def add_rms_pallas(x, deltas, w, eps, out_dtype, save_output=None, *, block_size
   flat = [a.reshape(m, dim) for a in (x,) + deltas]
   if pad:   # zero rows: finite (y = 0, rsqrt(eps)), and their gh = 0 adds nothing to dw
     flat = [jnp.pad(a, ((0, pad), (0, 0))) for a in flat]
-  y, h = _add_rms(flat[0], tuple(flat[1:]), w.reshape(1, dim), float(eps), jnp.dtype(out_dtype),
-                  bs, interpret, save_output, (len(deltas), jnp.dtype(deltas[0].dtype)))
+  # Padded rows are sliced off h once, so the copies are made after that (one h, as above).
+  n_out = 1 if pad else copies
+  y, hs = _add_rms(flat[0], tuple(flat[1:]), w.reshape(1, dim), float(eps), jnp.dtype(out_dtype),
+                   bs, interpret, save_output, (len(deltas), jnp.dtype(deltas[0].dtype)), n_out)
+  y = y[:m].reshape(lead + (dim,)) if pad else y.reshape(lead + (dim,))
+  hs = tuple((h[:m] if pad else h).reshape(lead + (dim,)) for h in hs)
   if pad:
-    y, h = y[:m], h[:m]
-  return y.reshape(lead + (dim,)), h.reshape(lead + (dim,))
+    hs = hs * copies
+  return (y, hs[0]) if copies == 1 else (y, hs)
