@@ -57,6 +57,10 @@ def get_config(variant="B"):
   # projections', w1's and w3's) as it reads them instead of an XLA pass first
   # (kernels/norm/add_rms.py ``copies``). False: one h, as before session 22.
   c.norm_copies = True
+  # With the gates in the Pallas kernels: the one-pass forward kernel writes the attention output
+  # RMS-normalised per head (HGRN2's output norm, weight folded into wo) from its float32 o, and
+  # the gradient reads that and the inverse rms (hgrn2_attention's norm_eps). False: XLA's norm.
+  c.kernel_head_norm = True
   # Parallel forward over the layers: True = one lax.scan over the stacked weights (compile time
   # independent of depth); False = unrolled, one copy per layer. In training with remat policy
   # dots / dots_attn the scan copies each saved activation into its stacked [L, ...] buffer and

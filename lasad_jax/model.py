@@ -77,12 +77,13 @@ def _qkvg(cfg, p, lb, h):
   return _heads(cfg, q), _heads(cfg, k), _heads(cfg, v), _heads(cfg, g)
 
 
-def _attn_out(cfg, p, o):
-  """Per-head RMSNorm, then the output projection. o [..., H, Dh]."""
+def _attn_out(cfg, p, o, normed=False):
+  """Per-head RMSNorm (unless ``normed``: the attention op normalised already), then the output
+  projection. o [..., H, Dh]."""
   dt = jnp.dtype(cfg.dtype)
   # The norm runs on a [rows, Dh] view: on [B, T, H, Dh] XLA's GPU fusion tiled it [1, T, 1, Dh]
   # and moved 1.2 TB/s (LASADGen-L training, H100, session 11 profile).
-  rows = _rms(o.reshape(-1, o.shape[-1]), 1.0, cfg.norm_eps)
+  rows = o if normed else _rms(o.reshape(-1, o.shape[-1]), 1.0, cfg.norm_eps)
   # The norm's weight goes into the projection: (n * w) @ wo = n @ (w[:, None] * wo), so the
   # weight's gradient comes from wo's [d, d] gradient matmul (n^T g, computed anyway) instead of a
   # column sum over every row inside the norm's backward pass (LASADGen-L on an H100: that fusion
@@ -182,6 +183,17 @@ def _kernel_gate(cfg):
   return gate
 
 
+def kernel_head_norm(cfg):
+  """Whether the Pallas forward kernel writes the attention output RMS-normalised per head
+  (config.kernel_head_norm, default True; only where the gates run in the kernels, so on the
+  jnp paths the model keeps its own norm and remat's saved values are unchanged there)."""
+  if not cfg.get("kernel_head_norm", True) or cfg.attention != "lasad":
+    return False
+  gate = _kernel_gate(cfg)
+  impl = default_impl() if cfg.get("impl", "auto") == "auto" else cfg.impl
+  return gate == "kernel" or (gate == "auto" and impl == "pallas")
+
+
 def forward(cfg, params, tokens, labels, width=None):
   """Parallel (teacher-forced) logits [B, N, vocab] float32 for image tokens [B, N]."""
   tokens = jnp.asarray(tokens, jnp.int32)
@@ -214,6 +226,9 @@ def forward(cfg, params, tokens, labels, width=None):
   # where remat would stack each copy it keeps.
   copies = (add_norm is add_rms.add_rms_pallas and not scan and cfg.get("norm_copies", True))
   n_attn, n_ffn = (3, 2) if copies else (1, 1)
+  # The per-head norm of the attention output inside the forward kernel (its gradient reads the
+  # normalised output and inverse rms, both kept under the name "attn_out").
+  head_norm = kernel_head_norm(cfg)
 
   def layer(carry, xs, n_next):
     if scan:
@@ -238,9 +253,10 @@ def forward(cfg, params, tokens, labels, width=None):
                           lb.reshape(cfg.num_heads, cfg.head_dim),
                           width=None if cfg.boundary == "none" else width, prefix=PREFIX,
                           boundary=_boundary(cfg, p), scale=1.0, impl=cfg.impl,
-                          gate=_kernel_gate(cfg), **kernel_kw)
+                          gate=_kernel_gate(cfg), norm_eps=eps if head_norm else None,
+                          norm_save="attn_out", **kernel_kw)
       o = remat.checkpoint_name(o, "attn_out")
-      d_attn = _attn_out(cfg, p, o)
+      d_attn = _attn_out(cfg, p, o, normed=head_norm)
     x, h_ffn = add_norm(x, (d_attn,), p["ffn_norm"], eps, dt, None, n_ffn)
     d_ffn = _swiglu(cfg, p, h_ffn)
     if scan:

@@ -166,7 +166,7 @@ GATES = ("auto", "kernel", "xla")
 
 def hgrn2_attention(q_raw, f, v, lb, *, width=None, prefix=0, boundary=0.0, scale=1.0,
                     initial_state=None, return_final_state=False, impl="auto", chunk_size=64,
-                    block_sizes=None, gate="auto"):
+                    block_sizes=None, gate="auto", norm_eps=None, norm_save=None):
   """``lasad_attention`` on HGRN2's gates (LASADGen's attention layer), from its projections.
 
   q = silu(q_raw), k = (1 - lb)(1 - sigmoid(f)), g = log(lb + (1 - lb) sigmoid(f))
@@ -179,6 +179,13 @@ def hgrn2_attention(q_raw, f, v, lb, *, width=None, prefix=0, boundary=0.0, scal
     gate: where the gates are computed. "kernel": inside the Pallas kernels (they read q_raw and f
       in place of q, k and a float32 g; needs impl "pallas"); "xla": ``hgrn2_gates`` in XLA, then
       ``lasad_attention``; "auto": "kernel" when impl resolves to "pallas", else "xla".
+    norm_eps: if given, each head's output RMS-normalised, o / sqrt(mean(o^2, -1) + norm_eps) (no
+      weight; HGRN2's output norm before its weight). With gate "kernel" the one-pass forward
+      kernel writes it from its float32 o where a program holds whole heads, and the gradient
+      reads it and the inverse rms instead of o; elsewhere jnp after the operator.
+    norm_save: with gate "kernel" and ``norm_eps``, a ``checkpoint_name`` for what that gradient
+      reads (the normalised output and the inverse rms), so a remat policy saving the name does not
+      rerun the forward kernel.
     other arguments: see :func:`lasad_attention` (``scale`` defaults to 1.0 here, as in HGRN2).
   """
   if gate not in GATES:
@@ -202,16 +209,26 @@ def hgrn2_attention(q_raw, f, v, lb, *, width=None, prefix=0, boundary=0.0, scal
   kw = dict(width=width, prefix=prefix, boundary=boundary, scale=scale,
             initial_state=initial_state, return_final_state=return_final_state,
             chunk_size=chunk_size, block_sizes=block_sizes)
+  if norm_eps is not None and not norm_eps > 0:
+    raise ValueError(f"`norm_eps` must be a positive float, got {norm_eps!r}.")
   if gate == "xla" or resolved != "pallas":
     q, k, g = hgrn2_gates(q_raw, f, lb)
-    return lasad_attention(q, k, v, g, impl=resolved, **kw)
+    out = lasad_attention(q, k, v, g, impl=resolved, **kw)
+    if norm_eps is None:
+      return out
+    o, final = out if return_final_state else (out, None)
+    rows = o.reshape(-1, o.shape[-1]).astype(jnp.float32)   # a [rows, V] view: see _with_norm
+    rows = rows * jax.lax.rsqrt(jnp.mean(rows * rows, -1, keepdims=True) + norm_eps)
+    o = rows.reshape(o.shape).astype(o.dtype)
+    return (o, final) if return_final_state else o
   # lasad_attention's checks on the gates' shapes (f stands in for k and g)
   (_, _, _, _, *rest), use_mask, scale = _operator_args(q_raw, f, v, f, width, prefix, boundary,
                                                         scale, initial_state)
   from kernels.lasad.pallas import hgrn2_pallas
   bkw = {} if block_sizes is None else dict(block_sizes=block_sizes)
   o, final = over_batch(
-      lambda *a: hgrn2_pallas(*a, scale=scale, use_mask=use_mask, **bkw),
+      lambda *a: hgrn2_pallas(*a, scale=scale, use_mask=use_mask, norm_eps=norm_eps,
+                              norm_save=norm_save, **bkw),
       (q_raw, f, v, lb, *rest), batched=(True, True, True, False, True, True, False, True))
   o = o.astype(jnp.result_type(q_raw.dtype, v.dtype))
   return (o, final) if return_final_state else o

@@ -304,12 +304,17 @@ def test_kth_largest_compiled_equals_top_k():
       np.testing.assert_array_equal(np.asarray(kth_largest(x, k, radix=radix)), np.asarray(ref))
 
 
+@pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("t,b,h", [(1000, 4, 4), (2048, 2, 4)])
-def test_pallas_gate_in_kernel_compiled_bf16(t, b, h):
+def test_pallas_gate_in_kernel_compiled_bf16(t, b, h, norm):
   """The gates inside the compiled kernels (``hgrn2_attention(gate="kernel")``, the GPU default of
   LASADGen's attention): at bf16 no less accurate than XLA's gates feeding the same kernels,
-  both against the float32 reference recurrence on the unrounded inputs; all gradients."""
+  both against the float32 reference recurrence on the unrounded inputs; all gradients. With
+  ``norm``: the output RMS-normalised per head (``norm_eps``), by the forward kernel (whole heads
+  per program, forced at this small B*H) against XLA's norm after the XLA-gated kernels."""
+  from kernels.lasad.pallas import BlockSizes
   from lasad_jax.ops import hgrn2_attention
+  kw = dict(norm_eps=1e-5, block_sizes=BlockSizes(block_v_scan=64)) if norm else {}
   d = 64
   ks = jax.random.split(jax.random.key(5), 6)
   qr, v = (jax.random.normal(kk, (b, t, h, d), jnp.float32) for kk in ks[:2])
@@ -321,7 +326,8 @@ def test_pallas_gate_in_kernel_compiled_bf16(t, b, h):
   def run(impl, gate, dt):
     def fn(qr, f, v, lb):
       o, st = hgrn2_attention(qr.astype(dt), f.astype(dt), v.astype(dt), lb, width=16, prefix=1,
-                              boundary=-0.5, return_final_state=True, impl=impl, gate=gate)
+                              boundary=-0.5, return_final_state=True, impl=impl, gate=gate,
+                              **(kw if impl == "pallas" else {"norm_eps": kw.get("norm_eps")}))
       return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(st * dst), o
     (_, o), grads = jax.jit(jax.value_and_grad(fn, argnums=range(4), has_aux=True))(qr, f, v, lb)
     return (o,) + tuple(grads)
@@ -331,7 +337,7 @@ def test_pallas_gate_in_kernel_compiled_bf16(t, b, h):
   xla = run("pallas", "xla", jnp.bfloat16)
   for name, a, x, r in zip(("o", "dq_raw", "df", "dv", "dlb"), kern, xla, ref):
     ea, ex = oracle.rel_rms(a, r), oracle.rel_rms(x, r)
-    print(f"gate in kernel vs XLA gates, T={t}: {name} {ea:.2e} vs {ex:.2e}")
+    print(f"gate in kernel vs XLA gates, T={t}, norm {norm}: {name} {ea:.2e} vs {ex:.2e}")
     assert np.all(np.isfinite(np.asarray(a))), name
     assert ea < 1.2 * ex + 1e-4, (name, ea, ex)
 

@@ -225,3 +225,63 @@ def test_model_copies_cost_no_memory():
     g, params, _ = _unrolled_grad("pallas", copies, tok)
     temp[copies] = jax.jit(g).lower(params).compile().memory_analysis().temp_size_in_bytes
   assert abs(temp[True] - temp[False]) <= 1024, temp
+
+
+# head_dim 16: one program holds a whole head (as at LASADGen-L's training shape), the kernel
+# normalises; 32 at this small B*H: V in blocks of 16, XLA normalises inside the op
+@pytest.mark.parametrize("scan,head_dim", [(True, 16), (False, 16), (False, 32)])
+def test_model_kernel_head_norm(scan, head_dim, monkeypatch):
+  """config.kernel_head_norm: the attention's per-head norm by the forward kernel (or XLA inside
+  the op) gives the loss and gradients of XLA's norm in the model, float32, kernels interpreted,
+  under remat."""
+  from kernels.lasad import pallas as P
+  whole_heads = head_dim == 16
+  xla_norms = []
+  monkeypatch.setattr(P, "_with_norm", lambda *a, f=P._with_norm: xla_norms.append(1) or f(*a))
+  tok = jax.random.randint(jax.random.key(3), (2, 40), 0, 17)
+  out = {}
+  for on in (True, False):
+    c = get_config("tiny")
+    c.update(impl="pallas", scan_layers=scan, kernel_head_norm=on, remat=True,
+             remat_policy="dots_attn_acts", head_dim=head_dim, num_heads=c.dim // head_dim)
+    assert M.kernel_head_norm(c) == on
+    params = M.LASADGen(c, rngs=nnx.Rngs(0)).params()
+    c = ml_collections.FrozenConfigDict(c)
+
+    def loss(p, c=c):
+      logits = M.forward(c, p, tok, jnp.array([0, 1]), width=8)
+      return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
+          logits, tok[..., None], -1)[..., 0])
+    with jax.default_matmul_precision("highest"):
+      out[on] = jax.jit(jax.value_and_grad(loss))(params)
+  assert bool(xla_norms) != whole_heads   # the kernel normalised, or XLA inside the op
+  (l1, g1), (l0, g0) = out[True], out[False]
+  assert abs(float(l1) - float(l0)) < 1e-6 * abs(float(l0))
+  assert max(rel_rms(a, b) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0))) < 1e-5
+  c = get_config("tiny")
+  assert not M.kernel_head_norm(c) or default_impl() == "pallas"   # CPU: the jnp paths
+
+
+def test_model_kernel_head_norm_does_not_rerun_the_forward(monkeypatch):
+  """Under remat the op's normalised output and inverse rms are named "attn_out", so the backward
+  reads them and the forward kernel's recomputation is dead (XLA drops it). Measured as what the
+  compiled gradient (CPU, kernels interpreted) keeps of the forward kernel: its ops' count of
+  "lasad_fused_forward" in the HLO is about that without the kernel norm (930 vs 978 when
+  written), and doubles when the values are left unnamed (1954), which shows a rerun."""
+  import re
+  orig = M.hgrn2_attention
+  tok = jnp.zeros((2, 40), jnp.int32)
+
+  def forward_ops(on, save):
+    monkeypatch.setattr(M, "hgrn2_attention", lambda *a, **k: orig(
+        *a, **{**k, "norm_save": k["norm_save"] if save else None}))
+    c = get_config("tiny")
+    c.update(impl="pallas", scan_layers=False, kernel_head_norm=on, remat=True,
+             remat_policy="dots_attn_acts")
+    params = M.LASADGen(c, rngs=nnx.Rngs(0)).params()
+    c = ml_collections.FrozenConfigDict(c)
+    loss = lambda p: jnp.mean(M.forward(c, p, tok, jnp.array([0, 1]), width=8))  # noqa: E731
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    return len(re.findall("lasad_fused_forward", hlo))
+  off, named, unnamed = forward_ops(False, True), forward_ops(True, True), forward_ops(True, False)
+  assert named < 1.2 * off < unnamed / 1.5, (off, named, unnamed)

@@ -460,7 +460,7 @@ def _gate_inputs(b, t, h, dk, dv, h0, seed=0):
   return qr, f, v, lb, s0
 
 
-def _gated_run(impl, gate, qr, f, v, lb, s0, boundary, width, prefix, dtype=jnp.float32):
+def _gated_run(impl, gate, qr, f, v, lb, s0, boundary, width, prefix, dtype=jnp.float32, **kw):
   """o, final state and the gradients of sum(o * do) + sum(S * dst) for qr, f, v, lb, h0 and the
   boundary through ``hgrn2_attention``."""
   from lasad_jax.ops import hgrn2_attention
@@ -475,7 +475,7 @@ def _gated_run(impl, gate, qr, f, v, lb, s0, boundary, width, prefix, dtype=jnp.
   def fn(qr, f, v, lb, s0, bnd):
     o, st = hgrn2_attention(qr.astype(dtype), f.astype(dtype), v.astype(dtype), lb, width=width,
                             prefix=prefix, boundary=bnd, initial_state=s0,
-                            return_final_state=True, impl=impl, gate=gate)
+                            return_final_state=True, impl=impl, gate=gate, **kw)
     return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(st * dst), (o, st)
 
   bnd = jnp.broadcast_to(jnp.asarray(boundary, jnp.float32), (h,))
@@ -524,6 +524,55 @@ def test_pallas_gate_in_kernel_bf16_error_no_worse():
     assert ea < 1.2 * eb + 1e-4, (name, ea, eb)
 
 
+def _compare_gated(got, ref, tol=2e-4):
+  assert oracle.rel_rms(got[0], ref[0]) < 1e-4 and oracle.rel_rms(got[1], ref[1]) < 1e-4
+  for name, want in ref[2].items():
+    g = np.asarray(got[2][name])
+    assert np.all(np.isfinite(g)), f"{name} has NaN/inf"
+    assert oracle.rel_rms(g, want) < tol, (name, oracle.rel_rms(g, want))
+
+
+# (dv, block_v_scan): whole heads per program, so the one-pass kernel normalises (32, 32); V in
+# blocks of 16, so XLA normalises after it (32, None: the default at this small B*H); V padded
+# 24 -> 32, the rms over the first 24 columns (24, 32)
+@pytest.mark.parametrize("dv,bv", [(32, 32), (32, None), (24, 32)])
+def test_pallas_gate_in_kernel_head_norm(dv, bv, monkeypatch):
+  """``hgrn2_attention(norm_eps=...)`` with the gates in the kernels: each head's output RMS-
+  normalised (by the forward kernel where a program holds whole heads), its gradient from the
+  normalised output and the inverse rms. Against the float32 reference then jnp's norm: output,
+  final state and every gradient, awkward T, masked rows, an initial state."""
+  from kernels.lasad import pallas as P
+  qr, f, v, lb, s0 = _gate_inputs(2, 100, 2, 32, dv, True, seed=5)
+  args = (qr, f, v, lb, s0, -0.5, 10, 1)
+  bs = P.BlockSizes() if bv is None else P.BlockSizes(block_v_scan=bv)
+  calls = []
+  monkeypatch.setattr(P, "_with_norm", lambda *a, f=P._with_norm: calls.append(1) or f(*a))
+  got = _gated_run("pallas", "kernel", *args, norm_eps=1e-5, norm_save="n", block_sizes=bs)
+  ref = _gated_run("reference", "xla", *args, norm_eps=1e-5)
+  o = np.asarray(got[0], np.float64)
+  np.testing.assert_allclose(np.mean(o * o, -1), 1.0, rtol=1e-3)   # normalised rows
+  assert bool(calls) == (bv is None)   # XLA's norm only where the kernel cannot
+  _compare_gated(got, ref)
+
+
+def test_pallas_gate_in_kernel_head_norm_bf16_error_no_worse():
+  """At bf16 the kernel's normalised output (from its float32 o) and the gradients through it
+  (from the bf16 normalised output) are as accurate as XLA normalising the bf16 output, both
+  against the float32 reference: within 1.2x + 1e-4."""
+  from kernels.lasad.pallas import BlockSizes
+  qr, f, v, lb, s0 = _gate_inputs(2, 100, 2, 32, 32, True, seed=3)
+  args = (qr, f, v, lb, s0, -0.5, 10, 1)
+  bs = BlockSizes(block_v_scan=32)
+  ref = _gated_run("reference", "xla", *args, norm_eps=1e-5)
+  kern = _gated_run("pallas", "kernel", *args, dtype=jnp.bfloat16, norm_eps=1e-5,
+                    block_sizes=bs)
+  xla = _gated_run("pallas", "xla", *args, dtype=jnp.bfloat16, norm_eps=1e-5, block_sizes=bs)
+  for name, a, b_, r in [("o", kern[0], xla[0], ref[0])] + [
+      (n, kern[2][n], xla[2][n], ref[2][n]) for n in ("dq_raw", "df", "dv", "dlb", "dh0")]:
+    ea, eb = oracle.rel_rms(a, r), oracle.rel_rms(b_, r)
+    assert ea < 1.2 * eb + 1e-4, (name, ea, eb)
+
+
 def test_hgrn2_attention_bad_input():
   from lasad_jax.ops import hgrn2_attention
   x = jnp.zeros((1, 8, 2, 4))
@@ -535,3 +584,5 @@ def test_hgrn2_attention_bad_input():
     hgrn2_attention(x, x, x, jnp.zeros((2, 4)), impl="chunk", gate="kernel")
   with pytest.raises(ValueError, match="`gate`"):
     hgrn2_attention(x, x, x, jnp.zeros((2, 4)), gate="inside")
+  with pytest.raises(ValueError, match="`norm_eps`"):
+    hgrn2_attention(x, x, x, jnp.zeros((2, 4)), impl="chunk", norm_eps=0.0)

@@ -37,6 +37,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -529,10 +530,25 @@ def _output_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, s_ref, o_re
     o_ref[pl.ds(i * sub, sub), :] = (scale * o).astype(o_ref.dtype)
 
 
-def _fused_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, o_ref, ht_ref, *,
-                  chunk, sub, n_chunks, seq_len, scale, prefetch=False, **kw):
+def _store_out(o_ref, r_ref, rows, o, norm):
+  """o (float32 [sub, V]) into o_ref's rows; with ``norm`` = (eps, dv) o / rms(o) instead (each
+  row over its first dv columns, the rest being padding zeros) and the inverse rms into r_ref."""
+  if norm is None:
+    o_ref[rows, :] = o.astype(o_ref.dtype)
+    return
+  eps, dv = norm
+  r = lax.rsqrt(jnp.sum(o * o, axis=1) / dv + eps)
+  o_ref[rows, :] = (o * r[:, None]).astype(o_ref.dtype)
+  r_ref[rows] = r
+
+
+def _fused_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, o_ref, ht_ref, *r_ref,
+                  chunk, sub, n_chunks, seq_len, scale, prefetch=False, norm=None, **kw):
   """The forward in one pass over a whole (segment of a) sequence: the state stays on chip.
-  ``prefetch``: loop over sub-chunks, loading the next one's rows before computing this one."""
+  ``prefetch``: loop over sub-chunks, loading the next one's rows before computing this one.
+  ``norm``: (eps, dv) to write each row's RMS-normalised output and its inverse RMS (r_ref), when
+  the program holds whole rows (V not split into blocks)."""
+  r_ref = r_ref[0] if r_ref else None
   gate_args = (seq_len,) + _scalars(w_ref, p_ref, bd_ref)
   if prefetch:
     refs, n_sub = (q_ref, k_ref, v_ref, g_ref), n_chunks * chunk // sub
@@ -542,7 +558,7 @@ def _fused_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, o_re
       nxt = _load_rows(refs, jnp.minimum(j + 1, n_sub - 1) * sub, sub)
       o, s = _sub_chunk(*refs, s, j * sub, j * sub, gate_args, sub=sub, update=True,
                         loaded=cur, **kw)
-      o_ref[pl.ds(j * sub, sub), :] = (scale * o).astype(o_ref.dtype)
+      _store_out(o_ref, r_ref, pl.ds(j * sub, sub), scale * o, norm)
       return s, nxt
 
     init = (h0_ref[...].astype(F32), _load_rows(refs, 0, sub))
@@ -554,7 +570,7 @@ def _fused_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, o_re
       base = n * chunk + i * sub
       o, s = _sub_chunk(q_ref, k_ref, v_ref, g_ref, s, base, base, gate_args, sub=sub,
                         update=True, **kw)
-      o_ref[pl.ds(base, sub), :] = (scale * o).astype(o_ref.dtype)
+      _store_out(o_ref, r_ref, pl.ds(base, sub), scale * o, norm)
     return s
 
   ht_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(F32))
@@ -867,15 +883,20 @@ def _walk_segments(loc_end, seg_dec, init):
   return jnp.stack(entering, 1), carry
 
 
-def _fused_forward(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, interpret):
+def _fused_forward(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, interpret,
+                   norm=None):
   """(o, final state) by ``_fused_kernel``; with a sequence split, a states pass that writes only
-  each segment's end state and decays, and ``_walk_segments``, give each segment its start."""
+  each segment's end state and decays, and ``_walk_segments``, give each segment its start.
+  ``norm`` (eps, dv): (o normalised per row, final state, inverse rms [B, H, T]), by the kernel
+  where one program holds whole rows and there is no split, else by ``_norm_rows``."""
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   s = _fused_segments(bs, t, seq_len, b * h)
   if s == 1:
-    return _fused_call(q, k, v, g, width, prefix, bnd, h0, seq_len=seq_len, scale=scale, bs=bs,
-                       interpret=interpret)
+    in_kernel = norm is not None and _block_v(bs, b * h, dv) == dv
+    out = _fused_call(q, k, v, g, width, prefix, bnd, h0, seq_len=seq_len, scale=scale, bs=bs,
+                      interpret=interpret, norm=norm if in_kernel else None)
+    return out if norm is None or in_kernel else _with_norm(*out, norm)
   (qs, ks, vs, gs), w, p = _split_inputs(s, width, prefix, q, k, v, g)
   kern = functools.partial(_states_kernel, seq_len=seq_len, dtype=k.dtype)
   _, loc_end, dec = _scan_call(kern, "lasad_segment_states", ks, vs, gs, w, p, bnd,
@@ -885,10 +906,23 @@ def _fused_forward(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, in
   entering, final = _walk_segments(loc_end.reshape(b, s, h, dk, dv), seg_dec, h0)
   o, _ = _fused_call(qs, ks, vs, gs, w, p, bnd, entering.reshape(b * s, h, dk, dv),
                      seq_len=seq_len, scale=scale, bs=bs, interpret=interpret)
-  return o.reshape(b, t, h, dv), final
+  o = o.reshape(b, t, h, dv)
+  return (o, final) if norm is None else _with_norm(o, final, norm)
 
 
-def _fused_call(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, interpret):
+def _with_norm(o, final, norm):
+  """(o / rms(o) per row, final, inverse rms [B, H, T]) in XLA, for the forms the kernel does not
+  normalise itself. Rows as a [rows, V] view (on [B, T, H, V] XLA's GPU fusion tiled the norm
+  [1, T, 1, V] and moved 1.2 TB/s, LASADGen-L session 11)."""
+  eps, dv = norm
+  b, t, h, v = o.shape
+  rows = o.reshape(-1, v).astype(F32)
+  r = lax.rsqrt(jnp.sum(rows * rows, axis=1) / dv + eps)
+  n = (rows * r[:, None]).astype(o.dtype).reshape(o.shape)
+  return n, final, jnp.swapaxes(r.reshape(b, t, h), 1, 2)
+
+
+def _fused_call(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, interpret, norm=None):
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   bv = _block_v(bs, b * h, dv)
@@ -896,13 +930,19 @@ def _fused_call(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, inter
   kern = functools.partial(_fused_kernel, chunk=bs.chunk, sub=bs.sub, n_chunks=t // bs.chunk,
                            seq_len=seq_len, scale=scale, dtype=q.dtype, diag=bs.diag,
                            fast_limit=bs.fast_limit, split=bs.split_dots,
-                           prefetch=bs.fused_prefetch)
+                           prefetch=bs.fused_prefetch, norm=norm)
+  out_specs = [seq_v, state]
+  out_shape = [jax.ShapeDtypeStruct((b, t, h, dv), q.dtype),
+               jax.ShapeDtypeStruct((b, h, dk, dv), F32)]
+  if norm is not None:   # whole rows per program (bv == dv): their inverse rms, [B, H, T]
+    assert bv == dv, (bv, dv)
+    out_specs.append(pl.BlockSpec((None, None, t), lambda i, j, kv: (i, j, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((b, h, t), F32))
   return _pallas_call(
       kern, grid=(b, h, dv // bv),
       in_specs=[seq_k, seq_k, seq_v, seq_k] + _scalar_specs(lambda i, j, kv: (i, j)) + [state],
-      out_specs=[seq_v, state],
-      out_shape=[jax.ShapeDtypeStruct((b, t, h, dv), q.dtype),
-                 jax.ShapeDtypeStruct((b, h, dk, dv), F32)],
+      out_specs=out_specs,
+      out_shape=out_shape,
       compiler_params=_params(bs, bs.fused_num_warps), interpret=interpret, cumsum=_cumsum(bs),
       name="lasad_fused_forward", head_axis=1,
   )(q, k, v, g, width, prefix, bnd, h0)
@@ -989,14 +1029,19 @@ def _lasad(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret):
   return _lasad_fwd(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret)[0]
 
 
-def _lasad_fwd(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret):
+def _forward(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret, norm=None):
+  """(o, final state), or with ``norm`` (eps, dv) (o normalised per row, final, inverse rms)."""
   kw = dict(seq_len=seq_len, bs=bs, interpret=interpret)
   if bs.fused_forward:
-    o, final = _fused_forward(q, k, v, g, width, prefix, bnd, h0, scale=scale, **kw)
-  else:
-    states, final = _chunk_states(k, v, g, width, prefix, bnd, h0, **kw)
-    o = _outputs(q, k, v, g, width, prefix, bnd, states, scale=scale, **kw)
-  return (o, final), (q, k, v, g, width, prefix, bnd, h0)
+    return _fused_forward(q, k, v, g, width, prefix, bnd, h0, scale=scale, norm=norm, **kw)
+  states, final = _chunk_states(k, v, g, width, prefix, bnd, h0, **kw)
+  o = _outputs(q, k, v, g, width, prefix, bnd, states, scale=scale, **kw)
+  return (o, final) if norm is None else _with_norm(o, final, norm)
+
+
+def _lasad_fwd(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret):
+  out = _forward(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret)
+  return out, (q, k, v, g, width, prefix, bnd, h0)
 
 
 def _lasad_bwd(seq_len, scale, bs, interpret, res, cts):
@@ -1069,19 +1114,41 @@ def _lb_rows(lb):
   return jnp.pad(lb.astype(F32), ((0, (1 << (h - 1).bit_length()) - h), (0, 0)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
-def _hgrn2(qr, f, v, lb, width, prefix, bnd, h0, seq_len, scale, bs, interpret):
-  return _hgrn2_fwd(qr, f, v, lb, width, prefix, bnd, h0, seq_len, scale, bs, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12))
+def _hgrn2(qr, f, v, lb, width, prefix, bnd, h0, seq_len, scale, bs, interpret, norm):
+  return _hgrn2_fwd(qr, f, v, lb, width, prefix, bnd, h0, seq_len, scale, bs, interpret,
+                    norm)[0]
 
 
-def _hgrn2_fwd(qr, f, v, lb, width, prefix, bnd, h0, seq_len, scale, bs, interpret):
+def _hgrn2_fwd(qr, f, v, lb, width, prefix, bnd, h0, seq_len, scale, bs, interpret, norm):
+  """``norm``: None, or (eps, dv, name): the output normalised per row (``_store_out``); its
+  gradient reads that output and the inverse rms, both named ``name`` (a checkpoint_name, so a
+  remat policy that keeps it keeps the forward kernel from rerunning; None: unnamed)."""
   # q_raw in the q slot, f in both the k and the g slots: _tq and _tkg make q, k, g of them.
+  res = (qr, f, v, lb, width, prefix, bnd, h0)
   with _gated(_lb_rows(lb)):
-    out, _ = _lasad_fwd(qr, f, v, f, width, prefix, bnd, h0, seq_len, scale, bs, interpret)
-  return out, (qr, f, v, lb, width, prefix, bnd, h0)
+    out = _forward(qr, f, v, f, width, prefix, bnd, h0, seq_len, scale, bs, interpret,
+                   None if norm is None else norm[:2])
+  if norm is None:
+    return out, res
+  n, final, r = out
+  name = norm[2]
+  saved = (n, r) if name is None else (checkpoint_name(n, name), checkpoint_name(r, name))
+  return (n, final), res + saved
 
 
-def _hgrn2_bwd(seq_len, scale, bs, interpret, res, cts):
+def _norm_rows_bwd(dn, n, r, dv):
+  """Gradient through n = o r, r = (sum(o^2) / dv + eps)^-1/2 per row: do = r (dn - n sum(dn n)
+  / dv), from n and r (not o). dn, n [B, T, H, V]; r [B, H, T]."""
+  dn32, n32 = dn.astype(F32), n.astype(F32)
+  m = jnp.sum(dn32 * n32, axis=-1, keepdims=True) / dv
+  return (jnp.swapaxes(r, 1, 2)[..., None] * (dn32 - n32 * m)).astype(dn.dtype)
+
+
+def _hgrn2_bwd(seq_len, scale, bs, interpret, norm, res, cts):
+  if norm is not None:
+    *res, n, r = res
+    cts = (_norm_rows_bwd(cts[0], n, r, norm[1]), cts[1])
   qr, f, v, lb, width, prefix, bnd, h0 = res
   # the gradient kernel applies the forget gate's derivatives (_gate_grads): d f and d lb per
   # chunk come back in the dk and dg slots; silu's derivative is XLA's, one pass over dq
@@ -1096,14 +1163,20 @@ _hgrn2.defvjp(_hgrn2_fwd, _hgrn2_bwd)
 
 
 def hgrn2_pallas(q_raw, f, v, lb, width, prefix, boundary, initial_state, *, scale, use_mask,
-                 block_sizes=BlockSizes(), interpret=None):
+                 block_sizes=BlockSizes(), interpret=None, norm_eps=None, norm_save=None):
   """``lasad_pallas`` on HGRN2's gates computed inside the kernels (``reference.hgrn2_gates``):
   q_raw, f [B, T, H, K] (the projections), lb [H, K]. The kernels read q_raw and f instead of q,
   k and a float32 g, so neither XLA's gate pass nor its recomputation in the backward writes
-  them to memory. Padding: q_raw = v = 0, f = +inf (s = 1: k = 0, g = 0), lb = 0."""
+  them to memory. Padding: q_raw = v = 0, f = +inf (s = 1: k = 0, g = 0), lb = 0.
+
+  ``norm_eps``: return each head's output RMS-normalised, o / sqrt(mean(o^2) + norm_eps) (no
+  weight), written so by the one-pass forward kernel from its float32 o where a program holds
+  whole heads (else by XLA after it); the gradient reads the normalised output and the inverse
+  rms ([B, H, T] float32), named ``norm_save`` for remat."""
   bs = block_sizes
   pad = _Padding(q_raw, v, width, initial_state, use_mask, bs, interpret)
   lbp = jnp.pad(lb.astype(F32), ((0, 0), (0, pad.kp)))
+  norm = None if norm_eps is None else (float(norm_eps), pad.dv, norm_save)
   o, final = _hgrn2(pad(q_raw, pad.kp), pad(f, pad.kp, jnp.inf), pad(v, pad.vp), lbp, pad.width,
-                    prefix, boundary, pad.h0, pad.seq_len, scale, bs, pad.interpret)
+                    prefix, boundary, pad.h0, pad.seq_len, scale, bs, pad.interpret, norm)
   return pad.crop(o, final)
