@@ -217,14 +217,15 @@ def test_model_copies_leave_no_cotangent_sums():
 
 
 def test_model_copies_cost_no_memory():
-  """The copies are one buffer: the compiled gradient's temporary memory is the same with and
-  without them (XLA on the CPU, kernels interpreted; 72 bytes apart when written)."""
+  """The copies are one buffer: they add nothing to the compiled gradient's temporary memory (XLA
+  on the CPU, kernels interpreted: 72 bytes apart when written; compiled on an H100, 131 KB less
+  with them; three real copies of h, seeded by hand, were +262 KB on the CPU)."""
   tok = jnp.zeros((4, 128), jnp.int32)
   temp = {}
   for copies in (True, False):
     g, params, _ = _unrolled_grad("pallas", copies, tok)
     temp[copies] = jax.jit(g).lower(params).compile().memory_analysis().temp_size_in_bytes
-  assert abs(temp[True] - temp[False]) <= 1024, temp
+  assert temp[True] <= temp[False] + 1024, temp
 
 
 # head_dim 16: one program holds a whole head (as at LASADGen-L's training shape), the kernel
@@ -265,9 +266,10 @@ def test_model_kernel_head_norm(scan, head_dim, monkeypatch):
 def test_model_kernel_head_norm_does_not_rerun_the_forward(monkeypatch):
   """Under remat the op's normalised output and inverse rms are named "attn_out", so the backward
   reads them and the forward kernel's recomputation is dead (XLA drops it). Measured as what the
-  compiled gradient (CPU, kernels interpreted) keeps of the forward kernel: its ops' count of
-  "lasad_fused_forward" in the HLO is about that without the kernel norm (930 vs 978 when
-  written), and doubles when the values are left unnamed (1954), which shows a rerun."""
+  compiled gradient keeps of the forward kernel: its ops' count of "lasad_fused_forward" in the
+  HLO is about that without the kernel norm, and doubles when the values are left unnamed, which
+  shows a rerun (without / named / unnamed: 930 / 978 / 1954 on the CPU, kernels interpreted; 8 /
+  10 / 18 compiled on an H100, session 22)."""
   import re
   orig = M.hgrn2_attention
   tok = jnp.zeros((2, 40), jnp.int32)
@@ -284,4 +286,4 @@ def test_model_kernel_head_norm_does_not_rerun_the_forward(monkeypatch):
     hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
     return len(re.findall("lasad_fused_forward", hlo))
   off, named, unnamed = forward_ops(False, True), forward_ops(True, True), forward_ops(True, False)
-  assert named < 1.2 * off < unnamed / 1.5, (off, named, unnamed)
+  assert named < 1.5 * off and unnamed > 1.7 * off, (off, named, unnamed)

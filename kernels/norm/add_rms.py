@@ -14,7 +14,8 @@ rows: LASADGen-L's training step spent ~1.6 ms per layer in them on an H100, BEN
             dw (per-program partial sums, added up in XLA)
 
 With ``copies=n`` h is returned n times (one buffer), one per consuming matmul, and the backward
-kernel reads the n gradients gh_1..gh_n and adds them itself (no XLA pass summing them first).
+kernel reads the n gradients gh_1..gh_n and adds them itself (no XLA pass summing them first):
+LASADGen-L's step 347.6 -> 343.5 ms on one H100 (session 22).
 
 The backward recomputes y from x and the d_i (its residuals are the inputs), or with
 ``save_output`` reads y itself; either way a remat policy that keeps those values does not rerun
