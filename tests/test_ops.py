@@ -532,26 +532,28 @@ def _compare_gated(got, ref, tol=2e-4):
     assert oracle.rel_rms(g, want) < tol, (name, oracle.rel_rms(g, want))
 
 
-# (dv, block_v_scan): whole heads per program, so the one-pass kernel normalises (32, 32); V in
-# blocks of 16, so XLA normalises after it (32, None: the default at this small B*H); V padded
-# 24 -> 32, the rms over the first 24 columns (24, 32)
-@pytest.mark.parametrize("dv,bv", [(32, 32), (32, None), (24, 32)])
-def test_pallas_gate_in_kernel_head_norm(dv, bv, monkeypatch):
+# (dv, block_v_scan, T, seq_split): whole heads per program, so the one-pass kernel normalises
+# (32, 32); V in blocks of 16, so XLA normalises after it (32, None: the default at this small
+# B*H); V padded 24 -> 32, the rms over the first 24 columns (24, 32); a sequence split of the
+# forward into 2 segments (T = 512), normalised by XLA after it
+@pytest.mark.parametrize("dv,bv,t,split", [(32, 32, 100, None), (32, None, 100, None),
+                                           (24, 32, 100, None), (32, 32, 512, 2)])
+def test_pallas_gate_in_kernel_head_norm(dv, bv, t, split, monkeypatch):
   """``hgrn2_attention(norm_eps=...)`` with the gates in the kernels: each head's output RMS-
   normalised (by the forward kernel where a program holds whole heads), its gradient from the
   normalised output and the inverse rms. Against the float32 reference then jnp's norm: output,
   final state and every gradient, awkward T, masked rows, an initial state."""
   from kernels.lasad import pallas as P
-  qr, f, v, lb, s0 = _gate_inputs(2, 100, 2, 32, dv, True, seed=5)
+  qr, f, v, lb, s0 = _gate_inputs(2, t, 2, 32, dv, True, seed=5)
   args = (qr, f, v, lb, s0, -0.5, 10, 1)
-  bs = P.BlockSizes() if bv is None else P.BlockSizes(block_v_scan=bv)
+  bs = P.BlockSizes(block_v_scan=bv, seq_split=split)
   calls = []
   monkeypatch.setattr(P, "_with_norm", lambda *a, f=P._with_norm: calls.append(1) or f(*a))
   got = _gated_run("pallas", "kernel", *args, norm_eps=1e-5, norm_save="n", block_sizes=bs)
   ref = _gated_run("reference", "xla", *args, norm_eps=1e-5)
   o = np.asarray(got[0], np.float64)
   np.testing.assert_allclose(np.mean(o * o, -1), 1.0, rtol=1e-3)   # normalised rows
-  assert bool(calls) == (bv is None)   # XLA's norm only where the kernel cannot
+  assert bool(calls) == (bv is None or split is not None)   # XLA's norm where the kernel cannot
   _compare_gated(got, ref)
 
 
