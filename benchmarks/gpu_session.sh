@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the GPU runs recorded in BENCHMARKS.md / RESULTS.md executed, stage by stage, on the device
 # machine (its python3 has jax[cuda], torch; grain, ml_collections and fla come as wheels in .whl/).
-#   bash benchmarks/gpu_session.sh STAGE...   stages: tests train sampling profile topk scaling sad fla fixtures ops parts lina plina ncu hlo
+#   bash benchmarks/gpu_session.sh STAGE...   stages: tests train sampling profile topk scaling sad fla fixtures ops parts lina plina ncu ab hlo
 # Logs and JSON go to $OUT (default: ./out).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -68,6 +68,18 @@ for stage in "$@"; do
                 > "$rep.sass.csv" 2>> "$rep.log"
               python3 benchmarks/ncu_sass.py "$rep.sass.csv" 2>&1 | tee "$rep.sass.txt"
               gzip -f "$rep.sass.csv"; rm -f "$rep.ncu-rep" ;;
+    # Old-vs-new L training step in one call, alternating: this tree and the tree in $OLD_TREE
+    # (made before the call: git archive REV | tar -x -C DIR; untracked, so it travels), the
+    # latter run with this tree's benchmarks/train.py. AB_ARGS go to this tree's runs only.
+    ab)       A="--variants L --batches 256 --remat --remat-policy dots_attn_acts --no-scan --iters 8"
+              cp benchmarks/train.py "$OLD_TREE/benchmarks/"
+              for i in 1 ${AB_REPEAT:-}; do
+                XLA_PYTHON_CLIENT_MEM_FRACTION=.95 timeout 120 python3 benchmarks/train.py $A \
+                  ${AB_ARGS:-} --out "$OUT/ab_new_$i.json" 2>&1 | tee -a "$OUT/ab.log" | tail -1
+                (cd "$OLD_TREE" && PYTHONPATH=/tmp/site:$PWD:$PWD/benchmarks XLA_PYTHON_CLIENT_MEM_FRACTION=.95 \
+                  timeout 120 python3 benchmarks/train.py $A --out "$OUT/ab_old_$i.json") 2>&1 \
+                  | tee -a "$OUT/ab.log" | tail -1
+              done ;;
     # The optimised HLO of the training step (to name the fusions a profile lists).
     hlo)      XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=${HLO_RE:-.*step.*}" \
                 XLA_PYTHON_CLIENT_MEM_FRACTION=.95 timeout 240 python3 benchmarks/train.py --variants L \
