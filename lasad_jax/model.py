@@ -255,7 +255,8 @@ def forward(cfg, params, tokens, labels, width=None):
                           boundary=_boundary(cfg, p), scale=1.0, impl=cfg.impl,
                           gate=_kernel_gate(cfg), norm_eps=eps if head_norm else None,
                           norm_save="attn_out", **kernel_kw)
-      o = remat.checkpoint_name(o, "attn_out")
+      if not head_norm:   # else the op's output is named "attn_out" already (naming it again
+        o = remat.checkpoint_name(o, "attn_out")   # would stack it twice in a lax.scan)
       d_attn = _attn_out(cfg, p, o, normed=head_norm)
     x, h_ffn = add_norm(x, (d_attn,), p["ffn_norm"], eps, dt, None, n_ffn)
     d_ffn = _swiglu(cfg, p, h_ffn)
