@@ -112,6 +112,9 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
         print(f"    {k[:70]:<70} {v['calls']:6d} {v['ms']:9.2f} ms")
   tps = batch * n_tok / sec
   peak = T.peak_flops(jax.devices()[0])
+
+  def mfu(step_s):
+    return round(batch * n_tok / step_s * T.flops_per_token(cfg) / (peak * n), 4) if peak else None
   mem = [d.memory_stats() or {} for d in jax.local_devices()]
   return dict(variant=variant, attention=attention, batch=batch, mesh=mesh_kind, devices=n,
               remat=policy if remat else False, kernel_sub=kernel_sub,
@@ -121,10 +124,8 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
               params_m=round(M.count_params(cfg) / 1e6, 2),
               step_ms=round(sec * 1e3, 2), tokens_per_s=round(tps),
               images_per_s=round(batch / sec, 1),
-              mfu=round(tps * T.flops_per_token(cfg) / (peak * n), 4) if peak else None,
-              step_ms_pipelined=round(sec_pipe * 1e3, 2),
-              mfu_pipelined=(round(batch * n_tok / sec_pipe * T.flops_per_token(cfg) / (peak * n), 4)
-                             if peak else None),
+              mfu=mfu(sec), step_ms_pipelined=round(sec_pipe * 1e3, 2),
+              mfu_pipelined=mfu(sec_pipe),
               peak_gib=round(max(x.get("peak_bytes_in_use", 0) for x in mem) / 2 ** 30, 2),
               compile_s=round(compile_s, 1), loss=round(loss, 4), kernels=kernels)
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from kernels.lasad.chunk import lasad_chunk
 from kernels.lasad.reference import hgrn2_gates, lasad_reference
+from kernels.norm.add_rms import rms_norm
 from lasad_jax.lina.attention import lina_attention  # noqa: F401  (LINA's operator, beside ours)
 from lasad_jax.sharding import over_batch
 
@@ -217,9 +218,8 @@ def hgrn2_attention(q_raw, f, v, lb, *, width=None, prefix=0, boundary=0.0, scal
     if norm_eps is None:
       return out
     o, final = out if return_final_state else (out, None)
-    rows = o.reshape(-1, o.shape[-1]).astype(jnp.float32)   # a [rows, V] view: see _with_norm
-    rows = rows * jax.lax.rsqrt(jnp.mean(rows * rows, -1, keepdims=True) + norm_eps)
-    o = rows.reshape(o.shape).astype(o.dtype)
+    # the model's per-head norm, unweighted, on a [rows, V] view (see pallas._with_norm)
+    o = rms_norm(o.reshape(-1, o.shape[-1]), 1.0, norm_eps).reshape(o.shape).astype(o.dtype)
     return (o, final) if return_final_state else o
   # lasad_attention's checks on the gates' shapes (f stands in for k and g)
   (_, _, _, _, *rest), use_mask, scale = _operator_args(q_raw, f, v, f, width, prefix, boundary,

@@ -202,6 +202,11 @@ def _unrolled_grad(mode, copies, tok):
   return jax.grad(loss), params, c
 
 
+def _temp_bytes(grad, params):
+  """Temporary memory of the compiled gradient (XLA's buffer assignment)."""
+  return jax.jit(grad).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+
 def test_model_copies_leave_no_cotangent_sums():
   """Unrolled with the kernels, each normed h reaches its matmuls as separate copies, so autodiff
   sums none of their bf16 gradients (the kernel adds them as it reads them); only block 0's
@@ -223,8 +228,7 @@ def test_model_copies_cost_no_memory():
   tok = jnp.zeros((4, 128), jnp.int32)
   temp = {}
   for copies in (True, False):
-    g, params, _ = _unrolled_grad("pallas", copies, tok)
-    temp[copies] = jax.jit(g).lower(params).compile().memory_analysis().temp_size_in_bytes
+    temp[copies] = _temp_bytes(*_unrolled_grad("pallas", copies, tok)[:2])
   assert temp[True] <= temp[False] + 1024, temp
 
 
@@ -304,5 +308,5 @@ def test_model_kernel_head_norm_keeps_no_second_copy(scan):
     params = M.LASADGen(c, rngs=nnx.Rngs(0)).params()
     c = ml_collections.FrozenConfigDict(c)
     loss = lambda p, c=c: jnp.mean(M.forward(c, p, tok, jnp.zeros(4, jnp.int32), width=16))  # noqa: E731
-    temp[on] = jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+    temp[on] = _temp_bytes(jax.grad(loss), params)
   assert temp[True] <= temp[False] + 1024, temp

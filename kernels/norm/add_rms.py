@@ -274,12 +274,10 @@ def add_rms_pallas(x, deltas, w, eps, out_dtype, save_output=None, copies=1, *,
   flat = [a.reshape(m, dim) for a in (x,) + deltas]
   if pad:   # zero rows: finite (y = 0, rsqrt(eps)), and their gh = 0 adds nothing to dw
     flat = [jnp.pad(a, ((0, pad), (0, 0))) for a in flat]
-  # Padded rows are sliced off h once, so the copies are made after that (one h, as above).
-  n_out = 1 if pad else copies
   y, hs = _add_rms(flat[0], tuple(flat[1:]), w.reshape(1, dim), float(eps), jnp.dtype(out_dtype),
-                   bs, interpret, save_output, (len(deltas), jnp.dtype(deltas[0].dtype)), n_out)
-  y = y[:m].reshape(lead + (dim,)) if pad else y.reshape(lead + (dim,))
-  hs = tuple((h[:m] if pad else h).reshape(lead + (dim,)) for h in hs)
-  if pad:
-    hs = hs * copies
+                   bs, interpret, save_output, (len(deltas), jnp.dtype(deltas[0].dtype)),
+                   1 if pad else copies)
+  if pad:   # padded rows are sliced off one h, and the copies made after that (one h, as above)
+    y, hs = y[:m], (hs[0][:m],) * copies
+  y, hs = y.reshape(lead + (dim,)), tuple(h.reshape(lead + (dim,)) for h in hs)
   return (y, hs[0]) if copies == 1 else (y, hs)
