@@ -242,3 +242,56 @@ def test_kernel_sub_config_reaches_the_kernel(monkeypatch):
   c.kernel_sub = 24
   with pytest.raises(ValueError, match="kernel_sub"):
     M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
+
+
+def _packed_grad(impl, scan, packed, dtype="float32"):
+  import ml_collections
+  c = get_config("tiny")
+  c.update(impl=impl, scan_layers=scan, remat=True, remat_policy="dots_attn_acts", dtype=dtype,
+           packed_qfv=packed, packed_w13=packed)
+  params = M.LASADGen(c, rngs=nnx.Rngs(0)).params()
+  c = ml_collections.FrozenConfigDict(c)
+  tok = jax.random.randint(jax.random.key(4), (2, 64), 0, c.vocab_size)
+
+  def loss(p):
+    return jnp.mean(M.forward(c, p, tok, jnp.array([0, 1]), width=8) ** 2)
+  return jax.value_and_grad(loss), params
+
+
+@pytest.mark.parametrize("impl,scan", [("pallas", False), ("pallas", True), ("chunk", False)])
+def test_packed_projections_match_separate(impl, scan):
+  """config.packed_qfv / packed_w13: q|f|v and w1|w3 as one matmul each (the op reading the
+  first's [B, T, 3, H, Dh] output in place, ``swiglu_packed``'s one-array gradient) give the loss
+  and every parameter gradient of separate matmuls, float32: the Pallas kernels (interpreted)
+  with the fused norms unrolled and in a scan, and the jnp path."""
+  (l0, g0), (l1, g1) = (jax.jit(f)(p) for f, p in (_packed_grad(impl, scan, False),
+                                                    _packed_grad(impl, scan, True)))
+  assert abs(float(l1) - float(l0)) <= 1e-6 * abs(float(l0))
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g0)):
+    err = float(jnp.sqrt(jnp.mean((a - b) ** 2) / jnp.maximum(jnp.mean(b ** 2), 1e-30)))
+    assert err < 1e-5, (jax.tree_util.keystr(path), err)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_swiglu_packed_matches_autodiff(dtype):
+  """``swiglu_packed`` (silu(a) * b of one [..., 2, n] array, its gradient written as one array)
+  against autodiff of the two-halves formula: the same product, gradients within float32
+  rounding (bf16: the custom gradient rounds once, autodiff after each op, so within bf16's
+  rounding of the result)."""
+  rng = np.random.default_rng(0)
+  ab = jnp.asarray(3 * rng.standard_normal((3, 5, 2, 24)), dtype)
+  g = jnp.asarray(rng.standard_normal((3, 5, 24)), dtype)
+  plain = lambda x: jax.nn.silu(x[..., 0, :]) * x[..., 1, :]  # noqa: E731
+  y, vjp = jax.vjp(M.swiglu_packed, ab)
+  y0, vjp0 = jax.vjp(plain, ab)
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y0, np.float32))
+  d, d0 = np.asarray(vjp(g)[0], np.float64), np.asarray(vjp0(g)[0], np.float64)
+  tol = 1e-6 if dtype == "float32" else 1e-2
+  assert np.sqrt(np.mean((d - d0) ** 2) / np.mean(d0 ** 2)) < tol
+  # against the float64 derivative: silu'(a) = s (1 + a (1 - s)), s = sigmoid(a)
+  a, b, g64 = (np.asarray(ab, np.float64)[..., 0, :], np.asarray(ab, np.float64)[..., 1, :],
+               np.asarray(g, np.float64))
+  s = 1 / (1 + np.exp(-a))
+  want = np.stack([g64 * b * s * (1 + a * (1 - s)), g64 * a * s], axis=-2)
+  err, err0 = (np.sqrt(np.mean((x - want) ** 2) / np.mean(want ** 2)) for x in (d, d0))
+  assert err <= err0 * 1.01 + 1e-7, (err, err0)
