@@ -5,7 +5,6 @@ baseline) on synthetic ImageNet-shaped code batches (16x16 tokens, 1000 classes)
         [--mesh data|fsdp] [--remat [--remat-policy full|dots|dots_attn|dots_attn_acts]] [--kernel-sub 16] [--kernel-forward one_pass]
         [--kernel-dots bf16] [--kernel-cumsum scan|dot] [--kernel-gate kernel|xla] [--no-scan]
         [--fused-norm auto|pallas|xla] [--norm-copies 0|1] [--kernel-head-norm 0|1]
-        [--packed-qfv 0|1] [--packed-w13 0|1]
         [--profile N]
         [--out benchmarks/results/train_h100.json]
 
@@ -48,8 +47,7 @@ from benchmarks_common import profile_call  # noqa: E402
 
 def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", kernel_sub=32,
             profile=0, forward="auto", dots="split", scan=True, cumsum="auto", gate="auto",
-            fused_norm="auto", norm_copies=True, head_norm=True, packed_qfv=True,
-            packed_w13=True):
+            fused_norm="auto", norm_copies=True, head_norm=True):
   n = jax.device_count()
   cfg = get_config(variant)
   cfg.attention = attention
@@ -64,8 +62,6 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
   cfg.fused_norm = fused_norm
   cfg.norm_copies = norm_copies
   cfg.kernel_head_norm = head_norm
-  cfg.packed_qfv = packed_qfv
-  cfg.packed_w13 = packed_w13
   cfg.scan_layers = scan
   cfg.warmup_steps = 10
   cfg.mesh.data, cfg.mesh.fsdp = (n, 1) if mesh_kind == "data" else (1, n)
@@ -124,8 +120,7 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
               remat=policy if remat else False, kernel_sub=kernel_sub,
               kernel_forward=forward, kernel_dots=dots, kernel_cumsum=cumsum, kernel_gate=gate,
               fused_norm=fused_norm, norm_copies=norm_copies,
-              kernel_head_norm=head_norm, packed_qfv=packed_qfv, packed_w13=packed_w13,
-              scan_layers=scan,
+              kernel_head_norm=head_norm, scan_layers=scan,
               params_m=round(M.count_params(cfg) / 1e6, 2),
               step_ms=round(sec * 1e3, 2), tokens_per_s=round(tps),
               images_per_s=round(batch / sec, 1),
@@ -159,10 +154,6 @@ def main():
                   help="config.norm_copies: normed h once per consumer matmul (1, default) or once")
   ap.add_argument("--kernel-head-norm", type=int, default=1, choices=(0, 1),
                   help="config.kernel_head_norm: attention output normed in the forward kernel (1)")
-  ap.add_argument("--packed-qfv", type=int, default=1, choices=(0, 1),
-                  help="config.packed_qfv: q|f|v as one matmul read in place by the kernels (1)")
-  ap.add_argument("--packed-w13", type=int, default=1, choices=(0, 1),
-                  help="config.packed_w13: w1|w3 as one matmul (1)")
   ap.add_argument("--no-scan", action="store_true",
                   help="unrolled layers (config.scan_layers=False) instead of one lax.scan")
   ap.add_argument("--profile", type=int, default=0,
@@ -184,8 +175,7 @@ def main():
                       args.remat_policy, args.kernel_sub, args.profile,
                       args.kernel_forward, args.kernel_dots, not args.no_scan,
                       args.kernel_cumsum, args.kernel_gate, args.fused_norm,
-                      bool(args.norm_copies), bool(args.kernel_head_norm),
-                      bool(args.packed_qfv), bool(args.packed_w13))
+                      bool(args.norm_copies), bool(args.kernel_head_norm))
         except Exception as e:  # noqa: BLE001  (out of memory: try the next smaller batch)
           msg = str(e).splitlines()[0][:120]
           if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():

@@ -63,13 +63,6 @@ def get_config(variant="B"):
   # the gradient reads that and the inverse rms (hgrn2_attention's norm_eps). False: XLA's norm.
   # LASADGen-L as above: 349.4 -> 343.5 ms per step, one call (BENCHMARKS.md session 22).
   c.kernel_head_norm = True
-  # The attention's input projections q, f, v as one matmul against [wq | wf | wv] (the Pallas
-  # kernels read its [B, T, 3, H, Dh] output in place and write its gradient as one array), and
-  # the FFN's w1, w3 as one matmul against [w1 | w3] (model.swiglu_packed): each backward is one
-  # matmul and the norm before them gets one gradient. False: separate matmuls, as before
-  # session 23. The parameters stay separate either way.
-  c.packed_qfv = True
-  c.packed_w13 = True
   # Parallel forward over the layers: True = one lax.scan over the stacked weights (compile time
   # independent of depth); False = unrolled, one copy per layer. In training with remat policy
   # dots / dots_attn the scan copies each saved activation into its stacked [L, ...] buffer and

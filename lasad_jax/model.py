@@ -99,8 +99,7 @@ def _mlp(cfg, p, x):
 
 def _swiglu(cfg, p, h):
   """SwiGLU of the normed input h (one array, or a copy for w1 and one for w3); its two matmul
-  operands are named for remat "dots_attn_acts" (identity elsewhere). With config.packed_w13
-  (default) w1 and w3 are one [d, 2, hidden] matmul and ``swiglu_packed`` its product."""
+  operands are named for remat "dots_attn_acts" (identity elsewhere)."""
   dt = jnp.dtype(cfg.dtype)
   if isinstance(h, tuple):
     h1, h3 = (remat.checkpoint_name(x, "mlp_in") for x in h)
@@ -108,40 +107,9 @@ def _swiglu(cfg, p, h):
     h1 = h3 = remat.checkpoint_name(h, "mlp_in")
   if "w13" in p:
     a, b = jnp.split(h1 @ p["w13"].astype(dt), 2, axis=-1)
-    act = jax.nn.silu(a) * b
-  elif cfg.get("packed_w13", True):
-    w13 = jnp.concatenate([p["w1"], p["w3"]], axis=-1).astype(dt)
-    act = swiglu_packed((h1 @ w13).reshape(h1.shape[:-1] + (2, p["w1"].shape[-1])))
   else:
     a, b = h1 @ p["w1"].astype(dt), h3 @ p["w3"].astype(dt)
-    act = jax.nn.silu(a) * b
-  return remat.checkpoint_name(act, "mlp_act") @ p["w2"].astype(dt)
-
-
-@jax.custom_vjp
-def swiglu_packed(ab):
-  """silu(a) * b for ab [..., 2, n] (a = ab[..., 0, :], b = ab[..., 1, :]), as one matmul against
-  [w1 | w3] writes them. Its gradient is one [..., 2, n] array written by one elementwise pass, the
-  operand of the single backward matmuls; autodiff's would be two halves for XLA to join (a copy
-  of both: 48 x 0.49 ms per LASADGen-L step on an H100, BENCHMARKS.md session 13)."""
-  return jax.nn.silu(ab[..., 0, :]) * ab[..., 1, :]
-
-
-def _swiglu_packed_fwd(ab):
-  return swiglu_packed(ab), ab
-
-
-def _swiglu_packed_bwd(ab, g):
-  a, b = ab[..., 0, :].astype(jnp.float32), ab[..., 1, :].astype(jnp.float32)
-  g = g.astype(jnp.float32)
-  s = jax.nn.sigmoid(a)
-  da = g * b * s * (1.0 + a * (1.0 - s))     # silu'(a) = s (1 + a (1 - s))
-  db = g * a * s
-  slot = jax.lax.broadcasted_iota(jnp.int32, ab.shape, ab.ndim - 2)
-  return (jnp.where(slot == 0, da[..., None, :], db[..., None, :]).astype(ab.dtype),)
-
-
-swiglu_packed.defvjp(_swiglu_packed_fwd, _swiglu_packed_bwd)
+  return remat.checkpoint_name(jax.nn.silu(a) * b, "mlp_act") @ p["w2"].astype(dt)
 
 
 def rope_2d(pos, width, head_dim, base=10000.0):
@@ -257,13 +225,7 @@ def forward(cfg, params, tokens, labels, width=None):
   # Only for the kernels (XLA's jnp path sums them inside its own fusion anyway) and not in a scan,
   # where remat would stack each copy it keeps.
   copies = (add_norm is add_rms.add_rms_pallas and not scan and cfg.get("norm_copies", True))
-  # config.packed_qfv / packed_w13 (default True): the input projections q|f|v, and w1|w3, as one
-  # matmul each against the weights side by side, so each backward is one matmul and the norm's
-  # gradient one h's (no copies needed there).
-  packed_qfv = cfg.attention == "lasad" and cfg.get("packed_qfv", True)
-  packed_w13 = cfg.get("packed_w13", True)
-  n_attn = 3 if copies and not packed_qfv else 1
-  n_ffn = 2 if copies and not packed_w13 else 1
+  n_attn, n_ffn = (3, 2) if copies else (1, 1)
   # The per-head norm of the attention output inside the forward kernel (its gradient reads the
   # normalised output and inverse rms, both kept under the name "attn_out").
   head_norm = kernel_head_norm(cfg)
@@ -286,12 +248,9 @@ def forward(cfg, params, tokens, labels, width=None):
     else:
       # The gates (reference.hgrn2_gates) run inside the Pallas kernels, or in XLA (config.
       # kernel_gate; hgrn2_attention).
-      if packed_qfv:   # one matmul; the op reads its [B, T, 3, H, Dh] output in place
-        w_in = jnp.concatenate([p["wq"], p["wf"], p["wv"]], axis=-1).astype(dt)
-        qfv = ((h @ w_in).reshape(h.shape[:-1] + (3, cfg.num_heads, cfg.head_dim)), None, None)
-      else:
-        qfv = tuple(_heads(cfg, y) for y in _in_proj(p, h, ("wq", "wf", "wv"), dt))
-      o = hgrn2_attention(*qfv, lb.reshape(cfg.num_heads, cfg.head_dim),
+      q_raw, f, v = _in_proj(p, h, ("wq", "wf", "wv"), dt)
+      o = hgrn2_attention(_heads(cfg, q_raw), _heads(cfg, f), _heads(cfg, v),
+                          lb.reshape(cfg.num_heads, cfg.head_dim),
                           width=None if cfg.boundary == "none" else width, prefix=PREFIX,
                           boundary=_boundary(cfg, p), scale=1.0, impl=cfg.impl,
                           gate=_kernel_gate(cfg), norm_eps=eps if head_norm else None,

@@ -175,11 +175,7 @@ def hgrn2_attention(q_raw, f, v, lb, *, width=None, prefix=0, boundary=0.0, scal
   :func:`lasad_attention`.
 
   Args:
-    q_raw, f: [B, T, H, K] query and forget-gate projections; v: [B, T, H, V]. Or all three as
-      one array q_raw [B, T, 3, H, K] (q_raw, f, v stacked on axis 2, as one matmul against
-      [wq | wf | wv] writes them; V = K) with f and v None: the Pallas kernels with the gates
-      inside then read each slot in place and return its gradient as one array, so the
-      projection's backward is one matmul and no slice is copied; elsewhere it is sliced.
+    q_raw, f: [B, T, H, K] query and forget-gate projections; v: [B, T, H, V].
     lb: [H, K] the layer's forget-gate lower bound (0 <= lb < 1; 0 in LASADGen's first layer).
     gate: where the gates are computed. "kernel": inside the Pallas kernels (they read q_raw and f
       in place of q, k and a float32 g; needs impl "pallas"); "xla": ``hgrn2_gates`` in XLA, then
@@ -197,17 +193,6 @@ def hgrn2_attention(q_raw, f, v, lb, *, width=None, prefix=0, boundary=0.0, scal
     raise ValueError(f"`gate` must be one of {GATES}, got {gate!r}.")
   if impl not in IMPLS:
     raise ValueError(f"`impl` must be one of {IMPLS}, got {impl!r}.")
-  packed = None
-  if f is None and v is None:
-    if not hasattr(q_raw, "ndim") or q_raw.ndim != 5 or q_raw.shape[2] != 3:
-      raise ValueError(f"with `f` and `v` None, `q_raw` must be the three projections stacked, "
-                       f"[B, T, 3, H, K], got shape {getattr(q_raw, 'shape', type(q_raw).__name__)}"
-                       f"; or pass q_raw, f, v as [B, T, H, K] arrays.")
-    packed = q_raw
-    q_raw, f, v = packed[:, :, 0], packed[:, :, 1], packed[:, :, 2]
-  elif f is None or v is None:
-    raise ValueError("`f` and `v` must both be given ([B, T, H, K] each), or both None with the "
-                     "three projections stacked in `q_raw` ([B, T, 3, H, K]).")
   for name, x in (("q_raw", q_raw), ("f", f)):
     if not hasattr(x, "ndim") or x.ndim != 4:
       raise ValueError(f"`{name}` must have rank 4 ([B, T, H, K]), got shape "
@@ -239,14 +224,11 @@ def hgrn2_attention(q_raw, f, v, lb, *, width=None, prefix=0, boundary=0.0, scal
   # lasad_attention's checks on the gates' shapes (f stands in for k and g)
   (_, _, _, _, *rest), use_mask, scale = _operator_args(q_raw, f, v, f, width, prefix, boundary,
                                                         scale, initial_state)
-  from kernels.lasad.pallas import hgrn2_pallas, hgrn2_pallas_packed
-  bkw = dict(scale=scale, use_mask=use_mask, norm_eps=norm_eps, norm_save=norm_save,
-             **({} if block_sizes is None else dict(block_sizes=block_sizes)))
-  if packed is not None:
-    o, final = over_batch(lambda *a: hgrn2_pallas_packed(*a, **bkw), (packed, lb, *rest),
-                          batched=(True, False, True, True, False, True))
-  else:
-    o, final = over_batch(lambda *a: hgrn2_pallas(*a, **bkw), (q_raw, f, v, lb, *rest),
-                          batched=(True, True, True, False, True, True, False, True))
+  from kernels.lasad.pallas import hgrn2_pallas
+  bkw = {} if block_sizes is None else dict(block_sizes=block_sizes)
+  o, final = over_batch(
+      lambda *a: hgrn2_pallas(*a, scale=scale, use_mask=use_mask, norm_eps=norm_eps,
+                              norm_save=norm_save, **bkw),
+      (q_raw, f, v, lb, *rest), batched=(True, True, True, False, True, True, False, True))
   o = o.astype(jnp.result_type(q_raw.dtype, v.dtype))
   return (o, final) if return_final_state else o

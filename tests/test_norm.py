@@ -192,10 +192,10 @@ def _bf16_cotangent_sums(jaxpr, dim):
   return n
 
 
-def _unrolled_grad(mode, copies, tok, packed=False):
+def _unrolled_grad(mode, copies, tok):
   c = get_config("tiny")
   c.update(dtype="bfloat16", scan_layers=False, remat=True, remat_policy="dots_attn_acts",
-           fused_norm=mode, norm_copies=copies, packed_qfv=packed, packed_w13=packed)
+           fused_norm=mode, norm_copies=copies)
   params = M.LASADGen(c, rngs=nnx.Rngs(0)).params()
   c = ml_collections.FrozenConfigDict(c)
   loss = lambda p: jnp.mean(M.forward(c, p, tok, jnp.zeros(tok.shape[:1], jnp.int32), width=8))  # noqa: E731
@@ -211,19 +211,14 @@ def test_model_copies_leave_no_cotangent_sums():
   """Unrolled with the kernels, each normed h reaches its matmuls as separate copies, so autodiff
   sums none of their bf16 gradients (the kernel adds them as it reads them); only block 0's
   attention norm (XLA's) keeps its two sums of three. Without copies (config.norm_copies=False),
-  and on the jnp path, there are 3 per layer. (With the projections packed, config.packed_qfv
-  and packed_w13, the defaults since session 23, each h feeds one matmul: no sums in any mode.)"""
+  and on the jnp path, there are 3 per layer."""
   tok = jnp.zeros((2, 32), jnp.int32)
   sums = {}
-  for mode, copies, packed in (("xla", True, False), ("pallas", True, False),
-                               ("pallas", False, False), ("xla", True, True),
-                               ("pallas", False, True)):
-    g, params, c = _unrolled_grad(mode, copies, tok, packed)
-    sums[mode, copies, packed] = _bf16_cotangent_sums(jax.make_jaxpr(g)(params).jaxpr, c.dim)
+  for mode, copies in (("xla", True), ("pallas", True), ("pallas", False)):
+    g, params, c = _unrolled_grad(mode, copies, tok)
+    sums[mode, copies] = _bf16_cotangent_sums(jax.make_jaxpr(g)(params).jaxpr, c.dim)
   n = c.num_layers
-  assert sums == {("xla", True, False): 3 * n, ("pallas", True, False): 2,
-                  ("pallas", False, False): 3 * n, ("xla", True, True): 0,
-                  ("pallas", False, True): 0}, sums
+  assert sums == {("xla", True): 3 * n, ("pallas", True): 2, ("pallas", False): 3 * n}, sums
 
 
 def test_model_copies_cost_no_memory():

@@ -460,10 +460,9 @@ def _gate_inputs(b, t, h, dk, dv, h0, seed=0):
   return qr, f, v, lb, s0
 
 
-def _gated_run(impl, gate, qr, f, v, lb, s0, boundary, width, prefix, dtype=jnp.float32,
-               packed=False, **kw):
+def _gated_run(impl, gate, qr, f, v, lb, s0, boundary, width, prefix, dtype=jnp.float32, **kw):
   """o, final state and the gradients of sum(o * do) + sum(S * dst) for qr, f, v, lb, h0 and the
-  boundary through ``hgrn2_attention`` (``packed``: qr, f, v stacked into its one-array form)."""
+  boundary through ``hgrn2_attention``."""
   from lasad_jax.ops import hgrn2_attention
   b, t, h, _ = qr.shape
   rng = np.random.default_rng(7)
@@ -474,10 +473,8 @@ def _gated_run(impl, gate, qr, f, v, lb, s0, boundary, width, prefix, dtype=jnp.
   prefix = jnp.asarray(prefix, jnp.int32) if isinstance(prefix, list) else prefix
 
   def fn(qr, f, v, lb, s0, bnd):
-    x = (qr.astype(dtype), f.astype(dtype), v.astype(dtype))
-    if packed:   # the three projections as one [B, T, 3, H, K] array (f and v None)
-      x = (jnp.stack(x, axis=2), None, None)
-    o, st = hgrn2_attention(*x, lb, width=width, prefix=prefix, boundary=bnd, initial_state=s0,
+    o, st = hgrn2_attention(qr.astype(dtype), f.astype(dtype), v.astype(dtype), lb, width=width,
+                            prefix=prefix, boundary=bnd, initial_state=s0,
                             return_final_state=True, impl=impl, gate=gate, **kw)
     return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(st * dst), (o, st)
 
@@ -578,65 +575,6 @@ def test_pallas_gate_in_kernel_head_norm_bf16_error_no_worse():
     assert ea < 1.2 * eb + 1e-4, (name, ea, eb)
 
 
-# (T, norm_eps, forward sequence split): T = 128 is read in place; T = 100 needs padding, so the
-# packed array is sliced into the three-array kernels
-@pytest.mark.parametrize("t,norm,split", [(128, None, None), (128, 1e-5, None), (256, 1e-5, 2),
-                                          (100, 1e-5, None)])
-@pytest.mark.parametrize("impl", ["pallas", "chunk"])
-def test_hgrn2_attention_packed_matches_separate(t, norm, split, impl):
-  """``hgrn2_attention`` on q_raw, f, v stacked as one [B, T, 3, H, K] array (the model's single
-  input matmul) computes what the three arrays give: output, final state and every gradient
-  (q_raw, f, v through the stack, lb, h0, boundary), row mask and initial state on; the Pallas
-  kernels with the gates inside (K = V = 32, whole heads per program) and the jnp path."""
-  from kernels.lasad.pallas import BlockSizes
-  qr, f, v, lb, s0 = _gate_inputs(2, t, 2, 32, 32, True, seed=11)
-  kw = dict(norm_eps=norm, norm_save="n" if norm else None)
-  if impl == "pallas":
-    kw.update(block_sizes=BlockSizes(block_v_scan=32, seq_split=split))
-  args = (impl, "auto", qr, f, v, lb, s0, -0.5, 10, 1)
-  sep, pk = _gated_run(*args, **kw), _gated_run(*args, packed=True, **kw)
-  assert oracle.rel_rms(pk[0], sep[0]) < 1e-6 and oracle.rel_rms(pk[1], sep[1]) < 1e-6
-  for name, want in sep[2].items():
-    assert oracle.rel_rms(pk[2][name], want) < 1e-6, (name, oracle.rel_rms(pk[2][name], want))
-
-
-def _pallas_calls(jaxpr):
-  from jax.extend import core
-  for e in jaxpr.eqns:
-    if e.primitive.name == "pallas_call":
-      yield e
-    for p in e.params.values():
-      for sub in p if isinstance(p, (list, tuple)) else [p]:
-        if isinstance(sub, (core.ClosedJaxpr, core.Jaxpr)):
-          yield from _pallas_calls(getattr(sub, "jaxpr", sub))
-
-
-def test_hgrn2_attention_packed_kernels_read_and_write_it_in_place():
-  """In the packed form no slice of the [B, T, 3, H, K] array is made for the kernels: every
-  kernel of the forward and the backward (one-pass forward, states, state gradients, gradients)
-  takes the packed array itself as its q / f / v operands, and the gradient kernel writes d q_raw,
-  d f, d v as one array of that shape (so the projection's backward is one matmul)."""
-  shape = (2, 128, 3, 2, 32)
-  x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
-  lb = jnp.zeros((2, 32))
-
-  def loss(x):
-    return jnp.sum(hgrn2_attention(x, None, None, lb, width=8, impl="pallas", gate="kernel",
-                                   norm_eps=1e-5))
-  from lasad_jax.ops import hgrn2_attention
-  calls = list(_pallas_calls(jax.make_jaxpr(jax.grad(loss))(x).jaxpr))
-  # (packed operands, [B, T, H, K] operands) of: the forward (q, f as k and g, v), the states
-  # pass (f as k and g, v), the state gradients (q, f as g; d o), the gradients (q, f, v, f; d o)
-  want = [(4, 0), (3, 0), (2, 1), (4, 1)]
-  got = []
-  for e in calls:
-    ins = [tuple(v.aval.shape) for v in e.invars]
-    got.append((ins.count(shape), ins.count(shape[:2] + shape[3:])))
-  assert got == want, got
-  outs = [tuple(v.aval.shape) for v in calls[-1].outvars]
-  assert outs[0] == shape, outs   # d q_raw, d f, d v as one array
-
-
 def test_hgrn2_attention_bad_input():
   from lasad_jax.ops import hgrn2_attention
   x = jnp.zeros((1, 8, 2, 4))
@@ -650,7 +588,3 @@ def test_hgrn2_attention_bad_input():
     hgrn2_attention(x, x, x, jnp.zeros((2, 4)), gate="inside")
   with pytest.raises(ValueError, match="`norm_eps`"):
     hgrn2_attention(x, x, x, jnp.zeros((2, 4)), impl="chunk", norm_eps=0.0)
-  with pytest.raises(ValueError, match=r"\[B, T, 3, H, K\]"):
-    hgrn2_attention(x, None, None, jnp.zeros((2, 4)), impl="chunk")          # not stacked
-  with pytest.raises(ValueError, match="both"):
-    hgrn2_attention(x, x, None, jnp.zeros((2, 4)), impl="chunk")

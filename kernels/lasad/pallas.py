@@ -250,13 +250,9 @@ def _pallas_call(kernel, *, interpret, head_axis, cumsum="scan", **kw):
         kernel(*refs[:n_in], *refs[n_in + 1:])
       finally:
         _LB.reset(token)
+  call = pl.pallas_call(body, interpret=interpret, **kw)
 
   def run(*args):
-    # a _Slot argument is read in place from its packed array: its spec gains the slot axis
-    specs = [_slot_spec(sp, a.slot) if isinstance(a, _Slot) else sp
-             for a, sp in zip(args, kw["in_specs"])] + list(kw["in_specs"][len(args):])
-    args = [a.x if isinstance(a, _Slot) else a for a in args]
-    call = pl.pallas_call(body, interpret=interpret, **dict(kw, in_specs=specs))
     tokens = _GPU_EXP.set(not interpret), _CUMSUM.set(cumsum)
     try:
       return call(*args, *(() if lb is None else (lb,)))
@@ -264,49 +260,6 @@ def _pallas_call(kernel, *, interpret, head_axis, cumsum="scan", **kw):
       _GPU_EXP.reset(tokens[0])
       _CUMSUM.reset(tokens[1])
   return run
-
-
-class _Slot:
-  """Slot ``slot`` of a packed [B, T, n, H, D] array standing in for a [B, T, H, D] kernel input
-  (``hgrn2_pallas_packed``: q_raw, f and v as one matmul wrote them). ``_pallas_call`` passes the
-  packed array with the slot fixed in the BlockSpec, so no slice of it is ever copied."""
-
-  def __init__(self, x, slot):
-    self.x, self.slot = x, slot
-
-  @property
-  def shape(self):
-    return self.x.shape[:2] + self.x.shape[3:]
-
-  @property
-  def dtype(self):
-    return self.x.dtype
-
-  def reshape(self, shape):   # [B, T, ...] -> [B*S, T/S, ...] (``_split_inputs``)
-    return _Slot(self.x.reshape(tuple(shape[:2]) + (self.x.shape[2],) + tuple(shape[2:])),
-                 self.slot)
-
-
-def _slot_spec(spec, slot):
-  """A [B, T, H, D] input's BlockSpec -> the same blocks of slot ``slot`` of [B, T, n, H, D]."""
-  imap = spec.index_map
-  return pl.BlockSpec(tuple(spec.block_shape[:2]) + (None,) + tuple(spec.block_shape[2:]),
-                      lambda *ids: (lambda i: tuple(i[:2]) + (slot,) + tuple(i[2:]))(imap(*ids)))
-
-
-class _SlotRef:
-  """A kernel's [c, D] output ref that writes slot ``slot`` of a packed [c, n, D] block."""
-
-  def __init__(self, ref, slot):
-    self.ref, self.slot = ref, slot
-
-  @property
-  def dtype(self):
-    return self.ref.dtype
-
-  def __setitem__(self, idx, val):
-    rows, cols = idx
-    self.ref[rows, self.slot, cols] = val
 
 
 @contextlib.contextmanager
@@ -1041,18 +994,8 @@ def _dstates(q, do, g, width, prefix, bnd, dht, *, seq_len, scale, bs, interpret
   return _join_segments(loc, loc_d0, dec, dht, s, reverse=True)
 
 
-def _packed_kernel(kernel):
-  """``kernel`` with its dq, dk, dv outputs written to slots 0, 1, 2 of one packed output."""
-  def body(*refs):
-    *ins, d_ref, dg_ref, dbnd_ref = refs
-    kernel(*ins, *(_SlotRef(d_ref, i) for i in range(3)), dg_ref, dbnd_ref)
-  return body
-
-
 def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scale, bs,
-           interpret, packed=False):
-  """dq, dk, dv, dg (d lb per chunk when gated), d boundary per chunk; with ``packed`` (q, k, v
-  slots of one array, K = V) dq, dk, dv come back as one [B, T, 3, H, D] array instead."""
+           interpret):
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   c = bs.chunk
@@ -1062,23 +1005,18 @@ def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scal
   kern = functools.partial(_grads_kernel, chunk=c, sub=bs.sub, seq_len=seq_len, scale=scale,
                            dtype=q.dtype, diag=bs.diag, fast_limit=bs.fast_limit,
                            split=bs.split_dots)
-  if packed:
-    kern = _packed_kernel(kern)
-    d_specs = [pl.BlockSpec((None, c, 3, None, dk), lambda i, j, hh: (i, j, 0, hh, 0))]
-    d_shapes = [jax.ShapeDtypeStruct((b, t, 3, h, dk), q.dtype)]
-  else:
-    d_specs = [_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c)]
-    d_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                jax.ShapeDtypeStruct(v.shape, v.dtype)]
   return _pallas_call(
       kern, grid=(b, n, h),
       in_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c), _chunk_spec(dk, c),
                 _chunk_spec(dv, c)] + _scalar_specs(lambda i, j, hh: (i, hh))
       + [_state_spec(dk, dv), _state_spec(dk, dv)],
-      out_specs=d_specs + [per_chunk if gated else _chunk_spec(dk, c), per_chunk],
-      out_shape=d_shapes + [jax.ShapeDtypeStruct((b, n, h, 1, dk), F32) if gated else
-                            jax.ShapeDtypeStruct(g.shape, g.dtype),
-                            jax.ShapeDtypeStruct((b, n, h, 1, dk), F32)],
+      out_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c),
+                 per_chunk if gated else _chunk_spec(dk, c), per_chunk],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype),
+                 jax.ShapeDtypeStruct((b, n, h, 1, dk), F32) if gated else
+                 jax.ShapeDtypeStruct(g.shape, g.dtype),
+                 jax.ShapeDtypeStruct((b, n, h, 1, dk), F32)],
       compiler_params=_params(bs, _grads_warps(bs)), interpret=interpret,
       cumsum=_cumsum(bs, grads=True),
       name="lasad_grads", head_axis=2,
@@ -1106,9 +1044,7 @@ def _lasad_fwd(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret
   return out, (q, k, v, g, width, prefix, bnd, h0)
 
 
-def _lasad_bwd(seq_len, scale, bs, interpret, res, cts, packed=False):
-  """The VJP; ``packed``: q, k, v are slots 0, 1, 2 of one array (``_Slot``) and dq, dk, dv come
-  back as one [B, T, 3, H, D] array (in the dq place; dk, dv None)."""
+def _lasad_bwd(seq_len, scale, bs, interpret, res, cts):
   q, k, v, g, width, prefix, bnd, h0 = res
   do, dht = cts
   bs = _bwd_blocks(bs)
@@ -1116,9 +1052,8 @@ def _lasad_bwd(seq_len, scale, bs, interpret, res, cts, packed=False):
   states, _, dec = _chunk_states_dec(k, v, g, width, prefix, bnd, h0, **kw)
   dstates, dh0 = _dstates(q, do.astype(q.dtype), g, width, prefix, bnd, dht.astype(F32),
                           scale=scale, dec=dec, **kw)
-  *d, dg, dbnd = _grads(q, k, v, g, do.astype(q.dtype), width, prefix, bnd, states, dstates,
-                        scale=scale, packed=packed, **kw)
-  dq, dk, dv = (d[0], None, None) if packed else d
+  dq, dk, dv, dg, dbnd = _grads(q, k, v, g, do.astype(q.dtype), width, prefix, bnd, states,
+                                dstates, scale=scale, **kw)
   dbnd = jnp.sum(dbnd, axis=(0, 1, 3, 4))
   return dq, dk, dv, dg, None, None, dbnd, dh0
 
@@ -1214,9 +1149,7 @@ def _norm_rows_bwd(dn, n, r, dv):
   return (jnp.swapaxes(r, 1, 2)[..., None] * (dn32 - n32 * m)).astype(dn.dtype)
 
 
-def _hgrn2_bwd(seq_len, scale, bs, interpret, norm, res, cts, packed=False):
-  """``packed``: q_raw, f, v are the ``_Slot`` s of one [B, T, 3, H, K] array x, whose gradient
-  comes back whole (in place of d q_raw, d f, d v)."""
+def _hgrn2_bwd(seq_len, scale, bs, interpret, norm, res, cts):
   if norm is not None:
     *res, n, r = res
     cts = (_norm_rows_bwd(cts[0], n, r, norm[1]), cts[1])
@@ -1225,36 +1158,12 @@ def _hgrn2_bwd(seq_len, scale, bs, interpret, norm, res, cts, packed=False):
   # chunk come back in the dk and dg slots; silu's derivative is XLA's, one pass over dq
   with _gated(_lb_rows(lb)):
     dq, df, dv, dlb, _, _, dbnd, dh0 = _lasad_bwd(
-        seq_len, scale, bs, interpret, (qr, f, v, f, width, prefix, bnd, h0), cts, packed=packed)
-  rest = (jnp.sum(dlb, axis=(0, 1, 3)).astype(lb.dtype), None, None, dbnd, dh0)
-  if packed:   # silu's derivative on slot 0, updated in place (XLA: a dynamic-update-slice)
-    x = qr.x
-    return (dq.at[:, :, 0].set(jax.vjp(jax.nn.silu, x[:, :, 0])[1](dq[:, :, 0])[0]),) + rest
-  return (jax.vjp(jax.nn.silu, qr)[1](dq)[0], df, dv) + rest
+        seq_len, scale, bs, interpret, (qr, f, v, f, width, prefix, bnd, h0), cts)
+  dqr = jax.vjp(jax.nn.silu, qr)[1](dq)[0]
+  return dqr, df, dv, jnp.sum(dlb, axis=(0, 1, 3)).astype(lb.dtype), None, None, dbnd, dh0
 
 
 _hgrn2.defvjp(_hgrn2_fwd, _hgrn2_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
-def _hgrn2_packed(x, lb, width, prefix, bnd, h0, seq_len, scale, bs, interpret, norm):
-  return _hgrn2_packed_fwd(x, lb, width, prefix, bnd, h0, seq_len, scale, bs, interpret,
-                           norm)[0]
-
-
-def _hgrn2_packed_fwd(x, lb, width, prefix, bnd, h0, seq_len, scale, bs, interpret, norm):
-  out, res = _hgrn2_fwd(*(_Slot(x, i) for i in range(3)), lb, width, prefix, bnd, h0, seq_len,
-                        scale, bs, interpret, norm)
-  return out, (x,) + res[3:]
-
-
-def _hgrn2_packed_bwd(seq_len, scale, bs, interpret, norm, res, cts):
-  x, *rest = res
-  return _hgrn2_bwd(seq_len, scale, bs, interpret, norm,
-                    tuple(_Slot(x, i) for i in range(3)) + tuple(rest), cts, packed=True)
-
-
-_hgrn2_packed.defvjp(_hgrn2_packed_fwd, _hgrn2_packed_bwd)
 
 
 def hgrn2_pallas(q_raw, f, v, lb, width, prefix, boundary, initial_state, *, scale, use_mask,
@@ -1274,25 +1183,4 @@ def hgrn2_pallas(q_raw, f, v, lb, width, prefix, boundary, initial_state, *, sca
   norm = None if norm_eps is None else (float(norm_eps), pad.dv, norm_save)
   o, final = _hgrn2(pad(q_raw, pad.kp), pad(f, pad.kp, jnp.inf), pad(v, pad.vp), lbp, pad.width,
                     prefix, boundary, pad.h0, pad.seq_len, scale, bs, pad.interpret, norm)
-  return pad.crop(o, final)
-
-
-def hgrn2_pallas_packed(x, lb, width, prefix, boundary, initial_state, *, scale, use_mask,
-                        block_sizes=BlockSizes(), interpret=None, norm_eps=None, norm_save=None):
-  """``hgrn2_pallas`` on the three projections as one array x [B, T, 3, H, K] (q_raw, f, v
-  stacked on axis 2, as one matmul against [wq | wf | wv] writes them; K = V). The kernels read
-  each slot in place, and the gradient kernel writes d q_raw, d f, d v into one such array, so
-  neither direction copies a slice and the projection's backward is one matmul. Where the kernels
-  need padding (T not a multiple of the chunk, K not a power of two >= 16, a dtype other than bf16
-  or float32) this slices x and runs ``hgrn2_pallas``: the same results, with the copies."""
-  bs = block_sizes
-  q, v = _Slot(x, 0), _Slot(x, 2)
-  pad = _Padding(q, v, width, initial_state, use_mask, bs, interpret)
-  if pad.t_pad or pad.kp or pad.vp or x.dtype != pad.dtype:
-    return hgrn2_pallas(x[:, :, 0], x[:, :, 1], x[:, :, 2], lb, width, prefix, boundary,
-                        initial_state, scale=scale, use_mask=use_mask, block_sizes=bs,
-                        interpret=interpret, norm_eps=norm_eps, norm_save=norm_save)
-  norm = None if norm_eps is None else (float(norm_eps), pad.dv, norm_save)
-  o, final = _hgrn2_packed(x, lb.astype(F32), pad.width, prefix, boundary, pad.h0, pad.seq_len,
-                           scale, bs, pad.interpret, norm)
   return pad.crop(o, final)
