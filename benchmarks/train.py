@@ -5,6 +5,7 @@ baseline) on synthetic ImageNet-shaped code batches (16x16 tokens, 1000 classes)
         [--mesh data|fsdp] [--remat [--remat-policy full|dots|dots_attn|dots_attn_acts]] [--kernel-sub 16] [--kernel-forward one_pass]
         [--kernel-dots bf16] [--kernel-cumsum scan|dot] [--kernel-gate kernel|xla] [--no-scan]
         [--fused-norm auto|pallas|xla] [--norm-copies 0|1] [--kernel-head-norm 0|1]
+        [--kernel-save-states 0|1]
         [--profile N]
         [--out benchmarks/results/train_h100.json]
 
@@ -47,7 +48,7 @@ from benchmarks_common import profile_call  # noqa: E402
 
 def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", kernel_sub=32,
             profile=0, forward="auto", dots="split", scan=True, cumsum="auto", gate="auto",
-            fused_norm="auto", norm_copies=True, head_norm=True):
+            fused_norm="auto", norm_copies=True, head_norm=True, save_states=False):
   n = jax.device_count()
   cfg = get_config(variant)
   cfg.attention = attention
@@ -62,6 +63,7 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
   cfg.fused_norm = fused_norm
   cfg.norm_copies = norm_copies
   cfg.kernel_head_norm = head_norm
+  cfg.kernel_save_states = save_states
   cfg.scan_layers = scan
   cfg.warmup_steps = 10
   cfg.mesh.data, cfg.mesh.fsdp = (n, 1) if mesh_kind == "data" else (1, n)
@@ -120,7 +122,7 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
               remat=policy if remat else False, kernel_sub=kernel_sub,
               kernel_forward=forward, kernel_dots=dots, kernel_cumsum=cumsum, kernel_gate=gate,
               fused_norm=fused_norm, norm_copies=norm_copies,
-              kernel_head_norm=head_norm, scan_layers=scan,
+              kernel_head_norm=head_norm, kernel_save_states=save_states, scan_layers=scan,
               params_m=round(M.count_params(cfg) / 1e6, 2),
               step_ms=round(sec * 1e3, 2), tokens_per_s=round(tps),
               images_per_s=round(batch / sec, 1),
@@ -154,6 +156,9 @@ def main():
                   help="config.norm_copies: normed h once per consumer matmul (1, default) or once")
   ap.add_argument("--kernel-head-norm", type=int, default=1, choices=(0, 1),
                   help="config.kernel_head_norm: attention output normed in the forward kernel (1)")
+  ap.add_argument("--kernel-save-states", type=int, default=0, choices=(0, 1),
+                  help="config.kernel_save_states: the forward kernel writes the backward's "
+                  "states (1; default 0)")
   ap.add_argument("--no-scan", action="store_true",
                   help="unrolled layers (config.scan_layers=False) instead of one lax.scan")
   ap.add_argument("--profile", type=int, default=0,
@@ -175,7 +180,8 @@ def main():
                       args.remat_policy, args.kernel_sub, args.profile,
                       args.kernel_forward, args.kernel_dots, not args.no_scan,
                       args.kernel_cumsum, args.kernel_gate, args.fused_norm,
-                      bool(args.norm_copies), bool(args.kernel_head_norm))
+                      bool(args.norm_copies), bool(args.kernel_head_norm),
+                      bool(args.kernel_save_states))
         except Exception as e:  # noqa: BLE001  (out of memory: try the next smaller batch)
           msg = str(e).splitlines()[0][:120]
           if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():

@@ -148,8 +148,8 @@ def _softmax_out(cfg, p, o):
 
 
 def _kernel_kw(cfg):
-  """Pallas block sizes from config.kernel_sub / kernel_forward / kernel_dots / kernel_cumsum
-  ({} = the defaults)."""
+  """Pallas block sizes from config.kernel_sub / kernel_forward / kernel_dots / kernel_cumsum /
+  kernel_save_states ({} = the defaults)."""
   fields = {}
   if "kernel_sub" in cfg:
     if cfg.kernel_sub not in (16, 32):
@@ -170,6 +170,8 @@ def _kernel_kw(cfg):
   if cumsum not in CUMSUM_MODES:
     raise ValueError(f"config.kernel_cumsum must be one of {CUMSUM_MODES}, got {cumsum!r}")
   fields["cumsum"] = cumsum
+  if cfg.get("kernel_save_states", False):
+    fields["save_states"] = True
   if all(getattr(BlockSizes, k) == v for k, v in fields.items()):
     return {}
   return dict(block_sizes=BlockSizes(**fields))

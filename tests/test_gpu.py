@@ -311,10 +311,13 @@ def test_pallas_gate_in_kernel_compiled_bf16(t, b, h, norm):
   LASADGen's attention): at bf16 no less accurate than XLA's gates feeding the same kernels,
   both against the float32 reference recurrence on the unrounded inputs; all gradients. With
   ``norm``: the output RMS-normalised per head (``norm_eps``), by the forward kernel (whole heads
-  per program, forced at this small B*H) against XLA's norm after the XLA-gated kernels."""
+  per program, forced at this small B*H) against XLA's norm after the XLA-gated kernels; named,
+  so the forward kernel writes the states the backward reads."""
   from kernels.lasad.pallas import BlockSizes
   from lasad_jax.ops import hgrn2_attention
-  kw = dict(norm_eps=1e-5, block_sizes=BlockSizes(block_v_scan=64)) if norm else {}
+  # a named norm and BlockSizes.save_states: the forward kernel also writes the backward's states
+  kw = (dict(norm_eps=1e-5, norm_save="n", block_sizes=BlockSizes(block_v_scan=64, save_states=True))
+        if norm else {})
   d = 64
   ks = jax.random.split(jax.random.key(5), 6)
   qr, v = (jax.random.normal(kk, (b, t, h, d), jnp.float32) for kk in ks[:2])

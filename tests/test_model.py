@@ -224,6 +224,14 @@ def test_kernel_sub_config_reaches_the_kernel(monkeypatch):
   reaches("kernel_dots", "split_dots", (("split", True), ("bf16", False)), True, "tf32")
   reaches("kernel_cumsum", "cumsum", (("auto", "auto"), ("scan", "scan"), ("dot", "dot")), "auto",
           "tree")
+  seen = []   # config.kernel_save_states (a bool: nothing to refuse)
+  monkeypatch.setattr(M, "hgrn2_attention", lambda *a, **kw: (
+      seen.append(getattr(kw.get("block_sizes"), "save_states", False)), hgrn2_attention(*a, **kw))[1])
+  for val in (True, False):
+    c.kernel_save_states = val
+    seen.clear()
+    M.forward(ml_collections.FrozenConfigDict(c), params, tok, jnp.array([3]), width=8)
+    assert seen and set(seen) == {val}, (val, seen)
   # config.kernel_gate: the gates inside the kernels or in XLA, the same logits
   gates, logits = [], {}
   monkeypatch.setattr(M, "hgrn2_attention", lambda *a, **kw: (

@@ -575,6 +575,52 @@ def test_pallas_gate_in_kernel_head_norm_bf16_error_no_worse():
     assert ea < 1.2 * eb + 1e-4, (name, ea, eb)
 
 
+def _kernel_names(fn, *args):
+  """Names of the pallas_calls in the jaxpr of fn(*args), sub-jaxprs included."""
+  from jax.extend import core
+
+  def walk(jaxpr):
+    for e in jaxpr.eqns:
+      if e.primitive.name == "pallas_call":
+        yield e.params["name"]
+      for p in e.params.values():
+        for sub in p if isinstance(p, (list, tuple)) else [p]:
+          if isinstance(sub, (core.ClosedJaxpr, core.Jaxpr)):
+            yield from walk(getattr(sub, "jaxpr", sub))
+  return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
+# (sub, prefetch, seq_split): 32-row sub-chunks (32-row backward chunks: every other one advances
+# the saved state), with and without the one-pass kernel's prefetch loop; 16-row sub-chunks, a
+# state kept every 4th (64-row backward chunks); a split forward (nothing saved: recomputed)
+@pytest.mark.parametrize("sub,prefetch,split", [(32, True, None), (32, False, None),
+                                                (16, True, None), (32, True, 2)])
+def test_pallas_forward_saves_the_backward_states(sub, prefetch, split):
+  """BlockSizes.save_states (opt-in): with a named output norm the one-pass forward kernel
+  writes the state entering each 64-row chunk, the backward's states kernel does not run, and
+  the gradient kernel advances the saved state through the 32-row chunk before where it needs the
+  state in between; the gradients are those of the recomputed states to float32 rounding (the
+  kernels' cumulative sums differ in order), forward, every input, masked rows, h0."""
+  from kernels.lasad.pallas import BlockSizes
+  from lasad_jax.ops import hgrn2_attention
+  qr, f, v, lb, s0 = _gate_inputs(2, 256, 2, 32, 32, True, seed=13)
+  args = ("pallas", "kernel", qr, f, v, lb, s0, -0.5, 10, 1)
+  got = {}
+  for save in (True, False):
+    bs = BlockSizes(sub=sub, fused_prefetch=prefetch, seq_split=split, block_v_scan=32,
+                    save_states=save)
+    got[save] = _gated_run(*args, norm_eps=1e-5, norm_save="n", block_sizes=bs)
+    names = _kernel_names(jax.grad(lambda x, bs=bs: jnp.sum(hgrn2_attention(
+        x, x, x, jnp.asarray(lb), width=10, impl="pallas", gate="kernel", norm_eps=1e-5,
+        norm_save="n", block_sizes=bs))), jnp.asarray(qr))
+    recompute = not save or split is not None
+    assert names.count("lasad_states") == int(recompute), names
+  assert oracle.rel_rms(got[True][0], got[False][0]) < 1e-6
+  for name, want in got[False][2].items():
+    err = oracle.rel_rms(got[True][2][name], want)
+    assert err < 1e-5, (name, err)
+
+
 def test_hgrn2_attention_bad_input():
   from lasad_jax.ops import hgrn2_attention
   x = jnp.zeros((1, 8, 2, 4))

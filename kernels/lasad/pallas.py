@@ -22,7 +22,9 @@ The row mask is applied inside every kernel from ``width``/``prefix`` (int32 per
 ``boundary`` (float32 per head): nothing mask-shaped is written to HBM. A reset (boundary -inf)
 never enters an exponent: it is a segment id, so decays across it are exactly 0.
 
-The backward recomputes S_n instead of saving it (memory O(T) in activations, like fla). Nothing of
+The backward recomputes S_n instead of saving it (memory O(T) in activations, like fla), unless
+``BlockSizes.save_states`` has the one-pass forward kernel write them (opt-in: 4x the output's
+memory). Nothing of
 size T x T exists: the largest temporaries are [C, K] tiles.
 
 Backend: Triton lowering of plain ``pl.pallas_call`` (see README.md for why not Mosaic GPU yet).
@@ -125,6 +127,13 @@ class BlockSizes:
   # / (256, 256, 16, 64): gradient kernel 1.255 -> 1.214 / 2.352 -> 2.175; one-pass forward
   # 0.374 -> 0.458 / 0.625 -> 0.688; state gradients 0.383 -> 0.408 / 0.637 -> 0.679.
   cumsum: str = "auto"
+  # With the gates in the kernels and a named output norm (``hgrn2_pallas(norm_eps=...,
+  # norm_save=name)``, LASADGen's training path): the one-pass forward kernel also writes the
+  # state entering each of the backward's chunks ([B, H, T/bwd_chunk, K, V] float32, named
+  # ``name`` for remat), so the backward's states kernel does not run. Only where neither pass
+  # splits the sequence. Memory: 4x the bf16 output at K = V = 64 with 32-token chunks, which
+  # put LASADGen-L's training at batch 256 out of memory on an H100 (session 23), hence opt-in.
+  save_states: bool = False
 
   def __post_init__(self):
     if self.sub not in (16, 32) or self.chunk % self.sub:
@@ -542,19 +551,36 @@ def _store_out(o_ref, r_ref, rows, o, norm):
   r_ref[rows] = r
 
 
-def _fused_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, o_ref, ht_ref, *r_ref,
-                  chunk, sub, n_chunks, seq_len, scale, prefetch=False, norm=None, **kw):
+def _fused_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, o_ref, ht_ref, *extra,
+                  chunk, sub, n_chunks, seq_len, scale, prefetch=False, norm=None, save=None,
+                  **kw):
   """The forward in one pass over a whole (segment of a) sequence: the state stays on chip.
   ``prefetch``: loop over sub-chunks, loading the next one's rows before computing this one.
   ``norm``: (eps, dv) to write each row's RMS-normalised output and its inverse RMS (r_ref), when
-  the program holds whole rows (V not split into blocks)."""
-  r_ref = r_ref[0] if r_ref else None
+  the program holds whole rows (V not split into blocks). ``save``: a multiple of ``sub``
+  dividing ``chunk`` (the backward's chunk): write the state entering every ``save`` rows into
+  st_ref [T/save, K, bv], what the backward's states kernel would recompute."""
+  r_ref = extra[0] if norm is not None else None
+  st_ref = extra[-1] if save is not None else None
   gate_args = (seq_len,) + _scalars(w_ref, p_ref, bd_ref)
+
+  def keep(j, s):   # the state s entering sub-chunk j (traced index)
+    if st_ref is None:
+      return
+    m = save // sub
+    if m == 1:
+      st_ref[j] = s
+      return
+
+    @pl.when(j % m == 0)
+    def _():
+      st_ref[j // m] = s
   if prefetch:
     refs, n_sub = (q_ref, k_ref, v_ref, g_ref), n_chunks * chunk // sub
 
     def step(j, carry):
       s, cur = carry
+      keep(j, s)
       nxt = _load_rows(refs, jnp.minimum(j + 1, n_sub - 1) * sub, sub)
       o, s = _sub_chunk(*refs, s, j * sub, j * sub, gate_args, sub=sub, update=True,
                         loaded=cur, **kw)
@@ -568,6 +594,8 @@ def _fused_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, o_re
   def body(n, s):
     for i in range(chunk // sub):
       base = n * chunk + i * sub
+      if save is not None and (i * sub) % save == 0:
+        st_ref[n * (chunk // save) + i * sub // save] = s
       o, s = _sub_chunk(q_ref, k_ref, v_ref, g_ref, s, base, base, gate_args, sub=sub,
                         update=True, **kw)
       _store_out(o_ref, r_ref, pl.ds(base, sub), scale * o, norm)
@@ -596,10 +624,22 @@ def _dstates_kernel(q_ref, do_ref, g_ref, w_ref, p_ref, bd_ref, dht_ref, ds_ref,
   dh0_ref[...] = lax.fori_loop(0, n_chunks, body, dht_ref[...].astype(F32))
 
 
-def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_ref, ds_ref,
-                  dq_ref, dk_ref, dv_ref, dg_ref, dbnd_ref, *, chunk, sub, seq_len, scale, dtype,
-                  diag, fast_limit, split):
-  """One chunk, in two passes over its sub-chunks, each carrying one [K, V] state:
+def _advance(k_ref, v_ref, g_ref, s, n, gate_args, dtype):
+  """The state s entering chunk n - 1 (of k_ref's rows) -> the state entering chunk n: the
+  states kernel's step (``_states_kernel``) for one chunk."""
+  chunk = k_ref.shape[0]
+  (k, g2), v = _tkg(k_ref[...], g_ref[...]), v_ref[...]
+  gf, rs, _ = _gate(g2, (n - 1) * chunk + jnp.arange(chunk, dtype=jnp.int32), *gate_args)
+  b, seg, tot, seg_end = _decays(gf, rs)
+  kd = k.astype(F32) * _exp(tot[None, :] - b) * (seg == seg_end)[:, None]
+  return (_exp(tot) * (seg_end == 0))[:, None] * s + _dot(_mx(kd, dtype), v, trans_a=True)
+
+
+def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_ref, ds_ref, *refs,
+                  chunk, sub, seq_len, scale, dtype, diag, fast_limit, split, advance=False):
+  """One chunk, in two passes over its sub-chunks, each carrying one [K, V] state (with
+  ``advance`` s_ref holds the state entering the pair of chunks, and an odd chunk first advances
+  it through the chunk before, whose k, v, g rows come as three more inputs):
 
   forward:  P_i (state entering sub-chunk i, from S_in) gives the inter part of dq;
   backward: dP_{i+1} (gradient of the state leaving sub-chunk i, from dS_out) gives the inter
@@ -607,6 +647,9 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
             of q dq - k dk (+ sum_v S_out dS_out at the chunk end).
   Exponents are relative to the sub-chunk start (b) or end (tot - b): all <= 0.
   """
+  if advance:
+    pk_ref, pv_ref, pg_ref, *refs = refs
+  dq_ref, dk_ref, dv_ref, dg_ref, dbnd_ref = refs
   n = pl.program_id(1)
   width, prefix, bnd = _scalars(w_ref, p_ref, bd_ref)
   gate_args = (seq_len, width, prefix, bnd)
@@ -629,6 +672,10 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
 
   # Forward pass: inter part of dq; P ends as S_out.
   p_state = s_ref[...]
+  if advance:
+    p_state = lax.cond(n % 2 == 1,
+                       lambda s: _advance(pk_ref, pv_ref, pg_ref, s, n, gate_args, dtype),
+                       lambda s: s, p_state)
   dq_inter = []
   for i in range(nsub):
     x = load(i)
@@ -884,19 +931,28 @@ def _walk_segments(loc_end, seg_dec, init):
 
 
 def _fused_forward(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, interpret,
-                   norm=None):
+                   norm=None, save=False):
   """(o, final state) by ``_fused_kernel``; with a sequence split, a states pass that writes only
   each segment's end state and decays, and ``_walk_segments``, give each segment its start.
   ``norm`` (eps, dv): (o normalised per row, final state, inverse rms [B, H, T]), by the kernel
-  where one program holds whole rows and there is no split, else by ``_norm_rows``."""
+  where one program holds whole rows and there is no split, else by ``_norm_rows``.
+  ``save``: one more result, the states entering each chunk [B, H, T/chunk, K, V] written by
+  the kernel (``_chunk_states``' values at the forward's chunk; the backward's 32-token chunks
+  take them and the gradient kernel advances every other one, ``_grads``), or None where
+  either pass splits the sequence (then the backward recomputes them)."""
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   s = _fused_segments(bs, t, seq_len, b * h)
   if s == 1:
+    bwd = _bwd_blocks(bs)
+    keep = bs.chunk if save and _segments(bwd, t, seq_len, b * h) == 1 else None
     in_kernel = norm is not None and _block_v(bs, b * h, dv) == dv
     out = _fused_call(q, k, v, g, width, prefix, bnd, h0, seq_len=seq_len, scale=scale, bs=bs,
-                      interpret=interpret, norm=norm if in_kernel else None)
-    return out if norm is None or in_kernel else _with_norm(*out, norm)
+                      interpret=interpret, norm=norm if in_kernel else None, save=keep)
+    states = out[-1] if keep else None
+    out = out[:-1] if keep else out
+    out = out if norm is None or in_kernel else _with_norm(*out, norm)
+    return tuple(out) + (states,) if save else out
   (qs, ks, vs, gs), w, p = _split_inputs(s, width, prefix, q, k, v, g)
   kern = functools.partial(_states_kernel, seq_len=seq_len, dtype=k.dtype)
   _, loc_end, dec = _scan_call(kern, "lasad_segment_states", ks, vs, gs, w, p, bnd,
@@ -907,7 +963,8 @@ def _fused_forward(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, in
   o, _ = _fused_call(qs, ks, vs, gs, w, p, bnd, entering.reshape(b * s, h, dk, dv),
                      seq_len=seq_len, scale=scale, bs=bs, interpret=interpret)
   o = o.reshape(b, t, h, dv)
-  return (o, final) if norm is None else _with_norm(o, final, norm)
+  out = (o, final) if norm is None else _with_norm(o, final, norm)
+  return out + (None,) if save else out
 
 
 def _with_norm(o, final, norm):
@@ -922,7 +979,8 @@ def _with_norm(o, final, norm):
   return n, final, jnp.swapaxes(r.reshape(b, t, h), 1, 2)
 
 
-def _fused_call(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, interpret, norm=None):
+def _fused_call(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, interpret, norm=None,
+                save=None):
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   bv = _block_v(bs, b * h, dv)
@@ -930,7 +988,7 @@ def _fused_call(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, inter
   kern = functools.partial(_fused_kernel, chunk=bs.chunk, sub=bs.sub, n_chunks=t // bs.chunk,
                            seq_len=seq_len, scale=scale, dtype=q.dtype, diag=bs.diag,
                            fast_limit=bs.fast_limit, split=bs.split_dots,
-                           prefetch=bs.fused_prefetch, norm=norm)
+                           prefetch=bs.fused_prefetch, norm=norm, save=save)
   out_specs = [seq_v, state]
   out_shape = [jax.ShapeDtypeStruct((b, t, h, dv), q.dtype),
                jax.ShapeDtypeStruct((b, h, dk, dv), F32)]
@@ -938,6 +996,9 @@ def _fused_call(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, inter
     assert bv == dv, (bv, dv)
     out_specs.append(pl.BlockSpec((None, None, t), lambda i, j, kv: (i, j, 0)))
     out_shape.append(jax.ShapeDtypeStruct((b, h, t), F32))
+  if save is not None:   # the states entering each ``save`` rows, as _scan_call's
+    out_specs.append(pl.BlockSpec((None, None, t // save, dk, bv), lambda i, j, kv: (i, j, 0, 0, kv)))
+    out_shape.append(jax.ShapeDtypeStruct((b, h, t // save, dk, dv), F32))
   return _pallas_call(
       kern, grid=(b, h, dv // bv),
       in_specs=[seq_k, seq_k, seq_v, seq_k] + _scalar_specs(lambda i, j, kv: (i, j)) + [state],
@@ -996,20 +1057,33 @@ def _dstates(q, do, g, width, prefix, bnd, dht, *, seq_len, scale, bs, interpret
 
 def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scale, bs,
            interpret):
+  """``states`` [B, H, N', K, V]: one per chunk (N' = N), or one per two chunks (N' = N / 2, the
+  forward's saved states): then the programs of odd chunks advance it through the chunk before
+  (``_advance``, reading its k, v, g rows)."""
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   c = bs.chunk
   n = t // c
   per_chunk = pl.BlockSpec((None, None, None, 1, dk), lambda i, j, hh: (i, j, hh, 0, 0))
   gated = _GATE_LB.get() is not None   # then d lb per chunk in the dg slot (_gate_grads)
+  every = n // states.shape[2]
+  if every not in (1, 2) or states.shape[2] * every != n:
+    raise ValueError(f"{states.shape[2]} states for {n} chunks: need one per chunk or per two")
   kern = functools.partial(_grads_kernel, chunk=c, sub=bs.sub, seq_len=seq_len, scale=scale,
                            dtype=q.dtype, diag=bs.diag, fast_limit=bs.fast_limit,
-                           split=bs.split_dots)
+                           split=bs.split_dots, advance=every == 2)
+  s_spec = pl.BlockSpec((None, None, None, dk, dv), lambda i, j, hh: (i, hh, j // every, 0, 0))
+  prev, prev_specs = (), []
+  if every == 2:   # the chunk before's k, v, g rows (read by odd chunks only)
+    prev = (k, v, g)
+    prev_specs = [pl.BlockSpec((None, c, None, d),
+                               lambda i, j, hh: (i, jnp.maximum(j - 1, 0), hh, 0))
+                  for d in (dk, dv, dk)]
   return _pallas_call(
       kern, grid=(b, n, h),
       in_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c), _chunk_spec(dk, c),
                 _chunk_spec(dv, c)] + _scalar_specs(lambda i, j, hh: (i, hh))
-      + [_state_spec(dk, dv), _state_spec(dk, dv)],
+      + [s_spec, _state_spec(dk, dv)] + prev_specs,
       out_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c),
                  per_chunk if gated else _chunk_spec(dk, c), per_chunk],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
@@ -1020,7 +1094,7 @@ def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scal
       compiler_params=_params(bs, _grads_warps(bs)), interpret=interpret,
       cumsum=_cumsum(bs, grads=True),
       name="lasad_grads", head_axis=2,
-  )(q, k, v, g, do, width, prefix, bnd, states, dstates)
+  )(q, k, v, g, do, width, prefix, bnd, states, dstates, *prev)
 
 
 # --------------------------------------------------------------------------- custom VJP
@@ -1029,14 +1103,19 @@ def _lasad(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret):
   return _lasad_fwd(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret)[0]
 
 
-def _forward(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret, norm=None):
-  """(o, final state), or with ``norm`` (eps, dv) (o normalised per row, final, inverse rms)."""
+def _forward(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret, norm=None,
+             save=False):
+  """(o, final state), or with ``norm`` (eps, dv) (o normalised per row, final, inverse rms);
+  ``save``: one more result, the backward's per-chunk states where the one-pass kernel wrote
+  them (else None)."""
   kw = dict(seq_len=seq_len, bs=bs, interpret=interpret)
   if bs.fused_forward:
-    return _fused_forward(q, k, v, g, width, prefix, bnd, h0, scale=scale, norm=norm, **kw)
+    return _fused_forward(q, k, v, g, width, prefix, bnd, h0, scale=scale, norm=norm,
+                          save=save, **kw)
   states, final = _chunk_states(k, v, g, width, prefix, bnd, h0, **kw)
   o = _outputs(q, k, v, g, width, prefix, bnd, states, scale=scale, **kw)
-  return (o, final) if norm is None else _with_norm(o, final, norm)
+  out = (o, final) if norm is None else _with_norm(o, final, norm)
+  return out + (None,) if save else out
 
 
 def _lasad_fwd(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret):
@@ -1045,11 +1124,16 @@ def _lasad_fwd(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret
 
 
 def _lasad_bwd(seq_len, scale, bs, interpret, res, cts):
-  q, k, v, g, width, prefix, bnd, h0 = res
+  """``res``: the eight inputs, and optionally the per-chunk states the forward kernel saved
+  (``_fused_forward``'s ``save``; None: recomputed here)."""
+  q, k, v, g, width, prefix, bnd, h0, *saved = res
   do, dht = cts
   bs = _bwd_blocks(bs)
   kw = dict(seq_len=seq_len, bs=bs, interpret=interpret)
-  states, _, dec = _chunk_states_dec(k, v, g, width, prefix, bnd, h0, **kw)
+  if saved and saved[0] is not None:   # saved only where the backward is unsplit: no decays
+    states, dec = saved[0], None     # one per forward chunk, so maybe one per two of these
+  else:
+    states, _, dec = _chunk_states_dec(k, v, g, width, prefix, bnd, h0, **kw)
   dstates, dh0 = _dstates(q, do.astype(q.dtype), g, width, prefix, bnd, dht.astype(F32),
                           scale=scale, dec=dec, **kw)
   dq, dk, dv, dg, dbnd = _grads(q, k, v, g, do.astype(q.dtype), width, prefix, bnd, states,
@@ -1126,19 +1210,24 @@ def _hgrn2_fwd(qr, f, v, lb, width, prefix, bnd, h0, seq_len, scale, bs, interpr
   remat policy that keeps it keeps the forward kernel from rerunning; None: unnamed)."""
   # q_raw in the q slot, f in both the k and the g slots: _tq and _tkg make q, k, g of them.
   res = (qr, f, v, lb, width, prefix, bnd, h0)
+  # With a named norm (the model's path) the forward kernel also writes the backward's
+  # per-chunk states (BlockSizes.save_states), kept under the same name, so remat keeps them
+  # and the backward's states kernel does not run.
+  save = norm is not None and norm[2] is not None and bs.save_states
   with _gated(_lb_rows(lb)):
     out = _forward(qr, f, v, f, width, prefix, bnd, h0, seq_len, scale, bs, interpret,
-                   None if norm is None else norm[:2])
+                   None if norm is None else norm[:2], save=save)
   if norm is None:
     return out, res
-  n, final, r = out
+  n, final, r, *states = out
   name = norm[2]
   if name is not None:
     # the output itself is the named value, so a caller that keeps it (the model: its matmul
     # operand) and this residual are one value: inside a lax.scan, naming them apart would
     # stack a second copy of it (+3.2 GB for LASADGen-L at batch 256)
     n, r = checkpoint_name(n, name), checkpoint_name(r, name)
-  return (n, final), res + (n, r)
+    states = [None if st is None else checkpoint_name(st, name) for st in states]
+  return (n, final), res + (n, r, states[0] if states else None)
 
 
 def _norm_rows_bwd(dn, n, r, dv):
@@ -1150,15 +1239,16 @@ def _norm_rows_bwd(dn, n, r, dv):
 
 
 def _hgrn2_bwd(seq_len, scale, bs, interpret, norm, res, cts):
+  states = None
   if norm is not None:
-    *res, n, r = res
+    *res, n, r, states = res
     cts = (_norm_rows_bwd(cts[0], n, r, norm[1]), cts[1])
   qr, f, v, lb, width, prefix, bnd, h0 = res
   # the gradient kernel applies the forget gate's derivatives (_gate_grads): d f and d lb per
   # chunk come back in the dk and dg slots; silu's derivative is XLA's, one pass over dq
   with _gated(_lb_rows(lb)):
     dq, df, dv, dlb, _, _, dbnd, dh0 = _lasad_bwd(
-        seq_len, scale, bs, interpret, (qr, f, v, f, width, prefix, bnd, h0), cts)
+        seq_len, scale, bs, interpret, (qr, f, v, f, width, prefix, bnd, h0, states), cts)
   dqr = jax.vjp(jax.nn.silu, qr)[1](dq)[0]
   return dqr, df, dv, jnp.sum(dlb, axis=(0, 1, 3)).astype(lb.dtype), None, None, dbnd, dh0
 
