@@ -63,11 +63,12 @@ def get_config(variant="B"):
   # the gradient reads that and the inverse rms (hgrn2_attention's norm_eps). False: XLA's norm.
   # LASADGen-L as above: 349.4 -> 343.5 ms per step, one call (BENCHMARKS.md session 22).
   c.kernel_head_norm = True
-  # With kernel_head_norm: the one-pass forward kernel also writes the state entering each of the
-  # backward's 32-token chunks (float32, kept by remat with the attention output), so the
-  # backward's states kernel does not run (BlockSizes.save_states). Memory: 4x the attention
-  # output (+12.9 GB for L at batch 256: out of memory on an H100, session 23). False (default):
-  # the backward recomputes them.
+  # With kernel_head_norm: the one-pass forward kernel also writes the state entering each
+  # 64-token chunk (float32, kept by remat with the attention output), so the backward's states
+  # kernel does not run; the gradient kernel advances them to the 32-token chunks in between
+  # (BlockSizes.save_states). Memory: 2x the attention output (+6.4 GB for L at batch 256; every
+  # 32-token state, +12.9 GB, ran out of memory on an H100, session 23). Not timed yet. False
+  # (default): the backward recomputes them.
   c.kernel_save_states = False
   # Parallel forward over the layers: True = one lax.scan over the stacked weights (compile time
   # independent of depth); False = unrolled, one copy per layer. In training with remat policy

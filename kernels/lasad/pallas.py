@@ -23,7 +23,7 @@ The row mask is applied inside every kernel from ``width``/``prefix`` (int32 per
 never enters an exponent: it is a segment id, so decays across it are exactly 0.
 
 The backward recomputes S_n instead of saving it (memory O(T) in activations, like fla), unless
-``BlockSizes.save_states`` has the one-pass forward kernel write them (opt-in: 4x the output's
+``BlockSizes.save_states`` has the one-pass forward kernel write them (opt-in: 2x the output's
 memory). Nothing of
 size T x T exists: the largest temporaries are [C, K] tiles.
 
@@ -129,10 +129,12 @@ class BlockSizes:
   cumsum: str = "auto"
   # With the gates in the kernels and a named output norm (``hgrn2_pallas(norm_eps=...,
   # norm_save=name)``, LASADGen's training path): the one-pass forward kernel also writes the
-  # state entering each of the backward's chunks ([B, H, T/bwd_chunk, K, V] float32, named
-  # ``name`` for remat), so the backward's states kernel does not run. Only where neither pass
-  # splits the sequence. Memory: 4x the bf16 output at K = V = 64 with 32-token chunks, which
-  # put LASADGen-L's training at batch 256 out of memory on an H100 (session 23), hence opt-in.
+  # state entering each chunk ([B, H, T/chunk, K, V] float32, named ``name`` for remat), so the
+  # backward's states kernel does not run; with 32-token backward chunks the gradient kernel's
+  # odd chunks advance the saved state through the chunk before (``_advance``). Only where
+  # neither pass splits the sequence. Memory: 2x the bf16 output at K = V = 64 (every 32-token
+  # state, 4x, put LASADGen-L's training at batch 256 out of memory on an H100, session 23).
+  # Opt-in: not timed yet.
   save_states: bool = False
 
   def __post_init__(self):
