@@ -435,16 +435,24 @@ def _states_kernel(k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, s_ref, ht_
     if s_ref is not None:
       s_ref[n] = s
     rows = pl.ds(n * chunk, chunk)
-    (k, g2), v = _tkg(k_ref[rows, :], g_ref[rows, :]), v_ref[rows, :]
-    gf, rs, _ = _gate(g2, n * chunk + pos0, seq_len, width, prefix, bnd)
-    b, seg, tot, seg_end = _decays(gf, rs)
-    kd = k.astype(F32) * _exp(tot[None, :] - b) * (seg == seg_end)[:, None]
-    decay = _exp(tot) * (seg_end == 0)
+    s, decay = _state_step(k_ref[rows, :], v_ref[rows, :], g_ref[rows, :], s, n * chunk + pos0,
+                           (seq_len, width, prefix, bnd), dtype)
     if dec_ref:
       dec_ref[0][pl.ds(n, 1), :] = decay[None, :]
-    return decay[:, None] * s + _dot(_mx(kd, dtype), v, trans_a=True)
+    return s
 
   ht_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(F32))
+
+
+def _state_step(k, v, g, s, pos, gate_args, dtype):
+  """The state s entering a chunk -> (the state leaving it, the chunk's decay [K]), from its rows
+  k, v, g as loaded and their positions pos."""
+  (k, g2) = _tkg(k, g)
+  gf, rs, _ = _gate(g2, pos, *gate_args)
+  b, seg, tot, seg_end = _decays(gf, rs)
+  kd = k.astype(F32) * _exp(tot[None, :] - b) * (seg == seg_end)[:, None]
+  decay = _exp(tot) * (seg_end == 0)
+  return decay[:, None] * s + _dot(_mx(kd, dtype), v, trans_a=True), decay
 
 
 def _gate_row(g_ref, idx, pos, seq_len, width, prefix, bnd):
@@ -628,13 +636,10 @@ def _dstates_kernel(q_ref, do_ref, g_ref, w_ref, p_ref, bd_ref, dht_ref, ds_ref,
 
 def _advance(k_ref, v_ref, g_ref, s, n, gate_args, dtype):
   """The state s entering chunk n - 1 (of k_ref's rows) -> the state entering chunk n: the
-  states kernel's step (``_states_kernel``) for one chunk."""
+  states kernel's step (``_state_step``) for one chunk."""
   chunk = k_ref.shape[0]
-  (k, g2), v = _tkg(k_ref[...], g_ref[...]), v_ref[...]
-  gf, rs, _ = _gate(g2, (n - 1) * chunk + jnp.arange(chunk, dtype=jnp.int32), *gate_args)
-  b, seg, tot, seg_end = _decays(gf, rs)
-  kd = k.astype(F32) * _exp(tot[None, :] - b) * (seg == seg_end)[:, None]
-  return (_exp(tot) * (seg_end == 0))[:, None] * s + _dot(_mx(kd, dtype), v, trans_a=True)
+  return _state_step(k_ref[...], v_ref[...], g_ref[...], s,
+                     (n - 1) * chunk + jnp.arange(chunk, dtype=jnp.int32), gate_args, dtype)[0]
 
 
 def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_ref, ds_ref, *refs,
