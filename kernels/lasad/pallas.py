@@ -946,13 +946,16 @@ def _fused_forward(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, in
   ``save``: one more result, the states entering each chunk [B, H, T/chunk, K, V] written by
   the kernel (``_chunk_states``' values at the forward's chunk; the backward's 32-token chunks
   take them and the gradient kernel advances every other one, ``_grads``), or None where
-  either pass splits the sequence (then the backward recomputes them)."""
+  either pass splits the sequence or the backward's chunk is under half the forward's (then the
+  backward recomputes them)."""
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   s = _fused_segments(bs, t, seq_len, b * h)
   if s == 1:
     bwd = _bwd_blocks(bs)
-    keep = bs.chunk if save and _segments(bwd, t, seq_len, b * h) == 1 else None
+    # the gradient kernel advances a saved state through at most one chunk of its own
+    keep = (bs.chunk if save and _segments(bwd, t, seq_len, b * h) == 1
+            and bs.chunk // bwd.chunk in (1, 2) else None)
     in_kernel = norm is not None and _block_v(bs, b * h, dv) == dv
     out = _fused_call(q, k, v, g, width, prefix, bnd, h0, seq_len=seq_len, scale=scale, bs=bs,
                       interpret=interpret, norm=norm if in_kernel else None, save=keep)
