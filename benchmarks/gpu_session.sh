@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the GPU runs recorded in BENCHMARKS.md / RESULTS.md executed, stage by stage, on the device
 # machine (its python3 has jax[cuda], torch; grain, ml_collections and fla come as wheels in .whl/).
-#   bash benchmarks/gpu_session.sh STAGE...   stages: tests train sampling profile topk scaling sad fla fixtures ops parts lina plina ncu ab hlo
+#   bash benchmarks/gpu_session.sh STAGE...   stages: tests train sampling profile topk scaling sad fla fixtures ops parts lina plina ncu ab flags hlo
 # Logs and JSON go to $OUT (default: ./out).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -80,6 +80,16 @@ for stage in "$@"; do
                   timeout 120 python3 benchmarks/train.py $A --out "$OUT/ab_old_$i.json") 2>&1 \
                   | tee -a "$OUT/ab.log" | tail -1
               done ;;
+    # The same L training step with this tree's defaults and then each of the ';'-separated flag
+    # sets in FLAG_SETS (e.g. FLAG_SETS="--kernel-save-states 1"), alternating, AB_REPEAT more
+    # rounds. Each run appends to flags.log and writes flags_<round>_<set: 0 = defaults>.json.
+    flags)    A="--variants L --batches 256 --remat --remat-policy dots_attn_acts --no-scan --iters 8"
+              IFS=';' read -ra sets <<< ";${FLAG_SETS:?set FLAG_SETS, e.g. '--kernel-save-states 1'}"
+              for i in 1 ${AB_REPEAT:-}; do for j in "${!sets[@]}"; do
+                echo "flags: ${sets[$j]:-(defaults)}" | tee -a "$OUT/flags.log"
+                XLA_PYTHON_CLIENT_MEM_FRACTION=.95 timeout 120 python3 benchmarks/train.py $A ${sets[$j]} \
+                  --out "$OUT/flags_${i}_$j.json" 2>&1 | tee -a "$OUT/flags.log" | tail -1
+              done; done ;;
     # The optimised HLO of the training step (to name the fusions a profile lists).
     hlo)      XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=${HLO_RE:-.*step.*}" \
                 XLA_PYTHON_CLIENT_MEM_FRACTION=.95 timeout 240 python3 benchmarks/train.py --variants L \
