@@ -24,8 +24,7 @@ never enters an exponent: it is a segment id, so decays across it are exactly 0.
 
 The backward recomputes S_n instead of saving it (memory O(T) in activations, like fla), unless
 ``BlockSizes.save_states`` has the one-pass forward kernel write them (opt-in: 2x the output's
-memory). Nothing of
-size T x T exists: the largest temporaries are [C, K] tiles.
+memory). Nothing of size T x T exists: the largest temporaries are [C, K] tiles.
 
 Backend: Triton lowering of plain ``pl.pallas_call`` (see README.md for why not Mosaic GPU yet).
 The same kernel bodies run under ``interpret=True`` on CPU, which is how CI tests them.
@@ -568,8 +567,8 @@ def _fused_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, o_re
   ``prefetch``: loop over sub-chunks, loading the next one's rows before computing this one.
   ``norm``: (eps, dv) to write each row's RMS-normalised output and its inverse RMS (r_ref), when
   the program holds whole rows (V not split into blocks). ``save``: a multiple of ``sub``
-  dividing ``chunk`` (the backward's chunk): write the state entering every ``save`` rows into
-  st_ref [T/save, K, bv], what the backward's states kernel would recompute."""
+  dividing ``chunk`` (``_fused_forward`` passes ``chunk``): write the state entering every
+  ``save`` rows into st_ref [T/save, K, bv], what the backward's states kernel would recompute."""
   r_ref = extra[0] if norm is not None else None
   st_ref = extra[-1] if save is not None else None
   gate_args = (seq_len,) + _scalars(w_ref, p_ref, bd_ref)
