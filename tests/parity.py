@@ -47,13 +47,10 @@ def compare(x, mine, theirs):
     if n == "dh0" and not bool(x["has_h0"]):
       continue
     ref = np.where(off, theirs["dg_masked"], 0.0) if n == "dg" else theirs[n]
-    errs[n] = rel_rms(mine[n], ref)
+    errs[n] = oracle.rel_rms(mine[n], ref)
     if n == "dg":
       assert np.all(np.where(off, 0.0, np.asarray(mine[n])) == 0.0), \
           "dg must be 0 at masked positions"
   return errs
 
 
-def rel_rms(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.sqrt(np.mean((a - b) ** 2)) / (np.sqrt(np.mean(b ** 2)) + 1e-30))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lasad_jax.tokenizer import kl
+from oracle import rel_rms
 
 FIX = "tests/fixtures/kl_tiny"
 
@@ -14,11 +15,6 @@ FIX = "tests/fixtures/kl_tiny"
 def _cfg():
   meta = np.load(FIX + ".npz")
   return kl.KLConfig(**ast.literal_eval(str(meta["config"]))), meta
-
-
-def rel_rms(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2))
 
 
 def _check(vae, fx):

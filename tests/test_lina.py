@@ -13,6 +13,7 @@ from configs.lina import get_config  # noqa: E402
 from lasad_jax.lina import flow as F  # noqa: E402
 from lasad_jax.lina import model as M  # noqa: E402
 from lasad_jax.lina.attention import lina_attention, lina_attention_qkv  # noqa: E402
+from oracle import rel_rms  # noqa: E402
 
 
 def oracle(q, k, v, ks=None, vs=None, mask=None):
@@ -30,11 +31,6 @@ def oracle(q, k, v, ks=None, vs=None, mask=None):
       kv = kk.T @ vv / len(kk)
       out[bi, :, hi] = (qq @ kv) / (qq @ kk.mean(0) + 1e-6)[:, None]
   return out
-
-
-def rel_rms(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2))
 
 
 @pytest.mark.parametrize("gates", [False, True])
