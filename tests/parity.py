@@ -52,5 +52,3 @@ def compare(x, mine, theirs):
       assert np.all(np.where(off, 0.0, np.asarray(mine[n])) == 0.0), \
           "dg must be 0 at masked positions"
   return errs
-
-

@@ -273,24 +273,30 @@ def test_model_kernel_head_norm_does_not_rerun_the_forward(monkeypatch):
   compiled gradient keeps of the forward kernel: its ops' count of "lasad_fused_forward" in the
   HLO is about that without the kernel norm, and doubles when the values are left unnamed, which
   shows a rerun (without / named / unnamed: 930 / 978 / 1954 on the CPU, kernels interpreted; 8 /
-  10 / 18 compiled on an H100, session 22)."""
+  10 / 18 compiled on an H100, session 22). With config.kernel_save_states the saved states carry
+  the same name: still no rerun (1056 on the CPU; 12 on an H100, session 23), and the backward's
+  states kernel is gone from the compiled gradient."""
   import re
   orig = M.hgrn2_attention
   tok = jnp.zeros((2, 40), jnp.int32)
 
-  def forward_ops(on, save):
+  def kernel_ops(on, save, states=False):
     monkeypatch.setattr(M, "hgrn2_attention", lambda *a, **k: orig(
         *a, **{**k, "norm_save": k["norm_save"] if save else None}))
     c = get_config("tiny")
     c.update(impl="pallas", scan_layers=False, kernel_head_norm=on, remat=True,
-             remat_policy="dots_attn_acts")
+             remat_policy="dots_attn_acts", kernel_save_states=states)
     params = M.LASADGen(c, rngs=nnx.Rngs(0)).params()
     c = ml_collections.FrozenConfigDict(c)
     loss = lambda p: jnp.mean(M.forward(c, p, tok, jnp.array([0, 1]), width=8))  # noqa: E731
     hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
-    return len(re.findall("lasad_fused_forward", hlo))
-  off, named, unnamed = forward_ops(False, True), forward_ops(True, True), forward_ops(True, False)
+    return len(re.findall("lasad_fused_forward", hlo)), len(re.findall("lasad_states", hlo))
+  (off, states_off), (named, _), (unnamed, _) = (
+      kernel_ops(False, True), kernel_ops(True, True), kernel_ops(True, False))
   assert named < 1.5 * off and unnamed > 1.7 * off, (off, named, unnamed)
+  saved, states_saved = kernel_ops(True, True, states=True)
+  # (the states are one more output of the kernel, so a few more ops name it: <=, not <)
+  assert saved <= 1.5 * off and states_off > 0 and states_saved == 0, (off, saved, states_saved)
 
 
 @pytest.mark.parametrize("scan", [True, False])
