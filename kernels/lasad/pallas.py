@@ -561,22 +561,21 @@ def _store_out(o_ref, r_ref, rows, o, norm):
 
 
 def _fused_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, o_ref, ht_ref, *extra,
-                  chunk, sub, n_chunks, seq_len, scale, prefetch=False, norm=None, save=None,
+                  chunk, sub, n_chunks, seq_len, scale, prefetch=False, norm=None, save=False,
                   **kw):
   """The forward in one pass over a whole (segment of a) sequence: the state stays on chip.
   ``prefetch``: loop over sub-chunks, loading the next one's rows before computing this one.
   ``norm``: (eps, dv) to write each row's RMS-normalised output and its inverse RMS (r_ref), when
-  the program holds whole rows (V not split into blocks). ``save``: a multiple of ``sub``
-  dividing ``chunk`` (``_fused_forward`` passes ``chunk``): write the state entering every
-  ``save`` rows into st_ref [T/save, K, bv], what the backward's states kernel would recompute."""
+  the program holds whole rows (V not split into blocks). ``save``: write the state entering
+  each chunk into st_ref [T/chunk, K, bv], what the backward's states kernel would recompute."""
   r_ref = extra[0] if norm is not None else None
-  st_ref = extra[-1] if save is not None else None
+  st_ref = extra[-1] if save else None
   gate_args = (seq_len,) + _scalars(w_ref, p_ref, bd_ref)
 
-  def keep(j, s):   # the state s entering sub-chunk j (traced index)
+  def keep(j, s):   # the state s entering sub-chunk j (traced), if j starts a chunk
     if st_ref is None:
       return
-    m = save // sub
+    m = chunk // sub
     if m == 1:
       st_ref[j] = s
       return
@@ -601,10 +600,10 @@ def _fused_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, o_re
     return
 
   def body(n, s):
+    if st_ref is not None:
+      st_ref[n] = s
     for i in range(chunk // sub):
       base = n * chunk + i * sub
-      if save is not None and (i * sub) % save == 0:
-        st_ref[n * (chunk // save) + i * sub // save] = s
       o, s = _sub_chunk(q_ref, k_ref, v_ref, g_ref, s, base, base, gate_args, sub=sub,
                         update=True, **kw)
       _store_out(o_ref, r_ref, pl.ds(base, sub), scale * o, norm)
@@ -953,8 +952,8 @@ def _fused_forward(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, in
   if s == 1:
     bwd = _bwd_blocks(bs)
     # the gradient kernel advances a saved state through at most one chunk of its own
-    keep = (bs.chunk if save and _segments(bwd, t, seq_len, b * h) == 1
-            and bs.chunk // bwd.chunk in (1, 2) else None)
+    keep = bool(save and _segments(bwd, t, seq_len, b * h) == 1
+                and bs.chunk // bwd.chunk in (1, 2))
     in_kernel = norm is not None and _block_v(bs, b * h, dv) == dv
     out = _fused_call(q, k, v, g, width, prefix, bnd, h0, seq_len=seq_len, scale=scale, bs=bs,
                       interpret=interpret, norm=norm if in_kernel else None, save=keep)
@@ -989,7 +988,7 @@ def _with_norm(o, final, norm):
 
 
 def _fused_call(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, interpret, norm=None,
-                save=None):
+                save=False):
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   bv = _block_v(bs, b * h, dv)
@@ -1005,9 +1004,10 @@ def _fused_call(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, inter
     assert bv == dv, (bv, dv)
     out_specs.append(pl.BlockSpec((None, None, t), lambda i, j, kv: (i, j, 0)))
     out_shape.append(jax.ShapeDtypeStruct((b, h, t), F32))
-  if save is not None:   # the states entering each ``save`` rows, as _scan_call's
-    out_specs.append(pl.BlockSpec((None, None, t // save, dk, bv), lambda i, j, kv: (i, j, 0, 0, kv)))
-    out_shape.append(jax.ShapeDtypeStruct((b, h, t // save, dk, dv), F32))
+  if save:   # the states entering each chunk, as _scan_call's
+    n = t // bs.chunk
+    out_specs.append(pl.BlockSpec((None, None, n, dk, bv), lambda i, j, kv: (i, j, 0, 0, kv)))
+    out_shape.append(jax.ShapeDtypeStruct((b, h, n, dk, dv), F32))
   return _pallas_call(
       kern, grid=(b, h, dv // bv),
       in_specs=[seq_k, seq_k, seq_v, seq_k] + _scalar_specs(lambda i, j, kv: (i, j)) + [state],
@@ -1228,15 +1228,16 @@ def _hgrn2_fwd(qr, f, v, lb, width, prefix, bnd, h0, seq_len, scale, bs, interpr
                    None if norm is None else norm[:2], save=save)
   if norm is None:
     return out, res
-  n, final, r, *states = out
+  n, final, r, *rest = out
+  states = rest[0] if rest else None
   name = norm[2]
   if name is not None:
     # the output itself is the named value, so a caller that keeps it (the model: its matmul
     # operand) and this residual are one value: inside a lax.scan, naming them apart would
     # stack a second copy of it (+3.2 GB for LASADGen-L at batch 256)
     n, r = checkpoint_name(n, name), checkpoint_name(r, name)
-    states = [None if st is None else checkpoint_name(st, name) for st in states]
-  return (n, final), res + (n, r, states[0] if states else None)
+    states = None if states is None else checkpoint_name(states, name)
+  return (n, final), res + (n, r, states)
 
 
 def _norm_rows_bwd(dn, n, r, dv):
