@@ -580,9 +580,10 @@ def _fused_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, o_re
       st_ref[j] = s
       return
 
-    @pl.when(j % m == 0)
+    # lax.rem/div, not % and //: jnp's forms lower for Triton with an i1 divisor (jax 0.11.2)
+    @pl.when(lax.rem(j, jnp.int32(m)) == 0)
     def _():
-      st_ref[j // m] = s
+      st_ref[lax.div(j, jnp.int32(m))] = s
   if prefetch:
     refs, n_sub = (q_ref, k_ref, v_ref, g_ref), n_chunks * chunk // sub
 
@@ -678,7 +679,7 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
   # Forward pass: inter part of dq; P ends as S_out.
   p_state = s_ref[...]
   if advance:
-    p_state = lax.cond(n % 2 == 1,
+    p_state = lax.cond(lax.rem(n, jnp.int32(2)) == 1,
                        lambda s: _advance(pk_ref, pv_ref, pg_ref, s, n, gate_args, dtype),
                        lambda s: s, p_state)
   dq_inter = []

@@ -1,0 +1,176 @@
+"""The Pallas kernels lower for the GPU (Triton) on a machine without one.
+
+CI has no GPU, and the interpreter (how tests/test_ops.py runs the kernels) does not lower them:
+a kernel body can be right in the interpreter and still not lower for Triton. Session 23's
+saved-states path did that (``j % m`` on a traced loop index lowered to a remainder with a
+boolean divisor, jax 0.11.2; first seen on an H100 in session 24). Here each path of the LASAD
+kernels, forward and gradient, is lowered to Triton IR for compute capability 9.0 with JAX's GPU
+query answered by a stand-in; nothing is compiled or run (ptxas is not involved), so these tests
+say the kernels lower, not that they compile or are right.
+"""
+
+import re
+import types
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from kernels.lasad.pallas import BlockSizes
+from lasad_jax.ops import lasad_attention
+
+
+@pytest.fixture
+def fake_hopper(monkeypatch):
+  """JAX's GPU query answers compute capability 9.0, and lasad_jax.ops's Pallas entry points
+  build the compiled kernels (interpret=False) instead of the interpreter's."""
+  import functools
+
+  from jax._src.pallas.triton import pallas_call_registration as reg
+
+  import kernels.lasad.pallas as kp
+  monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info",
+                      lambda: types.SimpleNamespace(compute_capability="9.0"))
+  for name in ("lasad_pallas", "hgrn2_pallas"):
+    monkeypatch.setattr(kp, name, functools.partial(getattr(kp, name), interpret=False))
+
+
+def _lower_cuda(fn, *args):
+  """Lower jit(fn) for CUDA; returns the StableHLO text (with the kernels as custom calls)."""
+  return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _kernels(text):
+  """Names of the LASAD kernels among the lowered module's Triton custom calls."""
+  assert "__gpu$xla.gpu.triton" in text, text[:2000]
+  return set(re.findall(r"lasad_(?:fused_forward|forward|grads|dstates|states|segment_states)\b",
+                        text))
+
+
+SHAPE = (2, 256, 2, 64)    # b, t, h, d: four 64-token chunks
+
+
+def _inputs(dtype=jnp.bfloat16, t=SHAPE[1]):
+  b, _, h, d = SHAPE
+  x = jax.ShapeDtypeStruct((b, t, h, d), dtype)
+  return x, x, x, jax.ShapeDtypeStruct((h, d), jnp.float32)
+
+
+# The BlockSizes paths: the defaults (one-pass forward with prefetch, 32-token backward chunks),
+# 16-token sub-chunks (64-token backward chunks), the two-pass forward, a split sequence, the
+# cumulative sums as scans or dots everywhere, the other diagonal forms, unsplit bf16 dots, and
+# the states saved by the forward kernel (every other 32-token backward chunk advances them;
+# with 16-token sub-chunks every 64-token chunk has its own).
+BLOCKS = {
+    "default": BlockSizes(),
+    "sub16": BlockSizes(sub=16),
+    "no_prefetch": BlockSizes(fused_prefetch=False),
+    "two_pass": BlockSizes(fused_forward=False),
+    "split": BlockSizes(seq_split=2, bwd_seq_split=2),
+    "cumsum_dot": BlockSizes(cumsum="dot"),
+    "cumsum_scan": BlockSizes(cumsum="scan"),
+    "diag_loop": BlockSizes(diag="loop"),
+    "diag_bcast": BlockSizes(diag="bcast"),
+    "bf16_dots": BlockSizes(split_dots=False),
+    "save_states": BlockSizes(save_states=True),
+    "save_states_sub16": BlockSizes(save_states=True, sub=16),
+    "save_states_no_prefetch": BlockSizes(save_states=True, fused_prefetch=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_hgrn2_kernels_lower_for_triton(fake_hopper, name):
+  """LASADGen's training path (gates in the kernels, the output norm named for remat): value
+  and all gradients, bf16, the row mask on, an initial state."""
+  from lasad_jax.ops import hgrn2_attention
+  bs = BLOCKS[name]
+  b, t, h, d = SHAPE
+
+  def loss(qr, f, v, lb):
+    o, st = hgrn2_attention(qr, f, v, lb, width=16, prefix=1, boundary=jnp.full((h,), -0.5),
+                            initial_state=jnp.zeros((b, h, d, d)), return_final_state=True,
+                            impl="pallas", gate="kernel", block_sizes=bs, norm_eps=1e-5,
+                            norm_save="attn_out")
+    return jnp.sum(o.astype(jnp.float32)) + jnp.sum(st)
+
+  names = _kernels(_lower_cuda(jax.grad(loss, argnums=(0, 1, 2, 3)), *_inputs()))
+  # the gradient kernel and the state-gradient scan, and the states kernel unless the forward
+  # kernel saved the states
+  assert {"lasad_grads", "lasad_dstates"} <= names, names
+  assert ("lasad_states" in names) == (not bs.save_states), names
+
+
+@pytest.mark.parametrize("name", ["default", "sub16", "two_pass", "split", "save_states"])
+@pytest.mark.parametrize("t", [256, 200])
+def test_lasad_kernels_lower_for_triton(fake_hopper, name, t):
+  """The bare operator (q, k, v, g given): float32 and bf16, awkward T (padding inside)."""
+  bs = BLOCKS[name]
+  b, _, h, d = SHAPE
+  for dtype in (jnp.float32, jnp.bfloat16):
+    x = jax.ShapeDtypeStruct((b, t, h, d), dtype)
+    g = jax.ShapeDtypeStruct((b, t, h, d), jnp.float32)
+
+    def loss(q, k, v, g):
+      o, st = lasad_attention(q, k, v, g, width=8, boundary=-jnp.inf, impl="pallas",
+                              return_final_state=True, block_sizes=bs)
+      return jnp.sum(o.astype(jnp.float32)) + jnp.sum(st)
+
+    names = _kernels(_lower_cuda(jax.grad(loss, argnums=(0, 1, 2, 3)), x, x, x, g))
+    # no output norm here, so nothing is saved: the backward recomputes the states
+    assert {"lasad_grads", "lasad_dstates", "lasad_states"} <= names, (dtype, names)
+
+
+@pytest.fixture
+def fake_gpu_backend(fake_hopper, monkeypatch):
+  """On top of ``fake_hopper``: ``jax.default_backend()`` says "gpu", so the model's "auto"
+  choices (Pallas attention with the gates and the output norm in the kernels, the fused
+  norms when unrolled, the Pallas decode kernel, the selection top-k) take their GPU paths."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+
+
+def _config(variant="L", **fields):
+  from configs.imagenet import get_config
+  cfg = get_config(variant)
+  for k, v in fields.items():
+    setattr(cfg, k, v)
+  return cfg
+
+
+# LASADGen-L's training step as benchmarks/train.py runs it (remat dots_attn_acts), layers in a
+# scan (the default) and unrolled (the fused norms), and with the forward kernel saving the states
+@pytest.mark.parametrize("scan,save", [(True, False), (False, False), (False, True)])
+def test_train_step_lowers_for_the_gpu(fake_gpu_backend, scan, save):
+  import ml_collections
+
+  from lasad_jax import training as T
+  cfg = ml_collections.FrozenConfigDict(_config(
+      remat=True, remat_policy="dots_attn_acts", scan_layers=scan, kernel_save_states=save))
+  state = jax.eval_shape(lambda: T.create_train_state(cfg))
+  batch = {"tokens": jax.ShapeDtypeStruct((4, 256), jnp.int32),
+           "label": jax.ShapeDtypeStruct((4,), jnp.int32)}
+  text = jax.jit(lambda s, b: T._train_step(cfg, s, b)).trace(state, batch).lower(
+      lowering_platforms=("cuda",)).as_text()
+  names = _kernels(text)
+  assert {"lasad_fused_forward", "lasad_grads", "lasad_dstates"} <= names, names
+  assert ("lasad_states" in names) == (not save), names
+  assert ("add_rms_forward" in text) == (not scan)    # the fused norms only unrolled
+
+
+# The sampler with classifier-free guidance and top-k on the GPU's defaults (the Pallas decode
+# kernel per layer, the selection top-k) and with the persistent kernel (all layers in one)
+@pytest.mark.parametrize("decode_impl", ["auto", "persistent"])
+def test_sampler_lowers_for_the_gpu(fake_gpu_backend, decode_impl):
+  import ml_collections
+
+  from lasad_jax import model as M
+  from lasad_jax import sampling
+  cfg = ml_collections.FrozenConfigDict(_config("B", decode_impl=decode_impl))
+  params = jax.eval_shape(lambda: M.LASADGen(cfg, rngs=__import__("flax").nnx.Rngs(0)).params())
+  labels = jax.ShapeDtypeStruct((2,), jnp.int32)
+  rng = jax.eval_shape(lambda: jax.random.key(0))
+  text = sampling._sample.trace(cfg, params, labels, rng, 64, 8, 4.0, 1.0, 100, 1.0).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "__gpu$xla.gpu.triton" in text
+  kernel = {"auto": "lasad_decode_attention", "persistent": "lasad_decode_persistent"}
+  assert kernel[decode_impl] in text
+  assert "kth_largest" in text      # the selection top-k
