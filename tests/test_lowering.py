@@ -174,3 +174,21 @@ def test_sampler_lowers_for_the_gpu(fake_gpu_backend, decode_impl):
   kernel = {"auto": "lasad_decode_attention", "persistent": "lasad_decode_persistent"}
   assert kernel[decode_impl] in text
   assert "kth_largest" in text      # the selection top-k
+
+
+@pytest.mark.parametrize("fused,pieces,defer", [(False, 1, False), (True, 1, False),
+                                                (False, 3, False), (False, 1, True)])
+def test_lina_kernel_lowers_for_triton(fake_hopper, fused, pieces, defer):
+  """The LINA attention kernel (kernels/lina/pallas.py): separate and packed q|k|v, value pieces per
+  program, deferred sums; N not a multiple of the block (padding inside)."""
+  from kernels.lina.pallas import lina_forward
+  b, n, h, d = 2, 100, 2, 48
+  bf = jnp.bfloat16
+  q = jax.ShapeDtypeStruct((b, n, 3, h, d) if fused else (b, n, h, d), bf)
+  kv = None if fused else jax.ShapeDtypeStruct((b, n, h, d), bf)
+  scale = jax.ShapeDtypeStruct((h, n), jnp.float32)
+  mask = jax.ShapeDtypeStruct((b, n), jnp.bool_)
+  text = _lower_cuda(lambda q, k, v, ks, vs, m: lina_forward(
+      q, k, v, ks, vs, m, fused=fused, value_pieces=pieces, defer_sums=defer), q, kv, kv, scale,
+      scale, mask)
+  assert "lina_attention" in text
