@@ -67,8 +67,9 @@ def get_config(variant="B"):
   # 64-token chunk (float32, kept by remat with the attention output), so the backward's states
   # kernel does not run; the gradient kernel advances them to the 32-token chunks in between
   # (BlockSizes.save_states). Memory: 2x the attention output (+6.4 GB for L at batch 256; every
-  # 32-token state, +12.9 GB, ran out of memory on an H100, session 23). Not timed yet. False
-  # (default): the backward recomputes them.
+  # 32-token state, +12.9 GB, ran out of memory on an H100, session 23). H100, session 24: out of
+  # memory at L batch 256, and at 192 no faster (265.0 vs 263.9 ms, +4.3 GiB). False (default):
+  # the backward recomputes them.
   c.kernel_save_states = False
   # Parallel forward over the layers: True = one lax.scan over the stacked weights (compile time
   # independent of depth); False = unrolled, one copy per layer. In training with remat policy
