@@ -1,13 +1,13 @@
-"""The Pallas kernels lower for the GPU (Triton) on a machine without one.
+"""The GPU kernels lower for the GPU on a machine without one.
 
 CI has no GPU, and the interpreter (how tests/test_ops.py runs the kernels) does not lower them:
 a kernel body can be right in the interpreter and still not lower for Triton. Session 23's
 saved-states path did that (``j % m`` on a traced loop index lowered to a remainder with a
 boolean divisor, jax 0.11.2; first seen on an H100 in session 24). Here each path of the LASAD
-kernels, forward and gradient, is lowered to Triton IR for compute capability 9.0 with JAX's GPU
-query answered by a stand-in; nothing is compiled or run (ptxas is not involved), so these tests
-say the kernels lower, not that they compile or are right.
-"""
+kernels, forward and gradient, the LINA kernel, LASADGen-L's training step and the sampler are
+lowered to Triton IR (the Mosaic GPU decode kernel to its own) for compute capability 9.0, with
+JAX's GPU query answered by a stand-in. Nothing is compiled or run (ptxas is not involved), so
+these tests say the kernels lower, not that they compile or compute the right values."""
 
 import re
 import types
@@ -174,6 +174,25 @@ def test_sampler_lowers_for_the_gpu(fake_gpu_backend, decode_impl):
   kernel = {"auto": "lasad_decode_attention", "persistent": "lasad_decode_persistent"}
   assert kernel[decode_impl] in text
   assert "kth_largest" in text      # the selection top-k
+
+
+def test_mosaic_sampler_lowers_for_the_gpu(fake_gpu_backend, monkeypatch):
+  """config.decode_impl='mosaic' (kernels/lasad/decode_mgpu.py): LASADGen-L's sampler, 8 images
+  with guidance (16 rows), lowers with the token step as one Mosaic GPU kernel. (Its device
+  check, which refuses anything but a Hopper GPU, is skipped: there is no device here.)"""
+  import ml_collections
+
+  from kernels.lasad import decode_mgpu
+  from lasad_jax import model as M
+  from lasad_jax import sampling
+  monkeypatch.setattr(decode_mgpu, "check_device", lambda device: None)
+  cfg = ml_collections.FrozenConfigDict(_config("L", decode_impl="mosaic"))
+  params = jax.eval_shape(lambda: M.LASADGen(cfg, rngs=__import__("flax").nnx.Rngs(0)).params())
+  labels = jax.ShapeDtypeStruct((8,), jnp.int32)
+  rng = jax.eval_shape(lambda: jax.random.key(0))
+  text = sampling._sample.trace(cfg, params, labels, rng, 256, 16, 4.0, 1.0, 0, 1.0).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "custom_call @mosaic_gpu" in text
 
 
 @pytest.mark.parametrize("fused,pieces,defer", [(False, 1, False), (True, 1, False),
