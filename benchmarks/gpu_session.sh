@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the GPU runs recorded in BENCHMARKS.md / RESULTS.md executed, stage by stage, on the device
 # machine (its python3 has jax[cuda], torch; grain, ml_collections and fla come as wheels in .whl/).
-#   bash benchmarks/gpu_session.sh STAGE...   stages: tests train sampling profile topk scaling sad fla fixtures ops parts lina plina ncu ab flags hlo
+#   bash benchmarks/gpu_session.sh STAGE...   stages: tests train sampling profile topk scaling sad fla fixtures ops parts lina plina ncu ab flags xla hlo
 # Logs and JSON go to $OUT (default: ./out).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -90,6 +90,17 @@ for stage in "$@"; do
                 XLA_PYTHON_CLIENT_MEM_FRACTION=.95 timeout 120 python3 benchmarks/train.py $A ${sets[$j]} \
                   --out "$OUT/flags_${i}_$j.json" 2>&1 | tee -a "$OUT/flags.log" | tail -1
               done; done ;;
+    # The same L training step under each of the ';'-separated XLA_FLAGS values in XLA_SETS (the
+    # first, empty, is XLA's defaults; e.g. XLA_SETS="--xla_gpu_enable_cublaslt=true"), then the
+    # defaults again. Each run appends to xla.log and writes xla_<n>.json.
+    xla)      A="--variants L --batches 256 --remat --remat-policy dots_attn_acts --no-scan --iters 8"
+              IFS=';' read -ra sets <<< ";${XLA_SETS:?set XLA_SETS, e.g. '--xla_gpu_enable_cublaslt=true'}"
+              sets+=("")
+              for j in "${!sets[@]}"; do
+                echo "XLA_FLAGS=${sets[$j]}" | tee -a "$OUT/xla.log"
+                XLA_FLAGS="${sets[$j]}" XLA_PYTHON_CLIENT_MEM_FRACTION=.95 timeout 120 python3 \
+                  benchmarks/train.py $A --out "$OUT/xla_$j.json" 2>&1 | tee -a "$OUT/xla.log" | tail -1
+              done ;;
     # The optimised HLO of the training step (to name the fusions a profile lists).
     hlo)      XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=${HLO_RE:-.*step.*}" \
                 XLA_PYTHON_CLIENT_MEM_FRACTION=.95 timeout 240 python3 benchmarks/train.py --variants L \
