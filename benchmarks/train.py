@@ -5,7 +5,7 @@ baseline) on synthetic ImageNet-shaped code batches (16x16 tokens, 1000 classes)
         [--mesh data|fsdp] [--remat [--remat-policy full|dots|dots_attn|dots_attn_acts]] [--kernel-sub 16] [--kernel-forward one_pass]
         [--kernel-dots bf16] [--kernel-cumsum scan|dot] [--kernel-gate kernel|xla] [--no-scan]
         [--fused-norm auto|pallas|xla] [--norm-copies 0|1] [--kernel-head-norm 0|1]
-        [--kernel-save-states 0|1]
+        [--kernel-save-states 0|1] [--kernel-chunk 32|64|128]
         [--profile N]
         [--out benchmarks/results/train_h100.json]
 
@@ -48,7 +48,7 @@ from benchmarks_common import profile_call  # noqa: E402
 
 def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", kernel_sub=32,
             profile=0, forward="auto", dots="split", scan=True, cumsum="auto", gate="auto",
-            fused_norm="auto", norm_copies=True, head_norm=True, save_states=False):
+            fused_norm="auto", norm_copies=True, head_norm=True, save_states=False, chunk=64):
   n = jax.device_count()
   cfg = get_config(variant)
   cfg.attention = attention
@@ -56,6 +56,7 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
   cfg.remat = remat
   cfg.remat_policy = policy
   cfg.kernel_sub = kernel_sub
+  cfg.kernel_chunk = chunk
   cfg.kernel_forward = forward
   cfg.kernel_dots = dots
   cfg.kernel_cumsum = cumsum
@@ -119,7 +120,7 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
     return round(batch * n_tok / step_s * T.flops_per_token(cfg) / (peak * n), 4) if peak else None
   mem = [d.memory_stats() or {} for d in jax.local_devices()]
   return dict(variant=variant, attention=attention, batch=batch, mesh=mesh_kind, devices=n,
-              remat=policy if remat else False, kernel_sub=kernel_sub,
+              remat=policy if remat else False, kernel_sub=kernel_sub, kernel_chunk=chunk,
               kernel_forward=forward, kernel_dots=dots, kernel_cumsum=cumsum, kernel_gate=gate,
               fused_norm=fused_norm, norm_copies=norm_copies,
               kernel_head_norm=head_norm, kernel_save_states=save_states, scan_layers=scan,
@@ -142,6 +143,8 @@ def main():
   ap.add_argument("--remat", action="store_true")
   ap.add_argument("--remat-policy", default="full", help="full | dots | dots_attn | dots_attn_acts (with --remat)")
   ap.add_argument("--kernel-sub", type=int, default=32, help="Pallas kernel sub-chunk: 16 | 32")
+  ap.add_argument("--kernel-chunk", type=int, default=64, choices=(32, 64, 128),
+                  help="Pallas kernel chunk (config.kernel_chunk)")
   ap.add_argument("--kernel-forward", default="auto", choices=("auto", "one_pass", "two_pass"),
                   help="Pallas forward kernels (config.kernel_forward)")
   ap.add_argument("--kernel-dots", default="split", choices=("split", "bf16"),
@@ -181,7 +184,7 @@ def main():
                       args.kernel_forward, args.kernel_dots, not args.no_scan,
                       args.kernel_cumsum, args.kernel_gate, args.fused_norm,
                       bool(args.norm_copies), bool(args.kernel_head_norm),
-                      bool(args.kernel_save_states))
+                      bool(args.kernel_save_states), args.kernel_chunk)
         except Exception as e:  # noqa: BLE001  (out of memory: try the next smaller batch)
           msg = str(e).splitlines()[0][:120]
           if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():

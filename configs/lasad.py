@@ -35,6 +35,10 @@ def get_config(variant="B"):
   # head_dim 64); both opt-in: persistent is slower than auto, mosaic level with it on an H100
   # with a longer first call (kernels/lasad/README.md)
   c.decode_impl = "auto"
+  # Pallas kernel chunk (32 | 64 | 128; BlockSizes.chunk): the forward's chunk, and with
+  # kernel_save_states the spacing of the saved states (32: every state the 32-token backward
+  # chunks read, so none is advanced, at 2x the memory of 64)
+  c.kernel_chunk = 64
   c.kernel_sub = 32   # Pallas kernel sub-chunk (16 | 32; 32 was 33% faster fwd+bwd on an H100 at
                       # the training shape: kernels/lasad/pallas.py BlockSizes)
   c.kernel_forward = "auto"   # Pallas forward: one_pass | two_pass | auto (the kernel's default)

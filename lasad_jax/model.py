@@ -148,9 +148,13 @@ def _softmax_out(cfg, p, o):
 
 
 def _kernel_kw(cfg):
-  """Pallas block sizes from config.kernel_sub / kernel_forward / kernel_dots / kernel_cumsum /
-  kernel_save_states ({} = the defaults)."""
+  """Pallas block sizes from config.kernel_chunk / kernel_sub / kernel_forward / kernel_dots /
+  kernel_cumsum / kernel_save_states ({} = the defaults)."""
   fields = {}
+  chunk = cfg.get("kernel_chunk", 64)
+  if chunk not in (32, 64, 128):
+    raise ValueError(f"config.kernel_chunk must be 32, 64 or 128, got {chunk!r}")
+  fields["chunk"] = chunk
   if "kernel_sub" in cfg:
     if cfg.kernel_sub not in (16, 32):
       raise ValueError(f"config.kernel_sub must be 16 or 32, got {cfg.kernel_sub}")

@@ -60,7 +60,8 @@ def _inputs(dtype=jnp.bfloat16, t=SHAPE[1]):
 # 16-token sub-chunks (64-token backward chunks), the two-pass forward, a split sequence, the
 # cumulative sums as scans or dots everywhere, the other diagonal forms, unsplit bf16 dots, and
 # the states saved by the forward kernel (every other 32-token backward chunk advances them;
-# with 16-token sub-chunks every 64-token chunk has its own).
+# with 16-token sub-chunks every 64-token chunk has its own; with 32-token chunks, unsplit (at
+# this small B*H the automatic split would take them), each 32-token chunk has its own).
 BLOCKS = {
     "default": BlockSizes(),
     "sub16": BlockSizes(sub=16),
@@ -75,6 +76,7 @@ BLOCKS = {
     "save_states": BlockSizes(save_states=True),
     "save_states_sub16": BlockSizes(save_states=True, sub=16),
     "save_states_no_prefetch": BlockSizes(save_states=True, fused_prefetch=False),
+    "save_states_chunk32": BlockSizes(save_states=True, chunk=32, seq_split=1),
 }
 
 

@@ -224,6 +224,7 @@ def test_kernel_sub_config_reaches_the_kernel(monkeypatch):
   reaches("kernel_dots", "split_dots", (("split", True), ("bf16", False)), True, "tf32")
   reaches("kernel_cumsum", "cumsum", (("auto", "auto"), ("scan", "scan"), ("dot", "dot")), "auto",
           "tree")
+  reaches("kernel_chunk", "chunk", ((64, 64), (32, 32), (128, 128)), 64, 48)
   seen = []   # config.kernel_save_states (a bool: nothing to refuse)
   monkeypatch.setattr(M, "hgrn2_attention", lambda *a, **kw: (
       seen.append(getattr(kw.get("block_sizes"), "save_states", False)), hgrn2_attention(*a, **kw))[1])
