@@ -158,20 +158,28 @@ def test_train_step_lowers_for_the_gpu(fake_gpu_backend, scan, save):
   assert ("add_rms_forward" in text) == (not scan)    # the fused norms only unrolled
 
 
+def _sampler_text(variant, decode_impl, images, height_width, top_k):
+  """The lowered sampler (``sampling._sample``) with guidance 4: ``images`` rows of class labels
+  plus as many null rows, an [h, w] = ``height_width`` grid of tokens."""
+  import ml_collections
+  from flax import nnx
+
+  from lasad_jax import model as M
+  from lasad_jax import sampling
+  cfg = ml_collections.FrozenConfigDict(_config(variant, decode_impl=decode_impl))
+  params = jax.eval_shape(lambda: M.LASADGen(cfg, rngs=nnx.Rngs(0)).params())
+  labels = jax.ShapeDtypeStruct((images,), jnp.int32)
+  rng = jax.eval_shape(lambda: jax.random.key(0))
+  h, w = height_width
+  return sampling._sample.trace(cfg, params, labels, rng, h * w, w, 4.0, 1.0, top_k, 1.0).lower(
+      lowering_platforms=("cuda",)).as_text()
+
+
 # The sampler with classifier-free guidance and top-k on the GPU's defaults (the Pallas decode
 # kernel per layer, the selection top-k) and with the persistent kernel (all layers in one)
 @pytest.mark.parametrize("decode_impl", ["auto", "persistent"])
 def test_sampler_lowers_for_the_gpu(fake_gpu_backend, decode_impl):
-  import ml_collections
-
-  from lasad_jax import model as M
-  from lasad_jax import sampling
-  cfg = ml_collections.FrozenConfigDict(_config("B", decode_impl=decode_impl))
-  params = jax.eval_shape(lambda: M.LASADGen(cfg, rngs=__import__("flax").nnx.Rngs(0)).params())
-  labels = jax.ShapeDtypeStruct((2,), jnp.int32)
-  rng = jax.eval_shape(lambda: jax.random.key(0))
-  text = sampling._sample.trace(cfg, params, labels, rng, 64, 8, 4.0, 1.0, 100, 1.0).lower(
-      lowering_platforms=("cuda",)).as_text()
+  text = _sampler_text("B", decode_impl, 2, (8, 8), 100)
   assert "__gpu$xla.gpu.triton" in text
   kernel = {"auto": "lasad_decode_attention", "persistent": "lasad_decode_persistent"}
   assert kernel[decode_impl] in text
@@ -182,19 +190,9 @@ def test_mosaic_sampler_lowers_for_the_gpu(fake_gpu_backend, monkeypatch):
   """config.decode_impl='mosaic' (kernels/lasad/decode_mgpu.py): LASADGen-L's sampler, 8 images
   with guidance (16 rows), lowers with the token step as one Mosaic GPU kernel. (Its device
   check, which refuses anything but a Hopper GPU, is skipped: there is no device here.)"""
-  import ml_collections
-
   from kernels.lasad import decode_mgpu
-  from lasad_jax import model as M
-  from lasad_jax import sampling
   monkeypatch.setattr(decode_mgpu, "check_device", lambda device: None)
-  cfg = ml_collections.FrozenConfigDict(_config("L", decode_impl="mosaic"))
-  params = jax.eval_shape(lambda: M.LASADGen(cfg, rngs=__import__("flax").nnx.Rngs(0)).params())
-  labels = jax.ShapeDtypeStruct((8,), jnp.int32)
-  rng = jax.eval_shape(lambda: jax.random.key(0))
-  text = sampling._sample.trace(cfg, params, labels, rng, 256, 16, 4.0, 1.0, 0, 1.0).lower(
-      lowering_platforms=("cuda",)).as_text()
-  assert "custom_call @mosaic_gpu" in text
+  assert "custom_call @mosaic_gpu" in _sampler_text("L", "mosaic", 8, (16, 16), 0)
 
 
 @pytest.mark.parametrize("fused,pieces,defer", [(False, 1, False), (True, 1, False),
