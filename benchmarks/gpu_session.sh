@@ -13,6 +13,8 @@ else
   export PYTHONPATH=$PWD:$PWD/benchmarks
 fi
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+# LASADGen-L's training step as BENCHMARKS.md times it (the ab, flags and xla stages)
+L_STEP="--variants L --batches 256 --remat --remat-policy dots_attn_acts --no-scan --iters 8"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
@@ -71,7 +73,7 @@ for stage in "$@"; do
     # Old-vs-new L training step in one call, alternating: this tree and the tree in $OLD_TREE
     # (made before the call: git archive REV | tar -x -C DIR; untracked, so it travels), the
     # latter run with this tree's benchmarks/train.py. AB_ARGS go to this tree's runs only.
-    ab)       A="--variants L --batches 256 --remat --remat-policy dots_attn_acts --no-scan --iters 8"
+    ab)       A=$L_STEP
               cp benchmarks/train.py "$OLD_TREE/benchmarks/"
               for i in 1 ${AB_REPEAT:-}; do
                 XLA_PYTHON_CLIENT_MEM_FRACTION=.95 timeout 120 python3 benchmarks/train.py $A \
@@ -83,7 +85,7 @@ for stage in "$@"; do
     # The same L training step with this tree's defaults and then each of the ';'-separated flag
     # sets in FLAG_SETS (e.g. FLAG_SETS="--kernel-save-states 1"), alternating, AB_REPEAT more
     # rounds. Each run appends to flags.log and writes flags_<round>_<set: 0 = defaults>.json.
-    flags)    A="--variants L --batches 256 --remat --remat-policy dots_attn_acts --no-scan --iters 8"
+    flags)    A=$L_STEP
               IFS=';' read -ra sets <<< ";${FLAG_SETS:?set FLAG_SETS, e.g. '--kernel-save-states 1'}"
               for i in 1 ${AB_REPEAT:-}; do for j in "${!sets[@]}"; do
                 echo "flags: ${sets[$j]:-(defaults)}" | tee -a "$OUT/flags.log"
@@ -93,7 +95,7 @@ for stage in "$@"; do
     # The same L training step under each of the ';'-separated XLA_FLAGS values in XLA_SETS (the
     # first, empty, is XLA's defaults; e.g. XLA_SETS="--xla_gpu_enable_cublaslt=true"), then the
     # defaults again. Each run appends to xla.log and writes xla_<n>.json.
-    xla)      A="--variants L --batches 256 --remat --remat-policy dots_attn_acts --no-scan --iters 8"
+    xla)      A=$L_STEP
               IFS=';' read -ra sets <<< ";${XLA_SETS:?set XLA_SETS, e.g. '--xla_gpu_enable_cublaslt=true'}"
               sets+=("")
               for j in "${!sets[@]}"; do
