@@ -600,9 +600,9 @@ def _kernel_names(fn, *args):
                                                       (32, True, None, 128), (32, True, 1, 32)])
 def test_pallas_forward_saves_the_backward_states(sub, prefetch, split, chunk):
   """BlockSizes.save_states (opt-in): with a named output norm the one-pass forward kernel
-  writes the state entering each 64-row chunk, the backward's states kernel does not run, and
-  the gradient kernel advances the saved state through the 32-row chunk before where it needs the
-  state in between; the gradients are those of the recomputed states to float32 rounding (the
+  writes the state entering each of its chunks, the backward's states kernel does not run, and
+  where the forward's chunks are two of the backward's the gradient kernel advances the saved
+  state through the 32-row chunk before; the gradients are those of the recomputed states to float32 rounding (the
   kernels' cumulative sums differ in order), forward, every input, masked rows, h0."""
   from kernels.lasad.pallas import BlockSizes
   from lasad_jax.ops import hgrn2_attention
