@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import pytest
 
 from kernels.lasad.pallas import BlockSizes
-from lasad_jax.ops import lasad_attention
+from lasad_jax.ops import hgrn2_attention, lasad_attention
 
 
 @pytest.fixture
@@ -50,12 +50,6 @@ def _kernels(text):
 SHAPE = (2, 256, 2, 64)    # b, t, h, d: four 64-token chunks
 
 
-def _inputs(dtype=jnp.bfloat16, t=SHAPE[1]):
-  b, _, h, d = SHAPE
-  x = jax.ShapeDtypeStruct((b, t, h, d), dtype)
-  return x, x, x, jax.ShapeDtypeStruct((h, d), jnp.float32)
-
-
 # The BlockSizes paths: the defaults (one-pass forward with prefetch, 32-token backward chunks),
 # 16-token sub-chunks (64-token backward chunks), the two-pass forward, a split sequence, the
 # cumulative sums as scans or dots everywhere, the other diagonal forms, unsplit bf16 dots, and
@@ -84,7 +78,6 @@ BLOCKS = {
 def test_hgrn2_kernels_lower_for_triton(fake_hopper, name):
   """LASADGen's training path (gates in the kernels, the output norm named for remat): value
   and all gradients, bf16, the row mask on, an initial state."""
-  from lasad_jax.ops import hgrn2_attention
   bs = BLOCKS[name]
   b, t, h, d = SHAPE
 
@@ -95,7 +88,9 @@ def test_hgrn2_kernels_lower_for_triton(fake_hopper, name):
                             norm_save="attn_out")
     return jnp.sum(o.astype(jnp.float32)) + jnp.sum(st)
 
-  names = _kernels(_lower_cuda(jax.grad(loss, argnums=(0, 1, 2, 3)), *_inputs()))
+  x = jax.ShapeDtypeStruct(SHAPE, jnp.bfloat16)
+  names = _kernels(_lower_cuda(jax.grad(loss, argnums=(0, 1, 2, 3)), x, x, x,
+                               jax.ShapeDtypeStruct((h, d), jnp.float32)))
   # the gradient kernel and the state-gradient scan, and the states kernel unless the forward
   # kernel saved the states
   assert {"lasad_grads", "lasad_dstates"} <= names, names
