@@ -138,7 +138,10 @@ def main():
     from kernels.lasad.pallas import BlockSizes
     variants = [("pallas", "pallas", widths, None), ("pallas nomask", "pallas", [0], None),
                 ("pallas diag=loop", "pallas", widths[:1], BlockSizes(diag="loop")),
-                ("pallas split_dots=False", "pallas", widths[:1], BlockSizes(split_dots=False))]
+                ("pallas split_dots=False", "pallas", widths[:1], BlockSizes(split_dots=False)),
+                # the backward as one kernel or three (the default picks by B*H)
+                ("pallas fused bwd", "pallas", widths[:1], BlockSizes(fused_backward=True)),
+                ("pallas unfused bwd", "pallas", widths[:1], BlockSizes(fused_backward=False))]
     if "loop" in skip:
       variants = variants[:2]
     if "cumsum" not in skip:   # Triton scans in every kernel (the default before session 10)

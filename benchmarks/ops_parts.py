@@ -3,8 +3,9 @@
     python benchmarks/ops_parts.py [--shape 32,1024,16,64] [--only forward]
 
 First the one-pass forward kernel (the default forward) under several block sizes. Then
-where the two-pass forward and the backward time goes (states scan, outputs, state-gradient scan, gradients),
-so tuning starts from the largest term. bf16, row mask on (width 16, prefix 1, reset). Then the
+where the two-pass forward and the backward time goes (states scan, outputs, state-gradient scan, gradients,
+and the fused backward kernel that replaces the three backward launches), so tuning starts from
+the largest term. bf16, row mask on (width 16, prefix 1, reset). Then the
 whole operator (``lasad_attention(impl="pallas")``, forward and forward+backward, default and
 one-pass bf16 dots) and cuDNN causal softmax attention at the same shape: the gap between the
 sum of the launches and the whole is the XLA glue around them.
@@ -56,7 +57,9 @@ FORWARD_VARIANTS = {
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--shape", default="32,1024,16,64")
-  ap.add_argument("--only", default="", help="'forward': only the one-pass forward variants")
+  ap.add_argument("--only", default="", choices=("", "forward", "bwd"),
+                  help="'forward': only the one-pass forward variants; 'bwd': the default's "
+                  "launches and the whole operator with the fused and the unfused backward")
   args = ap.parse_args()
   shape = tuple(int(x) for x in args.shape.split(","))
   b, t, h, d = shape
@@ -68,7 +71,7 @@ def main():
   dht = jnp.zeros((b, h, d, d), jnp.float32)
   print(f"{jax.devices()[0].device_kind}  shape {shape} bf16; ms per launch (median)")
   print("one-pass forward (its sequence split's states pass included), ms")
-  for name, bs in FORWARD_VARIANTS.items():
+  for name, bs in ({} if args.only == "bwd" else FORWARD_VARIANTS).items():
     f = jax.jit(lambda q, k, v, g, bs=bs: P._fused_forward(q, k, v, g, width, prefix, bnd, h0,
                                                              seq_len=t, scale=1.0, bs=bs,
                                                              interpret=INTERPRET)[0])
@@ -78,8 +81,11 @@ def main():
       print(f"  {name:<24} failed: {type(e).__name__}: {str(e)[:200]}")
   if args.only == "forward":
     return
-  print(f"{'variant':<10} {'states':>8} {'outputs':>8} {'dstates':>8} {'grads':>8}")
+  print(f"{'variant':<10} {'states':>8} {'outputs':>8} {'dstates':>8} {'grads':>8} "
+        f"{'fused bwd':>9}")
   for name, bs in VARIANTS.items():
+    if args.only == "bwd" and name != "default":
+      continue
     kw_f = dict(seq_len=t, bs=bs, interpret=INTERPRET)
     bsb = P._bwd_blocks(bs)
     kw = dict(seq_len=t, bs=bsb, interpret=INTERPRET)
@@ -96,15 +102,22 @@ def main():
                                                           ds, scale=1.0, **kw))
       ms = [time_jax(st, k, v, g), time_jax(out, q, k, v, g, states_f),
             time_jax(dst, q, do, g, dec), time_jax(gr, q, k, v, g, do, states, dstates)]
+      # the whole backward as one kernel (BlockSizes.fused_backward) in place of the three
+      fused = jax.jit(lambda q, k, v, g, do: P._fused_grads(q, k, v, g, do, width, prefix, bnd,
+                                                             h0, dht, scale=1.0, **kw))
+      ms.append(time_jax(fused, q, k, v, g, do))
       print(f"{name:<10} " + " ".join(f"{m:8.3f}" for m in ms), flush=True)
     except Exception as e:  # noqa: BLE001
       print(f"{name:<10} failed: {type(e).__name__}: {str(e)[:200]}")
 
   print("whole operator, ms fwd / fwd+bwd")
-  for name, bs in (("default", P.BlockSizes()), ("no prefetch", P.BlockSizes(fused_prefetch=False)),
-                   ("bwd64", P.BlockSizes(bwd_chunk=64)),
-                   ("cumsum scan", P.BlockSizes(cumsum="scan")),
-                   ("one-pass", P.BlockSizes(split_dots=False))):
+  whole = [("default", P.BlockSizes()), ("fused bwd", P.BlockSizes(fused_backward=True)),
+           ("unfused bwd", P.BlockSizes(fused_backward=False))]
+  if args.only != "bwd":
+    whole += [("no prefetch", P.BlockSizes(fused_prefetch=False)),
+              ("bwd64", P.BlockSizes(bwd_chunk=64)), ("cumsum scan", P.BlockSizes(cumsum="scan")),
+              ("one-pass", P.BlockSizes(split_dots=False))]
+  for name, bs in whole:
     f = lambda q, k, v, g, bs=bs: lasad_attention(q, k, v, g, width=width, prefix=prefix,
                                                   boundary=bnd, scale=1.0, impl="pallas",
                                                   block_sizes=bs)

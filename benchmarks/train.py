@@ -48,7 +48,8 @@ from benchmarks_common import profile_call  # noqa: E402
 
 def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", kernel_sub=32,
             profile=0, forward="auto", dots="split", scan=True, cumsum="auto", gate="auto",
-            fused_norm="auto", norm_copies=True, head_norm=True, save_states=False, chunk=64):
+            fused_norm="auto", norm_copies=True, head_norm=True, save_states=False, chunk=64,
+            backward="auto"):
   n = jax.device_count()
   cfg = get_config(variant)
   cfg.attention = attention
@@ -65,6 +66,7 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
   cfg.norm_copies = norm_copies
   cfg.kernel_head_norm = head_norm
   cfg.kernel_save_states = save_states
+  cfg.kernel_backward = backward
   cfg.scan_layers = scan
   cfg.warmup_steps = 10
   cfg.mesh.data, cfg.mesh.fsdp = (n, 1) if mesh_kind == "data" else (1, n)
@@ -123,7 +125,8 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
               remat=policy if remat else False, kernel_sub=kernel_sub, kernel_chunk=chunk,
               kernel_forward=forward, kernel_dots=dots, kernel_cumsum=cumsum, kernel_gate=gate,
               fused_norm=fused_norm, norm_copies=norm_copies,
-              kernel_head_norm=head_norm, kernel_save_states=save_states, scan_layers=scan,
+              kernel_head_norm=head_norm, kernel_save_states=save_states,
+              kernel_backward=backward, scan_layers=scan,
               params_m=round(M.count_params(cfg) / 1e6, 2),
               step_ms=round(sec * 1e3, 2), tokens_per_s=round(tps),
               images_per_s=round(batch / sec, 1),
@@ -162,6 +165,9 @@ def main():
   ap.add_argument("--kernel-save-states", type=int, default=0, choices=(0, 1),
                   help="config.kernel_save_states: the forward kernel writes the backward's "
                   "states (1; default 0)")
+  ap.add_argument("--kernel-backward", default="auto", choices=("auto", "fused", "unfused"),
+                  help="config.kernel_backward: the Pallas backward as one kernel (fused) or "
+                  "three (unfused); auto: fused from B*H >= 512")
   ap.add_argument("--no-scan", action="store_true",
                   help="unrolled layers (config.scan_layers=False) instead of one lax.scan")
   ap.add_argument("--profile", type=int, default=0,
@@ -184,7 +190,7 @@ def main():
                       args.kernel_forward, args.kernel_dots, not args.no_scan,
                       args.kernel_cumsum, args.kernel_gate, args.fused_norm,
                       bool(args.norm_copies), bool(args.kernel_head_norm),
-                      bool(args.kernel_save_states), args.kernel_chunk)
+                      bool(args.kernel_save_states), args.kernel_chunk, args.kernel_backward)
         except Exception as e:  # noqa: BLE001  (out of memory: try the next smaller batch)
           msg = str(e).splitlines()[0][:120]
           if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():

@@ -75,6 +75,11 @@ def get_config(variant="B"):
   # memory at L batch 256, and at 192 no faster (265.0 vs 263.9 ms, +4.3 GiB). False (default):
   # the backward recomputes them.
   c.kernel_save_states = False
+  # The Pallas backward: auto (one kernel per (batch, head) walking the sequence forward for dq
+  # and back for dk, dv, dg, so no per-chunk state goes through HBM, from B*H >= 512 with head
+  # dims <= 64, split dots and no saved states; else the states, state-gradient and gradient
+  # kernels) | fused | unfused (BlockSizes.fused_backward)
+  c.kernel_backward = "auto"
   # Parallel forward over the layers: True = one lax.scan over the stacked weights (compile time
   # independent of depth); False = unrolled, one copy per layer. In training with remat policy
   # dots / dots_attn the scan copies each saved activation into its stacked [L, ...] buffer and

@@ -147,9 +147,13 @@ def _softmax_out(cfg, p, o):
   return o.reshape(o.shape[:-2] + (cfg.dim,)).astype(dt) @ p["wo"].astype(dt)
 
 
+# config.kernel_backward -> BlockSizes.fused_backward
+KERNEL_BACKWARDS = {"auto": None, "fused": True, "unfused": False}
+
+
 def _kernel_kw(cfg):
   """Pallas block sizes from config.kernel_chunk / kernel_sub / kernel_forward / kernel_dots /
-  kernel_cumsum / kernel_save_states ({} = the defaults)."""
+  kernel_cumsum / kernel_save_states / kernel_backward ({} = the defaults)."""
   fields = {}
   chunk = cfg.get("kernel_chunk", 64)
   if chunk not in (32, 64, 128):
@@ -176,6 +180,12 @@ def _kernel_kw(cfg):
   fields["cumsum"] = cumsum
   if cfg.get("kernel_save_states", False):
     fields["save_states"] = True
+  bwd = cfg.get("kernel_backward", "auto")
+  if bwd not in KERNEL_BACKWARDS:
+    raise ValueError(f"config.kernel_backward must be one of {tuple(KERNEL_BACKWARDS)}, got "
+                     f"{bwd!r}")
+  if bwd != "auto":
+    fields["fused_backward"] = KERNEL_BACKWARDS[bwd]
   if all(getattr(BlockSizes, k) == v for k, v in fields.items()):
     return {}
   return dict(block_sizes=BlockSizes(**fields))

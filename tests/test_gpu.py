@@ -33,8 +33,9 @@ def _ours(q, k, v, g, do, dst, impl, **kw):
 
 # sub32 is the default (the gradient kernel's cumulative sums by dots); cumsum_scan / cumsum_dot:
 # Triton's scan / tensor-core dots in every kernel.
+# fused_bwd: the backward as one kernel per (batch, head) (the default only from B*H = 512).
 ORACLE_BLOCKS = {"sub16": dict(sub=16), "sub32": dict(sub=32), "cumsum_scan": dict(cumsum="scan"),
-                 "cumsum_dot": dict(cumsum="dot")}
+                 "cumsum_dot": dict(cumsum="dot"), "fused_bwd": dict(fused_backward=True)}
 
 
 @pytest.mark.parametrize("blocks", ORACLE_BLOCKS)
@@ -343,6 +344,41 @@ def test_pallas_gate_in_kernel_compiled_bf16(t, b, h, norm):
     print(f"gate in kernel vs XLA gates, T={t}, norm {norm}: {name} {ea:.2e} vs {ex:.2e}")
     assert np.all(np.isfinite(np.asarray(a))), name
     assert ea < 1.2 * ex + 1e-4, (name, ea, ex)
+
+
+@pytest.mark.parametrize("boundary", [-0.5, -np.inf])
+def test_pallas_fused_backward_compiled_bf16(boundary):
+  """LASADGen's attention path at a training shape whose B*H (32 x 16) takes the fused backward
+  by default (gates in the kernels, the output norm named): every gradient at bf16 within 1.2x
+  of the three-kernel backward's error, both against the float32 reference."""
+  from kernels.lasad.pallas import BlockSizes
+  from lasad_jax.ops import hgrn2_attention
+  b, t, h, d = 32, 256, 16, 64
+  ks = jax.random.split(jax.random.key(6), 6)
+  qr, v = (jax.random.normal(kk, (b, t, h, d), jnp.float32) for kk in ks[:2])
+  f = 2 * jax.random.normal(ks[2], (b, t, h, d), jnp.float32) + 1
+  lb = jnp.concatenate([jnp.zeros((1, d)), jax.random.uniform(ks[3], (h - 1, d), maxval=0.95)])
+  do = jax.random.normal(ks[4], (b, t, h, d), jnp.float32)
+  dst = jax.random.normal(ks[5], (b, h, d, d), jnp.float32)
+
+  def run(impl, dt, **kw):
+    def fn(qr, f, v, lb):
+      o, st = hgrn2_attention(qr.astype(dt), f.astype(dt), v.astype(dt), lb, width=16, prefix=1,
+                              boundary=boundary, return_final_state=True, impl=impl,
+                              norm_eps=1e-5, **kw)
+      return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(st * dst), o
+    (_, o), grads = jax.jit(jax.value_and_grad(fn, argnums=range(4), has_aux=True))(qr, f, v, lb)
+    return (o,) + tuple(grads)
+
+  ref = run("reference", jnp.float32)
+  fused = run("pallas", jnp.bfloat16, gate="kernel", norm_save="n")
+  unfused = run("pallas", jnp.bfloat16, gate="kernel", norm_save="n",
+                block_sizes=BlockSizes(fused_backward=False))
+  for name, a, u, r in zip(("o", "dq_raw", "df", "dv", "dlb"), fused, unfused, ref):
+    ea, eu = oracle.rel_rms(a, r), oracle.rel_rms(u, r)
+    print(f"fused vs unfused backward, boundary {boundary}: {name} {ea:.2e} vs {eu:.2e}")
+    assert np.all(np.isfinite(np.asarray(a))), name
+    assert ea < 1.2 * eu + 1e-4, (name, ea, eu)
 
 
 @pytest.mark.parametrize("pdl,splits", [(True, 1), (False, 4)])

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kernels.lasad.pallas import BlockSizes
+from kernels.lasad.pallas import FUSED_BWD_MIN_BH, BlockSizes
 from lasad_jax.ops import hgrn2_attention, lasad_attention
 
 
@@ -43,7 +43,7 @@ def _lower_cuda(fn, *args):
 def _kernels(text):
   """Names of the LASAD kernels among the lowered module's Triton custom calls."""
   assert "__gpu$xla.gpu.triton" in text, text[:2000]
-  return set(re.findall(r"lasad_(?:fused_forward|forward|grads|dstates|states|segment_states)\b",
+  return set(re.findall(r"lasad_(?:fused_forward|forward|grads|dstates|states|segment_states|bwd_fused)\b",
                         text))
 
 
@@ -71,6 +71,10 @@ BLOCKS = {
     "save_states_sub16": BlockSizes(save_states=True, sub=16),
     "save_states_no_prefetch": BlockSizes(save_states=True, fused_prefetch=False),
     "save_states_chunk32": BlockSizes(save_states=True, chunk=32, seq_split=1),
+    "fused_backward": BlockSizes(fused_backward=True),
+    "fused_backward_sub16": BlockSizes(fused_backward=True, sub=16),
+    "fused_backward_diag_loop": BlockSizes(fused_backward=True, diag="loop"),
+    "fused_backward_diag_bcast": BlockSizes(fused_backward=True, diag="bcast"),
 }
 
 
@@ -91,13 +95,18 @@ def test_hgrn2_kernels_lower_for_triton(fake_hopper, name):
   x = jax.ShapeDtypeStruct(SHAPE, jnp.bfloat16)
   names = _kernels(_lower_cuda(jax.grad(loss, argnums=(0, 1, 2, 3)), x, x, x,
                                jax.ShapeDtypeStruct((h, d), jnp.float32)))
+  if bs.fused_backward:   # the one backward kernel
+    assert "lasad_bwd_fused" in names and not {"lasad_grads", "lasad_dstates",
+                                                "lasad_states"} & names, names
+    return
   # the gradient kernel and the state-gradient scan, and the states kernel unless the forward
   # kernel saved the states
   assert {"lasad_grads", "lasad_dstates"} <= names, names
   assert ("lasad_states" in names) == (not bs.save_states), names
 
 
-@pytest.mark.parametrize("name", ["default", "sub16", "two_pass", "split", "save_states"])
+@pytest.mark.parametrize("name", ["default", "sub16", "two_pass", "split", "save_states",
+                                  "fused_backward"])
 @pytest.mark.parametrize("t", [256, 200])
 def test_lasad_kernels_lower_for_triton(fake_hopper, name, t):
   """The bare operator (q, k, v, g given): float32 and bf16, awkward T (padding inside)."""
@@ -114,7 +123,9 @@ def test_lasad_kernels_lower_for_triton(fake_hopper, name, t):
 
     names = _kernels(_lower_cuda(jax.grad(loss, argnums=(0, 1, 2, 3)), x, x, x, g))
     # no output norm here, so nothing is saved: the backward recomputes the states
-    assert {"lasad_grads", "lasad_dstates", "lasad_states"} <= names, (dtype, names)
+    want = ({"lasad_bwd_fused"} if bs.fused_backward else
+            {"lasad_grads", "lasad_dstates", "lasad_states"})
+    assert want <= names, (dtype, names)
 
 
 @pytest.fixture
@@ -134,22 +145,28 @@ def _config(variant="L", **fields):
 
 
 # LASADGen-L's training step as benchmarks/train.py runs it (remat dots_attn_acts), layers in a
-# scan (the default) and unrolled (the fused norms), and with the forward kernel saving the states
-@pytest.mark.parametrize("scan,save", [(True, False), (False, False), (False, True)])
-def test_train_step_lowers_for_the_gpu(fake_gpu_backend, scan, save):
+# scan (the default) and unrolled (the fused norms), with the forward kernel saving the states,
+# and at a batch whose B*H (32 x 16) takes the fused backward
+@pytest.mark.parametrize("scan,save,batch", [(True, False, 4), (False, False, 4), (False, True, 4),
+                                             (False, False, 32)])
+def test_train_step_lowers_for_the_gpu(fake_gpu_backend, scan, save, batch):
   import ml_collections
 
   from lasad_jax import training as T
   cfg = ml_collections.FrozenConfigDict(_config(
       remat=True, remat_policy="dots_attn_acts", scan_layers=scan, kernel_save_states=save))
   state = jax.eval_shape(lambda: T.create_train_state(cfg))
-  batch = {"tokens": jax.ShapeDtypeStruct((4, 256), jnp.int32),
-           "label": jax.ShapeDtypeStruct((4,), jnp.int32)}
+  batch = {"tokens": jax.ShapeDtypeStruct((batch, 256), jnp.int32),
+           "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
   text = jax.jit(lambda s, b: T._train_step(cfg, s, b)).trace(state, batch).lower(
       lowering_platforms=("cuda",)).as_text()
   names = _kernels(text)
-  assert {"lasad_fused_forward", "lasad_grads", "lasad_dstates"} <= names, names
-  assert ("lasad_states" in names) == (not save), names
+  assert "lasad_fused_forward" in names, names
+  if batch["label"].shape[0] * cfg.num_heads >= FUSED_BWD_MIN_BH and not save:
+    assert "lasad_bwd_fused" in names and not {"lasad_grads", "lasad_states"} & names, names
+  else:
+    assert {"lasad_grads", "lasad_dstates"} <= names, names
+    assert ("lasad_states" in names) == (not save), names
   assert ("add_rms_forward" in text) == (not scan)    # the fused norms only unrolled
 
 

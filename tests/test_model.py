@@ -229,6 +229,8 @@ def test_kernel_sub_config_reaches_the_kernel(monkeypatch):
   reaches("kernel_chunk", "chunk", ((64, 64), (32, 32), (128, 128)), 64, 48)
   # (a bool: nothing to refuse; ends on the first value, False, as the rest below expects)
   reaches("kernel_save_states", "save_states", ((False, False), (True, True)), False)
+  reaches("kernel_backward", "fused_backward",
+          (("auto", None), ("fused", True), ("unfused", False)), None, "one")
   # config.kernel_gate: the gates inside the kernels or in XLA, the same logits
   gates, logits = [], {}
   monkeypatch.setattr(M, "hgrn2_attention", lambda *a, **kw: (

@@ -46,6 +46,7 @@ from kernels.lasad.reference import GATE_FLOOR
 
 F32 = jnp.float32
 CUMSUM_MODES = ("auto", "scan", "dot")   # BlockSizes.cumsum
+FUSED_BWD_MIN_BH = 512   # BlockSizes.fused_backward=None: the fused backward from this B*H on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +137,17 @@ class BlockSizes:
   # Opt-in: on an H100 (session 24) L at batch 256 is still out of memory, and at batch 192 the
   # step is no faster (265.0 vs 263.9 ms, +4.3 GiB).
   save_states: bool = False
+  # The backward as one kernel per (batch, head) (``_bwd_fused_kernel``): a forward walk over the
+  # sub-chunks carrying S gives dq, a backward walk carrying dS gives dk, dv, dg, so the states
+  # and state-gradient kernels do not run and no per-chunk state goes through HBM (the unfused
+  # form writes and reads S_n and dS_n, [B, H, T/32, K, V] float32 each: at K = V = 64 4x the
+  # bytes of q). Only V whole per program and no sequence split. None (default): for
+  # B*H >= FUSED_BWD_MIN_BH with K, V <= 64 and split dots, where the other form would not
+  # split; not with the forward's saved states. dg is the sum of q dq - k dk over all later rows
+  # of a segment (the unfused form restarts each chunk from float32 S_out dS_out), so without
+  # split dots the rounded S and dS cost dg 3.4x the unfused form's error (T = 384,
+  # tests/test_ops.py); with them it is within 1.2x.
+  fused_backward: bool | None = None
 
   def __post_init__(self):
     if self.sub not in (16, 32) or self.chunk % self.sub:
@@ -642,6 +654,84 @@ def _advance(k_ref, v_ref, g_ref, s, n, gate_args, dtype):
                      (n - 1) * chunk + jnp.arange(chunk, dtype=jnp.int32), gate_args, dtype)[0]
 
 
+def _bwd_load(k_ref, g_ref, row0, pos0, sub, gate_args):
+  """The ``sub`` rows from ref row ``row0`` (global position ``pos0``) of a backward kernel: k after
+  the gate (float32), the masked gate's log decays (``_decays``: b, seg, tot as [1, K] and
+  [K, 1], nres) and the row-start / reset flags."""
+  rows = pl.ds(row0, sub)
+  k, g2 = _tkg(k_ref[rows, :], g_ref[rows, :])
+  gf, rs, start = _gate(g2, pos0 + lax.broadcasted_iota(jnp.int32, (sub,), 0), *gate_args)
+  b, seg, tot, nres = _decays(gf, rs)
+  return dict(rows=rows, b=b, seg=seg, start=start, reset=rs, tot=tot[None, :], nres=nres,
+              tot_col=tot[:, None], k=k.astype(F32))
+
+
+def _diag_grads(x, q, k, v, do, dq, dk, dv, k_ref, v_ref, g_ref, row0, pos0, gate_args, *, scale,
+                dtype, diag, fast_limit, split, want_q=True, want_kv=True):
+  """The exact within-sub-chunk term's gradients added to dq (``want_q``) and to dk, dv
+  (``want_kv``): x is the sub-chunk's ``_bwd_load``, q, k, v, do its float32 rows (q and k after
+  the gate), starting at ref row ``row0`` and global position ``pos0``. Same three forms as the
+  forward (BlockSizes.diag); exponents relative to the sub-chunk start, all <= 0."""
+  sub = q.shape[0]
+  rows_i = lax.broadcasted_iota(jnp.int32, (sub,), 0)
+
+  def mm(a, b, **kw):
+    return _dot(_mx(a, dtype), _mx(b, dtype), **kw)
+
+  def sm(a, b, **kw):
+    return _sdot(a, b, dtype, split, **kw)
+
+  if diag == "bcast":
+    e, ok = _pairwise(x["b"], x["seg"])
+    da = jnp.where(ok, scale * mm(do, v, trans_b=True), 0.0)
+    if want_q:
+      dq = dq + jnp.sum(da[:, :, None] * k[None, :, :] * e, axis=1)
+    if want_kv:
+      a = jnp.sum(q[:, None, :] * k[None, :, :] * e, axis=2)                  # [c, c]
+      dk = dk + jnp.sum(da[:, :, None] * q[:, None, :] * e, axis=0)
+      dv = dv + scale * mm(a, do, trans_a=True)
+    return dq, dk, dv
+
+  def col(s, carry):
+    dq, dk, dv, bs, segs = carry
+    gs, rs = _gate_row(g_ref, row0 + s, pos0 + s, *gate_args)
+    bs, segs = bs + gs, segs + rs
+    ks = _tk(k_ref[pl.ds(row0 + s, 1), :]).astype(F32)
+    vs = v_ref[pl.ds(row0 + s, 1), :].astype(F32)
+    ok = (rows_i >= s) & (x["seg"] == segs)
+    e = jnp.where(ok[:, None], _exp(jnp.minimum(x["b"] - bs, 0.0)), 0.0)
+    da = jnp.where(ok[:, None], scale * jnp.sum(do * vs, axis=1, keepdims=True), 0.0)
+    if want_q:
+      dq = dq + da * ks * e
+    if want_kv:
+      a = jnp.sum(q * ks * e, axis=1, keepdims=True)                          # A[:, s]
+      sel = (rows_i == s)[:, None]
+      dk = dk + jnp.where(sel, jnp.sum(da * q * e, axis=0, keepdims=True), 0.0)
+      dv = dv + jnp.where(sel, scale * jnp.sum(a * do, axis=0, keepdims=True), 0.0)
+    return dq, dk, dv, bs, segs
+
+  def loop(dq, dk, dv):
+    init = (dq, dk, dv, jnp.zeros((1, q.shape[-1]), F32), jnp.int32(0))
+    return lax.fori_loop(0, sub, col, init)[:3]
+
+  def fast(dq, dk, dv):
+    ok = _causal_same_seg(x["seg"])
+    eb, enb = _exp(x["b"]), _exp(-x["b"])
+    qt, kt = q * eb, k * enb
+    da = jnp.where(ok, scale * mm(do, v, trans_b=True), 0.0)  # exact products of inputs
+    if want_q:
+      dq = dq + sm(da, kt) * eb
+    if want_kv:
+      a = jnp.where(ok, sm(qt, kt, trans_b=True), 0.0)
+      dk = dk + sm(da, qt, trans_a=True) * enb
+      dv = dv + scale * sm(a, do.astype(dtype), trans_a=True)
+    return dq, dk, dv
+
+  if diag == "loop":
+    return loop(dq, dk, dv)
+  return lax.cond(jnp.min(x["tot"]) > -fast_limit * LOG2E, fast, loop, dq, dk, dv)
+
+
 def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_ref, ds_ref, *refs,
                   chunk, sub, seq_len, scale, dtype, diag, fast_limit, split, advance=False):
   """One chunk, in two passes over its sub-chunks, each carrying one [K, V] state (with
@@ -661,7 +751,6 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
   width, prefix, bnd = _scalars(w_ref, p_ref, bd_ref)
   gate_args = (seq_len, width, prefix, bnd)
   nsub = chunk // sub
-  rows_i = lax.broadcasted_iota(jnp.int32, (sub,), 0)
 
   def mm(a, b, **kw):  # tensor-core operands in the input dtype (bf16), float32 accumulation
     return _dot(_mx(a, dtype), _mx(b, dtype), **kw)
@@ -670,12 +759,7 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
     return _sdot(a, b, dtype, split, **kw)
 
   def load(i):
-    rows = pl.ds(i * sub, sub)
-    k, g2 = _tkg(k_ref[rows, :], g_ref[rows, :])
-    gf, rs, start = _gate(g2, n * chunk + i * sub + rows_i, *gate_args)
-    b, seg, tot, nres = _decays(gf, rs)
-    return dict(rows=rows, b=b, seg=seg, start=start, reset=rs, tot=tot[None, :], nres=nres,
-                tot_col=tot[:, None], k=k.astype(F32))
+    return _bwd_load(k_ref, g_ref, i * sub, n * chunk + i * sub, sub, gate_args)
 
   # Forward pass: inter part of dq; P ends as S_out.
   p_state = s_ref[...]
@@ -705,48 +789,9 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
     e_out = _exp(x["tot"] - x["b"]) * (x["seg"] == x["nres"])[:, None]
     dk = sm(v.astype(dtype), d_state, trans_b=True) * e_out
     dv = mm(k * e_out, d_state)
-    dq = dq_inter[i]
-    if diag == "bcast":
-      e, ok = _pairwise(x["b"], x["seg"])
-      a = jnp.sum(q[:, None, :] * k[None, :, :] * e, axis=2)                  # [c, c]
-      da = jnp.where(ok, scale * mm(do, v, trans_b=True), 0.0)
-      dq = dq + jnp.sum(da[:, :, None] * k[None, :, :] * e, axis=1)
-      dk = dk + jnp.sum(da[:, :, None] * q[:, None, :] * e, axis=0)
-      dv = dv + scale * mm(a, do, trans_a=True)
-    else:
-      def col(s, carry, x=x, q=q, do=do, i=i):
-        dq, dk, dv, bs, segs = carry
-        gs, rs = _gate_row(g_ref, i * sub + s, n * chunk + i * sub + s, *gate_args)
-        bs, segs = bs + gs, segs + rs
-        ks = _tk(k_ref[pl.ds(i * sub + s, 1), :]).astype(F32)
-        vs = v_ref[pl.ds(i * sub + s, 1), :].astype(F32)
-        ok = (rows_i >= s) & (x["seg"] == segs)
-        e = jnp.where(ok[:, None], _exp(jnp.minimum(x["b"] - bs, 0.0)), 0.0)
-        a = jnp.sum(q * ks * e, axis=1, keepdims=True)                        # A[:, s]
-        da = jnp.where(ok[:, None], scale * jnp.sum(do * vs, axis=1, keepdims=True), 0.0)
-        sel = (rows_i == s)[:, None]
-        dq = dq + da * ks * e
-        dk = dk + jnp.where(sel, jnp.sum(da * q * e, axis=0, keepdims=True), 0.0)
-        dv = dv + jnp.where(sel, scale * jnp.sum(a * do, axis=0, keepdims=True), 0.0)
-        return dq, dk, dv, bs, segs
-      def loop(dq, dk, dv, col=col):
-        init = (dq, dk, dv, jnp.zeros((1, q.shape[-1]), F32), jnp.int32(0))
-        return lax.fori_loop(0, sub, col, init)[:3]
-
-      def fast(dq, dk, dv, x=x, q=q, k=k, v=v, do=do):
-        ok = _causal_same_seg(x["seg"])
-        qt, kt = q * _exp(x["b"]), k * _exp(-x["b"])
-        a = jnp.where(ok, sm(qt, kt, trans_b=True), 0.0)
-        da = jnp.where(ok, scale * mm(do, v, trans_b=True), 0.0)  # exact products of inputs
-        dq = dq + sm(da, kt) * _exp(x["b"])
-        dk = dk + sm(da, qt, trans_a=True) * _exp(-x["b"])
-        dv = dv + scale * sm(a, do.astype(dtype), trans_a=True)
-        return dq, dk, dv
-
-      if diag == "loop":
-        dq, dk, dv = loop(dq, dk, dv)
-      else:
-        dq, dk, dv = lax.cond(jnp.min(x["tot"]) > -fast_limit * LOG2E, fast, loop, dq, dk, dv)
+    dq, dk, dv = _diag_grads(x, q, k, v, do, dq_inter[i], dk, dv, k_ref, v_ref, g_ref,
+                             i * sub, n * chunk + i * sub, gate_args, scale=scale, dtype=dtype,
+                             diag=diag, fast_limit=fast_limit, split=split)
     db = q * dq - k * dk
     tot_db = jnp.sum(db, axis=0, keepdims=True)
     dgt = later + _suffix_sum_rows(db, tot_db)                            # sum over t' >= t
@@ -765,6 +810,116 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
     if i:
       q_hat = scale * q * _exp(x["b"]) * (x["seg"] == 0)[:, None]
       d_state = _exp(x["tot_col"]) * (x["nres"] == 0) * d_state + sm(q_hat, do.astype(dtype), trans_a=True)
+  dbnd_ref[...] = dbnd
+  if gated:
+    dg_ref[...] = dlb
+
+
+def _barrier():
+  """A barrier of the program's threads (compiled only; the interpreter runs one thread). Its
+  memory ordering makes one thread's global stores visible to the others' later loads."""
+  if _GPU_EXP.get():
+    plgpu.debug_barrier()
+
+
+def _seg_suffix_rows(x, seg):
+  """sum_{t' >= t, same segment} x[t'] over the rows of float32 x [r, n], seg [r] the segment ids
+  (``_decays``): the product with a 0/1 [r, r] matrix, x in three exact bf16 parts as
+  ``_tri_dot``."""
+  r = x.shape[0]
+  t_i = lax.broadcasted_iota(jnp.int32, (r, r), 0)
+  s_i = lax.broadcasted_iota(jnp.int32, (r, r), 1)
+  m = ((s_i >= t_i) & (seg[None, :] == seg[:, None])).astype(jnp.bfloat16)
+  hi = x.astype(jnp.bfloat16)
+  rem = x - hi.astype(F32)
+  mid = rem.astype(jnp.bfloat16)
+  lo = (rem - mid.astype(F32)).astype(jnp.bfloat16)
+  return (_dot(m, lo) + _dot(m, mid)) + _dot(m, hi)
+
+
+def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, h0_ref, dht_ref,
+                      dq_ref, dk_ref, dv_ref, dg_ref, dbnd_ref, dh0_ref, qdq_ref, *, sub, n_sub,
+                      seq_len, scale, dtype, diag, fast_limit, split):
+  """The whole backward of one (batch, head) in two walks over its sub-chunks, each carrying one
+  [K, V] state on chip, so no per-chunk state goes through HBM (``BlockSizes.fused_backward``):
+
+  forward walk:  S (from h0) gives dq, inter (do S^T) and diagonal parts, written out, and
+                 q dq (float32) into qdq_ref for the second walk;
+  backward walk: dS (from dht) gives dk, dv, inter and diagonal parts; dg~ is the reverse
+                 cumulative sum of q dq - k dk within each segment plus, for the last segment of
+                 a sub-chunk, ``later``: d of the decay at the next sub-chunk's first row, i.e.
+                 that row's dg~ unless it is a reset (sum_v S_T dht at the sequence end).
+  Rows as ``_grads_kernel``'s, one sub-chunk at a time; d lb (gate in the kernel) and d boundary
+  summed over the sequence, dh0 = dS after the walk."""
+  width, prefix, bnd = _scalars(w_ref, p_ref, bd_ref)
+  gate_args = (seq_len, width, prefix, bnd)
+  gated = _LB.get() is not None
+  kdim = q_ref.shape[-1]
+
+  def sm(a, b, **kw):  # state and diagonal dots: float32 operands split (see _sdot)
+    return _sdot(a, b, dtype, split, **kw)
+
+  def rows_of(j):
+    x = _bwd_load(k_ref, g_ref, j * sub, j * sub, sub, gate_args)
+    r = x["rows"]
+    q = _tq(q_ref[r, :]).astype(F32)
+    return x, q, v_ref[r, :].astype(F32), do_ref[r, :].astype(F32)
+
+  diag_kw = dict(scale=scale, dtype=dtype, diag=diag, fast_limit=fast_limit, split=split)
+
+  def fwd(j, s):
+    x, q, v, do = rows_of(j)
+    k = x["k"]
+    e_in = _exp(x["b"]) * (x["seg"] == 0)[:, None]
+    dq = scale * sm(do.astype(dtype), s, trans_b=True) * e_in
+    dq = _diag_grads(x, q, k, v, do, dq, None, None, k_ref, v_ref, g_ref, j * sub, j * sub,
+                     gate_args, want_kv=False, **diag_kw)[0]
+    dq_ref[x["rows"], :] = dq.astype(dq_ref.dtype)
+    qdq_ref[x["rows"], :] = q * dq
+    e_out = _exp(x["tot"] - x["b"]) * (x["seg"] == x["nres"])[:, None]
+    return (_exp(x["tot_col"]) * (x["nres"] == 0) * s
+            + sm(k * e_out, v.astype(dtype), trans_a=True))
+
+  s_end = lax.fori_loop(0, n_sub, fwd, h0_ref[...].astype(F32))
+  d_end = dht_ref[...].astype(F32)
+  _barrier()   # qdq_ref's stores before the second walk's loads of them
+
+  def bwd(i, carry):
+    ds, later, dbnd, dlb = carry
+    j = n_sub - 1 - i
+    x, q, v, do = rows_of(j)
+    k, rows = x["k"], x["rows"]
+    e_out = _exp(x["tot"] - x["b"]) * (x["seg"] == x["nres"])[:, None]
+    dk = sm(v.astype(dtype), ds, trans_b=True) * e_out
+    dv = _dot(_mx(k * e_out, dtype), _mx(ds, dtype))
+    _, dk, dv = _diag_grads(x, q, k, v, do, None, dk, dv, k_ref, v_ref, g_ref, j * sub, j * sub,
+                            gate_args, want_q=False, **diag_kw)
+    db = qdq_ref[rows, :] - k * dk
+    last = (x["seg"] == x["nres"])[:, None]
+    dgt = _seg_suffix_rows(db, x["seg"]) + jnp.where(last, later, 0.0)
+    # d of the decay at this sub-chunk's first row: what the sub-chunk before adds to its rows
+    # of the last segment (0 if the first row is a reset: seg counts it)
+    later = (jnp.sum(jnp.where((x["seg"] == 0)[:, None], db, 0.0), axis=0, keepdims=True)
+             + jnp.where(x["nres"] == 0, later, 0.0))
+    dbnd = dbnd + jnp.sum(jnp.where((x["start"] & ~x["reset"])[:, None], dgt, 0.0), axis=0,
+                          keepdims=True)
+    dg = jnp.where(x["start"][:, None], 0.0, dgt)
+    if gated:   # dk slot: d f; dg slot: d lb summed over the sequence
+      dk, dlb_rows = _gate_grads(k_ref[rows, :], dk, dg)
+      dlb = dlb + dlb_rows
+    else:
+      dg_ref[rows, :] = dg.astype(dg_ref.dtype)
+    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+    dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+    q_hat = scale * q * _exp(x["b"]) * (x["seg"] == 0)[:, None]
+    ds = (_exp(x["tot_col"]) * (x["nres"] == 0) * ds
+          + sm(q_hat, do.astype(dtype), trans_a=True))
+    return ds, later, dbnd, dlb
+
+  zero = jnp.zeros((1, kdim), F32)
+  later = jnp.sum(s_end * d_end, axis=1)[None, :]
+  ds, _, dbnd, dlb = lax.fori_loop(0, n_sub, bwd, (d_end, later, zero, zero))
+  dh0_ref[...] = ds
   dbnd_ref[...] = dbnd
   if gated:
     dg_ref[...] = dlb
@@ -1108,6 +1263,49 @@ def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scal
   )(q, k, v, g, do, width, prefix, bnd, states, dstates, *prev)
 
 
+def _fused_bwd_applies(bs, b, t, h, dk, dv, seq_len):
+  """Whether the backward runs as one ``_bwd_fused_kernel`` (``BlockSizes.fused_backward``; None:
+  for B*H >= FUSED_BWD_MIN_BH with K, V <= 64 and split dots, where the other form would split
+  no sequence).
+  ``bs``: the backward's block sizes."""
+  if bs.fused_backward is not None:
+    return bs.fused_backward
+  return (b * h >= FUSED_BWD_MIN_BH and max(dk, dv) <= 64 and bs.split_dots
+          and _segments(bs, t, seq_len, b * h) == 1)
+
+
+def _fused_grads(q, k, v, g, do, width, prefix, bnd, h0, dht, *, seq_len, scale, bs, interpret):
+  """(dq, dk, dv, dg, d boundary [B, 1, H, 1, K], dh0) by ``_bwd_fused_kernel``, grid (B, H), the
+  whole sequence and whole V per program; dg as ``_grads``' (with the gate in the kernel: d lb
+  [B, 1, H, 1, K])."""
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  sub = bs.sub
+  seq_k = pl.BlockSpec((None, t, None, dk), lambda i, j: (i, 0, j, 0))
+  seq_v = pl.BlockSpec((None, t, None, dv), lambda i, j: (i, 0, j, 0))
+  state = pl.BlockSpec((None, None, dk, dv), lambda i, j: (i, j, 0, 0))
+  per_head = pl.BlockSpec((None, None, None, 1, dk), lambda i, j: (i, 0, j, 0, 0))
+  gated = _GATE_LB.get() is not None
+  kern = functools.partial(_bwd_fused_kernel, sub=sub, n_sub=t // sub, seq_len=seq_len,
+                           scale=scale, dtype=q.dtype, diag=bs.diag, fast_limit=bs.fast_limit,
+                           split=bs.split_dots)
+  head_row = jax.ShapeDtypeStruct((b, 1, h, 1, dk), F32)
+  dq, dk_, dv_, dg, dbnd, dh0, _ = _pallas_call(
+      kern, grid=(b, h),
+      in_specs=[seq_k, seq_k, seq_v, seq_k, seq_v] + _scalar_specs(lambda i, j: (i, j))
+      + [state, state],
+      out_specs=[seq_k, seq_k, seq_v, per_head if gated else seq_k, per_head, state, seq_k],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype),
+                 head_row if gated else jax.ShapeDtypeStruct(g.shape, g.dtype), head_row,
+                 jax.ShapeDtypeStruct((b, h, dk, dv), F32),
+                 jax.ShapeDtypeStruct((b, t, h, dk), F32)],   # q dq, the two walks' scratch
+      compiler_params=_params(bs, bs.grads_num_warps or 4), interpret=interpret,
+      cumsum=_cumsum(bs, grads=True), name="lasad_bwd_fused", head_axis=1,
+  )(q, k, v, g, do, width, prefix, bnd, h0, dht)
+  return dq, dk_, dv_, dg, dbnd, dh0
+
+
 # --------------------------------------------------------------------------- custom VJP
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
 def _lasad(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret):
@@ -1141,6 +1339,12 @@ def _lasad_bwd(seq_len, scale, bs, interpret, res, cts):
   do, dht = cts
   bs = _bwd_blocks(bs)
   kw = dict(seq_len=seq_len, bs=bs, interpret=interpret)
+  b, t, h, dk = q.shape
+  if not (saved and saved[0] is not None) and _fused_bwd_applies(bs, b, t, h, dk, v.shape[-1],
+                                                                  seq_len):
+    dq, dk, dv, dg, dbnd, dh0 = _fused_grads(q, k, v, g, do.astype(q.dtype), width, prefix, bnd,
+                                             h0, dht.astype(F32), scale=scale, **kw)
+    return dq, dk, dv, dg, None, None, jnp.sum(dbnd, axis=(0, 1, 3, 4)), dh0
   if saved and saved[0] is not None:   # saved only where the backward is unsplit: no decays
     states, dec = saved[0], None     # one per forward chunk, so maybe one per two of these
   else:
