@@ -639,14 +639,17 @@ def test_hgrn2_attention_bad_input():
     hgrn2_attention(x, x, x, jnp.zeros((2, 4)), impl="chunk", norm_eps=0.0)
 
 
-@pytest.mark.parametrize("diag", ["auto", "loop", "bcast"])
+@pytest.mark.parametrize("diag,prefetch", [("auto", False), ("loop", False), ("bcast", False),
+                                           ("auto", True)])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[1]}-w{c[6]}-b{c[8]}")
-def test_pallas_fused_backward(case, diag):
+def test_pallas_fused_backward(case, diag, prefetch):
   """``BlockSizes(fused_backward=True)``: the whole backward as one kernel per (batch, head), a
   forward walk carrying S (dq) and a backward walk carrying dS (dk, dv, dg), against the oracle
-  at the tolerances of the unfused form; every diagonal form (the fallback loop too)."""
+  at the tolerances of the unfused form; every diagonal form (the fallback loop too), and with
+  the next sub-chunk's rows loaded a step ahead (``bwd_prefetch``)."""
   from kernels.lasad.pallas import BlockSizes
-  _check_against_oracle("pallas", case, block_sizes=BlockSizes(fused_backward=True, diag=diag))
+  _check_against_oracle("pallas", case, block_sizes=BlockSizes(fused_backward=True, diag=diag,
+                                                               bwd_prefetch=prefetch))
 
 
 @pytest.mark.parametrize("case", GATE_CASES)

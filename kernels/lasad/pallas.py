@@ -148,6 +148,9 @@ class BlockSizes:
   # split dots the rounded S and dS cost dg 3.4x the unfused form's error (T = 384,
   # tests/test_ops.py); with them it is within 1.2x.
   fused_backward: bool | None = None
+  # The fused backward's walks load the next sub-chunk's rows before computing the current one
+  # (as ``fused_prefetch`` in the forward). Opt-in until timed.
+  bwd_prefetch: bool = False
 
   def __post_init__(self):
     if self.sub not in (16, 32) or self.chunk % self.sub:
@@ -654,12 +657,12 @@ def _advance(k_ref, v_ref, g_ref, s, n, gate_args, dtype):
                      (n - 1) * chunk + jnp.arange(chunk, dtype=jnp.int32), gate_args, dtype)[0]
 
 
-def _bwd_load(k_ref, g_ref, row0, pos0, sub, gate_args):
+def _bwd_load(k_ref, g_ref, row0, pos0, sub, gate_args, raw=None):
   """The ``sub`` rows from ref row ``row0`` (global position ``pos0``) of a backward kernel: k after
   the gate (float32), the masked gate's log decays (``_decays``: b, seg, tot as [1, K] and
-  [K, 1], nres) and the row-start / reset flags."""
+  [K, 1], nres) and the row-start / reset flags. ``raw``: those k and g rows, if loaded."""
   rows = pl.ds(row0, sub)
-  k, g2 = _tkg(k_ref[rows, :], g_ref[rows, :])
+  k, g2 = _tkg(*(raw or (k_ref[rows, :], g_ref[rows, :])))
   gf, rs, start = _gate(g2, pos0 + lax.broadcasted_iota(jnp.int32, (sub,), 0), *gate_args)
   b, seg, tot, nres = _decays(gf, rs)
   return dict(rows=rows, b=b, seg=seg, start=start, reset=rs, tot=tot[None, :], nres=nres,
@@ -839,7 +842,7 @@ def _seg_suffix_rows(x, seg):
 
 def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, h0_ref, dht_ref,
                       dq_ref, dk_ref, dv_ref, dg_ref, dbnd_ref, dh0_ref, qdq_ref, *, sub, n_sub,
-                      seq_len, scale, dtype, diag, fast_limit, split):
+                      seq_len, scale, dtype, diag, fast_limit, split, prefetch=False):
   """The whole backward of one (batch, head) in two walks over its sub-chunks, each carrying one
   [K, V] state on chip, so no per-chunk state goes through HBM (``BlockSizes.fused_backward``):
 
@@ -850,7 +853,8 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, 
                  a sub-chunk, ``later``: d of the decay at the next sub-chunk's first row, i.e.
                  that row's dg~ unless it is a reset (sum_v S_T dht at the sequence end).
   Rows as ``_grads_kernel``'s, one sub-chunk at a time; d lb (gate in the kernel) and d boundary
-  summed over the sequence, dh0 = dS after the walk."""
+  summed over the sequence, dh0 = dS after the walk. ``prefetch``: each step loads the next
+  sub-chunk's rows before computing its own (as the one-pass forward's ``prefetch``)."""
   width, prefix, bnd = _scalars(w_ref, p_ref, bd_ref)
   gate_args = (seq_len, width, prefix, bnd)
   gated = _LB.get() is not None
@@ -859,16 +863,31 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, 
   def sm(a, b, **kw):  # state and diagonal dots: float32 operands split (see _sdot)
     return _sdot(a, b, dtype, split, **kw)
 
-  def rows_of(j):
-    x = _bwd_load(k_ref, g_ref, j * sub, j * sub, sub, gate_args)
-    r = x["rows"]
-    q = _tq(q_ref[r, :]).astype(F32)
-    return x, q, v_ref[r, :].astype(F32), do_ref[r, :].astype(F32)
+  refs = (q_ref, k_ref, v_ref, g_ref, do_ref)
+
+  def raw_rows(j):   # clamped: the last step's prefetch reloads its own rows
+    return _load_rows(refs, jnp.clip(j, 0, n_sub - 1) * sub, sub)
+
+  def rows_of(j, raw):
+    q, k, v, g, do = raw
+    x = _bwd_load(k_ref, g_ref, j * sub, j * sub, sub, gate_args, raw=(k, g))
+    return x, _tq(q).astype(F32), v.astype(F32), do.astype(F32)
+
+  def walk(body, init, order):
+    """fori_loop over the sub-chunks j = order(i), rows loaded one step ahead with prefetch."""
+    if not prefetch:
+      return lax.fori_loop(0, n_sub, lambda i, c: body(order(i), raw_rows(order(i)), c), init)
+
+    def step(i, carry):
+      c, cur = carry
+      nxt = raw_rows(order(i + 1))
+      return body(order(i), cur, c), nxt
+    return lax.fori_loop(0, n_sub, step, (init, raw_rows(order(0))))[0]
 
   diag_kw = dict(scale=scale, dtype=dtype, diag=diag, fast_limit=fast_limit, split=split)
 
-  def fwd(j, s):
-    x, q, v, do = rows_of(j)
+  def fwd(j, raw, s):
+    x, q, v, do = rows_of(j, raw)
     k = x["k"]
     e_in = _exp(x["b"]) * (x["seg"] == 0)[:, None]
     dq = scale * sm(do.astype(dtype), s, trans_b=True) * e_in
@@ -880,14 +899,13 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, 
     return (_exp(x["tot_col"]) * (x["nres"] == 0) * s
             + sm(k * e_out, v.astype(dtype), trans_a=True))
 
-  s_end = lax.fori_loop(0, n_sub, fwd, h0_ref[...].astype(F32))
+  s_end = walk(fwd, h0_ref[...].astype(F32), lambda i: i)
   d_end = dht_ref[...].astype(F32)
   _barrier()   # qdq_ref's stores before the second walk's loads of them
 
-  def bwd(i, carry):
+  def bwd(j, raw, carry):
     ds, later, dbnd, dlb = carry
-    j = n_sub - 1 - i
-    x, q, v, do = rows_of(j)
+    x, q, v, do = rows_of(j, raw)
     k, rows = x["k"], x["rows"]
     e_out = _exp(x["tot"] - x["b"]) * (x["seg"] == x["nres"])[:, None]
     dk = sm(v.astype(dtype), ds, trans_b=True) * e_out
@@ -918,7 +936,7 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, 
 
   zero = jnp.zeros((1, kdim), F32)
   later = jnp.sum(s_end * d_end, axis=1)[None, :]
-  ds, _, dbnd, dlb = lax.fori_loop(0, n_sub, bwd, (d_end, later, zero, zero))
+  ds, _, dbnd, dlb = walk(bwd, (d_end, later, zero, zero), lambda i: n_sub - 1 - i)
   dh0_ref[...] = ds
   dbnd_ref[...] = dbnd
   if gated:
@@ -1288,7 +1306,7 @@ def _fused_grads(q, k, v, g, do, width, prefix, bnd, h0, dht, *, seq_len, scale,
   gated = _GATE_LB.get() is not None
   kern = functools.partial(_bwd_fused_kernel, sub=sub, n_sub=t // sub, seq_len=seq_len,
                            scale=scale, dtype=q.dtype, diag=bs.diag, fast_limit=bs.fast_limit,
-                           split=bs.split_dots)
+                           split=bs.split_dots, prefetch=bs.bwd_prefetch)
   head_row = jax.ShapeDtypeStruct((b, 1, h, 1, dk), F32)
   dq, dk_, dv_, dg, dbnd, dh0, _ = _pallas_call(
       kern, grid=(b, h),
