@@ -113,7 +113,8 @@ def main():
   print("whole operator, ms fwd / fwd+bwd")
   whole = [("default", P.BlockSizes()), ("fused bwd", P.BlockSizes(fused_backward=True)),
            ("unfused bwd", P.BlockSizes(fused_backward=False)),
-           ("fused bwd no prefetch", P.BlockSizes(fused_backward=True, bwd_prefetch=False))]
+           ("fused bwd no prefetch", P.BlockSizes(fused_backward=True, bwd_prefetch=False)),
+           ("fused bwd 8 warps", P.BlockSizes(fused_backward=True, grads_num_warps=8))]
   if args.only != "bwd":
     whole += [("no prefetch", P.BlockSizes(fused_prefetch=False)),
               ("bwd64", P.BlockSizes(bwd_chunk=64)), ("cumsum scan", P.BlockSizes(cumsum="scan")),
