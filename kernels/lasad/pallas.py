@@ -856,7 +856,8 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, 
                  that row's dg~ unless it is a reset (sum_v S_T dht at the sequence end).
   Rows as ``_grads_kernel``'s, one sub-chunk at a time; d lb (gate in the kernel) and d boundary
   summed over the sequence, dh0 = dS after the walk. ``prefetch``: each step loads the next
-  sub-chunk's rows before computing its own (as the one-pass forward's ``prefetch``)."""
+  sub-chunk's rows (and in the backward walk its q dq) before computing its own (as the one-pass
+  forward's ``prefetch``)."""
   width, prefix, bnd = _scalars(w_ref, p_ref, bd_ref)
   gate_args = (seq_len, width, prefix, bnd)
   gated = _LB.get() is not None
@@ -867,16 +868,16 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, 
 
   refs = (q_ref, k_ref, v_ref, g_ref, do_ref)
 
-  def raw_rows(j):   # clamped: the last step's prefetch reloads its own rows
-    return _load_rows(refs, jnp.clip(j, 0, n_sub - 1) * sub, sub)
-
   def rows_of(j, raw):
-    q, k, v, g, do = raw
+    q, k, v, g, do = raw[:5]
     x = _bwd_load(k_ref, g_ref, j * sub, j * sub, sub, gate_args, raw=(k, g))
     return x, _tq(q).astype(F32), v.astype(F32), do.astype(F32)
 
-  def walk(body, init, order):
-    """fori_loop over the sub-chunks j = order(i), rows loaded one step ahead with prefetch."""
+  def walk(body, init, order, refs):
+    """fori_loop over the sub-chunks j = order(i); ``body`` gets the rows of ``refs``, loaded one
+    step ahead with prefetch."""
+    def raw_rows(j):   # clamped: the last step's prefetch reloads its own rows
+      return _load_rows(refs, jnp.clip(j, 0, n_sub - 1) * sub, sub)
     if not prefetch:
       return lax.fori_loop(0, n_sub, lambda i, c: body(order(i), raw_rows(order(i)), c), init)
 
@@ -901,7 +902,7 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, 
     return (_exp(x["tot_col"]) * (x["nres"] == 0) * s
             + sm(k * e_out, v.astype(dtype), trans_a=True))
 
-  s_end = walk(fwd, h0_ref[...].astype(F32), lambda i: i)
+  s_end = walk(fwd, h0_ref[...].astype(F32), lambda i: i, refs)
   d_end = dht_ref[...].astype(F32)
   _barrier()   # qdq_ref's stores before the second walk's loads of them
 
@@ -914,7 +915,7 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, 
     dv = _dot(_mx(k * e_out, dtype), _mx(ds, dtype))
     _, dk, dv = _diag_grads(x, q, k, v, do, None, dk, dv, k_ref, v_ref, g_ref, j * sub, j * sub,
                             gate_args, want_q=False, **diag_kw)
-    db = qdq_ref[rows, :] - k * dk
+    db = raw[5] - k * dk
     last = (x["seg"] == x["nres"])[:, None]
     dgt = _seg_suffix_rows(db, x["seg"]) + jnp.where(last, later, 0.0)
     # d of the decay at this sub-chunk's first row: what the sub-chunk before adds to its rows
@@ -938,7 +939,8 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, 
 
   zero = jnp.zeros((1, kdim), F32)
   later = jnp.sum(s_end * d_end, axis=1)[None, :]
-  ds, _, dbnd, dlb = walk(bwd, (d_end, later, zero, zero), lambda i: n_sub - 1 - i)
+  ds, _, dbnd, dlb = walk(bwd, (d_end, later, zero, zero), lambda i: n_sub - 1 - i,
+                          refs + (qdq_ref,))
   dh0_ref[...] = ds
   dbnd_ref[...] = dbnd
   if gated:
