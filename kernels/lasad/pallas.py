@@ -844,7 +844,8 @@ def _seg_suffix_rows(x, seg):
 
 def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, h0_ref, dht_ref,
                       dq_ref, dk_ref, dv_ref, dg_ref, dbnd_ref, dh0_ref, qdq_ref, *, sub, n_sub,
-                      seq_len, scale, dtype, diag, fast_limit, split, prefetch=False):
+                      seq_len, scale, dtype, diag, fast_limit, split, prefetch=False,
+                      dq_raw=False):
   """The whole backward of one (batch, head) in two walks over its sub-chunks, each carrying one
   [K, V] state on chip, so no per-chunk state goes through HBM (``BlockSizes.fused_backward``):
 
@@ -857,7 +858,8 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, 
   Rows as ``_grads_kernel``'s, one sub-chunk at a time; d lb (gate in the kernel) and d boundary
   summed over the sequence, dh0 = dS after the walk. ``prefetch``: each step loads the next
   sub-chunk's rows (and in the backward walk its q dq) before computing its own (as the one-pass
-  forward's ``prefetch``)."""
+  forward's ``prefetch``). ``dq_raw`` (with the gate in the kernel): dq_ref gets the gradient of
+  q_raw, dq silu'(q_raw), so no XLA pass over dq follows."""
   width, prefix, bnd = _scalars(w_ref, p_ref, bd_ref)
   gate_args = (seq_len, width, prefix, bnd)
   gated = _LB.get() is not None
@@ -896,7 +898,12 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, 
     dq = scale * sm(do.astype(dtype), s, trans_b=True) * e_in
     dq = _diag_grads(x, q, k, v, do, dq, None, None, k_ref, v_ref, g_ref, j * sub, j * sub,
                      gate_args, want_kv=False, **diag_kw)[0]
-    dq_ref[x["rows"], :] = dq.astype(dq_ref.dtype)
+    if dq_raw:   # silu'(x) = s (1 + x (1 - s)), s = sigmoid(x)
+      xr = raw[0].astype(F32)
+      sg = _sigmoid(xr)
+      dq_ref[x["rows"], :] = (dq * sg * (1.0 + xr * (1.0 - sg))).astype(dq_ref.dtype)
+    else:
+      dq_ref[x["rows"], :] = dq.astype(dq_ref.dtype)
     qdq_ref[x["rows"], :] = q * dq
     e_out = _exp(x["tot"] - x["b"]) * (x["seg"] == x["nres"])[:, None]
     return (_exp(x["tot_col"]) * (x["nres"] == 0) * s
@@ -1296,10 +1303,11 @@ def _fused_bwd_applies(bs, b, t, h, dk, dv, seq_len):
           and _segments(bs, t, seq_len, b * h) == 1)
 
 
-def _fused_grads(q, k, v, g, do, width, prefix, bnd, h0, dht, *, seq_len, scale, bs, interpret):
+def _fused_grads(q, k, v, g, do, width, prefix, bnd, h0, dht, *, seq_len, scale, bs, interpret,
+                 dq_raw=False):
   """(dq, dk, dv, dg, d boundary [B, 1, H, 1, K], dh0) by ``_bwd_fused_kernel``, grid (B, H), the
   whole sequence and whole V per program; dg as ``_grads``' (with the gate in the kernel: d lb
-  [B, 1, H, 1, K])."""
+  [B, 1, H, 1, K], and with ``dq_raw`` the gradient of q_raw in dq's place)."""
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   sub = bs.sub
@@ -1310,7 +1318,7 @@ def _fused_grads(q, k, v, g, do, width, prefix, bnd, h0, dht, *, seq_len, scale,
   gated = _GATE_LB.get() is not None
   kern = functools.partial(_bwd_fused_kernel, sub=sub, n_sub=t // sub, seq_len=seq_len,
                            scale=scale, dtype=q.dtype, diag=bs.diag, fast_limit=bs.fast_limit,
-                           split=bs.split_dots, prefetch=bs.bwd_prefetch)
+                           split=bs.split_dots, prefetch=bs.bwd_prefetch, dq_raw=dq_raw)
   head_row = jax.ShapeDtypeStruct((b, 1, h, 1, dk), F32)
   dq, dk_, dv_, dg, dbnd, dh0, _ = _pallas_call(
       kern, grid=(b, h),
@@ -1355,8 +1363,14 @@ def _lasad_fwd(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret
 
 
 def _lasad_bwd(seq_len, scale, bs, interpret, res, cts):
-  """``res``: the eight inputs, and optionally the per-chunk states the forward kernel saved
-  (``_fused_forward``'s ``save``; None: recomputed here)."""
+  return _bwd_impl(seq_len, scale, bs, interpret, res, cts)[0]
+
+
+def _bwd_impl(seq_len, scale, bs, interpret, res, cts, dq_raw=False):
+  """(the eight inputs' gradients, whether dq is q_raw's). ``res``: the eight inputs, and
+  optionally the per-chunk states the forward kernel saved (``_fused_forward``'s ``save``; None:
+  recomputed here). ``dq_raw`` (gate in the kernel): the fused backward returns q_raw's gradient
+  in dq's place (the flag says whether it did)."""
   q, k, v, g, width, prefix, bnd, h0, *saved = res
   do, dht = cts
   bs = _bwd_blocks(bs)
@@ -1365,8 +1379,9 @@ def _lasad_bwd(seq_len, scale, bs, interpret, res, cts):
   if not (saved and saved[0] is not None) and _fused_bwd_applies(bs, b, t, h, dk, v.shape[-1],
                                                                   seq_len):
     dq, dk, dv, dg, dbnd, dh0 = _fused_grads(q, k, v, g, do.astype(q.dtype), width, prefix, bnd,
-                                             h0, dht.astype(F32), scale=scale, **kw)
-    return dq, dk, dv, dg, None, None, jnp.sum(dbnd, axis=(0, 1, 3, 4)), dh0
+                                             h0, dht.astype(F32), scale=scale, dq_raw=dq_raw,
+                                             **kw)
+    return (dq, dk, dv, dg, None, None, jnp.sum(dbnd, axis=(0, 1, 3, 4)), dh0), dq_raw
   if saved and saved[0] is not None:   # saved only where the backward is unsplit: no decays
     states, dec = saved[0], None     # one per forward chunk, so maybe one per two of these
   else:
@@ -1376,7 +1391,7 @@ def _lasad_bwd(seq_len, scale, bs, interpret, res, cts):
   dq, dk, dv, dg, dbnd = _grads(q, k, v, g, do.astype(q.dtype), width, prefix, bnd, states,
                                 dstates, scale=scale, **kw)
   dbnd = jnp.sum(dbnd, axis=(0, 1, 3, 4))
-  return dq, dk, dv, dg, None, None, dbnd, dh0
+  return (dq, dk, dv, dg, None, None, dbnd, dh0), False
 
 
 _lasad.defvjp(_lasad_fwd, _lasad_bwd)
@@ -1483,11 +1498,13 @@ def _hgrn2_bwd(seq_len, scale, bs, interpret, norm, res, cts):
     cts = (_norm_rows_bwd(cts[0], n, r, norm[1]), cts[1])
   qr, f, v, lb, width, prefix, bnd, h0 = res
   # the gradient kernel applies the forget gate's derivatives (_gate_grads): d f and d lb per
-  # chunk come back in the dk and dg slots; silu's derivative is XLA's, one pass over dq
+  # chunk (per head with the fused backward) come back in the dk and dg slots; silu's
+  # derivative: the fused backward's, else XLA's, one pass over dq
   with _gated(_lb_rows(lb)):
-    dq, df, dv, dlb, _, _, dbnd, dh0 = _lasad_bwd(
-        seq_len, scale, bs, interpret, (qr, f, v, f, width, prefix, bnd, h0, states), cts)
-  dqr = jax.vjp(jax.nn.silu, qr)[1](dq)[0]
+    (dq, df, dv, dlb, _, _, dbnd, dh0), raw = _bwd_impl(
+        seq_len, scale, bs, interpret, (qr, f, v, f, width, prefix, bnd, h0, states), cts,
+        dq_raw=True)
+  dqr = dq if raw else jax.vjp(jax.nn.silu, qr)[1](dq)[0]
   return dqr, df, dv, jnp.sum(dlb, axis=(0, 1, 3)).astype(lb.dtype), None, None, dbnd, dh0
 
 
