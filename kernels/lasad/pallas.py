@@ -671,6 +671,21 @@ def _bwd_load(k_ref, g_ref, row0, pos0, sub, gate_args, raw=None):
               tot_col=tot[:, None], k=k.astype(F32))
 
 
+def _dg_rows(x, dgt, dk, dbnd, dlb, k_ref, dg_ref):
+  """A backward kernel's rows x (``_bwd_load``) from their dg~: the boundary gradient takes the
+  row starts that are not resets, dg is 0 on row starts and is stored, or with the gate in the
+  kernel goes through ``_gate_grads`` (dk becomes d f, and d lb is summed). Returns (dk, dbnd,
+  dlb)."""
+  dbnd = dbnd + jnp.sum(jnp.where((x["start"] & ~x["reset"])[:, None], dgt, 0.0), axis=0,
+                        keepdims=True)
+  dg = jnp.where(x["start"][:, None], 0.0, dgt)
+  if _LB.get() is not None:   # dk slot: d f; dg slot: d lb
+    dk, dlb_rows = _gate_grads(k_ref[x["rows"], :], dk, dg)
+    return dk, dbnd, dlb + dlb_rows
+  dg_ref[x["rows"], :] = dg.astype(dg_ref.dtype)
+  return dk, dbnd, dlb
+
+
 def _diag_grads(x, q, k, v, do, dq, dk, dv, k_ref, v_ref, g_ref, row0, pos0, gate_args, *, scale,
                 dtype, diag, fast_limit, split, want_q=True, want_kv=True):
   """The exact within-sub-chunk term's gradients added to dq (``want_q``) and to dk, dv
@@ -801,14 +816,7 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, s_re
     tot_db = jnp.sum(db, axis=0, keepdims=True)
     dgt = later + _suffix_sum_rows(db, tot_db)                            # sum over t' >= t
     later = later + tot_db
-    dbnd = dbnd + jnp.sum(jnp.where((x["start"] & ~x["reset"])[:, None], dgt, 0.0), axis=0,
-                          keepdims=True)
-    dg = jnp.where(x["start"][:, None], 0.0, dgt)
-    if gated:   # dk slot: d f; dg slot: d lb of the chunk
-      dk, dlb_rows = _gate_grads(k_ref[rows, :], dk, dg)
-      dlb = dlb + dlb_rows
-    else:
-      dg_ref[rows, :] = dg.astype(dg_ref.dtype)
+    dk, dbnd, dlb = _dg_rows(x, dgt, dk, dbnd, dlb, k_ref, dg_ref)
     dq_ref[rows, :] = dq.astype(dq_ref.dtype)
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
@@ -929,14 +937,7 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, 
     # of the last segment (0 if the first row is a reset: seg counts it)
     later = (jnp.sum(jnp.where((x["seg"] == 0)[:, None], db, 0.0), axis=0, keepdims=True)
              + jnp.where(x["nres"] == 0, later, 0.0))
-    dbnd = dbnd + jnp.sum(jnp.where((x["start"] & ~x["reset"])[:, None], dgt, 0.0), axis=0,
-                          keepdims=True)
-    dg = jnp.where(x["start"][:, None], 0.0, dgt)
-    if gated:   # dk slot: d f; dg slot: d lb summed over the sequence
-      dk, dlb_rows = _gate_grads(k_ref[rows, :], dk, dg)
-      dlb = dlb + dlb_rows
-    else:
-      dg_ref[rows, :] = dg.astype(dg_ref.dtype)
+    dk, dbnd, dlb = _dg_rows(x, dgt, dk, dbnd, dlb, k_ref, dg_ref)
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
     q_hat = scale * q * _exp(x["b"]) * (x["seg"] == 0)[:, None]
