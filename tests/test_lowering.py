@@ -73,7 +73,9 @@ BLOCKS = {
     "save_states_chunk32": BlockSizes(save_states=True, chunk=32, seq_split=1),
     "fused_backward": BlockSizes(fused_backward=True),
     "fused_backward_sub16": BlockSizes(fused_backward=True, sub=16),
-    "fused_backward_prefetch": BlockSizes(fused_backward=True, bwd_prefetch=True),
+    "fused_backward_no_prefetch": BlockSizes(fused_backward=True, bwd_prefetch=False),
+    "fused_backward_qdq_dq_raw": BlockSizes(fused_backward=True, bwd_prefetch_qdq=True,
+                                            bwd_dq_raw=True),
     "fused_backward_diag_loop": BlockSizes(fused_backward=True, diag="loop"),
     "fused_backward_diag_bcast": BlockSizes(fused_backward=True, diag="bcast"),
 }

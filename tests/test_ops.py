@@ -527,9 +527,10 @@ def test_pallas_gate_in_kernel_bf16_error_no_worse():
   xla = _gated_run("pallas", "xla", *args, dtype=jnp.bfloat16)
   # the fused backward too (silu's derivative in the kernel, from the float32 dq)
   from kernels.lasad.pallas import BlockSizes
-  fused = _gated_run("pallas", "kernel", *args, dtype=jnp.bfloat16,
-                     block_sizes=BlockSizes(fused_backward=True))
-  for got in (kern, fused):
+  fused = [_gated_run("pallas", "kernel", *args, dtype=jnp.bfloat16,
+                      block_sizes=BlockSizes(fused_backward=True, bwd_dq_raw=raw))
+           for raw in (False, True)]
+  for got in [kern] + fused:
     pairs = [("o", got[0], xla[0], ref[0])] + [
         (n, got[2][n], xla[2][n], ref[2][n]) for n in ("dq_raw", "df", "dv", "dlb", "dh0")]
     for name, a, b_, r in pairs:
@@ -653,16 +654,17 @@ def test_hgrn2_attention_bad_input():
 
 
 @pytest.mark.parametrize("diag,prefetch", [("auto", False), ("loop", False), ("bcast", False),
-                                           ("auto", True)])
+                                           ("auto", True), ("auto", "qdq")])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[1]}-w{c[6]}-b{c[8]}")
 def test_pallas_fused_backward(case, diag, prefetch):
   """``BlockSizes(fused_backward=True)``: the whole backward as one kernel per (batch, head), a
   forward walk carrying S (dq) and a backward walk carrying dS (dk, dv, dg), against the oracle
   at the tolerances of the unfused form; every diagonal form (the fallback loop too), and with
-  the next sub-chunk's rows loaded a step ahead (``bwd_prefetch``)."""
+  the next sub-chunk's rows loaded a step ahead (``bwd_prefetch``, and its q dq too)."""
   from kernels.lasad.pallas import BlockSizes
-  _check_against_oracle("pallas", case, block_sizes=BlockSizes(fused_backward=True, diag=diag,
-                                                               bwd_prefetch=prefetch))
+  _check_against_oracle("pallas", case, block_sizes=BlockSizes(
+      fused_backward=True, diag=diag, bwd_prefetch=bool(prefetch),
+      bwd_prefetch_qdq=prefetch == "qdq"))
 
 
 @pytest.mark.parametrize("case", GATE_CASES)
@@ -673,10 +675,11 @@ def test_pallas_fused_backward_gate_in_kernel(case):
   from kernels.lasad.pallas import BlockSizes
   b, t, h, dk, dv, width, prefix, boundary, h0 = case
   qr, f, v, lb, s0 = _gate_inputs(b, t, h, dk, dv, h0)
-  got = _gated_run("pallas", "kernel", qr, f, v, lb, s0, boundary, width, prefix,
-                   block_sizes=BlockSizes(fused_backward=True))
   ref = _gated_run("reference", "xla", qr, f, v, lb, s0, boundary, width, prefix)
-  _assert_gated_grads(got, ref, boundary, width, s0)
+  for dq_raw in (False, True):   # silu's derivative by XLA, or in the kernel
+    got = _gated_run("pallas", "kernel", qr, f, v, lb, s0, boundary, width, prefix,
+                     block_sizes=BlockSizes(fused_backward=True, bwd_dq_raw=dq_raw))
+    _assert_gated_grads(got, ref, boundary, width, s0)
 
 
 def test_pallas_fused_backward_auto_choice():

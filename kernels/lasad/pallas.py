@@ -153,6 +153,15 @@ class BlockSizes:
   # whole operator fwd+bwd ms without -> with: (256, 256, 16, 64) 2.625 -> 2.224, (32, 1024)
   # 1.351 -> 1.159.
   bwd_prefetch: bool = True
+  # With prefetch, the backward walk's q dq rows (the first walk's float32 scratch) are loaded a
+  # step ahead too. Interpreter-tested and lowered, not yet compiled or timed on a GPU (session
+  # 25 had no device time left), so off until measured.
+  bwd_prefetch_qdq: bool = False
+  # With the gates in the kernel: the first walk applies silu's derivative to dq and writes the
+  # gradient of q_raw, so XLA's pass over dq after the backward (~3 ms per LASADGen-L step at
+  # HBM speed) goes. Interpreter-tested (float32 and bf16) and lowered, not yet compiled or
+  # timed on a GPU, so off until measured.
+  bwd_dq_raw: bool = False
 
   def __post_init__(self):
     if self.sub not in (16, 32) or self.chunk % self.sub:
@@ -853,7 +862,7 @@ def _seg_suffix_rows(x, seg):
 def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, h0_ref, dht_ref,
                       dq_ref, dk_ref, dv_ref, dg_ref, dbnd_ref, dh0_ref, qdq_ref, *, sub, n_sub,
                       seq_len, scale, dtype, diag, fast_limit, split, prefetch=False,
-                      dq_raw=False):
+                      prefetch_qdq=False, dq_raw=False):
   """The whole backward of one (batch, head) in two walks over its sub-chunks, each carrying one
   [K, V] state on chip, so no per-chunk state goes through HBM (``BlockSizes.fused_backward``):
 
@@ -865,8 +874,8 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, 
                  that row's dg~ unless it is a reset (sum_v S_T dht at the sequence end).
   Rows as ``_grads_kernel``'s, one sub-chunk at a time; d lb (gate in the kernel) and d boundary
   summed over the sequence, dh0 = dS after the walk. ``prefetch``: each step loads the next
-  sub-chunk's rows (and in the backward walk its q dq) before computing its own (as the one-pass
-  forward's ``prefetch``). ``dq_raw`` (with the gate in the kernel): dq_ref gets the gradient of
+  sub-chunk's rows (and with ``prefetch_qdq`` in the backward walk its q dq) before computing its
+  own (as the one-pass forward's ``prefetch``). ``dq_raw`` (with the gate in the kernel): dq_ref gets the gradient of
   q_raw, dq silu'(q_raw), so no XLA pass over dq follows."""
   width, prefix, bnd = _scalars(w_ref, p_ref, bd_ref)
   gate_args = (seq_len, width, prefix, bnd)
@@ -930,7 +939,7 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, 
     dv = _dot(_mx(k * e_out, dtype), _mx(ds, dtype))
     _, dk, dv = _diag_grads(x, q, k, v, do, None, dk, dv, k_ref, v_ref, g_ref, j * sub, j * sub,
                             gate_args, want_q=False, **diag_kw)
-    db = raw[5] - k * dk
+    db = (raw[5] if prefetch_qdq else qdq_ref[rows, :]) - k * dk
     last = (x["seg"] == x["nres"])[:, None]
     dgt = _seg_suffix_rows(db, x["seg"]) + jnp.where(last, later, 0.0)
     # d of the decay at this sub-chunk's first row: what the sub-chunk before adds to its rows
@@ -948,7 +957,7 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, 
   zero = jnp.zeros((1, kdim), F32)
   later = jnp.sum(s_end * d_end, axis=1)[None, :]
   ds, _, dbnd, dlb = walk(bwd, (d_end, later, zero, zero), lambda i: n_sub - 1 - i,
-                          refs + (qdq_ref,))
+                          refs + ((qdq_ref,) if prefetch_qdq else ()))
   dh0_ref[...] = ds
   dbnd_ref[...] = dbnd
   if gated:
@@ -1319,7 +1328,9 @@ def _fused_grads(q, k, v, g, do, width, prefix, bnd, h0, dht, *, seq_len, scale,
   gated = _GATE_LB.get() is not None
   kern = functools.partial(_bwd_fused_kernel, sub=sub, n_sub=t // sub, seq_len=seq_len,
                            scale=scale, dtype=q.dtype, diag=bs.diag, fast_limit=bs.fast_limit,
-                           split=bs.split_dots, prefetch=bs.bwd_prefetch, dq_raw=dq_raw)
+                           split=bs.split_dots, prefetch=bs.bwd_prefetch,
+                           prefetch_qdq=bs.bwd_prefetch and bs.bwd_prefetch_qdq,
+                           dq_raw=dq_raw and bs.bwd_dq_raw)
   head_row = jax.ShapeDtypeStruct((b, 1, h, 1, dk), F32)
   dq, dk_, dv_, dg, dbnd, dh0, _ = _pallas_call(
       kern, grid=(b, h),
@@ -1382,7 +1393,8 @@ def _bwd_impl(seq_len, scale, bs, interpret, res, cts, dq_raw=False):
     dq, dk, dv, dg, dbnd, dh0 = _fused_grads(q, k, v, g, do.astype(q.dtype), width, prefix, bnd,
                                              h0, dht.astype(F32), scale=scale, dq_raw=dq_raw,
                                              **kw)
-    return (dq, dk, dv, dg, None, None, jnp.sum(dbnd, axis=(0, 1, 3, 4)), dh0), dq_raw
+    return (dq, dk, dv, dg, None, None, jnp.sum(dbnd, axis=(0, 1, 3, 4)), dh0), (dq_raw and
+                                                                                 bs.bwd_dq_raw)
   if saved and saved[0] is not None:   # saved only where the backward is unsplit: no decays
     states, dec = saved[0], None     # one per forward chunk, so maybe one per two of these
   else:
