@@ -78,7 +78,9 @@ def get_config(variant="B"):
   # The Pallas backward: auto (one kernel per (batch, head) walking the sequence forward for dq
   # and back for dk, dv, dg, so no per-chunk state goes through HBM, from B*H >= 512 with head
   # dims <= 64, split dots and no saved states; else the states, state-gradient and gradient
-  # kernels) | fused | unfused (BlockSizes.fused_backward)
+  # kernels) | fused | unfused (BlockSizes.fused_backward). LASADGen-L training on an H100 (batch
+  # 256, unrolled, dots_attn_acts): unfused 344.9 / 347.0 ms per step, fused 333.9 / 332.9
+  # (BENCHMARKS.md session 25)
   c.kernel_backward = "auto"
   # Parallel forward over the layers: True = one lax.scan over the stacked weights (compile time
   # independent of depth); False = unrolled, one copy per layer. In training with remat policy
