@@ -271,6 +271,18 @@ def test_pallas_diag_variants(diag, norm):
   assert oracle.rel_rms(grads["dboundary"][1], g_ref["dboundary"][1]) < 5e-4
 
 
+def _bf16_case(seed, n):
+  """bf16 q, k, v, log-sigmoid g [1, 384, 2, 64], float32 do and dst (and with n = 7 an initial
+  state), from ``n`` keys of ``seed``; and q, k, v, g in float64 for the oracle."""
+  ks = jax.random.split(jax.random.key(seed), n)
+  shape = (1, 384, 2, 64)
+  q, k, v = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in ks[:3])
+  g = jax.nn.log_sigmoid(jax.random.normal(ks[3], shape)).astype(jnp.bfloat16)
+  do = jax.random.normal(ks[4], shape)
+  rest = [jax.random.normal(kk, (1, 2, 64, 64)) for kk in ks[5:]]
+  return (q, k, v, g, do, *rest), [np.asarray(a, np.float64) for a in (q, k, v, g)]
+
+
 @pytest.mark.parametrize("split", [True, False])
 def test_pallas_bf16_gradient_accuracy(split):
   """bf16 inputs against the float64 oracle, every gradient, with the XLA chunk form as the yardstick.
@@ -280,13 +292,7 @@ def test_pallas_bf16_gradient_accuracy(split):
   vs fla's 2.4e-3 on the H100); splitting them into hi + lo parts keeps every gradient within 1.3x
   of the chunk form, whose dots see float32 states. The False case documents that gap."""
   from kernels.lasad.pallas import BlockSizes
-  ks = jax.random.split(jax.random.key(7), 6)
-  shape = (1, 384, 2, 64)
-  q, k, v = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in ks[:3])
-  g = jax.nn.log_sigmoid(jax.random.normal(ks[3], shape)).astype(jnp.bfloat16)
-  do = jax.random.normal(ks[4], shape)
-  dst = jax.random.normal(ks[5], (1, 2, 64, 64))
-  x64 = [np.asarray(a, np.float64) for a in (q, k, v, g)]
+  (q, k, v, g, do, dst), x64 = _bf16_case(7, 6)
   ref = oracle.backward(*x64, np.asarray(do, np.float64), np.asarray(dst, np.float64))
 
   def grads(impl, **kw):
@@ -710,14 +716,7 @@ def test_pallas_fused_backward_bf16_error_no_worse(split):
   unfused kernels' (and so of the XLA chunk form, test_pallas_bf16_gradient_accuracy) with split
   dots; without them all but dg. T = 384 walks 12 sub-chunks in each direction."""
   from kernels.lasad.pallas import BlockSizes
-  ks = jax.random.split(jax.random.key(8), 7)
-  shape = (1, 384, 2, 64)
-  q, k, v = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in ks[:3])
-  g = jax.nn.log_sigmoid(jax.random.normal(ks[3], shape)).astype(jnp.bfloat16)
-  do = jax.random.normal(ks[4], shape)
-  dst = jax.random.normal(ks[5], (1, 2, 64, 64))
-  h0 = jax.random.normal(ks[6], (1, 2, 64, 64))
-  x64 = [np.asarray(a, np.float64) for a in (q, k, v, g)]
+  (q, k, v, g, do, dst, h0), x64 = _bf16_case(8, 7)
   okw = dict(width=16, prefix=1, boundary=-0.5, h0=np.asarray(h0, np.float64))
   ref = oracle.backward(*x64, np.asarray(do, np.float64), np.asarray(dst, np.float64), **okw)
 
