@@ -316,12 +316,18 @@ def _tri_dot(x, upper):
   r = x.shape[0]
   t_i = lax.broadcasted_iota(jnp.int32, (r, r), 0)
   s_i = lax.broadcasted_iota(jnp.int32, (r, r), 1)
-  tri = ((s_i >= t_i) if upper else (s_i <= t_i)).astype(jnp.bfloat16)
+  return _exact_mask_dot(((s_i >= t_i) if upper else (s_i <= t_i)), x)
+
+
+def _exact_mask_dot(mask, x):
+  """mask [r, r] (bool) @ float32 x [r, n] on tensor cores, exact to float32 accumulation: x as
+  hi + mid + lo bf16 parts (all 24 mantissa bits), smallest part first."""
+  m = mask.astype(jnp.bfloat16)
   hi = x.astype(jnp.bfloat16)
   rem = x - hi.astype(F32)
   mid = rem.astype(jnp.bfloat16)
   lo = (rem - mid.astype(F32)).astype(jnp.bfloat16)
-  return (_dot(tri, lo) + _dot(tri, mid)) + _dot(tri, hi)
+  return (_dot(m, lo) + _dot(m, mid)) + _dot(m, hi)
 
 
 def _cumsum_rows(x):
@@ -846,17 +852,11 @@ def _barrier():
 
 def _seg_suffix_rows(x, seg):
   """sum_{t' >= t, same segment} x[t'] over the rows of float32 x [r, n], seg [r] the segment ids
-  (``_decays``): the product with a 0/1 [r, r] matrix, x in three exact bf16 parts as
-  ``_tri_dot``."""
+  (``_decays``): ``_exact_mask_dot`` with that 0/1 [r, r] matrix."""
   r = x.shape[0]
   t_i = lax.broadcasted_iota(jnp.int32, (r, r), 0)
   s_i = lax.broadcasted_iota(jnp.int32, (r, r), 1)
-  m = ((s_i >= t_i) & (seg[None, :] == seg[:, None])).astype(jnp.bfloat16)
-  hi = x.astype(jnp.bfloat16)
-  rem = x - hi.astype(F32)
-  mid = rem.astype(jnp.bfloat16)
-  lo = (rem - mid.astype(F32)).astype(jnp.bfloat16)
-  return (_dot(m, lo) + _dot(m, mid)) + _dot(m, hi)
+  return _exact_mask_dot((s_i >= t_i) & (seg[None, :] == seg[:, None]), x)
 
 
 def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, h0_ref, dht_ref,
@@ -875,8 +875,8 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, 
   Rows as ``_grads_kernel``'s, one sub-chunk at a time; d lb (gate in the kernel) and d boundary
   summed over the sequence, dh0 = dS after the walk. ``prefetch``: each step loads the next
   sub-chunk's rows (and with ``prefetch_qdq`` in the backward walk its q dq) before computing its
-  own (as the one-pass forward's ``prefetch``). ``dq_raw`` (with the gate in the kernel): dq_ref gets the gradient of
-  q_raw, dq silu'(q_raw), so no XLA pass over dq follows."""
+  own (as the one-pass forward's ``prefetch``). ``dq_raw`` (with the gate in the kernel): dq_ref
+  gets the gradient of q_raw, dq silu'(q_raw), so no XLA pass over dq follows."""
   width, prefix, bnd = _scalars(w_ref, p_ref, bd_ref)
   gate_args = (seq_len, width, prefix, bnd)
   gated = _LB.get() is not None
