@@ -226,3 +226,22 @@ def test_lina_kernel_lowers_for_triton(fake_hopper, fused, pieces, defer):
       q, k, v, ks, vs, m, fused=fused, value_pieces=pieces, defer_sums=defer), q, kv, kv, scale,
       scale, mask)
   assert "lina_attention" in text
+
+
+def test_kernel_ir_script_is_stable():
+  """``scripts/kernel_ir.py`` (the kernels' Triton IR without source locations, to compare two
+  trees): at B*H = 512 the forward kernel and the fused backward, the same text twice, no
+  locations, and another block size changes it."""
+  import os
+  import sys
+  scripts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+  sys.path.insert(0, scripts)
+  try:
+    from kernel_ir import kernel_asm
+  finally:
+    sys.path.remove(scripts)
+  one = kernel_asm((32, 64, 16, 64))
+  assert len(one) == 2 and "lasad_fused_forward" in one[0] and "lasad_bwd_fused" in one[1]
+  assert one == kernel_asm((32, 64, 16, 64))
+  assert not any("loc(" in a for a in one)
+  assert kernel_asm((32, 64, 16, 64), BlockSizes(bwd_dq_raw=True))[1] != one[1]
