@@ -1305,8 +1305,7 @@ def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scal
 def _fused_bwd_applies(bs, b, t, h, dk, dv, seq_len):
   """Whether the backward runs as one ``_bwd_fused_kernel`` (``BlockSizes.fused_backward``; None:
   for B*H >= FUSED_BWD_MIN_BH with K, V <= 64 and split dots, where the other form would split
-  no sequence).
-  ``bs``: the backward's block sizes."""
+  no sequence). ``bs``: the backward's block sizes."""
   if bs.fused_backward is not None:
     return bs.fused_backward
   return (b * h >= FUSED_BWD_MIN_BH and max(dk, dv) <= 64 and bs.split_dots
@@ -1329,8 +1328,7 @@ def _fused_grads(q, k, v, g, do, width, prefix, bnd, h0, dht, *, seq_len, scale,
   kern = functools.partial(_bwd_fused_kernel, sub=sub, n_sub=t // sub, seq_len=seq_len,
                            scale=scale, dtype=q.dtype, diag=bs.diag, fast_limit=bs.fast_limit,
                            split=bs.split_dots, prefetch=bs.bwd_prefetch,
-                           prefetch_qdq=bs.bwd_prefetch and bs.bwd_prefetch_qdq,
-                           dq_raw=dq_raw and bs.bwd_dq_raw)
+                           prefetch_qdq=bs.bwd_prefetch and bs.bwd_prefetch_qdq, dq_raw=dq_raw)
   head_row = jax.ShapeDtypeStruct((b, 1, h, 1, dk), F32)
   dq, dk_, dv_, dg, dbnd, dh0, _ = _pallas_call(
       kern, grid=(b, h),
@@ -1382,19 +1380,17 @@ def _bwd_impl(seq_len, scale, bs, interpret, res, cts, dq_raw=False):
   """(the eight inputs' gradients, whether dq is q_raw's). ``res``: the eight inputs, and
   optionally the per-chunk states the forward kernel saved (``_fused_forward``'s ``save``; None:
   recomputed here). ``dq_raw`` (gate in the kernel): the fused backward returns q_raw's gradient
-  in dq's place (the flag says whether it did)."""
+  in dq's place where ``BlockSizes.bwd_dq_raw`` allows (the flag says whether it did)."""
   q, k, v, g, width, prefix, bnd, h0, *saved = res
   do, dht = cts
   bs = _bwd_blocks(bs)
   kw = dict(seq_len=seq_len, bs=bs, interpret=interpret)
-  b, t, h, dk = q.shape
-  if not (saved and saved[0] is not None) and _fused_bwd_applies(bs, b, t, h, dk, v.shape[-1],
+  if not (saved and saved[0] is not None) and _fused_bwd_applies(bs, *q.shape, v.shape[-1],
                                                                   seq_len):
+    raw = dq_raw and bs.bwd_dq_raw
     dq, dk, dv, dg, dbnd, dh0 = _fused_grads(q, k, v, g, do.astype(q.dtype), width, prefix, bnd,
-                                             h0, dht.astype(F32), scale=scale, dq_raw=dq_raw,
-                                             **kw)
-    return (dq, dk, dv, dg, None, None, jnp.sum(dbnd, axis=(0, 1, 3, 4)), dh0), (dq_raw and
-                                                                                 bs.bwd_dq_raw)
+                                             h0, dht.astype(F32), scale=scale, dq_raw=raw, **kw)
+    return (dq, dk, dv, dg, None, None, jnp.sum(dbnd, axis=(0, 1, 3, 4)), dh0), raw
   if saved and saved[0] is not None:   # saved only where the backward is unsplit: no decays
     states, dec = saved[0], None     # one per forward chunk, so maybe one per two of these
   else:
