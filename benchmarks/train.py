@@ -165,7 +165,7 @@ def main():
   ap.add_argument("--kernel-save-states", type=int, default=0, choices=(0, 1),
                   help="config.kernel_save_states: the forward kernel writes the backward's "
                   "states (1; default 0)")
-  ap.add_argument("--kernel-backward", default="auto", choices=("auto", "fused", "unfused"),
+  ap.add_argument("--kernel-backward", default="auto", choices=tuple(M.KERNEL_BACKWARDS),
                   help="config.kernel_backward: the Pallas backward as one kernel (fused) or "
                   "three (unfused); auto: fused from B*H >= 512")
   ap.add_argument("--no-scan", action="store_true",

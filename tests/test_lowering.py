@@ -43,8 +43,8 @@ def _lower_cuda(fn, *args):
 def _kernels(text):
   """Names of the LASAD kernels among the lowered module's Triton custom calls."""
   assert "__gpu$xla.gpu.triton" in text, text[:2000]
-  return set(re.findall(r"lasad_(?:fused_forward|forward|grads|dstates|states|segment_states|bwd_fused)\b",
-                        text))
+  return set(re.findall(
+      r"lasad_(?:fused_forward|forward|grads|dstates|states|segment_states|bwd_fused)\b", text))
 
 
 SHAPE = (2, 256, 2, 64)    # b, t, h, d: four 64-token chunks
@@ -159,13 +159,13 @@ def test_train_step_lowers_for_the_gpu(fake_gpu_backend, scan, save, batch):
   cfg = ml_collections.FrozenConfigDict(_config(
       remat=True, remat_policy="dots_attn_acts", scan_layers=scan, kernel_save_states=save))
   state = jax.eval_shape(lambda: T.create_train_state(cfg))
-  batch = {"tokens": jax.ShapeDtypeStruct((batch, 256), jnp.int32),
-           "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
-  text = jax.jit(lambda s, b: T._train_step(cfg, s, b)).trace(state, batch).lower(
+  inputs = {"tokens": jax.ShapeDtypeStruct((batch, 256), jnp.int32),
+            "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+  text = jax.jit(lambda s, b: T._train_step(cfg, s, b)).trace(state, inputs).lower(
       lowering_platforms=("cuda",)).as_text()
   names = _kernels(text)
   assert "lasad_fused_forward" in names, names
-  if batch["label"].shape[0] * cfg.num_heads >= FUSED_BWD_MIN_BH and not save:
+  if batch * cfg.num_heads >= FUSED_BWD_MIN_BH and not save:
     assert "lasad_bwd_fused" in names and not {"lasad_grads", "lasad_states"} & names, names
   else:
     assert {"lasad_grads", "lasad_dstates"} <= names, names
