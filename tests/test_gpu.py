@@ -315,26 +315,14 @@ def test_pallas_gate_in_kernel_compiled_bf16(t, b, h, norm):
   per program, forced at this small B*H) against XLA's norm after the XLA-gated kernels; named,
   so the forward kernel writes the states the backward reads."""
   from kernels.lasad.pallas import BlockSizes
-  from lasad_jax.ops import hgrn2_attention
   # a named norm and BlockSizes.save_states: the forward kernel also writes the backward's states
   kw = (dict(norm_eps=1e-5, norm_save="n", block_sizes=BlockSizes(block_v_scan=64, save_states=True))
         if norm else {})
-  d = 64
-  ks = jax.random.split(jax.random.key(5), 6)
-  qr, v = (jax.random.normal(kk, (b, t, h, d), jnp.float32) for kk in ks[:2])
-  f = 2 * jax.random.normal(ks[2], (b, t, h, d), jnp.float32) + 1
-  lb = jnp.concatenate([jnp.zeros((1, d)), jax.random.uniform(ks[3], (h - 1, d), maxval=0.95)])
-  do = jax.random.normal(ks[4], (b, t, h, d), jnp.float32)
-  dst = jax.random.normal(ks[5], (b, h, d, d), jnp.float32)
+  case = _hgrn2_case(5, b, t, h, 64)
 
   def run(impl, gate, dt):
-    def fn(qr, f, v, lb):
-      o, st = hgrn2_attention(qr.astype(dt), f.astype(dt), v.astype(dt), lb, width=16, prefix=1,
-                              boundary=-0.5, return_final_state=True, impl=impl, gate=gate,
-                              **(kw if impl == "pallas" else {"norm_eps": kw.get("norm_eps")}))
-      return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(st * dst), o
-    (_, o), grads = jax.jit(jax.value_and_grad(fn, argnums=range(4), has_aux=True))(qr, f, v, lb)
-    return (o,) + tuple(grads)
+    return _hgrn2_run(case, impl, dt, boundary=-0.5, gate=gate,
+                      **(kw if impl == "pallas" else {"norm_eps": kw.get("norm_eps")}))
 
   ref = run("reference", "xla", jnp.float32)
   kern = run("pallas", "kernel", jnp.bfloat16)
@@ -346,29 +334,42 @@ def test_pallas_gate_in_kernel_compiled_bf16(t, b, h, norm):
     assert ea < 1.2 * ex + 1e-4, (name, ea, ex)
 
 
+def _hgrn2_case(seed, b, t, h, d):
+  """float32 q_raw, f, v [b, t, h, d], lower bounds lb [h, d] (0 for head 0), and the cotangents
+  do [b, t, h, d], dst [b, h, d, d], from 6 keys of ``seed``."""
+  ks = jax.random.split(jax.random.key(seed), 6)
+  qr, v = (jax.random.normal(kk, (b, t, h, d), jnp.float32) for kk in ks[:2])
+  f = 2 * jax.random.normal(ks[2], (b, t, h, d), jnp.float32) + 1
+  lb = jnp.concatenate([jnp.zeros((1, d)), jax.random.uniform(ks[3], (h - 1, d), maxval=0.95)])
+  do = jax.random.normal(ks[4], (b, t, h, d), jnp.float32)
+  dst = jax.random.normal(ks[5], (b, h, d, d), jnp.float32)
+  return qr, f, v, lb, do, dst
+
+
+def _hgrn2_run(case, impl, dt, **kw):
+  """(o, d q_raw, d f, d v, d lb) of sum(o do) + sum(S dst) through ``hgrn2_attention`` (inputs
+  cast to ``dt``, width 16, prefix 1, ``kw`` its other arguments), jitted."""
+  from lasad_jax.ops import hgrn2_attention
+  qr, f, v, lb, do, dst = case
+
+  def fn(qr, f, v, lb):
+    o, st = hgrn2_attention(qr.astype(dt), f.astype(dt), v.astype(dt), lb, width=16, prefix=1,
+                            return_final_state=True, impl=impl, **kw)
+    return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(st * dst), o
+  (_, o), grads = jax.jit(jax.value_and_grad(fn, argnums=range(4), has_aux=True))(qr, f, v, lb)
+  return (o,) + tuple(grads)
+
+
 @pytest.mark.parametrize("boundary", [-0.5, -np.inf])
 def test_pallas_fused_backward_compiled_bf16(boundary):
   """LASADGen's attention path at a training shape whose B*H (32 x 16) takes the fused backward
   by default (gates in the kernels, the output norm named): every gradient at bf16 within 1.2x
   of the three-kernel backward's error, both against the float32 reference."""
   from kernels.lasad.pallas import BlockSizes
-  from lasad_jax.ops import hgrn2_attention
-  b, t, h, d = 32, 256, 16, 64
-  ks = jax.random.split(jax.random.key(6), 6)
-  qr, v = (jax.random.normal(kk, (b, t, h, d), jnp.float32) for kk in ks[:2])
-  f = 2 * jax.random.normal(ks[2], (b, t, h, d), jnp.float32) + 1
-  lb = jnp.concatenate([jnp.zeros((1, d)), jax.random.uniform(ks[3], (h - 1, d), maxval=0.95)])
-  do = jax.random.normal(ks[4], (b, t, h, d), jnp.float32)
-  dst = jax.random.normal(ks[5], (b, h, d, d), jnp.float32)
+  case = _hgrn2_case(6, 32, 256, 16, 64)
 
   def run(impl, dt, **kw):
-    def fn(qr, f, v, lb):
-      o, st = hgrn2_attention(qr.astype(dt), f.astype(dt), v.astype(dt), lb, width=16, prefix=1,
-                              boundary=boundary, return_final_state=True, impl=impl,
-                              norm_eps=1e-5, **kw)
-      return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(st * dst), o
-    (_, o), grads = jax.jit(jax.value_and_grad(fn, argnums=range(4), has_aux=True))(qr, f, v, lb)
-    return (o,) + tuple(grads)
+    return _hgrn2_run(case, impl, dt, boundary=boundary, norm_eps=1e-5, **kw)
 
   ref = run("reference", jnp.float32)
   fused = run("pallas", jnp.bfloat16, gate="kernel", norm_save="n")
