@@ -114,6 +114,7 @@ def main():
   whole = [("default", P.BlockSizes()), ("fused bwd", P.BlockSizes(fused_backward=True)),
            ("unfused bwd", P.BlockSizes(fused_backward=False)),
            ("fused bwd no prefetch", P.BlockSizes(fused_backward=True, bwd_prefetch=False)),
+           ("fused bwd qdq prefetch", P.BlockSizes(fused_backward=True, bwd_prefetch_qdq=True)),
            ("fused bwd 8 warps", P.BlockSizes(fused_backward=True, grads_num_warps=8))]
   if args.only != "bwd":
     whole += [("no prefetch", P.BlockSizes(fused_prefetch=False)),

@@ -5,7 +5,8 @@ baseline) on synthetic ImageNet-shaped code batches (16x16 tokens, 1000 classes)
         [--mesh data|fsdp] [--remat [--remat-policy full|dots|dots_attn|dots_attn_acts]] [--kernel-sub 16] [--kernel-forward one_pass]
         [--kernel-dots bf16] [--kernel-cumsum scan|dot] [--kernel-gate kernel|xla] [--no-scan]
         [--fused-norm auto|pallas|xla] [--norm-copies 0|1] [--kernel-head-norm 0|1]
-        [--kernel-save-states 0|1] [--kernel-chunk 32|64|128]
+        [--kernel-save-states 0|1] [--kernel-chunk 32|64|128] [--kernel-backward auto|fused|unfused]
+        [--kernel-bwd-qdq 0|1] [--kernel-bwd-dq-raw 0|1]
         [--profile N]
         [--out benchmarks/results/train_h100.json]
 
@@ -49,7 +50,7 @@ from benchmarks_common import profile_call  # noqa: E402
 def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", kernel_sub=32,
             profile=0, forward="auto", dots="split", scan=True, cumsum="auto", gate="auto",
             fused_norm="auto", norm_copies=True, head_norm=True, save_states=False, chunk=64,
-            backward="auto"):
+            backward="auto", bwd_opts=None):
   n = jax.device_count()
   cfg = get_config(variant)
   cfg.attention = attention
@@ -67,6 +68,8 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
   cfg.kernel_head_norm = head_norm
   cfg.kernel_save_states = save_states
   cfg.kernel_backward = backward
+  for key, val in (bwd_opts or {}).items():   # kernel_bwd_prefetch_qdq, kernel_bwd_dq_raw
+    cfg[key] = val
   cfg.scan_layers = scan
   cfg.warmup_steps = 10
   cfg.mesh.data, cfg.mesh.fsdp = (n, 1) if mesh_kind == "data" else (1, n)
@@ -126,7 +129,7 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
               kernel_forward=forward, kernel_dots=dots, kernel_cumsum=cumsum, kernel_gate=gate,
               fused_norm=fused_norm, norm_copies=norm_copies,
               kernel_head_norm=head_norm, kernel_save_states=save_states,
-              kernel_backward=backward, scan_layers=scan,
+              kernel_backward=backward, **(bwd_opts or {}), scan_layers=scan,
               params_m=round(M.count_params(cfg) / 1e6, 2),
               step_ms=round(sec * 1e3, 2), tokens_per_s=round(tps),
               images_per_s=round(batch / sec, 1),
@@ -168,6 +171,12 @@ def main():
   ap.add_argument("--kernel-backward", default="auto", choices=tuple(M.KERNEL_BACKWARDS),
                   help="config.kernel_backward: the Pallas backward as one kernel (fused) or "
                   "three (unfused); auto: fused from B*H >= 512")
+  ap.add_argument("--kernel-bwd-qdq", type=int, default=None, choices=(0, 1),
+                  help="config.kernel_bwd_prefetch_qdq: the fused backward also prefetches its "
+                  "q dq rows (default: BlockSizes')")
+  ap.add_argument("--kernel-bwd-dq-raw", type=int, default=None, choices=(0, 1),
+                  help="config.kernel_bwd_dq_raw: the fused backward applies silu' to dq "
+                  "(default: BlockSizes')")
   ap.add_argument("--no-scan", action="store_true",
                   help="unrolled layers (config.scan_layers=False) instead of one lax.scan")
   ap.add_argument("--profile", type=int, default=0,
@@ -190,7 +199,10 @@ def main():
                       args.kernel_forward, args.kernel_dots, not args.no_scan,
                       args.kernel_cumsum, args.kernel_gate, args.fused_norm,
                       bool(args.norm_copies), bool(args.kernel_head_norm),
-                      bool(args.kernel_save_states), args.kernel_chunk, args.kernel_backward)
+                      bool(args.kernel_save_states), args.kernel_chunk, args.kernel_backward,
+                      {k: bool(v) for k, v in (("kernel_bwd_prefetch_qdq", args.kernel_bwd_qdq),
+                                               ("kernel_bwd_dq_raw", args.kernel_bwd_dq_raw))
+                       if v is not None})
         except Exception as e:  # noqa: BLE001  (out of memory: try the next smaller batch)
           msg = str(e).splitlines()[0][:120]
           if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():

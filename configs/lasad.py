@@ -82,6 +82,11 @@ def get_config(variant="B"):
   # 256, unrolled, dots_attn_acts): unfused 344.9 / 347.0 ms per step, fused 333.9 / 332.9
   # (BENCHMARKS.md session 25)
   c.kernel_backward = "auto"
+  # The fused backward's options (BlockSizes.bwd_prefetch_qdq: its second walk also loads the
+  # next sub-chunk's q dq rows a step ahead; bwd_dq_raw: with the gates in the kernel it applies
+  # silu' to dq itself, so XLA's pass over dq goes). Off until timed on a GPU.
+  c.kernel_bwd_prefetch_qdq = False
+  c.kernel_bwd_dq_raw = False
   # Parallel forward over the layers: True = one lax.scan over the stacked weights (compile time
   # independent of depth); False = unrolled, one copy per layer. In training with remat policy
   # dots / dots_attn the scan copies each saved activation into its stacked [L, ...] buffer and

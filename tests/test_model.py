@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from configs.lasad import get_config
+from kernels.lasad.pallas import BlockSizes
 from lasad_jax import model as M
 from lasad_jax import sampling as S
 from lasad_jax.ops import hgrn2_attention, lasad_attention
@@ -231,6 +232,10 @@ def test_kernel_sub_config_reaches_the_kernel(monkeypatch):
   reaches("kernel_save_states", "save_states", ((False, False), (True, True)), False)
   reaches("kernel_backward", "fused_backward",
           (("auto", None), ("fused", True), ("unfused", False)), None, "one")
+  for key in ("kernel_bwd_prefetch_qdq", "kernel_bwd_dq_raw"):
+    field = key.replace("kernel_", "", 1)
+    dflt = getattr(BlockSizes, field)
+    reaches(key, field, ((dflt, dflt), (not dflt, not dflt)), dflt)   # (bools, as above)
   # config.kernel_gate: the gates inside the kernels or in XLA, the same logits
   gates, logits = [], {}
   monkeypatch.setattr(M, "hgrn2_attention", lambda *a, **kw: (
