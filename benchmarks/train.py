@@ -6,7 +6,7 @@ baseline) on synthetic ImageNet-shaped code batches (16x16 tokens, 1000 classes)
         [--kernel-dots bf16] [--kernel-cumsum scan|dot] [--kernel-gate kernel|xla] [--no-scan]
         [--fused-norm auto|pallas|xla] [--norm-copies 0|1] [--kernel-head-norm 0|1]
         [--kernel-save-states 0|1] [--kernel-chunk 32|64|128] [--kernel-backward auto|fused|unfused]
-        [--kernel-bwd-qdq 0|1] [--kernel-bwd-dq-raw 0|1]
+        [--kernel-bwd-qdq 0|1] [--kernel-bwd-dq-raw 0|1] [--kernel-bwd-norm 0|1]
         [--profile N]
         [--out benchmarks/results/train_h100.json]
 
@@ -68,7 +68,7 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
   cfg.kernel_head_norm = head_norm
   cfg.kernel_save_states = save_states
   cfg.kernel_backward = backward
-  for key, val in (bwd_opts or {}).items():   # kernel_bwd_prefetch_qdq, kernel_bwd_dq_raw
+  for key, val in (bwd_opts or {}).items():   # kernel_bwd_prefetch_qdq / _dq_raw / _norm
     cfg[key] = val
   cfg.scan_layers = scan
   cfg.warmup_steps = 10
@@ -177,6 +177,9 @@ def main():
   ap.add_argument("--kernel-bwd-dq-raw", type=int, default=None, choices=(0, 1),
                   help="config.kernel_bwd_dq_raw: the fused backward applies silu' to dq "
                   "(default: BlockSizes')")
+  ap.add_argument("--kernel-bwd-norm", type=int, default=None, choices=(0, 1),
+                  help="config.kernel_bwd_norm: the fused backward takes the gradient through "
+                  "the output norm (default: BlockSizes')")
   ap.add_argument("--no-scan", action="store_true",
                   help="unrolled layers (config.scan_layers=False) instead of one lax.scan")
   ap.add_argument("--profile", type=int, default=0,
@@ -201,7 +204,8 @@ def main():
                       bool(args.norm_copies), bool(args.kernel_head_norm),
                       bool(args.kernel_save_states), args.kernel_chunk, args.kernel_backward,
                       {k: bool(v) for k, v in (("kernel_bwd_prefetch_qdq", args.kernel_bwd_qdq),
-                                               ("kernel_bwd_dq_raw", args.kernel_bwd_dq_raw))
+                                               ("kernel_bwd_dq_raw", args.kernel_bwd_dq_raw),
+                                               ("kernel_bwd_norm", args.kernel_bwd_norm))
                        if v is not None})
         except Exception as e:  # noqa: BLE001  (out of memory: try the next smaller batch)
           msg = str(e).splitlines()[0][:120]

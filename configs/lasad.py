@@ -84,9 +84,12 @@ def get_config(variant="B"):
   c.kernel_backward = "auto"
   # The fused backward's options (BlockSizes.bwd_prefetch_qdq: its second walk also loads the
   # next sub-chunk's q dq rows a step ahead; bwd_dq_raw: with the gates in the kernel it applies
-  # silu' to dq itself, so XLA's pass over dq goes). Off until timed on a GPU.
+  # silu' to dq itself, so XLA's pass over dq goes; bwd_norm: with kernel_head_norm it takes the
+  # gradient through the output norm itself, so XLA's pass writing the attention's do goes).
+  # Off until timed on a GPU.
   c.kernel_bwd_prefetch_qdq = False
   c.kernel_bwd_dq_raw = False
+  c.kernel_bwd_norm = False
   # Parallel forward over the layers: True = one lax.scan over the stacked weights (compile time
   # independent of depth); False = unrolled, one copy per layer. In training with remat policy
   # dots / dots_attn the scan copies each saved activation into its stacked [L, ...] buffer and

@@ -154,7 +154,7 @@ KERNEL_BACKWARDS = {"auto": None, "fused": True, "unfused": False}
 def _kernel_kw(cfg):
   """Pallas block sizes from config.kernel_chunk / kernel_sub / kernel_forward / kernel_dots /
   kernel_cumsum / kernel_save_states / kernel_backward / kernel_bwd_prefetch_qdq /
-  kernel_bwd_dq_raw ({} = the defaults)."""
+  kernel_bwd_dq_raw / kernel_bwd_norm ({} = the defaults)."""
   fields = {}
   chunk = cfg.get("kernel_chunk", 64)
   if chunk not in (32, 64, 128):
@@ -187,9 +187,10 @@ def _kernel_kw(cfg):
                      f"{bwd!r}")
   if bwd != "auto":
     fields["fused_backward"] = KERNEL_BACKWARDS[bwd]
-  # the fused backward's options (BlockSizes.bwd_prefetch_qdq / bwd_dq_raw); absent: the defaults
+  # the fused backward's options (BlockSizes.bwd_prefetch_qdq / bwd_dq_raw / bwd_norm); absent:
+  # the defaults
   for key, field in (("kernel_bwd_prefetch_qdq", "bwd_prefetch_qdq"),
-                     ("kernel_bwd_dq_raw", "bwd_dq_raw")):
+                     ("kernel_bwd_dq_raw", "bwd_dq_raw"), ("kernel_bwd_norm", "bwd_norm")):
     if key in cfg:
       if not isinstance(cfg[key], bool):
         raise ValueError(f"config.{key} must be True or False, got {cfg[key]!r}")

@@ -360,13 +360,14 @@ def _hgrn2_run(case, impl, dt, **kw):
   return (o,) + tuple(grads)
 
 
-@pytest.mark.parametrize("opts", ["default", "qdq_dqraw"])
+@pytest.mark.parametrize("opts", ["default", "all_options"])
 @pytest.mark.parametrize("boundary", [-0.5, -np.inf])
 def test_pallas_fused_backward_compiled_bf16(boundary, opts):
   """LASADGen's attention path at a training shape whose B*H (32 x 16) takes the fused backward
   by default (gates in the kernels, the output norm named): every gradient at bf16 within 1.2x
   of the three-kernel backward's error, both against the float32 reference; also with the
-  fused backward's q dq prefetch and in-kernel silu' (BlockSizes.bwd_prefetch_qdq, bwd_dq_raw)."""
+  fused backward's q dq prefetch, in-kernel silu' and output norm's gradient
+  (BlockSizes.bwd_prefetch_qdq, bwd_dq_raw, bwd_norm)."""
   from kernels.lasad.pallas import BlockSizes
   case = _hgrn2_case(6, 32, 256, 16, 64)
 
@@ -375,7 +376,8 @@ def test_pallas_fused_backward_compiled_bf16(boundary, opts):
 
   ref = run("reference", jnp.float32)
   extra = ({} if opts == "default" else
-           dict(block_sizes=BlockSizes(fused_backward=True, bwd_prefetch_qdq=True, bwd_dq_raw=True)))
+           dict(block_sizes=BlockSizes(fused_backward=True, bwd_prefetch_qdq=True, bwd_dq_raw=True,
+                                       bwd_norm=True)))
   fused = run("pallas", jnp.bfloat16, gate="kernel", norm_save="n", **extra)
   unfused = run("pallas", jnp.bfloat16, gate="kernel", norm_save="n",
                 block_sizes=BlockSizes(fused_backward=False))

@@ -232,7 +232,7 @@ def test_kernel_sub_config_reaches_the_kernel(monkeypatch):
   reaches("kernel_save_states", "save_states", ((False, False), (True, True)), False)
   reaches("kernel_backward", "fused_backward",
           (("auto", None), ("fused", True), ("unfused", False)), None, "one")
-  for key in ("kernel_bwd_prefetch_qdq", "kernel_bwd_dq_raw"):
+  for key in ("kernel_bwd_prefetch_qdq", "kernel_bwd_dq_raw", "kernel_bwd_norm"):
     field = key.replace("kernel_", "", 1)
     dflt = getattr(BlockSizes, field)
     reaches(key, field, ((dflt, dflt), (not dflt, not dflt)), dflt)   # (bools, as above)

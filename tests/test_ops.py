@@ -595,6 +595,37 @@ def test_pallas_gate_in_kernel_head_norm_bf16_error_no_worse():
     assert ea < 1.2 * eb + 1e-4, (name, ea, eb)
 
 
+@pytest.mark.parametrize("dv,t", [(32, 100), (24, 100), (32, 160)])
+def test_pallas_fused_backward_head_norm(dv, t, monkeypatch):
+  """``BlockSizes.bwd_norm``: the fused backward takes the gradient through the output norm
+  itself (from the normalised output, its inverse rms and the incoming gradient) instead of
+  XLA's pass before it. Float32 against the reference then jnp's norm, every gradient, V padded
+  (24 -> 32: the rms over the first 24 columns), awkward T, with and without silu' in the
+  kernel; at bf16 within 1.2x + 1e-4 of XLA's pass, both against the float32 reference."""
+  from kernels.lasad import pallas as P
+  qr, f, v, lb, s0 = _gate_inputs(2, t, 2, 32, dv, True, seed=5)
+  args = (qr, f, v, lb, s0, -0.5, 10, 1)
+  ref = _gated_run("reference", "xla", *args, norm_eps=1e-5)
+  calls = []
+  monkeypatch.setattr(P, "_norm_rows_bwd", lambda *a, f=P._norm_rows_bwd: calls.append(1) or f(*a))
+  for raw in (False, True):
+    bs = P.BlockSizes(block_v_scan=32, fused_backward=True, bwd_norm=True, bwd_dq_raw=raw)
+    _compare_gated(_gated_run("pallas", "kernel", *args, norm_eps=1e-5, norm_save="n",
+                              block_sizes=bs), ref)
+  assert not calls   # the kernel's, not XLA's pass
+  if dv != 32 or t != 100:
+    return
+  runs = [_gated_run("pallas", "kernel", *args, dtype=jnp.bfloat16, norm_eps=1e-5,
+                     norm_save="n", block_sizes=P.BlockSizes(block_v_scan=32, fused_backward=True,
+                                                             bwd_norm=inside))
+          for inside in (True, False)]
+  assert len(calls) == 1   # bwd_norm=False: XLA's pass
+  for name, a, b_, r in [(n, runs[0][2][n], runs[1][2][n], ref[2][n])
+                         for n in ("dq_raw", "df", "dv", "dlb", "dh0")]:
+    ea, eb = oracle.rel_rms(a, r), oracle.rel_rms(b_, r)
+    assert ea < 1.2 * eb + 1e-4, (name, ea, eb)
+
+
 def _kernel_names(fn, *args):
   """Names of the pallas_calls in the jaxpr of fn(*args), sub-jaxprs included."""
   from jax.extend import core

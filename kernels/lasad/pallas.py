@@ -162,6 +162,12 @@ class BlockSizes:
   # HBM speed) goes. Interpreter-tested (float32 and bf16) and lowered, not yet compiled or
   # timed on a GPU, so off until measured.
   bwd_dq_raw: bool = False
+  # With HGRN2's output norm (``hgrn2_pallas(norm_eps=...)``): the fused backward reads the
+  # normalised output n, its inverse rms r and the incoming gradient dn, and forms the
+  # attention's do = r (dn - n sum(dn n) / V) per row itself (rounded to the input dtype, as
+  # XLA's pass does), so XLA's pass over dn and n that writes do (~3.1 ms per LASADGen-L step on
+  # an H100, BENCHMARKS.md session 22) goes. Interpreter-tested and lowered, not yet timed.
+  bwd_norm: bool = False
 
   def __post_init__(self):
     if self.sub not in (16, 32) or self.chunk % self.sub:
@@ -535,7 +541,7 @@ def _causal_same_seg(seg):
 
 def _load_rows(refs, base, sub):
   rows = pl.ds(base, sub)
-  return tuple(r[rows, :] for r in refs)
+  return tuple(r[rows] if len(r.shape) == 1 else r[rows, :] for r in refs)
 
 
 def _sub_chunk(q_ref, k_ref, v_ref, g_ref, s, base, pos0, gate_args, *, sub, dtype, diag,
@@ -860,9 +866,8 @@ def _seg_suffix_rows(x, seg):
 
 
 def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, h0_ref, dht_ref,
-                      dq_ref, dk_ref, dv_ref, dg_ref, dbnd_ref, dh0_ref, qdq_ref, *, sub, n_sub,
-                      seq_len, scale, dtype, diag, fast_limit, split, prefetch=False,
-                      prefetch_qdq=False, dq_raw=False):
+                      *refs, sub, n_sub, seq_len, scale, dtype, diag, fast_limit, split,
+                      prefetch=False, prefetch_qdq=False, dq_raw=False, norm_dv=None):
   """The whole backward of one (batch, head) in two walks over its sub-chunks, each carrying one
   [K, V] state on chip, so no per-chunk state goes through HBM (``BlockSizes.fused_backward``):
 
@@ -876,7 +881,12 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, 
   summed over the sequence, dh0 = dS after the walk. ``prefetch``: each step loads the next
   sub-chunk's rows (and with ``prefetch_qdq`` in the backward walk its q dq) before computing its
   own (as the one-pass forward's ``prefetch``). ``dq_raw`` (with the gate in the kernel): dq_ref
-  gets the gradient of q_raw, dq silu'(q_raw), so no XLA pass over dq follows."""
+  gets the gradient of q_raw, dq silu'(q_raw), so no XLA pass over dq follows. ``norm_dv``
+  (``BlockSizes.bwd_norm``): do_ref holds the gradient dn of the normalised output, and two more
+  inputs n [T, V] and its inverse rms r [T] give do = r (dn - n sum(dn n) / norm_dv) per row."""
+  if norm_dv is not None:
+    n_ref, r_ref, *refs = refs
+  dq_ref, dk_ref, dv_ref, dg_ref, dbnd_ref, dh0_ref, qdq_ref = refs
   width, prefix, bnd = _scalars(w_ref, p_ref, bd_ref)
   gate_args = (seq_len, width, prefix, bnd)
   gated = _LB.get() is not None
@@ -886,10 +896,19 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, 
     return _sdot(a, b, dtype, split, **kw)
 
   refs = (q_ref, k_ref, v_ref, g_ref, do_ref)
+  if norm_dv is not None:
+    refs += (n_ref, r_ref)
+  n_rows = len(refs)   # raw[n_rows]: the backward walk's prefetched q dq
 
   def rows_of(j, raw):
     q, k, v, g, do = raw[:5]
     x = _bwd_load(k_ref, g_ref, j * sub, j * sub, sub, gate_args, raw=(k, g))
+    if norm_dv is None:
+      return x, _tq(q).astype(F32), v.astype(F32), do.astype(F32)
+    # the output norm's gradient, as _norm_rows_bwd (rounded to the input dtype as there)
+    dn, n = do.astype(F32), raw[5].astype(F32)
+    m = jnp.sum(dn * n, axis=1, keepdims=True) * (1.0 / norm_dv)
+    do = (raw[6][:, None] * (dn - n * m)).astype(dtype)
     return x, _tq(q).astype(F32), v.astype(F32), do.astype(F32)
 
   def walk(body, init, order, refs):
@@ -939,7 +958,7 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, 
     dv = _dot(_mx(k * e_out, dtype), _mx(ds, dtype))
     _, dk, dv = _diag_grads(x, q, k, v, do, None, dk, dv, k_ref, v_ref, g_ref, j * sub, j * sub,
                             gate_args, want_q=False, **diag_kw)
-    db = (raw[5] if prefetch_qdq else qdq_ref[rows, :]) - k * dk
+    db = (raw[n_rows] if prefetch_qdq else qdq_ref[rows, :]) - k * dk
     last = (x["seg"] == x["nres"])[:, None]
     dgt = _seg_suffix_rows(db, x["seg"]) + jnp.where(last, later, 0.0)
     # d of the decay at this sub-chunk's first row: what the sub-chunk before adds to its rows
@@ -1313,10 +1332,11 @@ def _fused_bwd_applies(bs, b, t, h, dk, dv, seq_len):
 
 
 def _fused_grads(q, k, v, g, do, width, prefix, bnd, h0, dht, *, seq_len, scale, bs, interpret,
-                 dq_raw=False):
+                 dq_raw=False, norm=None):
   """(dq, dk, dv, dg, d boundary [B, 1, H, 1, K], dh0) by ``_bwd_fused_kernel``, grid (B, H), the
   whole sequence and whole V per program; dg as ``_grads``' (with the gate in the kernel: d lb
-  [B, 1, H, 1, K], and with ``dq_raw`` the gradient of q_raw in dq's place)."""
+  [B, 1, H, 1, K], and with ``dq_raw`` the gradient of q_raw in dq's place). ``norm``: (n, r,
+  dv) of the output norm (``_hgrn2_fwd``): ``do`` is then the normalised output's gradient."""
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   sub = bs.sub
@@ -1328,12 +1348,17 @@ def _fused_grads(q, k, v, g, do, width, prefix, bnd, h0, dht, *, seq_len, scale,
   kern = functools.partial(_bwd_fused_kernel, sub=sub, n_sub=t // sub, seq_len=seq_len,
                            scale=scale, dtype=q.dtype, diag=bs.diag, fast_limit=bs.fast_limit,
                            split=bs.split_dots, prefetch=bs.bwd_prefetch,
-                           prefetch_qdq=bs.bwd_prefetch and bs.bwd_prefetch_qdq, dq_raw=dq_raw)
+                           prefetch_qdq=bs.bwd_prefetch and bs.bwd_prefetch_qdq, dq_raw=dq_raw,
+                           norm_dv=None if norm is None else float(norm[2]))
   head_row = jax.ShapeDtypeStruct((b, 1, h, 1, dk), F32)
+  extra_specs, extra = [], ()
+  if norm is not None:   # n [B, T, H, V] as do; r [B, H, T] whole rows per program
+    extra_specs = [seq_v, pl.BlockSpec((None, None, t), lambda i, j: (i, j, 0))]
+    extra = (norm[0].astype(do.dtype), norm[1].astype(F32))
   dq, dk_, dv_, dg, dbnd, dh0, _ = _pallas_call(
       kern, grid=(b, h),
       in_specs=[seq_k, seq_k, seq_v, seq_k, seq_v] + _scalar_specs(lambda i, j: (i, j))
-      + [state, state],
+      + [state, state] + extra_specs,
       out_specs=[seq_k, seq_k, seq_v, per_head if gated else seq_k, per_head, state, seq_k],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype),
@@ -1342,7 +1367,7 @@ def _fused_grads(q, k, v, g, do, width, prefix, bnd, h0, dht, *, seq_len, scale,
                  jax.ShapeDtypeStruct((b, t, h, dk), F32)],   # q dq, the two walks' scratch
       compiler_params=_params(bs, bs.grads_num_warps or 4), interpret=interpret,
       cumsum=_cumsum(bs, grads=True), name="lasad_bwd_fused", head_axis=1,
-  )(q, k, v, g, do, width, prefix, bnd, h0, dht)
+  )(q, k, v, g, do, width, prefix, bnd, h0, dht, *extra)
   return dq, dk_, dv_, dg, dbnd, dh0
 
 
@@ -1376,20 +1401,27 @@ def _lasad_bwd(seq_len, scale, bs, interpret, res, cts):
   return _bwd_impl(seq_len, scale, bs, interpret, res, cts)[0]
 
 
-def _bwd_impl(seq_len, scale, bs, interpret, res, cts, dq_raw=False):
+def _bwd_impl(seq_len, scale, bs, interpret, res, cts, dq_raw=False, norm=None):
   """(the eight inputs' gradients, whether dq is q_raw's). ``res``: the eight inputs, and
   optionally the per-chunk states the forward kernel saved (``_fused_forward``'s ``save``; None:
   recomputed here). ``dq_raw`` (gate in the kernel): the fused backward returns q_raw's gradient
-  in dq's place where ``BlockSizes.bwd_dq_raw`` allows (the flag says whether it did)."""
+  in dq's place where ``BlockSizes.bwd_dq_raw`` allows (the flag says whether it did). ``norm``:
+  (n, r, dv) of an output norm (``_hgrn2_fwd``), cts[0] being the normalised output's gradient:
+  the fused backward takes it through the norm where ``BlockSizes.bwd_norm`` allows, else
+  ``_norm_rows_bwd`` does first."""
   q, k, v, g, width, prefix, bnd, h0, *saved = res
   do, dht = cts
   bs = _bwd_blocks(bs)
   kw = dict(seq_len=seq_len, bs=bs, interpret=interpret)
-  if not (saved and saved[0] is not None) and _fused_bwd_applies(bs, *q.shape, v.shape[-1],
-                                                                  seq_len):
+  fused = not (saved and saved[0] is not None) and _fused_bwd_applies(bs, *q.shape, v.shape[-1],
+                                                                      seq_len)
+  if norm is not None and not (fused and bs.bwd_norm):
+    do, norm = _norm_rows_bwd(do, *norm), None
+  if fused:
     raw = dq_raw and bs.bwd_dq_raw
     dq, dk, dv, dg, dbnd, dh0 = _fused_grads(q, k, v, g, do.astype(q.dtype), width, prefix, bnd,
-                                             h0, dht.astype(F32), scale=scale, dq_raw=raw, **kw)
+                                             h0, dht.astype(F32), scale=scale, dq_raw=raw,
+                                             norm=norm, **kw)
     return (dq, dk, dv, dg, None, None, jnp.sum(dbnd, axis=(0, 1, 3, 4)), dh0), raw
   if saved and saved[0] is not None:   # saved only where the backward is unsplit: no decays
     states, dec = saved[0], None     # one per forward chunk, so maybe one per two of these
@@ -1501,10 +1533,10 @@ def _norm_rows_bwd(dn, n, r, dv):
 
 
 def _hgrn2_bwd(seq_len, scale, bs, interpret, norm, res, cts):
-  states = None
-  if norm is not None:
+  states = norm_rows = None
+  if norm is not None:   # through the norm in _bwd_impl (the fused kernel's or XLA's)
     *res, n, r, states = res
-    cts = (_norm_rows_bwd(cts[0], n, r, norm[1]), cts[1])
+    norm_rows = (n, r, norm[1])
   qr, f, v, lb, width, prefix, bnd, h0 = res
   # the gradient kernel applies the forget gate's derivatives (_gate_grads): d f and d lb per
   # chunk (per head with the fused backward) come back in the dk and dg slots; silu's
@@ -1512,7 +1544,7 @@ def _hgrn2_bwd(seq_len, scale, bs, interpret, norm, res, cts):
   with _gated(_lb_rows(lb)):
     (dq, df, dv, dlb, _, _, dbnd, dh0), raw = _bwd_impl(
         seq_len, scale, bs, interpret, (qr, f, v, f, width, prefix, bnd, h0, states), cts,
-        dq_raw=True)
+        dq_raw=True, norm=norm_rows)
   dqr = dq if raw else jax.vjp(jax.nn.silu, qr)[1](dq)[0]
   return dqr, df, dv, jnp.sum(dlb, axis=(0, 1, 3)).astype(lb.dtype), None, None, dbnd, dh0
 
