@@ -117,7 +117,8 @@ def main():
            ("fused bwd qdq prefetch", P.BlockSizes(fused_backward=True, bwd_prefetch_qdq=True)),
            ("fused bwd 8 warps", P.BlockSizes(fused_backward=True, grads_num_warps=8)),
            ("fused bwd 2 warps", P.BlockSizes(fused_backward=True, grads_num_warps=2)),
-           ("fused bwd sub16", P.BlockSizes(fused_backward=True, sub=16))]
+           ("fused bwd sub16", P.BlockSizes(fused_backward=True, sub=16)),
+           ("fused bwd_sub16", P.BlockSizes(fused_backward=True, bwd_sub=16))]
   if args.only != "bwd":
     whole += [("no prefetch", P.BlockSizes(fused_prefetch=False)),
               ("bwd64", P.BlockSizes(bwd_chunk=64)), ("cumsum scan", P.BlockSizes(cumsum="scan")),

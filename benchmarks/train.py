@@ -7,6 +7,7 @@ baseline) on synthetic ImageNet-shaped code batches (16x16 tokens, 1000 classes)
         [--fused-norm auto|pallas|xla] [--norm-copies 0|1] [--kernel-head-norm 0|1]
         [--kernel-save-states 0|1] [--kernel-chunk 32|64|128] [--kernel-backward auto|fused|unfused]
         [--kernel-bwd-qdq 0|1] [--kernel-bwd-dq-raw 0|1] [--kernel-bwd-norm 0|1]
+        [--kernel-bwd-sub 16|32]
         [--profile N]
         [--out benchmarks/results/train_h100.json]
 
@@ -180,6 +181,9 @@ def main():
   ap.add_argument("--kernel-bwd-norm", type=int, default=None, choices=(0, 1),
                   help="config.kernel_bwd_norm: the fused backward takes the gradient through "
                   "the output norm (default: BlockSizes')")
+  ap.add_argument("--kernel-bwd-sub", type=int, default=None, choices=(16, 32),
+                  help="config.kernel_bwd_sub: rows per step of the fused backward "
+                  "(default: --kernel-sub)")
   ap.add_argument("--no-scan", action="store_true",
                   help="unrolled layers (config.scan_layers=False) instead of one lax.scan")
   ap.add_argument("--profile", type=int, default=0,
@@ -206,7 +210,8 @@ def main():
                       {k: bool(v) for k, v in (("kernel_bwd_prefetch_qdq", args.kernel_bwd_qdq),
                                                ("kernel_bwd_dq_raw", args.kernel_bwd_dq_raw),
                                                ("kernel_bwd_norm", args.kernel_bwd_norm))
-                       if v is not None})
+                       if v is not None} | ({} if args.kernel_bwd_sub is None else
+                                            {"kernel_bwd_sub": args.kernel_bwd_sub}))
         except Exception as e:  # noqa: BLE001  (out of memory: try the next smaller batch)
           msg = str(e).splitlines()[0][:120]
           if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():

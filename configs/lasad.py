@@ -90,6 +90,8 @@ def get_config(variant="B"):
   c.kernel_bwd_prefetch_qdq = False
   c.kernel_bwd_dq_raw = False
   c.kernel_bwd_norm = False
+  # Rows per step of the fused backward's walks (BlockSizes.bwd_sub): None = kernel_sub, or 16.
+  c.kernel_bwd_sub = ml_collections.config_dict.placeholder(int)
   # Parallel forward over the layers: True = one lax.scan over the stacked weights (compile time
   # independent of depth); False = unrolled, one copy per layer. In training with remat policy
   # dots / dots_attn the scan copies each saved activation into its stacked [L, ...] buffer and

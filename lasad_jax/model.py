@@ -154,7 +154,7 @@ KERNEL_BACKWARDS = {"auto": None, "fused": True, "unfused": False}
 def _kernel_kw(cfg):
   """Pallas block sizes from config.kernel_chunk / kernel_sub / kernel_forward / kernel_dots /
   kernel_cumsum / kernel_save_states / kernel_backward / kernel_bwd_prefetch_qdq /
-  kernel_bwd_dq_raw / kernel_bwd_norm ({} = the defaults)."""
+  kernel_bwd_dq_raw / kernel_bwd_norm / kernel_bwd_sub ({} = the defaults)."""
   fields = {}
   chunk = cfg.get("kernel_chunk", 64)
   if chunk not in (32, 64, 128):
@@ -195,6 +195,10 @@ def _kernel_kw(cfg):
       if not isinstance(cfg[key], bool):
         raise ValueError(f"config.{key} must be True or False, got {cfg[key]!r}")
       fields[field] = cfg[key]
+  if cfg.get("kernel_bwd_sub") is not None:   # the fused backward's rows per step
+    if cfg.kernel_bwd_sub not in (16, 32):
+      raise ValueError(f"config.kernel_bwd_sub must be None, 16 or 32, got {cfg.kernel_bwd_sub!r}")
+    fields["bwd_sub"] = cfg.kernel_bwd_sub
   if all(getattr(BlockSizes, k) == v for k, v in fields.items()):
     return {}
   return dict(block_sizes=BlockSizes(**fields))

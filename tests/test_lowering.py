@@ -76,6 +76,7 @@ BLOCKS = {
     "fused_backward_no_prefetch": BlockSizes(fused_backward=True, bwd_prefetch=False),
     "fused_backward_qdq_dq_raw": BlockSizes(fused_backward=True, bwd_prefetch_qdq=True,
                                             bwd_dq_raw=True),
+    "fused_backward_bwd_sub16": BlockSizes(fused_backward=True, bwd_sub=16),
     "fused_backward_all_options": BlockSizes(fused_backward=True, bwd_prefetch_qdq=True,
                                              bwd_dq_raw=True, bwd_norm=True),
     "fused_backward_diag_loop": BlockSizes(fused_backward=True, diag="loop"),

@@ -691,17 +691,19 @@ def test_hgrn2_attention_bad_input():
 
 
 @pytest.mark.parametrize("diag,prefetch", [("auto", False), ("loop", False), ("bcast", False),
-                                           ("auto", True), ("auto", "qdq")])
+                                           ("auto", True), ("auto", "qdq"), ("auto", "sub16"),
+                                           ("loop", "sub16")])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[1]}-w{c[6]}-b{c[8]}")
 def test_pallas_fused_backward(case, diag, prefetch):
   """``BlockSizes(fused_backward=True)``: the whole backward as one kernel per (batch, head), a
   forward walk carrying S (dq) and a backward walk carrying dS (dk, dv, dg), against the oracle
   at the tolerances of the unfused form; every diagonal form (the fallback loop too), and with
-  the next sub-chunk's rows loaded a step ahead (``bwd_prefetch``, and its q dq too)."""
+  the next sub-chunk's rows loaded a step ahead (``bwd_prefetch``, and its q dq too), and on
+  16-row steps under the forward's 32 (``bwd_sub``)."""
   from kernels.lasad.pallas import BlockSizes
   _check_against_oracle("pallas", case, block_sizes=BlockSizes(
       fused_backward=True, diag=diag, bwd_prefetch=bool(prefetch),
-      bwd_prefetch_qdq=prefetch == "qdq"))
+      bwd_prefetch_qdq=prefetch == "qdq", bwd_sub=16 if prefetch == "sub16" else None))
 
 
 @pytest.mark.parametrize("case", GATE_CASES)
@@ -713,9 +715,10 @@ def test_pallas_fused_backward_gate_in_kernel(case):
   b, t, h, dk, dv, width, prefix, boundary, h0 = case
   qr, f, v, lb, s0 = _gate_inputs(b, t, h, dk, dv, h0)
   ref = _gated_run("reference", "xla", qr, f, v, lb, s0, boundary, width, prefix)
-  for dq_raw in (False, True):   # silu's derivative by XLA, or in the kernel
+  # silu's derivative by XLA, or in the kernel; 16-row steps
+  for kw in (dict(bwd_dq_raw=False), dict(bwd_dq_raw=True), dict(bwd_sub=16)):
     got = _gated_run("pallas", "kernel", qr, f, v, lb, s0, boundary, width, prefix,
-                     block_sizes=BlockSizes(fused_backward=True, bwd_dq_raw=dq_raw))
+                     block_sizes=BlockSizes(fused_backward=True, **kw))
     _assert_gated_grads(got, ref, boundary, width, s0)
 
 

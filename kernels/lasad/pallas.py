@@ -168,11 +168,21 @@ class BlockSizes:
   # XLA's pass does), so XLA's pass over dn and n that writes do (~3.1 ms per LASADGen-L step on
   # an H100, BENCHMARKS.md session 22) goes. Interpreter-tested and lowered, not yet timed.
   bwd_norm: bool = False
+  # Rows per step of the fused backward's walks (16 or 32); None: ``sub``. Its own so the
+  # forward keeps 32. The fused kernel at sub 32 uses all 255 registers and spills (Nsight
+  # Compute, session 26: 2 programs of 4 warps per SM, 24M local-memory requests per launch);
+  # 16-row steps hold half the tiles. H100, session 26 (ops_parts_h100_s26_bwd.log), whole
+  # operator fwd+bwd at (256, 256, 16, 64) with sub = 16 everywhere: 2.179 vs 2.279 ms, though
+  # its forward is 0.125 ms slower.
+  bwd_sub: int | None = None
 
   def __post_init__(self):
     if self.sub not in (16, 32) or self.chunk % self.sub:
       raise ValueError(f"BlockSizes: sub must be 16 or 32 and divide chunk, got sub={self.sub}, "
                        f"chunk={self.chunk}")
+    if self.bwd_sub is not None and (self.bwd_sub not in (16, 32) or self.chunk % self.bwd_sub):
+      raise ValueError(f"BlockSizes: bwd_sub must be None, 16 or 32 and divide chunk, got "
+                       f"bwd_sub={self.bwd_sub}, chunk={self.chunk}")
     if self.bwd_chunk is not None and (self.bwd_chunk % self.sub or self.chunk % self.bwd_chunk):
       raise ValueError(f"BlockSizes: bwd_chunk must be a multiple of sub and divide chunk, got "
                        f"bwd_chunk={self.bwd_chunk}, sub={self.sub}, chunk={self.chunk}")
@@ -1339,7 +1349,7 @@ def _fused_grads(q, k, v, g, do, width, prefix, bnd, h0, dht, *, seq_len, scale,
   dv) of the output norm (``_hgrn2_fwd``): ``do`` is then the normalised output's gradient."""
   b, t, h, dk = q.shape
   dv = v.shape[-1]
-  sub = bs.sub
+  sub = bs.sub if bs.bwd_sub is None else bs.bwd_sub   # T is a multiple of the chunk: of both
   seq_k = pl.BlockSpec((None, t, None, dk), lambda i, j: (i, 0, j, 0))
   seq_v = pl.BlockSpec((None, t, None, dv), lambda i, j: (i, 0, j, 0))
   state = pl.BlockSpec((None, None, dk, dv), lambda i, j: (i, j, 0, 0))
