@@ -374,6 +374,10 @@ def test_pallas_fused_backward_compiled_bf16(boundary, opts):
   def run(impl, dt, **kw):
     return _hgrn2_run(case, impl, dt, boundary=boundary, norm_eps=1e-5, **kw)
 
+  # (boundary -inf: every form's dq_raw, df and dlb are ~0.3 off, the same for both backwards.
+  # The row of batch 15 starting at t = 209 follows a reset, so its o is one token's (q.k) v
+  # with q.k near 0, and the RMS norm amplifies any rounding there: the float32 reference on
+  # the bf16-rounded inputs is itself 0.65 off on the CPU, session 26.)
   ref = run("reference", jnp.float32)
   extra = {"default": {},
            "all_options": dict(block_sizes=BlockSizes(fused_backward=True, bwd_prefetch_qdq=True,
