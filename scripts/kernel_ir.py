@@ -1,7 +1,14 @@
 """Print the Triton IR of LASADGen's attention kernels (gates in the kernels, named output norm,
 value and all gradients), without source locations, as lowered for an H100 on any machine.
 
-    python scripts/kernel_ir.py [--shape 32,256,16,64] [--out FILE]
+    python scripts/kernel_ir.py [--shape 32,256,16,64] [--out FILE] [--block-sizes bwd_sub=16,...]
+    python scripts/kernel_ir.py --regs [--warps 4] [--block-sizes ...]
+
+``--regs``: compile each kernel's IR for sm_90 with the ``triton`` package (pip install
+triton==3.6.0, the H100 machine's version; no GPU needed, it bundles ptxas) and print its
+registers per thread and stack bytes (spills), as ``cuobjdump --dump-resource-usage`` reads
+them from the cubin. Session 26 checked it against Nsight Compute on the H100: the fused
+backward at the defaults, 255 registers with spills, on both.
 
 Two trees' outputs compare byte for byte: a refactor that leaves them equal leaves the compiled
 kernels as they were timed (session 25 checked its refactors against the timed commit so). It
@@ -56,12 +63,74 @@ def kernel_asm(shape, block_sizes=None):
   return asm
 
 
+def block_sizes(spec):
+  """``BlockSizes`` from "field=value,..." (ints, floats, True / False / None, else strings)."""
+  from kernels.lasad.pallas import BlockSizes
+  fields = {}
+  for item in filter(None, spec.split(",")):
+    key, sep, val = item.partition("=")
+    if not sep or key not in BlockSizes.__dataclass_fields__:
+      raise SystemExit(f"--block-sizes: expected field=value with a BlockSizes field, got {item!r}")
+    consts = {"True": True, "False": False, "None": None}
+    if val in consts:
+      fields[key] = consts[val]
+    else:
+      try:
+        fields[key] = int(val)
+      except ValueError:
+        try:
+          fields[key] = float(val)
+        except ValueError:
+          fields[key] = val
+  return BlockSizes(**fields) if fields else None
+
+
+def resource_usage(ir, num_warps, num_stages=2):
+  """(kernel name, registers per thread, stack bytes) of Triton IR text compiled for sm_90 with
+  ``num_warps`` and ``num_stages`` (BlockSizes' defaults: 4 and 2)."""
+  import re
+  import subprocess
+  import tempfile
+  try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+  except ImportError:
+    raise SystemExit("--regs needs the triton package: pip install triton==3.6.0") from None
+  name = re.search(r"tt\.func public @(\w+)", ir).group(1)
+  with tempfile.TemporaryDirectory() as tmp:
+    src = os.path.join(tmp, f"{name}.ttir")
+    with open(src, "w") as f:
+      f.write(ir)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=num_warps, num_stages=num_stages))
+    cubin = os.path.join(tmp, f"{name}.cubin")
+    with open(cubin, "wb") as f:
+      f.write(kernel.asm["cubin"])
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True,
+                           check=True).stdout
+  regs = re.search(r"REG:(\d+)", usage)
+  stack = re.search(r"STACK:(\d+)", usage)
+  return name, int(regs.group(1)), int(stack.group(1))
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--shape", default="32,256,16,64", help="B,T,H,D (B*H >= 512: fused backward)")
   ap.add_argument("--out", default=None, help="write here instead of standard output")
+  ap.add_argument("--block-sizes", default="", help="BlockSizes fields, e.g. bwd_sub=16")
+  ap.add_argument("--regs", action="store_true",
+                  help="registers and spill stack per kernel (needs the triton package)")
+  ap.add_argument("--warps", type=int, default=4, help="with --regs: warps per program")
+  ap.add_argument("--stages", type=int, default=2, help="with --regs: Triton num_stages")
   args = ap.parse_args()
-  text = "\n// =====\n".join(kernel_asm(tuple(int(x) for x in args.shape.split(","))))
+  asm = kernel_asm(tuple(int(x) for x in args.shape.split(",")), block_sizes(args.block_sizes))
+  if args.regs:
+    for ir in asm:
+      name, regs, stack = resource_usage(ir, args.warps, args.stages)
+      print(f"{name:<24} {regs:4d} registers  {stack:5d} stack bytes")
+    return
+  text = "\n// =====\n".join(asm)
   if args.out:
     with open(args.out, "w") as f:
       f.write(text)

@@ -240,7 +240,7 @@ def test_kernel_ir_script_is_stable():
   scripts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
   sys.path.insert(0, scripts)
   try:
-    from kernel_ir import kernel_asm
+    from kernel_ir import block_sizes, kernel_asm
   finally:
     sys.path.remove(scripts)
   one = kernel_asm((32, 64, 16, 64))
@@ -248,3 +248,31 @@ def test_kernel_ir_script_is_stable():
   assert one == kernel_asm((32, 64, 16, 64))
   assert not any("loc(" in a for a in one)
   assert kernel_asm((32, 64, 16, 64), BlockSizes(bwd_dq_raw=True))[1] != one[1]
+  # --block-sizes: fields parsed by type; the fused backward's 16-row steps leave the forward
+  assert block_sizes("bwd_sub=16,bwd_norm=True,diag=loop,fast_limit=50.5,seq_split=None") == \
+      BlockSizes(bwd_sub=16, bwd_norm=True, diag="loop", fast_limit=50.5, seq_split=None)
+  assert block_sizes("") is None
+  with pytest.raises(SystemExit, match="BlockSizes field"):
+    block_sizes("bwd_subb=16")
+  sub16 = kernel_asm((32, 64, 16, 64), block_sizes("bwd_sub=16"))
+  assert sub16[0] == one[0] and sub16[1] != one[1]
+
+
+def test_kernel_ir_script_counts_registers():
+  """``scripts/kernel_ir.py --regs``: the fused backward compiled for sm_90 by the triton
+  package (not a test dependency: skipped without it) gives its registers and stack bytes, and
+  16-row steps spill no more than 32-row ones (session 26: 16 vs 352 bytes)."""
+  pytest.importorskip("triton")
+  import os
+  import sys
+  scripts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+  sys.path.insert(0, scripts)
+  try:
+    from kernel_ir import kernel_asm, resource_usage
+  finally:
+    sys.path.remove(scripts)
+  usage = [resource_usage(kernel_asm((32, 64, 16, 64), BlockSizes(bwd_sub=sub))[1], 4)
+           for sub in (32, 16)]
+  assert [u[0] for u in usage] == ["lasad_bwd_fused"] * 2
+  assert all(0 < u[1] <= 255 and u[2] >= 0 for u in usage), usage
+  assert usage[1][2] <= usage[0][2], usage
