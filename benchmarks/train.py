@@ -48,6 +48,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmarks_common import profile_call  # noqa: E402
 
 
+BWD_OPTIONS = {
+    "--kernel-bwd-qdq": ("kernel_bwd_prefetch_qdq", bool, (0, 1),
+                         "the fused backward also prefetches its q dq rows"),
+    "--kernel-bwd-dq-raw": ("kernel_bwd_dq_raw", bool, (0, 1),
+                            "the fused backward applies silu' to dq"),
+    "--kernel-bwd-norm": ("kernel_bwd_norm", bool, (0, 1),
+                          "the fused backward takes the gradient through the output norm"),
+    "--kernel-bwd-sub": ("kernel_bwd_sub", int, (16, 32),
+                         "rows per step of the fused backward (BlockSizes' default: --kernel-sub's)"),
+}
+
+
 def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", kernel_sub=32,
             profile=0, forward="auto", dots="split", scan=True, cumsum="auto", gate="auto",
             fused_norm="auto", norm_copies=True, head_norm=True, save_states=False, chunk=64,
@@ -172,24 +184,20 @@ def main():
   ap.add_argument("--kernel-backward", default="auto", choices=tuple(M.KERNEL_BACKWARDS),
                   help="config.kernel_backward: the Pallas backward as one kernel (fused) or "
                   "three (unfused); auto: fused from B*H >= 512")
-  ap.add_argument("--kernel-bwd-qdq", type=int, default=None, choices=(0, 1),
-                  help="config.kernel_bwd_prefetch_qdq: the fused backward also prefetches its "
-                  "q dq rows (default: BlockSizes')")
-  ap.add_argument("--kernel-bwd-dq-raw", type=int, default=None, choices=(0, 1),
-                  help="config.kernel_bwd_dq_raw: the fused backward applies silu' to dq "
-                  "(default: BlockSizes')")
-  ap.add_argument("--kernel-bwd-norm", type=int, default=None, choices=(0, 1),
-                  help="config.kernel_bwd_norm: the fused backward takes the gradient through "
-                  "the output norm (default: BlockSizes')")
-  ap.add_argument("--kernel-bwd-sub", type=int, default=None, choices=(16, 32),
-                  help="config.kernel_bwd_sub: rows per step of the fused backward "
-                  "(default: --kernel-sub)")
+  # the fused backward's options: flag -> (config key, type, choices, what it does); each
+  # defaults to BlockSizes' (the flag absent: the key is left out of the config's overrides)
+  for flag, (key, typ, choices, what) in BWD_OPTIONS.items():
+    ap.add_argument(flag, type=int, default=None, choices=choices,
+                    help=f"config.{key}: {what}; absent: BlockSizes' default")
   ap.add_argument("--no-scan", action="store_true",
                   help="unrolled layers (config.scan_layers=False) instead of one lax.scan")
   ap.add_argument("--profile", type=int, default=0,
                   help="trace one step after timing and print its N most expensive kernels")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
+  bwd_opts = {key: typ(getattr(args, flag[2:].replace("-", "_")))
+              for flag, (key, typ, _, _) in BWD_OPTIONS.items()
+              if getattr(args, flag[2:].replace("-", "_")) is not None}
   dev = jax.devices()[0]
   print(f"{jax.device_count()} x {getattr(dev, 'device_kind', dev.platform)}, jax {jax.__version__}"
         f", mesh {args.mesh}, remat {args.remat_policy if args.remat else False}")
@@ -207,11 +215,7 @@ def main():
                       args.kernel_cumsum, args.kernel_gate, args.fused_norm,
                       bool(args.norm_copies), bool(args.kernel_head_norm),
                       bool(args.kernel_save_states), args.kernel_chunk, args.kernel_backward,
-                      {k: bool(v) for k, v in (("kernel_bwd_prefetch_qdq", args.kernel_bwd_qdq),
-                                               ("kernel_bwd_dq_raw", args.kernel_bwd_dq_raw),
-                                               ("kernel_bwd_norm", args.kernel_bwd_norm))
-                       if v is not None} | ({} if args.kernel_bwd_sub is None else
-                                            {"kernel_bwd_sub": args.kernel_bwd_sub}))
+                      bwd_opts)
         except Exception as e:  # noqa: BLE001  (out of memory: try the next smaller batch)
           msg = str(e).splitlines()[0][:120]
           if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
