@@ -86,11 +86,13 @@ def get_config(variant="B"):
   # next sub-chunk's q dq rows a step ahead; bwd_dq_raw: with the gates in the kernel it applies
   # silu' to dq itself, so XLA's pass over dq goes; bwd_norm: with kernel_head_norm it takes the
   # gradient through the output norm itself, so XLA's pass writing the attention's do goes).
-  # Off until timed on a GPU.
+  # Off: each made LASADGen-L's step slower on an H100 (334.0-334.9 ms -> 337.1-352.5,
+  # BENCHMARKS.md session 26).
   c.kernel_bwd_prefetch_qdq = False
   c.kernel_bwd_dq_raw = False
   c.kernel_bwd_norm = False
-  # Rows per step of the fused backward's walks (BlockSizes.bwd_sub): None = kernel_sub, or 16.
+  # Rows per step of the fused backward's walks (BlockSizes.bwd_sub): None = kernel_sub, or 16
+  # (spills far fewer registers; not yet timed in a training step).
   c.kernel_bwd_sub = ml_collections.config_dict.placeholder(int)
   # Parallel forward over the layers: True = one lax.scan over the stacked weights (compile time
   # independent of depth); False = unrolled, one copy per layer. In training with remat policy
