@@ -919,10 +919,8 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, 
     x = _bwd_load(k_ref, g_ref, j * sub, j * sub, sub, gate_args, raw=(k, g))
     if norm_dv is None:
       return x, _tq(q).astype(F32), v.astype(F32), do.astype(F32)
-    # the output norm's gradient, as _norm_rows_bwd (rounded to the input dtype as there)
-    dn, n = do.astype(F32), raw[5].astype(F32)
-    m = jnp.sum(dn * n, axis=1, keepdims=True) * (1.0 / norm_dv)
-    do = (raw[6][:, None] * (dn - n * m)).astype(dtype)
+    # the output norm's gradient (rounded to the input dtype, as _norm_rows_bwd's)
+    do = _norm_grad(do.astype(F32), raw[5].astype(F32), raw[6][:, None], norm_dv).astype(dtype)
     return x, _tq(q).astype(F32), v.astype(F32), do.astype(F32)
 
   def walk(body, init, order, refs):
@@ -1538,12 +1536,18 @@ def _hgrn2_fwd(qr, f, v, lb, width, prefix, bnd, h0, seq_len, scale, bs, interpr
   return (n, final), res + (n, r, states)
 
 
+def _norm_grad(dn, n, r, dv):
+  """Gradient through n = o r, r = (sum(o^2) / dv + eps)^-1/2 per row (the last axis): do =
+  r (dn - n sum(dn n) / dv), from float32 dn, n and r broadcast against them (not o). XLA's pass
+  (``_norm_rows_bwd``) and the fused backward's rows (``BlockSizes.bwd_norm``) both use it."""
+  m = jnp.sum(dn * n, axis=-1, keepdims=True) / dv
+  return r * (dn - n * m)
+
+
 def _norm_rows_bwd(dn, n, r, dv):
-  """Gradient through n = o r, r = (sum(o^2) / dv + eps)^-1/2 per row: do = r (dn - n sum(dn n)
-  / dv), from n and r (not o). dn, n [B, T, H, V]; r [B, H, T]."""
-  dn32, n32 = dn.astype(F32), n.astype(F32)
-  m = jnp.sum(dn32 * n32, axis=-1, keepdims=True) / dv
-  return (jnp.swapaxes(r, 1, 2)[..., None] * (dn32 - n32 * m)).astype(dn.dtype)
+  """``_norm_grad`` in XLA: dn, n [B, T, H, V]; r [B, H, T]; do in dn's dtype."""
+  return _norm_grad(dn.astype(F32), n.astype(F32), jnp.swapaxes(r, 1, 2)[..., None],
+                    dv).astype(dn.dtype)
 
 
 def _hgrn2_bwd(seq_len, scale, bs, interpret, norm, res, cts):
