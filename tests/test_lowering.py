@@ -231,18 +231,24 @@ def test_lina_kernel_lowers_for_triton(fake_hopper, fused, pieces, defer):
   assert "lina_attention" in text
 
 
+def _kernel_ir():
+  """The ``scripts/kernel_ir.py`` module (scripts/ is not a package)."""
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                      "kernel_ir.py")
+  spec = importlib.util.spec_from_file_location("kernel_ir", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def test_kernel_ir_script_is_stable():
   """``scripts/kernel_ir.py`` (the kernels' Triton IR without source locations, to compare two
   trees): at B*H = 512 the forward kernel and the fused backward, the same text twice, no
   locations, and another block size changes it."""
-  import os
-  import sys
-  scripts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
-  sys.path.insert(0, scripts)
-  try:
-    from kernel_ir import block_sizes, kernel_asm
-  finally:
-    sys.path.remove(scripts)
+  ir = _kernel_ir()
+  block_sizes, kernel_asm = ir.block_sizes, ir.kernel_asm
   one = kernel_asm((32, 64, 16, 64))
   assert len(one) == 2 and "lasad_fused_forward" in one[0] and "lasad_bwd_fused" in one[1]
   assert one == kernel_asm((32, 64, 16, 64))
@@ -263,15 +269,8 @@ def test_kernel_ir_script_counts_registers():
   package (not a test dependency: skipped without it) gives its registers and stack bytes, and
   16-row steps spill no more than 32-row ones (session 26: 16 vs 352 bytes)."""
   pytest.importorskip("triton")
-  import os
-  import sys
-  scripts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
-  sys.path.insert(0, scripts)
-  try:
-    from kernel_ir import kernel_asm, resource_usage
-  finally:
-    sys.path.remove(scripts)
-  usage = [resource_usage(kernel_asm((32, 64, 16, 64), BlockSizes(bwd_sub=sub))[1], 4)
+  ir = _kernel_ir()
+  usage = [ir.resource_usage(ir.kernel_asm((32, 64, 16, 64), BlockSizes(bwd_sub=sub))[1], 4)
            for sub in (32, 16)]
   assert [u[0] for u in usage] == ["lasad_bwd_fused"] * 2
   assert all(0 < u[1] <= 255 and u[2] >= 0 for u in usage), usage
