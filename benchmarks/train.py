@@ -81,7 +81,7 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
   cfg.kernel_head_norm = head_norm
   cfg.kernel_save_states = save_states
   cfg.kernel_backward = backward
-  for key, val in (bwd_opts or {}).items():   # kernel_bwd_prefetch_qdq / _dq_raw / _norm
+  for key, val in (bwd_opts or {}).items():   # config keys of BWD_OPTIONS
     cfg[key] = val
   cfg.scan_layers = scan
   cfg.warmup_steps = 10
@@ -195,9 +195,9 @@ def main():
                   help="trace one step after timing and print its N most expensive kernels")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
-  bwd_opts = {key: typ(getattr(args, flag[2:].replace("-", "_")))
-              for flag, (key, typ, _, _) in BWD_OPTIONS.items()
-              if getattr(args, flag[2:].replace("-", "_")) is not None}
+  given = {key: (typ, getattr(args, flag[2:].replace("-", "_")))
+           for flag, (key, typ, _, _) in BWD_OPTIONS.items()}
+  bwd_opts = {key: typ(val) for key, (typ, val) in given.items() if val is not None}
   dev = jax.devices()[0]
   print(f"{jax.device_count()} x {getattr(dev, 'device_kind', dev.platform)}, jax {jax.__version__}"
         f", mesh {args.mesh}, remat {args.remat_policy if args.remat else False}")
