@@ -3,12 +3,18 @@ value and all gradients), without source locations, as lowered for an H100 on an
 
     python scripts/kernel_ir.py [--shape 32,256,16,64] [--out FILE] [--block-sizes bwd_sub=16,...]
     python scripts/kernel_ir.py --regs [--warps 4] [--block-sizes ...]
+    python scripts/kernel_ir.py --sass [--warps 4] [--block-sizes ...]
 
 ``--regs``: compile each kernel's IR for sm_90 with the ``triton`` package (pip install
 triton==3.6.0, the H100 machine's version; no GPU needed, it bundles ptxas) and print its
 registers per thread and stack bytes (spills), as ``cuobjdump --dump-resource-usage`` reads
 them from the cubin. Session 26 checked it against Nsight Compute on the H100: the fused
 backward at the defaults, 255 registers with spills, on both.
+
+``--sass``: the same compile; each kernel's machine instructions counted once per opcode
+(static counts: a loop body counts once). A proxy for instruction-level changes (e.g. how a
+float32 value is split into bf16 parts) that can be compared without a GPU; only a GPU run says
+whether one is faster.
 
 Two trees' outputs compare byte for byte: a refactor that leaves them equal leaves the compiled
 kernels as they were timed (session 25 checked its refactors against the timed commit so). It
@@ -85,9 +91,8 @@ def block_sizes(spec):
   return BlockSizes(**fields) if fields else None
 
 
-def resource_usage(ir, num_warps, num_stages=2):
-  """(kernel name, registers per thread, stack bytes) of Triton IR text compiled for sm_90 with
-  ``num_warps`` and ``num_stages`` (BlockSizes' defaults: 4 and 2)."""
+def _compile(ir, num_warps, num_stages, *dump_flags):
+  """(kernel name, [cuobjdump output for each flag]) of Triton IR text compiled for sm_90."""
   import re
   import subprocess
   import tempfile
@@ -95,7 +100,7 @@ def resource_usage(ir, num_warps, num_stages=2):
     import triton
     from triton.backends.compiler import GPUTarget
   except ImportError:
-    raise SystemExit("--regs needs the triton package: pip install triton==3.6.0") from None
+    raise SystemExit("--regs / --sass need the triton package: pip install triton==3.6.0") from None
   name = re.search(r"tt\.func public @(\w+)", ir).group(1)
   with tempfile.TemporaryDirectory() as tmp:
     src = os.path.join(tmp, f"{name}.ttir")
@@ -107,11 +112,34 @@ def resource_usage(ir, num_warps, num_stages=2):
     with open(cubin, "wb") as f:
       f.write(kernel.asm["cubin"])
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True,
-                           check=True).stdout
+    return name, [subprocess.run([tool, flag, cubin], capture_output=True, text=True,
+                                 check=True).stdout for flag in dump_flags]
+
+
+def resource_usage(ir, num_warps, num_stages=2):
+  """(kernel name, registers per thread, stack bytes) of Triton IR text compiled for sm_90 with
+  ``num_warps`` and ``num_stages`` (BlockSizes' defaults: 4 and 2)."""
+  import re
+  name, [usage] = _compile(ir, num_warps, num_stages, "--dump-resource-usage")
   regs = re.search(r"REG:(\d+)", usage)
   stack = re.search(r"STACK:(\d+)", usage)
   return name, int(regs.group(1)), int(stack.group(1))
+
+
+def opcode_counts(ir, num_warps, num_stages=2):
+  """(kernel name, Counter of SASS opcodes) of Triton IR text compiled for sm_90: each
+  instruction of the machine code counted once (static, so a loop body counts once however
+  often it runs; Nsight Compute's per-instruction page gives the executed counts). Opcodes
+  without their modifiers (``HMMA.16816.F32.BF16`` -> ``HMMA``); predicated ones included."""
+  import collections
+  import re
+  name, [sass] = _compile(ir, num_warps, num_stages, "-sass")
+  ops = collections.Counter()
+  for line in sass.splitlines():
+    m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)", line)
+    if m:
+      ops[m.group(1)] += 1
+  return name, ops
 
 
 def main():
@@ -121,14 +149,23 @@ def main():
   ap.add_argument("--block-sizes", default="", help="BlockSizes fields, e.g. bwd_sub=16")
   ap.add_argument("--regs", action="store_true",
                   help="registers and spill stack per kernel (needs the triton package)")
-  ap.add_argument("--warps", type=int, default=4, help="with --regs: warps per program")
-  ap.add_argument("--stages", type=int, default=2, help="with --regs: Triton num_stages")
+  ap.add_argument("--sass", action="store_true",
+                  help="static SASS instruction count per kernel and its most common opcodes "
+                       "(needs the triton package)")
+  ap.add_argument("--warps", type=int, default=4, help="with --regs / --sass: warps per program")
+  ap.add_argument("--stages", type=int, default=2, help="with --regs / --sass: Triton num_stages")
   args = ap.parse_args()
   asm = kernel_asm(tuple(int(x) for x in args.shape.split(",")), block_sizes(args.block_sizes))
   if args.regs:
     for ir in asm:
       name, regs, stack = resource_usage(ir, args.warps, args.stages)
       print(f"{name:<24} {regs:4d} registers  {stack:5d} stack bytes")
+    return
+  if args.sass:
+    for ir in asm:
+      name, ops = opcode_counts(ir, args.warps, args.stages)
+      top = "  ".join(f"{op} {n}" for op, n in ops.most_common(12))
+      print(f"{name:<24} {sum(ops.values()):6d} instructions  {top}")
     return
   text = "\n// =====\n".join(asm)
   if args.out:
