@@ -72,12 +72,12 @@ def kernel_asm(shape, block_sizes=None):
 def block_sizes(spec):
   """``BlockSizes`` from "field=value,..." (ints, floats, True / False / None, else strings)."""
   from kernels.lasad.pallas import BlockSizes
+  consts = {"True": True, "False": False, "None": None}
   fields = {}
   for item in filter(None, spec.split(",")):
     key, sep, val = item.partition("=")
     if not sep or key not in BlockSizes.__dataclass_fields__:
       raise SystemExit(f"--block-sizes: expected field=value with a BlockSizes field, got {item!r}")
-    consts = {"True": True, "False": False, "None": None}
     if val in consts:
       fields[key] = consts[val]
     else:
@@ -156,16 +156,15 @@ def main():
   ap.add_argument("--stages", type=int, default=2, help="with --regs / --sass: Triton num_stages")
   args = ap.parse_args()
   asm = kernel_asm(tuple(int(x) for x in args.shape.split(",")), block_sizes(args.block_sizes))
-  if args.regs:
+  if args.regs or args.sass:   # either or both, per kernel
     for ir in asm:
-      name, regs, stack = resource_usage(ir, args.warps, args.stages)
-      print(f"{name:<24} {regs:4d} registers  {stack:5d} stack bytes")
-    return
-  if args.sass:
-    for ir in asm:
-      name, ops = opcode_counts(ir, args.warps, args.stages)
-      top = "  ".join(f"{op} {n}" for op, n in ops.most_common(12))
-      print(f"{name:<24} {sum(ops.values()):6d} instructions  {top}")
+      if args.regs:
+        name, regs, stack = resource_usage(ir, args.warps, args.stages)
+        print(f"{name:<24} {regs:4d} registers  {stack:5d} stack bytes")
+      if args.sass:
+        name, ops = opcode_counts(ir, args.warps, args.stages)
+        top = "  ".join(f"{op} {n}" for op, n in ops.most_common(12))
+        print(f"{name:<24} {sum(ops.values()):6d} instructions  {top}")
     return
   text = "\n// =====\n".join(asm)
   if args.out:

@@ -267,19 +267,19 @@ def test_kernel_ir_script_is_stable():
 def test_kernel_ir_script_counts_registers():
   """``scripts/kernel_ir.py --regs`` / ``--sass``: the fused backward compiled for sm_90 by the
   triton package (not a test dependency: skipped without it) gives its registers and stack
-  bytes, and 16-row steps spill no more than 32-row ones (session 26: 16 vs 352 bytes); and its
-  static opcode counts."""
+  bytes, and 16-row steps spill no more than 32-row ones (at this shape 16 vs 440 bytes with
+  triton 3.6.0); and its static opcode counts."""
   pytest.importorskip("triton")
   ir = _kernel_ir()
-  usage = [ir.resource_usage(ir.kernel_asm((32, 64, 16, 64), BlockSizes(bwd_sub=sub))[1], 4)
-           for sub in (32, 16)]
+  bwd = [ir.kernel_asm((32, 64, 16, 64), BlockSizes(bwd_sub=sub))[1] for sub in (32, 16)]
+  usage = [ir.resource_usage(text, 4) for text in bwd]
   assert [u[0] for u in usage] == ["lasad_bwd_fused"] * 2
   assert all(0 < u[1] <= 255 and u[2] >= 0 for u in usage), usage
   assert usage[1][2] <= usage[0][2], usage
   # --sass: the same compile's opcodes; the backward's dots run on the tensor cores (HMMA) and its
   # exponentials are the one ex2 instruction (MUFU), and the 16-row walks are the shorter code
-  name, ops = ir.opcode_counts(ir.kernel_asm((32, 64, 16, 64), BlockSizes(bwd_sub=16))[1], 4)
-  name32, ops32 = ir.opcode_counts(ir.kernel_asm((32, 64, 16, 64), BlockSizes(bwd_sub=32))[1], 4)
+  name32, ops32 = ir.opcode_counts(bwd[0], 4)
+  name, ops = ir.opcode_counts(bwd[1], 4)
   assert name == name32 == "lasad_bwd_fused"
   assert ops["HMMA"] > 0 and ops["MUFU"] > 0 and ops["EXIT"] >= 1, ops.most_common(20)
   assert all(op.isupper() and "." not in op for op in ops), sorted(ops)
