@@ -118,7 +118,7 @@ def main():
            ("fused bwd 8 warps", P.BlockSizes(fused_backward=True, grads_num_warps=8)),
            ("fused bwd 2 warps", P.BlockSizes(fused_backward=True, grads_num_warps=2)),
            ("fused bwd sub16", P.BlockSizes(fused_backward=True, sub=16)),
-           ("fused bwd_sub16", P.BlockSizes(fused_backward=True, bwd_sub=16))]
+           ("fused bwd_sub32", P.BlockSizes(fused_backward=True, bwd_sub=32))]
   if args.only != "bwd":
     whole += [("no prefetch", P.BlockSizes(fused_prefetch=False)),
               ("bwd64", P.BlockSizes(bwd_chunk=64)), ("cumsum scan", P.BlockSizes(cumsum="scan")),

@@ -56,7 +56,7 @@ BWD_OPTIONS = {
     "--kernel-bwd-norm": ("kernel_bwd_norm", bool, (0, 1),
                           "the fused backward takes the gradient through the output norm"),
     "--kernel-bwd-sub": ("kernel_bwd_sub", int, (16, 32),
-                         "rows per step of the fused backward (BlockSizes' default: --kernel-sub's)"),
+                         "rows per step of the fused backward (BlockSizes' default: 16)"),
 }
 
 

@@ -86,13 +86,15 @@ def get_config(variant="B"):
   # next sub-chunk's q dq rows a step ahead; bwd_dq_raw: with the gates in the kernel it applies
   # silu' to dq itself, so XLA's pass over dq goes; bwd_norm: with kernel_head_norm it takes the
   # gradient through the output norm itself, so XLA's pass writing the attention's do goes).
-  # Off: each made LASADGen-L's step slower on an H100 (334.0-334.9 ms -> 337.1-352.5,
-  # BENCHMARKS.md session 26).
+  # LASADGen-L's step on an H100 with 16-row backward steps (BENCHMARKS.md session 28): neither
+  # 328.8 / 328.5 ms, bwd_dq_raw 328.3 / 326.4, both 323.9 / 324.1 (40.5% MFU); qdq was slower
+  # on 32-row steps (session 26) and is untimed on 16.
   c.kernel_bwd_prefetch_qdq = False
-  c.kernel_bwd_dq_raw = False
-  c.kernel_bwd_norm = False
-  # Rows per step of the fused backward's walks (BlockSizes.bwd_sub): None = kernel_sub, or 16
-  # (spills far fewer registers; not yet timed in a training step).
+  c.kernel_bwd_dq_raw = True
+  c.kernel_bwd_norm = True
+  # Rows per step of the fused backward's walks (BlockSizes.bwd_sub): None = BlockSizes' default
+  # (16: far fewer register spills than 32; LASADGen-L 328.8 / 328.5 vs 333.2 / 332.1 ms per step
+  # on an H100 without the two options above, session 28), or 16 / 32.
   c.kernel_bwd_sub = ml_collections.config_dict.placeholder(int)
   # Parallel forward over the layers: True = one lax.scan over the stacked weights (compile time
   # independent of depth); False = unrolled, one copy per layer. In training with remat policy

@@ -9,7 +9,7 @@ value and all gradients), without source locations, as lowered for an H100 on an
 triton==3.6.0, the H100 machine's version; no GPU needed, it bundles ptxas) and print its
 registers per thread and stack bytes (spills), as ``cuobjdump --dump-resource-usage`` reads
 them from the cubin. Session 26 checked it against Nsight Compute on the H100: the fused
-backward at the defaults, 255 registers with spills, on both.
+backward at session 26's defaults (32-row steps), 255 registers with spills, on both.
 
 ``--sass``: the same compile; each kernel's machine instructions counted once per opcode
 (static counts: a loop body counts once). A proxy for instruction-level changes (e.g. how a

@@ -76,7 +76,8 @@ BLOCKS = {
     "fused_backward_no_prefetch": BlockSizes(fused_backward=True, bwd_prefetch=False),
     "fused_backward_qdq_dq_raw": BlockSizes(fused_backward=True, bwd_prefetch_qdq=True,
                                             bwd_dq_raw=True),
-    "fused_backward_bwd_sub16": BlockSizes(fused_backward=True, bwd_sub=16),
+    "fused_backward_bwd_sub32": BlockSizes(fused_backward=True, bwd_sub=32, bwd_dq_raw=False,
+                                           bwd_norm=False),
     "fused_backward_all_options": BlockSizes(fused_backward=True, bwd_prefetch_qdq=True,
                                              bwd_dq_raw=True, bwd_norm=True),
     "fused_backward_diag_loop": BlockSizes(fused_backward=True, diag="loop"),
@@ -253,15 +254,15 @@ def test_kernel_ir_script_is_stable():
   assert len(one) == 2 and "lasad_fused_forward" in one[0] and "lasad_bwd_fused" in one[1]
   assert one == kernel_asm((32, 64, 16, 64))
   assert not any("loc(" in a for a in one)
-  assert kernel_asm((32, 64, 16, 64), BlockSizes(bwd_dq_raw=True))[1] != one[1]
-  # --block-sizes: fields parsed by type; the fused backward's 16-row steps leave the forward
+  assert kernel_asm((32, 64, 16, 64), BlockSizes(bwd_dq_raw=False))[1] != one[1]
+  # --block-sizes: fields parsed by type; the fused backward's 32-row steps leave the forward
   assert block_sizes("bwd_sub=16,bwd_norm=True,diag=loop,fast_limit=50.5,seq_split=None") == \
       BlockSizes(bwd_sub=16, bwd_norm=True, diag="loop", fast_limit=50.5, seq_split=None)
   assert block_sizes("") is None
   with pytest.raises(SystemExit, match="BlockSizes field"):
     block_sizes("bwd_subb=16")
-  sub16 = kernel_asm((32, 64, 16, 64), block_sizes("bwd_sub=16"))
-  assert sub16[0] == one[0] and sub16[1] != one[1]
+  sub32 = kernel_asm((32, 64, 16, 64), block_sizes("bwd_sub=32"))
+  assert sub32[0] == one[0] and sub32[1] != one[1]
 
 
 def test_kernel_ir_script_counts_registers():

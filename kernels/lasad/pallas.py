@@ -153,32 +153,37 @@ class BlockSizes:
   # whole operator fwd+bwd ms without -> with: (256, 256, 16, 64) 2.625 -> 2.224, (32, 1024)
   # 1.351 -> 1.159.
   bwd_prefetch: bool = True
-  # The next three options move work into the fused kernel; on the H100 each made LASADGen-L's
-  # step slower (session 26, train_L_s26_bwd_options.log; defaults 334.9 / 334.0 ms), as each
-  # adds to the 32-row kernel's register spills (scripts/kernel_ir.py --regs: 376 stack bytes
-  # at the defaults), so they are off.
+  # The next three options move work into the fused kernel. On 32-row steps each made
+  # LASADGen-L's step slower (session 26, train_L_s26_bwd_options.log; 334.9 / 334.0 ms without),
+  # as each added to that kernel's register spills (scripts/kernel_ir.py --regs: 376 stack bytes
+  # without them). On 16-row steps (bwd_sub below) the kernel spills 16 bytes with or without
+  # them, and bwd_dq_raw and bwd_norm made the step faster (session 28,
+  # train_h100_L_s28_flags_*.json, two alternating runs each: 32-row steps without either 333.2 /
+  # 332.1 ms; 16-row 328.8 / 328.5; + bwd_dq_raw 328.3 / 326.4; + bwd_norm 323.9 / 324.1, 40.5%
+  # MFU), so those two are on. The next call, these defaults against session 26's: 321.4 / 321.2
+  # vs 329.7 / 329.9 ms (40.8% vs 39.8% MFU; train_h100_L_s28_defaults_*.json).
   # With prefetch, the backward walk's q dq rows (the first walk's float32 scratch) are loaded a
-  # step ahead too (with the two below: 352.5 / 352.5 ms; 704 stack bytes).
+  # step ahead too (32-row steps, with the two below: 352.5 / 352.5 ms; 704 stack bytes). Not
+  # timed on 16-row steps.
   bwd_prefetch_qdq: bool = False
   # With the gates in the kernel: the first walk applies silu's derivative to dq and writes the
   # gradient of q_raw, so XLA's pass over dq after the backward (3.2 ms per LASADGen-L step)
-  # goes: 338.2 / 337.1 ms (440 stack bytes).
-  bwd_dq_raw: bool = False
+  # goes.
+  bwd_dq_raw: bool = True
   # With HGRN2's output norm (``hgrn2_pallas(norm_eps=...)``): the fused backward reads the
   # normalised output n, its inverse rms r and the incoming gradient dn, and forms the
   # attention's do = r (dn - n sum(dn n) / V) per row itself (rounded to the input dtype, as
   # XLA's pass does), so XLA's pass over dn and n that writes do (~3.1 ms per LASADGen-L step on
-  # an H100, BENCHMARKS.md session 22) goes: with bwd_dq_raw 344.0 / 340.9 ms (592 stack bytes).
-  bwd_norm: bool = False
+  # an H100, BENCHMARKS.md session 22) goes.
+  bwd_norm: bool = True
   # Rows per step of the fused backward's walks (16 or 32); None: ``sub``. Its own so the
-  # forward keeps 32. The fused kernel at sub 32 uses all 255 registers and spills (Nsight
+  # forward keeps 32. The fused kernel at 32 rows uses all 255 registers and spills (Nsight
   # Compute, session 26: 2 programs of 4 warps per SM, 24M local-memory requests per launch);
   # 16-row steps hold half the tiles: 16 stack bytes instead of 376, also with the options
-  # above (scripts/kernel_ir.py --regs). H100, session 26 (ops_parts_h100_s26_bwd.log), whole
-  # operator fwd+bwd at (256, 256, 16, 64) with sub = 16 everywhere (the same backward kernel):
-  # 2.179 vs 2.279 ms, though its forward is 0.125 ms slower. Not yet timed in LASADGen-L's
-  # step (no device time was left), so None until it is.
-  bwd_sub: int | None = None
+  # above (scripts/kernel_ir.py --regs). H100: the whole operator fwd+bwd at (256, 256, 16, 64)
+  # with sub = 16 everywhere 2.179 vs 2.279 ms (session 26, ops_parts_h100_s26_bwd.log);
+  # LASADGen-L's step 328.8 / 328.5 vs 333.2 / 332.1 ms (session 28, options above off).
+  bwd_sub: int | None = 16
 
   def __post_init__(self):
     if self.sub not in (16, 32) or self.chunk % self.sub:
