@@ -88,7 +88,7 @@ def get_config(variant="B"):
   # gradient through the output norm itself, so XLA's pass writing the attention's do goes).
   # LASADGen-L's step on an H100 with 16-row backward steps (BENCHMARKS.md session 28): neither
   # 328.8 / 328.5 ms, bwd_dq_raw 328.3 / 326.4, both 323.9 / 324.1 (40.5% MFU); qdq was slower
-  # on 32-row steps (session 26) and is untimed on 16.
+  # on 32-row steps (session 26) and no faster on 16 (324.6 / 325.0 vs 327.2 / 325.0 ms).
   c.kernel_bwd_prefetch_qdq = False
   c.kernel_bwd_dq_raw = True
   c.kernel_bwd_norm = True

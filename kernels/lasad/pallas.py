@@ -163,8 +163,9 @@ class BlockSizes:
   # MFU), so those two are on. The next call, these defaults against session 26's: 321.4 / 321.2
   # vs 329.7 / 329.9 ms (40.8% vs 39.8% MFU; train_h100_L_s28_defaults_*.json).
   # With prefetch, the backward walk's q dq rows (the first walk's float32 scratch) are loaded a
-  # step ahead too (32-row steps, with the two below: 352.5 / 352.5 ms; 704 stack bytes). Not
-  # timed on 16-row steps.
+  # step ahead too (32-row steps, with the two below: 352.5 / 352.5 ms; 704 stack bytes). On
+  # 16-row steps no faster: 324.6 / 325.0 vs 327.2 / 325.0 ms (session 28,
+  # train_h100_L_s28_qdq_*.json), so off.
   bwd_prefetch_qdq: bool = False
   # With the gates in the kernel: the first walk applies silu's derivative to dq and writes the
   # gradient of q_raw, so XLA's pass over dq after the backward (3.2 ms per LASADGen-L step)
