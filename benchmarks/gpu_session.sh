@@ -85,7 +85,7 @@ for stage in "$@"; do
     # The same L training step with this tree's defaults and then each of the ';'-separated flag
     # sets in FLAG_SETS (e.g. FLAG_SETS="--kernel-save-states 1"), alternating, AB_REPEAT more
     # rounds. Each run appends to flags.log and writes flags_<round>_<set: 0 = defaults>.json.
-    flags)    A=$L_STEP
+    flags)    A=${STEP_ARGS:-$L_STEP}   # STEP_ARGS: another step, e.g. "--variants B --batches 512 ..."
               IFS=';' read -ra sets <<< ";${FLAG_SETS:?set FLAG_SETS, e.g. '--kernel-save-states 1'}"
               for i in 1 ${AB_REPEAT:-}; do for j in "${!sets[@]}"; do
                 echo "flags: ${sets[$j]:-(defaults)}" | tee -a "$OUT/flags.log"
