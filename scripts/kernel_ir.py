@@ -4,6 +4,7 @@ value and all gradients), without source locations, as lowered for an H100 on an
     python scripts/kernel_ir.py [--shape 32,256,16,64] [--out FILE] [--block-sizes bwd_sub=16,...]
     python scripts/kernel_ir.py --regs [--warps 4] [--block-sizes ...]
     python scripts/kernel_ir.py --sass [--warps 4] [--block-sizes ...]
+    python scripts/kernel_ir.py --regs --maxnreg 168 [...]
 
 ``--regs``: compile each kernel's IR for sm_90 with the ``triton`` package (pip install
 triton==3.6.0, the H100 machine's version; no GPU needed, it bundles ptxas) and print its
@@ -15,6 +16,11 @@ backward at session 26's defaults (32-row steps), 255 registers with spills, on 
 (static counts: a loop body counts once). A proxy for instruction-level changes (e.g. how a
 float32 value is split into bf16 parts) that can be compared without a GPU; only a GPU run says
 whether one is faster.
+
+``--maxnreg N``: compile with a cap of N registers per thread (Triton's ``maxnreg``, PTX
+``.maxnreg``) and see what it spills. The kernels take all 255 at 4 warps, so an SM holds 2
+programs; 168 would let it hold 3, 128 four. Pallas Triton has no such option, so this says only
+what such a cap would cost in spills, not whether the GPU would run faster.
 
 Two trees' outputs compare byte for byte: a refactor that leaves them equal leaves the compiled
 kernels as they were timed (session 25 checked its refactors against the timed commit so). It
@@ -91,8 +97,9 @@ def block_sizes(spec):
   return BlockSizes(**fields) if fields else None
 
 
-def _compile(ir, num_warps, num_stages, *dump_flags):
-  """(kernel name, [cuobjdump output for each flag]) of Triton IR text compiled for sm_90."""
+def _compile(ir, num_warps, num_stages, *dump_flags, maxnreg=None):
+  """(kernel name, [cuobjdump output for each flag]) of Triton IR text compiled for sm_90, at most
+  ``maxnreg`` registers per thread if given."""
   import re
   import subprocess
   import tempfile
@@ -107,7 +114,8 @@ def _compile(ir, num_warps, num_stages, *dump_flags):
     with open(src, "w") as f:
       f.write(ir)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=num_warps, num_stages=num_stages))
+                            options=dict(num_warps=num_warps, num_stages=num_stages,
+                                         **({} if maxnreg is None else dict(maxnreg=maxnreg))))
     cubin = os.path.join(tmp, f"{name}.cubin")
     with open(cubin, "wb") as f:
       f.write(kernel.asm["cubin"])
@@ -116,24 +124,24 @@ def _compile(ir, num_warps, num_stages, *dump_flags):
                                  check=True).stdout for flag in dump_flags]
 
 
-def resource_usage(ir, num_warps, num_stages=2):
+def resource_usage(ir, num_warps, num_stages=2, maxnreg=None):
   """(kernel name, registers per thread, stack bytes) of Triton IR text compiled for sm_90 with
-  ``num_warps`` and ``num_stages`` (BlockSizes' defaults: 4 and 2)."""
+  ``num_warps`` and ``num_stages`` (BlockSizes' defaults: 4 and 2), ``maxnreg`` as ``_compile``."""
   import re
-  name, [usage] = _compile(ir, num_warps, num_stages, "--dump-resource-usage")
+  name, [usage] = _compile(ir, num_warps, num_stages, "--dump-resource-usage", maxnreg=maxnreg)
   regs = re.search(r"REG:(\d+)", usage)
   stack = re.search(r"STACK:(\d+)", usage)
   return name, int(regs.group(1)), int(stack.group(1))
 
 
-def opcode_counts(ir, num_warps, num_stages=2):
+def opcode_counts(ir, num_warps, num_stages=2, maxnreg=None):
   """(kernel name, Counter of SASS opcodes) of Triton IR text compiled for sm_90: each
   instruction of the machine code counted once (static, so a loop body counts once however
   often it runs; Nsight Compute's per-instruction page gives the executed counts). Opcodes
   without their modifiers (``HMMA.16816.F32.BF16`` -> ``HMMA``); predicated ones included."""
   import collections
   import re
-  name, [sass] = _compile(ir, num_warps, num_stages, "-sass")
+  name, [sass] = _compile(ir, num_warps, num_stages, "-sass", maxnreg=maxnreg)
   ops = collections.Counter()
   for line in sass.splitlines():
     m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)", line)
@@ -154,15 +162,22 @@ def main():
                        "(needs the triton package)")
   ap.add_argument("--warps", type=int, default=4, help="with --regs / --sass: warps per program")
   ap.add_argument("--stages", type=int, default=2, help="with --regs / --sass: Triton num_stages")
+  ap.add_argument("--maxnreg", type=int, default=None,
+                  help="with --regs / --sass: at most this many registers per thread (what would "
+                       "it spill?)")
   args = ap.parse_args()
+  if args.maxnreg is not None and not (args.regs or args.sass):
+    ap.error("--maxnreg applies to the --regs / --sass compile; add one of them")
+  if args.maxnreg is not None and not 24 <= args.maxnreg <= 255:
+    ap.error(f"--maxnreg must be within 24..255 (registers per thread), got {args.maxnreg}")
   asm = kernel_asm(tuple(int(x) for x in args.shape.split(",")), block_sizes(args.block_sizes))
   if args.regs or args.sass:   # either or both, per kernel
     for ir in asm:
       if args.regs:
-        name, regs, stack = resource_usage(ir, args.warps, args.stages)
+        name, regs, stack = resource_usage(ir, args.warps, args.stages, args.maxnreg)
         print(f"{name:<24} {regs:4d} registers  {stack:5d} stack bytes")
       if args.sass:
-        name, ops = opcode_counts(ir, args.warps, args.stages)
+        name, ops = opcode_counts(ir, args.warps, args.stages, args.maxnreg)
         top = "  ".join(f"{op} {n}" for op, n in ops.most_common(12))
         print(f"{name:<24} {sum(ops.values()):6d} instructions  {top}")
     return
