@@ -236,10 +236,8 @@ def test_kernel_sub_config_reaches_the_kernel(monkeypatch):
     field = key.replace("kernel_", "", 1)
     dflt = getattr(BlockSizes, field)
     reaches(key, field, ((dflt, dflt), (not dflt, not dflt)), dflt)   # (bools, as above)
-    c[key] = dflt
   dflt = BlockSizes.bwd_sub   # None: BlockSizes' default
   reaches("kernel_bwd_sub", "bwd_sub", ((None, dflt), (16, 16), (32, 32)), dflt, 24)
-  c.kernel_bwd_sub = None
   # config.kernel_gate: the gates inside the kernels or in XLA, the same logits
   gates, logits = [], {}
   monkeypatch.setattr(M, "hgrn2_attention", lambda *a, **kw: (
