@@ -51,6 +51,9 @@ FORWARD_VARIANTS = {
     "one-pass bf16 dots": P.BlockSizes(split_dots=False),
     "chunk=32": P.BlockSizes(chunk=32),
     "cumsum dot": P.BlockSizes(cumsum="dot"),
+    # at most 168 / 128 registers per thread: 3 / 4 programs per SM instead of 2, with spills
+    "maxnreg 168": P.BlockSizes(fused_maxnreg=168),
+    "maxnreg 128": P.BlockSizes(fused_maxnreg=128),
 }
 
 
@@ -118,7 +121,10 @@ def main():
            ("fused bwd 8 warps", P.BlockSizes(fused_backward=True, grads_num_warps=8)),
            ("fused bwd 2 warps", P.BlockSizes(fused_backward=True, grads_num_warps=2)),
            ("fused bwd sub16", P.BlockSizes(fused_backward=True, sub=16)),
-           ("fused bwd_sub32", P.BlockSizes(fused_backward=True, bwd_sub=32))]
+           ("fused bwd_sub32", P.BlockSizes(fused_backward=True, bwd_sub=32)),
+           ("fused bwd maxnreg 168", P.BlockSizes(fused_backward=True, bwd_maxnreg=168)),
+           ("fused maxnreg 168 both", P.BlockSizes(fused_backward=True, fused_maxnreg=168,
+                                                   bwd_maxnreg=168))]
   if args.only != "bwd":
     whole += [("no prefetch", P.BlockSizes(fused_prefetch=False)),
               ("bwd64", P.BlockSizes(bwd_chunk=64)), ("cumsum scan", P.BlockSizes(cumsum="scan")),

@@ -46,11 +46,11 @@ def kernel_asm(shape, block_sizes=None):
 
   import kernels.lasad.pallas as kp
   from lasad_jax.ops import hgrn2_attention
-  asm, orig = [], reg.lowering.lower_jaxpr_to_triton_module
+  modules, orig = [], reg.lowering.lower_jaxpr_to_triton_module
 
-  def capture(*a, **kw):
-    out = orig(*a, **kw)
-    asm.append(out.module.operation.get_asm(enable_debug_info=False))
+  def capture(*a, **kw):   # printed once lowered: a wrapper around this (kp._maxnreg_hook) may
+    out = orig(*a, **kw)   # still add module attributes
+    modules.append(out.module)
     return out
   saved = (reg.gpu_info_lib.get_gpu_info, kp.hgrn2_pallas)
   reg.lowering.lower_jaxpr_to_triton_module = capture
@@ -69,6 +69,7 @@ def kernel_asm(shape, block_sizes=None):
     x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(
         x, x, x, jax.ShapeDtypeStruct((h, d), jnp.float32)).lower(lowering_platforms=("cuda",))
+    asm = [m.operation.get_asm(enable_debug_info=False) for m in modules]
   finally:
     reg.lowering.lower_jaxpr_to_triton_module = orig
     reg.gpu_info_lib.get_gpu_info, kp.hgrn2_pallas = saved

@@ -360,7 +360,7 @@ def _hgrn2_run(case, impl, dt, **kw):
   return (o,) + tuple(grads)
 
 
-@pytest.mark.parametrize("opts", ["default", "all_options", "sub32_no_options"])
+@pytest.mark.parametrize("opts", ["default", "all_options", "sub32_no_options", "maxnreg168"])
 @pytest.mark.parametrize("boundary", [-0.5, -np.inf])
 def test_pallas_fused_backward_compiled_bf16(boundary, opts):
   """LASADGen's attention path at a training shape whose B*H (32 x 16) takes the fused backward
@@ -368,7 +368,8 @@ def test_pallas_fused_backward_compiled_bf16(boundary, opts):
   of the three-kernel backward's error, both against the float32 reference; also with the
   fused backward's q dq prefetch (BlockSizes.bwd_prefetch_qdq), and on 32-row steps without the
   in-kernel silu' and output norm's gradient (session 26's defaults: bwd_sub, bwd_dq_raw,
-  bwd_norm)."""
+  bwd_norm), and with both kernels capped at 168 registers (fused_maxnreg, bwd_maxnreg: the
+  module attribute reaches XLA's Triton compile)."""
   from kernels.lasad.pallas import BlockSizes
   case = _hgrn2_case(6, 32, 256, 16, 64)
 
@@ -384,7 +385,9 @@ def test_pallas_fused_backward_compiled_bf16(boundary, opts):
            "all_options": dict(block_sizes=BlockSizes(fused_backward=True, bwd_prefetch_qdq=True,
                                                       bwd_dq_raw=True, bwd_norm=True)),
            "sub32_no_options": dict(block_sizes=BlockSizes(fused_backward=True, bwd_sub=32,
-                                                           bwd_dq_raw=False, bwd_norm=False))}[opts]
+                                                           bwd_dq_raw=False, bwd_norm=False)),
+           "maxnreg168": dict(block_sizes=BlockSizes(fused_backward=True, fused_maxnreg=168,
+                                                     bwd_maxnreg=168))}[opts]
   fused = run("pallas", jnp.bfloat16, gate="kernel", norm_save="n", **extra)
   unfused = run("pallas", jnp.bfloat16, gate="kernel", norm_save="n",
                 block_sizes=BlockSizes(fused_backward=False))

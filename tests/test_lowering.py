@@ -263,6 +263,15 @@ def test_kernel_ir_script_is_stable():
     block_sizes("bwd_subb=16")
   sub32 = kernel_asm((32, 64, 16, 64), block_sizes("bwd_sub=32"))
   assert sub32[0] == one[0] and sub32[1] != one[1]
+  # register caps (BlockSizes.fused_maxnreg / bwd_maxnreg) reach each kernel's module as
+  # ttg.maxnreg, under a name of its own; without them no kernel has one
+  assert not any("maxnreg" in a for a in one)
+  capped = kernel_asm((32, 64, 16, 64), BlockSizes(fused_maxnreg=168, bwd_maxnreg=128))
+  assert capped[0].startswith("module @lasad_fused_forward_maxnreg168 attributes "
+                              "{ttg.maxnreg = 168 : i32}"), capped[0][:120]
+  assert capped[1].startswith("module @lasad_bwd_fused_maxnreg128 attributes "
+                              "{ttg.maxnreg = 128 : i32}"), capped[1][:120]
+  assert kernel_asm((32, 64, 16, 64), BlockSizes(bwd_maxnreg=128))[0] == one[0]
 
 
 def test_kernel_ir_script_counts_registers():
@@ -280,6 +289,9 @@ def test_kernel_ir_script_counts_registers():
   assert usage[1][2] <= usage[0][2], usage
   name, regs, stack = ir.resource_usage(bwd[1], 4, maxnreg=128)
   assert name == "lasad_bwd_fused" and regs <= 128 and stack > usage[1][2], (regs, stack, usage)
+  # the same cap from BlockSizes.bwd_maxnreg, through the module attribute
+  capped = ir.kernel_asm((32, 64, 16, 64), BlockSizes(bwd_maxnreg=128))[1]
+  assert ir.resource_usage(capped, 4) == ("lasad_bwd_fused_maxnreg128", regs, stack)
   # --sass: the same compile's opcodes; the backward's dots run on the tensor cores (HMMA) and its
   # exponentials are the one ex2 instruction (MUFU), and the 16-row walks are the shorter code
   name32, ops32 = ir.opcode_counts(bwd[0], 4)

@@ -403,6 +403,10 @@ def test_sequence_split_auto_choice_and_block_size_errors():
     BlockSizes(seq_split=0)
   with pytest.raises(ValueError, match="bwd_seq_split"):
     BlockSizes(bwd_seq_split=1.5)
+  with pytest.raises(ValueError, match="fused_maxnreg"):
+    BlockSizes(fused_maxnreg=300)
+  with pytest.raises(ValueError, match="bwd_maxnreg"):
+    BlockSizes(bwd_maxnreg=168.0)
   with pytest.raises(ValueError, match="bwd_chunk"):
     BlockSizes(bwd_chunk=48)
   with pytest.raises(ValueError, match="cumsum"):

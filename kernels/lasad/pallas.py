@@ -185,6 +185,15 @@ class BlockSizes:
   # with sub = 16 everywhere 2.179 vs 2.279 ms (session 26, ops_parts_h100_s26_bwd.log);
   # LASADGen-L's step 328.8 / 328.5 vs 333.2 / 332.1 ms (session 28, options above off).
   bwd_sub: int | None = 16
+  # Registers per thread for the one-pass forward / the fused backward (PTX ``.maxnreg``, set as
+  # the kernel module's ``ttg.maxnreg`` through ``_maxnreg_hook``); None: the compiler's choice.
+  # At 4 warps both take all 255, so an SM holds 2 programs though their shared memory (20 / 26
+  # KB) would allow 8; 168 allows 3, 128 four, at the price of spills (scripts/kernel_ir.py
+  # --regs --block-sizes fused_maxnreg=168: at (32, 1024, 16, 64) 272 stack bytes forward, 360
+  # backward). Experimental (not timed yet): it reaches into Pallas Triton's lowering, a private
+  # JAX API; compiled GPU kernels only (the interpreter ignores it).
+  fused_maxnreg: int | None = None
+  bwd_maxnreg: int | None = None
 
   def __post_init__(self):
     if self.sub not in (16, 32) or self.chunk % self.sub:
@@ -200,6 +209,11 @@ class BlockSizes:
       raise ValueError(f"BlockSizes: cumsum must be one of {CUMSUM_MODES}, got {self.cumsum!r}")
     if self.diag not in ("auto", "loop", "bcast"):
       raise ValueError(f"BlockSizes: diag must be auto, loop or bcast, got {self.diag!r}")
+    for name in ("fused_maxnreg", "bwd_maxnreg"):
+      val = getattr(self, name)
+      if val is not None and (not isinstance(val, int) or not 24 <= val <= 255):
+        raise ValueError(f"BlockSizes: {name} must be None or registers per thread in 24..255, "
+                         f"got {val!r}")
     for name in ("seq_split", "bwd_seq_split"):
       val = getattr(self, name)
       if val is not None and (not isinstance(val, int) or val < 1):
@@ -293,13 +307,50 @@ def _approx(instr, x, interpreted):
   return y
 
 
-def _pallas_call(kernel, *, interpret, head_axis, cumsum="scan", **kw):
+_MAXNREG_SUFFIX = "_maxnreg"
+
+
+def _maxnreg_hook():
+  """Wraps Pallas Triton's ``lower_jaxpr_to_triton_module`` (once) so that a kernel named
+  ``<name>_maxnreg<N>`` gets the module attribute ``ttg.maxnreg = N``, which Triton's lowering to
+  LLVM turns into the PTX ``.maxnreg N`` directive (``BlockSizes.fused_maxnreg`` /
+  ``bwd_maxnreg``). The name carries N, so each pallas_call keeps its own cap through jit
+  caching."""
+  try:
+    from jax._src.pallas.triton import lowering as tl
+    from jax._src.lib.mlir import ir
+    orig = tl.lower_jaxpr_to_triton_module
+  except (ImportError, AttributeError) as e:
+    raise RuntimeError("BlockSizes.fused_maxnreg / bwd_maxnreg need Pallas Triton's "
+                       "jax._src.pallas.triton.lowering.lower_jaxpr_to_triton_module (jax 0.11), "
+                       f"not found in jax {jax.__version__}: leave them None") from e
+  if getattr(orig, "_lasad_maxnreg", False):
+    return
+
+  def lower(jaxpr, *args, **kwargs):
+    result = orig(jaxpr, *args, **kwargs)
+    name = jaxpr.debug_info.func_name if jaxpr.debug_info is not None else ""
+    head, sep, n = name.rpartition(_MAXNREG_SUFFIX)
+    if sep and head and n.isdigit():
+      op = result.module.operation
+      with op.context:
+        op.attributes["ttg.maxnreg"] = ir.IntegerAttr.get(ir.IntegerType.get_signless(32), int(n))
+    return result
+  lower._lasad_maxnreg = True
+  tl.lower_jaxpr_to_triton_module = lower
+
+
+def _pallas_call(kernel, *, interpret, head_axis, cumsum="scan", maxnreg=None, **kw):
   """``pl.pallas_call`` whose kernel body is traced with the GPU exponential of ``_exp`` unless
   it runs in the interpreter, and with ``cumsum`` (BlockSizes.cumsum) for ``_cumsum_rows``.
 
   Under ``_gated(lb)`` (the gate in the kernel) the padded lower bounds lb [Hp, K] go in as one
   more input, whole, and the body reads its head's row (grid axis ``head_axis``) for the row
-  loaders ``_tq``, ``_tkg``, ``_tk`` and ``_tg2``."""
+  loaders ``_tq``, ``_tkg``, ``_tk`` and ``_tg2``. ``maxnreg``: the compiled kernel's registers
+  per thread (``_maxnreg_hook``)."""
+  if maxnreg is not None and not interpret:
+    _maxnreg_hook()
+    kw = dict(kw, name=f"{kw['name']}{_MAXNREG_SUFFIX}{maxnreg}")
   lb = _GATE_LB.get()
   n_in = len(kw["in_specs"])
   body = kernel
@@ -1247,7 +1298,7 @@ def _fused_call(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, inter
       out_specs=out_specs,
       out_shape=out_shape,
       compiler_params=_params(bs, bs.fused_num_warps), interpret=interpret, cumsum=_cumsum(bs),
-      name="lasad_fused_forward", head_axis=1,
+      name="lasad_fused_forward", head_axis=1, maxnreg=bs.fused_maxnreg,
   )(q, k, v, g, width, prefix, bnd, h0)
 
 
@@ -1385,6 +1436,7 @@ def _fused_grads(q, k, v, g, do, width, prefix, bnd, h0, dht, *, seq_len, scale,
                  jax.ShapeDtypeStruct((b, t, h, dk), F32)],   # q dq, the two walks' scratch
       compiler_params=_params(bs, bs.grads_num_warps or 4), interpret=interpret,
       cumsum=_cumsum(bs, grads=True), name="lasad_bwd_fused", head_axis=1,
+      maxnreg=bs.bwd_maxnreg,
   )(q, k, v, g, do, width, prefix, bnd, h0, dht, *extra)
   return dq, dk_, dv_, dg, dbnd, dh0
 
