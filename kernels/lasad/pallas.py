@@ -190,8 +190,9 @@ class BlockSizes:
   # At 4 warps both take all 255, so an SM holds 2 programs though their shared memory (20 / 26
   # KB) would allow 8; 168 allows 3, 128 four, at the price of spills (scripts/kernel_ir.py
   # --regs --block-sizes fused_maxnreg=168: at (32, 1024, 16, 64) 272 stack bytes forward, 360
-  # backward). Experimental (not timed yet): it reaches into Pallas Triton's lowering, a private
-  # JAX API; compiled GPU kernels only (the interpreter ignores it).
+  # backward). Experimental: it reaches into Pallas Triton's lowering, a private JAX API;
+  # compiled GPU kernels only (the interpreter ignores it). H100, session 28 (BENCHMARKS.md):
+  # 128 made the forward slower, 168 within the spread of noisy runs, the backward no faster.
   fused_maxnreg: int | None = None
   bwd_maxnreg: int | None = None
 
