@@ -158,7 +158,9 @@ def main():
       from kernels.lasad.pallas import _fused_segments    # prefetch, other sequence splits
       auto = _fused_segments(BlockSizes(), t, t, b * h)
       variants += [("pallas two-pass", "pallas", widths[:1], BlockSizes(fused_forward=False)),
-                   ("pallas no prefetch", "pallas", widths[:1], BlockSizes(fused_prefetch=False))]
+                   ("pallas no prefetch", "pallas", widths[:1], BlockSizes(fused_prefetch=False)),
+                   # the one-pass kernel at <= 168 registers: 3 programs per SM (opt-in, session 28)
+                   ("pallas maxnreg=168", "pallas", widths[:1], BlockSizes(fused_maxnreg=168))]
       for s in sorted({max(1, auto // 2), auto * 2} - {auto}):
         variants += [(f"pallas fused seq_split={s}", "pallas", widths[:1],
                       BlockSizes(seq_split=s))]
