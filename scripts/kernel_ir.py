@@ -116,7 +116,7 @@ def _compile(ir, num_warps, num_stages, *dump_flags, maxnreg=None):
       f.write(ir)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=num_warps, num_stages=num_stages,
-                                         **({} if maxnreg is None else dict(maxnreg=maxnreg))))
+                                         maxnreg=maxnreg))
     cubin = os.path.join(tmp, f"{name}.cubin")
     with open(cubin, "wb") as f:
       f.write(kernel.asm["cubin"])
@@ -169,8 +169,10 @@ def main():
   args = ap.parse_args()
   if args.maxnreg is not None and not (args.regs or args.sass):
     ap.error("--maxnreg applies to the --regs / --sass compile; add one of them")
-  if args.maxnreg is not None and not 24 <= args.maxnreg <= 255:
-    ap.error(f"--maxnreg must be within 24..255 (registers per thread), got {args.maxnreg}")
+  from kernels.lasad.pallas import MAXNREG_RANGE
+  if args.maxnreg is not None and args.maxnreg not in MAXNREG_RANGE:
+    ap.error(f"--maxnreg must be within {MAXNREG_RANGE.start}..{MAXNREG_RANGE.stop - 1} "
+             f"(registers per thread), got {args.maxnreg}")
   asm = kernel_asm(tuple(int(x) for x in args.shape.split(",")), block_sizes(args.block_sizes))
   if args.regs or args.sass:   # either or both, per kernel
     for ir in asm:

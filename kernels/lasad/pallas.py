@@ -49,6 +49,10 @@ CUMSUM_MODES = ("auto", "scan", "dot")   # BlockSizes.cumsum
 FUSED_BWD_MIN_BH = 512   # BlockSizes.fused_backward=None: the fused backward from this B*H on
 
 
+# BlockSizes.fused_maxnreg / bwd_maxnreg (and scripts/kernel_ir.py --maxnreg): registers per thread
+MAXNREG_RANGE = range(24, 256)
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   chunk: int = 64        # C: tokens per chunk (one program of the parallel kernels)
@@ -212,9 +216,9 @@ class BlockSizes:
       raise ValueError(f"BlockSizes: diag must be auto, loop or bcast, got {self.diag!r}")
     for name in ("fused_maxnreg", "bwd_maxnreg"):
       val = getattr(self, name)
-      if val is not None and (not isinstance(val, int) or not 24 <= val <= 255):
-        raise ValueError(f"BlockSizes: {name} must be None or registers per thread in 24..255, "
-                         f"got {val!r}")
+      if val is not None and (not isinstance(val, int) or val not in MAXNREG_RANGE):
+        raise ValueError(f"BlockSizes: {name} must be None or registers per thread in "
+                         f"{MAXNREG_RANGE.start}..{MAXNREG_RANGE.stop - 1}, got {val!r}")
     for name in ("seq_split", "bwd_seq_split"):
       val = getattr(self, name)
       if val is not None and (not isinstance(val, int) or val < 1):
