@@ -7,7 +7,8 @@ baseline) on synthetic ImageNet-shaped code batches (16x16 tokens, 1000 classes)
         [--fused-norm auto|pallas|xla] [--norm-copies 0|1] [--kernel-head-norm 0|1]
         [--kernel-save-states 0|1] [--kernel-chunk 32|64|128] [--kernel-backward auto|fused|unfused]
         [--kernel-bwd-qdq 0|1] [--kernel-bwd-dq-raw 0|1] [--kernel-bwd-norm 0|1]
-        [--kernel-bwd-sub 16|32]
+        [--kernel-bwd-sub 16|32] [--kernel-fwd-warps 4|8] [--kernel-fwd-maxnreg N]
+        [--kernel-bwd-warps 4|8] [--kernel-bwd-maxnreg N]
         [--profile N]
         [--out benchmarks/results/train_h100.json]
 
@@ -57,6 +58,12 @@ BWD_OPTIONS = {
                           "the fused backward takes the gradient through the output norm"),
     "--kernel-bwd-sub": ("kernel_bwd_sub", int, (16, 32),
                          "rows per step of the fused backward (BlockSizes' default: 16)"),
+    "--kernel-fwd-warps": ("kernel_fwd_warps", int, (2, 4, 8), "warps of the one-pass forward"),
+    "--kernel-fwd-maxnreg": ("kernel_fwd_maxnreg", int, None,
+                             "registers per thread of the one-pass forward (cap)"),
+    "--kernel-bwd-warps": ("kernel_bwd_warps", int, (2, 4, 8), "warps of the fused backward"),
+    "--kernel-bwd-maxnreg": ("kernel_bwd_maxnreg", int, None,
+                             "registers per thread of the fused backward (cap)"),
 }
 
 

@@ -96,6 +96,14 @@ def get_config(variant="B"):
   # (16: far fewer register spills than 32; LASADGen-L 328.8 / 328.5 vs 333.2 / 332.1 ms per step
   # on an H100 without the two options above, session 28), or 16 / 32.
   c.kernel_bwd_sub = ml_collections.config_dict.placeholder(int)
+  # Warps per program and registers per thread (PTX .maxnreg) of the one-pass forward and the
+  # fused backward (BlockSizes.fused_num_warps / fused_maxnreg / grads_num_warps / bwd_maxnreg):
+  # None = BlockSizes' choice (4 warps, the compiler's registers: 255, so 2 programs per SM).
+  # Fewer registers or more warps trade spills for programs per SM (kernels/lasad/README.md).
+  c.kernel_fwd_warps = ml_collections.config_dict.placeholder(int)
+  c.kernel_fwd_maxnreg = ml_collections.config_dict.placeholder(int)
+  c.kernel_bwd_warps = ml_collections.config_dict.placeholder(int)
+  c.kernel_bwd_maxnreg = ml_collections.config_dict.placeholder(int)
   # Parallel forward over the layers: True = one lax.scan over the stacked weights (compile time
   # independent of depth); False = unrolled, one copy per layer. In training with remat policy
   # dots / dots_attn the scan copies each saved activation into its stacked [L, ...] buffer and

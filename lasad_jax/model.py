@@ -154,7 +154,8 @@ KERNEL_BACKWARDS = {"auto": None, "fused": True, "unfused": False}
 def _kernel_kw(cfg):
   """Pallas block sizes from config.kernel_chunk / kernel_sub / kernel_forward / kernel_dots /
   kernel_cumsum / kernel_save_states / kernel_backward / kernel_bwd_prefetch_qdq /
-  kernel_bwd_dq_raw / kernel_bwd_norm / kernel_bwd_sub ({} = the defaults)."""
+  kernel_bwd_dq_raw / kernel_bwd_norm / kernel_bwd_sub / kernel_{fwd,bwd}_{warps,maxnreg} ({} =
+  the defaults)."""
   fields = {}
   chunk = cfg.get("kernel_chunk", 64)
   if chunk not in (32, 64, 128):
@@ -174,7 +175,7 @@ def _kernel_kw(cfg):
   if dots not in ("split", "bf16"):
     raise ValueError(f"config.kernel_dots must be 'split' or 'bf16', got {dots!r}")
   fields["split_dots"] = dots == "split"
-  from kernels.lasad.pallas import CUMSUM_MODES, BlockSizes
+  from kernels.lasad.pallas import CUMSUM_MODES, MAXNREG_RANGE, BlockSizes
   cumsum = cfg.get("kernel_cumsum", "auto")
   if cumsum not in CUMSUM_MODES:
     raise ValueError(f"config.kernel_cumsum must be one of {CUMSUM_MODES}, got {cumsum!r}")
@@ -199,6 +200,20 @@ def _kernel_kw(cfg):
     if cfg.kernel_bwd_sub not in (16, 32):
       raise ValueError(f"config.kernel_bwd_sub must be None, 16 or 32, got {cfg.kernel_bwd_sub!r}")
     fields["bwd_sub"] = cfg.kernel_bwd_sub
+  # warps and register caps of the one-pass forward and the fused backward (BlockSizes.
+  # fused_num_warps / fused_maxnreg / grads_num_warps / bwd_maxnreg); None: BlockSizes' choice
+  for key, field, allowed in (("kernel_fwd_warps", "fused_num_warps", (2, 4, 8)),
+                              ("kernel_fwd_maxnreg", "fused_maxnreg", MAXNREG_RANGE),
+                              ("kernel_bwd_warps", "grads_num_warps", (2, 4, 8)),
+                              ("kernel_bwd_maxnreg", "bwd_maxnreg", MAXNREG_RANGE)):
+    val = cfg.get(key)
+    if val is None:
+      continue
+    if not isinstance(val, int) or val not in allowed:
+      span = (f"{allowed.start}..{allowed.stop - 1}" if isinstance(allowed, range)
+              else " or ".join(map(str, allowed)))
+      raise ValueError(f"config.{key} must be None or {span}, got {val!r}")
+    fields[field] = val
   if all(getattr(BlockSizes, k) == v for k, v in fields.items()):
     return {}
   return dict(block_sizes=BlockSizes(**fields))

@@ -360,7 +360,8 @@ def _hgrn2_run(case, impl, dt, **kw):
   return (o,) + tuple(grads)
 
 
-@pytest.mark.parametrize("opts", ["default", "all_options", "sub32_no_options", "maxnreg168"])
+@pytest.mark.parametrize("opts", ["default", "all_options", "sub32_no_options", "maxnreg168",
+                                  "w8_r128"])
 @pytest.mark.parametrize("boundary", [-0.5, -np.inf])
 def test_pallas_fused_backward_compiled_bf16(boundary, opts):
   """LASADGen's attention path at a training shape whose B*H (32 x 16) takes the fused backward
@@ -368,8 +369,9 @@ def test_pallas_fused_backward_compiled_bf16(boundary, opts):
   of the three-kernel backward's error, both against the float32 reference; also with the
   fused backward's q dq prefetch (BlockSizes.bwd_prefetch_qdq), and on 32-row steps without the
   in-kernel silu' and output norm's gradient (session 26's defaults: bwd_sub, bwd_dq_raw,
-  bwd_norm), and with both kernels capped at 168 registers (fused_maxnreg, bwd_maxnreg: the
-  module attribute reaches XLA's Triton compile)."""
+  bwd_norm), with both kernels capped at 168 registers (fused_maxnreg, bwd_maxnreg: the
+  module attribute reaches XLA's Triton compile), and both on 8 warps capped at 128 registers
+  with the forward on 16-row sub-chunks (2 programs of 8 warps per SM)."""
   from kernels.lasad.pallas import BlockSizes
   case = _hgrn2_case(6, 32, 256, 16, 64)
 
@@ -387,7 +389,10 @@ def test_pallas_fused_backward_compiled_bf16(boundary, opts):
            "sub32_no_options": dict(block_sizes=BlockSizes(fused_backward=True, bwd_sub=32,
                                                            bwd_dq_raw=False, bwd_norm=False)),
            "maxnreg168": dict(block_sizes=BlockSizes(fused_backward=True, fused_maxnreg=168,
-                                                     bwd_maxnreg=168))}[opts]
+                                                     bwd_maxnreg=168)),
+           "w8_r128": dict(block_sizes=BlockSizes(fused_backward=True, sub=16, fused_num_warps=8,
+                                                  fused_maxnreg=128, grads_num_warps=8,
+                                                  bwd_maxnreg=128))}[opts]
   fused = run("pallas", jnp.bfloat16, gate="kernel", norm_save="n", **extra)
   unfused = run("pallas", jnp.bfloat16, gate="kernel", norm_save="n",
                 block_sizes=BlockSizes(fused_backward=False))
