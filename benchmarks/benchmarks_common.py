@@ -25,6 +25,22 @@ def time_jax(fn, *args, iters=20, warmup=3):
   return statistics.median(ts)
 
 
+def time_jax_stream(fn, *args, calls=10, iters=10, warmup=3):
+  """Median ms per call when ``calls`` calls are issued back to back and waited for once: the
+  device's throughput, with the host's dispatch of each call overlapping the kernels of the one
+  before (what CUDA events around a stream of launches see). ``time_jax`` waits after every call,
+  so each of its times also holds one host round trip (dispatch, wait, wake-up)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  ts = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    outs = [fn(*args) for _ in range(calls)]
+    jax.block_until_ready(outs)
+    ts.append((time.perf_counter() - t0) * 1e3 / calls)
+  return statistics.median(ts)
+
+
 def inputs(shape, seed=0):
   b, t, h, d = shape
   ks = jax.random.split(jax.random.key(seed), 5)

@@ -6,7 +6,14 @@ bf16 inputs, shapes (B, T, H, D) with K = V = D. For each shape: the Pallas kern
 on (width 16/32/64/128, prefix 1, boundary -inf) and off, the XLA chunk implementation, fla
 ``chunk_gla`` (no mask; skipped if torch/fla are missing), and
 ``jax.nn.dot_product_attention(..., implementation="cudnn", is_causal=True)``; forward and
-forward+backward. Median ms after warm-up (JAX: ``block_until_ready``; torch: CUDA events).
+forward+backward. Median ms after warm-up, two ways (``--stream 0``: the first only):
+
+- ``ms``: one call at a time (JAX: ``block_until_ready`` after each; torch: CUDA events around
+  each), so a JAX time also holds one host round trip per call (tens of microseconds);
+- ``stream_ms``: 10 calls issued back to back, waited for once, per call (JAX:
+  ``benchmarks_common.time_jax_stream``; torch: CUDA events around the 10): the device's
+  throughput, the measure the HBM floor compares with.
+
 Also measures device copy bandwidth and prints each shape's HBM floor (the bytes that must move
 once / that bandwidth) and each time's ratio to it. Prints a table; writes one JSON record per
 impl x shape x pass.
@@ -25,13 +32,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks_common import inputs, time_jax  # noqa: E402
+from benchmarks_common import device_us_per_call, inputs, time_jax, time_jax_stream  # noqa: E402
 from lasad_jax.ops import lasad_attention  # noqa: E402
 
 SHAPES = [(32, 256, 16, 64), (32, 1024, 16, 64), (8, 4096, 16, 64), (2, 16384, 16, 64)]
 
 
-def time_torch(fn, iters=20, warmup=3):
+def time_torch(fn, iters=20, warmup=3, calls=1):
+  """Median ms per call between CUDA events around ``calls`` calls issued back to back."""
   import torch
   for _ in range(warmup):
     fn()
@@ -40,10 +48,11 @@ def time_torch(fn, iters=20, warmup=3):
   for _ in range(iters):
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()
-    fn()
+    for _ in range(calls):
+      fn()
     b.record()
     torch.cuda.synchronize()
-    ts.append(a.elapsed_time(b))
+    ts.append(a.elapsed_time(b) / calls)
   return statistics.median(ts)
 
 
@@ -104,7 +113,8 @@ def fla_times(shape):
     o, _ = chunk_gla(q, k, v, g, scale=1.0)
     torch.autograd.grad(o, (q, k, v, g), do)
 
-  return time_torch(fwd), time_torch(fb)
+  return ((time_torch(fwd), time_torch(fb)),
+          (time_torch(fwd, iters=10, calls=10), time_torch(fb, iters=10, calls=10)))
 
 
 def main():
@@ -112,6 +122,11 @@ def main():
   ap.add_argument("--out", default="benchmarks/results/ops_h100.json")
   ap.add_argument("--shapes", nargs="*", default=None, help="B,T,H,D entries")
   ap.add_argument("--widths", default="16,32,64,128")
+  ap.add_argument("--stream", type=int, default=1, choices=(0, 1),
+                  help="also time 10 calls back to back (stream_ms); 0: one at a time only")
+  ap.add_argument("--device-time", type=int, default=1, choices=(0, 1),
+                  help="JAX impls: also the kernels' summed device time per call from a profiler "
+                  "trace (device_ms, kernels per call); 0: not")
   ap.add_argument("--skip", default="", help="comma list of impls to skip: chunk,fla,cudnn,loop,tuning,fused,cumsum")
   args = ap.parse_args()
   shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
@@ -122,10 +137,25 @@ def main():
   print(f"device {dev.device_kind}, jax {jax.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s")
   records = []
 
-  def add(impl, shape, pas, ms, floor_ms, **extra):
+  def add(impl, shape, pas, floor_ms, ms, stream_ms=None, dev_extra=None, **extra):
+    extra.update(dev_extra or {})
+    if stream_ms is not None:
+      extra.update(stream_ms=stream_ms, stream_ratio_to_floor=stream_ms / floor_ms)
     records.append(dict(impl=impl, shape=list(shape), dtype="bfloat16", **{"pass": pas}, ms=ms,
                         hbm_floor_ms=floor_ms, ratio_to_floor=ms / floor_ms, **extra))
-    print(f"  {impl:<22} {pas:<4} {ms:8.3f} ms   {ms / floor_ms:6.1f}x floor", flush=True)
+    streamed = ("" if stream_ms is None else
+                f"   stream {stream_ms:8.3f} ms {stream_ms / floor_ms:6.1f}x floor")
+    if "device_ms" in extra:
+      streamed += f"   device {extra['device_ms']:8.3f} ms ({sum(extra['kernels'].values()):g} kernels)"
+    print(f"  {impl:<22} {pas:<4} {ms:8.3f} ms   {ms / floor_ms:6.1f}x floor{streamed}",
+          flush=True)
+
+  def jax_time(fn, *xs):   # (ms, stream_ms or None, **device time)
+    extra = {}
+    if args.device_time and dev.platform == "gpu":
+      us, kernels = device_us_per_call(fn, *xs)
+      extra = dict(device_ms=us / 1e3, kernels={k: round(c, 2) for k, c in kernels.items()})
+    return time_jax(fn, *xs), (time_jax_stream(fn, *xs) if args.stream else None), extra
 
   for shape in shapes:
     b, t, h, d = shape
@@ -172,22 +202,23 @@ def main():
         for w in ws:
           name = label + (f" w={w}" if w else "")
           wa = jnp.int32(w)
-          add(name, shape, "fwd", time_jax(fwd, q, k, v, g, wa), floor_f, width=w or None)
-          add(name, shape, "fb", time_jax(fb, q, k, v, g, wa, do), floor_fb, width=w or None)
+          add(name, shape, "fwd", floor_f, *jax_time(fwd, q, k, v, g, wa), width=w or None)
+          add(name, shape, "fb", floor_fb, *jax_time(fb, q, k, v, g, wa, do), width=w or None)
       except Exception as e:  # noqa: BLE001 -- e.g. out of memory for the XLA form
         print(f"  {label}: failed: {type(e).__name__}: {str(e)[:300]}")
     if "cudnn" not in skip:
       try:
         fwd, fb = cudnn_fns()
-        add("cudnn softmax causal", shape, "fwd", time_jax(fwd, q, k, v), floor_f)
-        add("cudnn softmax causal", shape, "fb", time_jax(fb, q, k, v, do), floor_fb)
+        add("cudnn softmax causal", shape, "fwd", floor_f, *jax_time(fwd, q, k, v))
+        add("cudnn softmax causal", shape, "fb", floor_fb, *jax_time(fb, q, k, v, do))
       except Exception as e:  # noqa: BLE001
         print(f"  cudnn: failed: {type(e).__name__}: {str(e)[:200]}")
     if "fla" not in skip:
       res = fla_times(shape)
       if res:
-        add("fla chunk_gla", shape, "fwd", res[0], floor_f)
-        add("fla chunk_gla", shape, "fb", res[1], floor_fb)
+        (f1, fb1), (fs, fbs) = res
+        add("fla chunk_gla", shape, "fwd", floor_f, f1, fs if args.stream else None)
+        add("fla chunk_gla", shape, "fb", floor_fb, fb1, fbs if args.stream else None)
     write(args, dev, bw, records)  # after every shape: a timeout keeps what was measured
 
   print_table(records)
@@ -205,24 +236,26 @@ def write(args, dev, bw, records):
 
 
 def print_table(records):
+  """Markdown tables, ms fwd / fwd+bwd: one call at a time, then back to back (if measured)."""
   shapes = sorted({tuple(r["shape"]) for r in records}, key=lambda s: s[1])
   impls = list(dict.fromkeys(r["impl"] for r in records))
-  print("\n| impl | " + " | ".join(f"{s[0]},{s[1]},{s[2]},{s[3]} fwd / fwd+bwd" for s in shapes)
-        + " |")
-  print("|---|" + "---|" * len(shapes))
-  by = {(r["impl"], tuple(r["shape"]), r["pass"]): r["ms"] for r in records}
-  for impl in impls:
-    cells = []
-    for s in shapes:
-      f, fb = by.get((impl, s, "fwd")), by.get((impl, s, "fb"))
-      cells.append(f"{f:.2f} / {fb:.2f}" if f is not None and fb is not None else "-")
-    print(f"| {impl} | " + " | ".join(cells) + " |")
-  floors = {tuple(r["shape"]): (r["hbm_floor_ms"], r["pass"]) for r in records}
-  print("| HBM floor | " + " | ".join(
-      "{:.2f} / {:.2f}".format(*[next(r["hbm_floor_ms"] for r in records
-                                      if tuple(r["shape"]) == s and r["pass"] == p)
-                                 for p in ("fwd", "fb")]) for s in shapes) + " |")
-  del floors
+  for key, what in (("ms", "one call at a time"), ("stream_ms", "10 calls back to back")):
+    by = {(r["impl"], tuple(r["shape"]), r["pass"]): r[key] for r in records if key in r}
+    if not by:
+      continue
+    print(f"\n{what}\n| impl | " + " | ".join(f"{s[0]},{s[1]},{s[2]},{s[3]} fwd / fwd+bwd"
+                                                for s in shapes) + " |")
+    print("|---|" + "---|" * len(shapes))
+    for impl in impls:
+      cells = []
+      for s in shapes:
+        f, fb = by.get((impl, s, "fwd")), by.get((impl, s, "fb"))
+        cells.append(f"{f:.3f} / {fb:.3f}" if f is not None and fb is not None else "-")
+      print(f"| {impl} | " + " | ".join(cells) + " |")
+    print("| HBM floor | " + " | ".join(
+        "{:.3f} / {:.3f}".format(*[next(r["hbm_floor_ms"] for r in records
+                                        if tuple(r["shape"]) == s and r["pass"] == p)
+                                   for p in ("fwd", "fb")]) for s in shapes) + " |")
 
 
 if __name__ == "__main__":
