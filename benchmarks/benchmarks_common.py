@@ -41,6 +41,16 @@ def time_jax_stream(fn, *args, calls=10, iters=10, warmup=3):
   return statistics.median(ts)
 
 
+def fwd_bwd(f, xs, do):
+  """(o, gradients of xs) of o = f(*xs) for the output gradient do, as fla's timing does
+  (o, then torch.autograd.grad(o, xs, do)). o is returned so that the forward runs: with
+  ``jax.grad`` of a loss alone XLA drops the forward kernels whose output only the discarded
+  loss value reads (LASAD's backward recomputes what it needs), and times the backward alone, as
+  benchmarks/ops.py and ops_parts.py did until session 29."""
+  o, pull = jax.vjp(f, *xs)
+  return o, pull(do)
+
+
 def inputs(shape, seed=0):
   b, t, h, d = shape
   ks = jax.random.split(jax.random.key(seed), 5)

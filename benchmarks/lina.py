@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks_common import time_jax  # noqa: E402
+from benchmarks_common import fwd_bwd, time_jax  # noqa: E402
 from configs.lina import get_config  # noqa: E402
 from lasad_jax.lina import flow as F  # noqa: E402
 from lasad_jax.lina import model as M  # noqa: E402
@@ -48,9 +48,7 @@ def attn_fns(kind):
     f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
   fwd = jax.jit(f)
 
-  def loss(q, k, v, do):
-    return jnp.sum(f(q, k, v).astype(jnp.float32) * do)
-  fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  fb = jax.jit(lambda q, k, v, do: fwd_bwd(f, (q, k, v), do))
   return fwd, fb
 
 

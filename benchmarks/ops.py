@@ -33,7 +33,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks_common import device_us_per_call, inputs, time_jax, time_jax_stream  # noqa: E402
+from benchmarks_common import (device_us_per_call, fwd_bwd, inputs, time_jax,  # noqa: E402
+                               time_jax_stream)
 from lasad_jax.ops import lasad_attention  # noqa: E402
 
 SHAPES = [(32, 256, 16, 64), (32, 1024, 16, 64), (8, 4096, 16, 64), (2, 16384, 16, 64)]
@@ -77,20 +78,15 @@ def jax_fns(impl, masked, block_sizes=None):
       return lasad_attention(q, k, v, g, width=w, prefix=1, boundary=-jnp.inf, **kw)
     return lasad_attention(q, k, v, g, **kw)
   fwd = jax.jit(att)
-
-  def loss(q, k, v, g, w, do):
-    return jnp.sum(att(q, k, v, g, w).astype(jnp.float32) * do)
-  fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-  return fwd, fb
+  return fwd, jax.jit(
+      lambda q, k, v, g, w, do: fwd_bwd(lambda *x: att(*x, w), (q, k, v, g), do))
 
 
 def cudnn_fns():
   att = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                       implementation="cudnn")
   fwd = jax.jit(att)
-  fb = jax.jit(jax.grad(lambda q, k, v, do: jnp.sum(att(q, k, v).astype(jnp.float32) * do),
-                        argnums=(0, 1, 2)))
-  return fwd, fb
+  return fwd, jax.jit(lambda q, k, v, do: fwd_bwd(att, (q, k, v), do))
 
 
 def fla_times(shape):

@@ -21,7 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from lasad_jax.ops import lasad_attention  # noqa: E402
 
-from benchmarks_common import inputs, time_jax  # noqa: E402
+from benchmarks_common import fwd_bwd, inputs, time_jax  # noqa: E402
 from kernels.lasad import pallas as P  # noqa: E402
 
 # The per-launch table: states, state gradients and gradients at the backward's chunk
@@ -133,15 +133,13 @@ def main():
     f = lambda q, k, v, g, bs=bs: lasad_attention(q, k, v, g, width=width, prefix=prefix,
                                                   boundary=bnd, scale=1.0, impl="pallas",
                                                   block_sizes=bs)
-    loss = lambda q, k, v, g, do, f=f: jnp.sum(f(q, k, v, g).astype(jnp.float32) * do)
-    fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    fb = jax.jit(lambda q, k, v, g, do, f=f: fwd_bwd(f, (q, k, v, g), do))
     print(f"{name:<10} {time_jax(jax.jit(f), q, k, v, g):8.3f} {time_jax(fb, q, k, v, g, do):8.3f}",
           flush=True)
   try:
     sm = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                       implementation="cudnn")
-    smfb = jax.jit(jax.grad(lambda q, k, v, do: jnp.sum(sm(q, k, v).astype(jnp.float32) * do),
-                            argnums=(0, 1, 2)))
+    smfb = jax.jit(lambda q, k, v, do: fwd_bwd(sm, (q, k, v), do))
     print(f"{'cudnn':<10} {time_jax(jax.jit(sm), q, k, v):8.3f} {time_jax(smfb, q, k, v, do):8.3f}")
   except Exception as e:  # noqa: BLE001
     print(f"cudnn failed: {type(e).__name__}: {str(e)[:200]}")
