@@ -195,8 +195,10 @@ class BlockSizes:
   # KB) would allow 8; 168 allows 3, 128 four, at the price of spills (scripts/kernel_ir.py
   # --regs --block-sizes fused_maxnreg=168: at (32, 1024, 16, 64) 272 stack bytes forward, 360
   # backward). Experimental: it reaches into Pallas Triton's lowering, a private JAX API;
-  # compiled GPU kernels only (the interpreter ignores it). H100, session 28 (BENCHMARKS.md):
-  # 128 made the forward slower, 168 within the spread of noisy runs, the backward no faster.
+  # compiled GPU kernels only (the interpreter ignores it). H100, device time (session 29,
+  # benchmarks/kernel_variants.py, BENCHMARKS.md): every cap and 8 warps, with or without
+  # 16-row forward steps, slower than the defaults, by 10-100% (168: forward 238 -> 339 us at
+  # (32, 1024, 16, 64), fused backward 919 -> 1360 us), so all stay off.
   fused_maxnreg: int | None = None
   bwd_maxnreg: int | None = None
 
