@@ -60,6 +60,15 @@ def inputs(shape, seed=0):
   return q, k, v, g, do
 
 
+def masked_case(shape, width=16):
+  """Inputs of the kernel-level benchmarks at ``shape`` = (B, T, H, D), bf16, row mask on:
+  (q, k, v, g, do, width [B], prefix [B] (1), boundary [H] (-inf, resets), a zero state
+  [B, H, D, D] float32)."""
+  b, _, h, d = shape
+  return (*inputs(shape), jnp.full((b,), width, jnp.int32), jnp.ones((b,), jnp.int32),
+          jnp.full((h,), -jnp.inf, jnp.float32), jnp.zeros((b, h, d, d), jnp.float32))
+
+
 def device_kernels(xplane_path):
   """{kernel name: [calls, total ns]} and (first start, last end, busy ns) over GPU planes."""
   stats = collections.defaultdict(lambda: [0, 0.0])

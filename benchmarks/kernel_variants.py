@@ -29,7 +29,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks_common import device_us_per_call, inputs, write_results  # noqa: E402
+from benchmarks_common import device_us_per_call, masked_case, write_results  # noqa: E402
 from kernels.lasad import pallas as P  # noqa: E402
 
 FORWARD = {
@@ -74,12 +74,8 @@ def main():
   records = []
   for spec in args.shapes:
     shape = tuple(int(x) for x in spec.split(","))
-    b, t, h, d = shape
-    q, k, v, g, do = inputs(shape)
-    width = jnp.full((b,), 16, jnp.int32)
-    prefix = jnp.ones((b,), jnp.int32)
-    bnd = jnp.full((h,), -jnp.inf, jnp.float32)
-    zeros = jnp.zeros((b, h, d, d), jnp.float32)
+    b, t, h, _ = shape
+    q, k, v, g, do, width, prefix, bnd, zeros = masked_case(shape)
     fns = {}
     for name in fwd:
       fns[("forward", name)] = (jax.jit(

@@ -25,13 +25,11 @@ import json
 import os
 import statistics
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave room for torch
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from benchmarks_common import (device_us_per_call, fwd_bwd, inputs, time_jax,  # noqa: E402
                                time_jax_stream)

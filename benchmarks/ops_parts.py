@@ -17,11 +17,10 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from lasad_jax.ops import lasad_attention  # noqa: E402
 
-from benchmarks_common import fwd_bwd, inputs, time_jax  # noqa: E402
+from benchmarks_common import fwd_bwd, masked_case, time_jax  # noqa: E402
 from kernels.lasad import pallas as P  # noqa: E402
 
 # The per-launch table: states, state gradients and gradients at the backward's chunk
@@ -65,13 +64,9 @@ def main():
                   "launches and the whole operator with the fused and the unfused backward")
   args = ap.parse_args()
   shape = tuple(int(x) for x in args.shape.split(","))
-  b, t, h, d = shape
-  q, k, v, g, do = inputs(shape)
-  width = jnp.full((b,), 16, jnp.int32)
-  prefix = jnp.ones((b,), jnp.int32)
-  bnd = jnp.full((h,), -jnp.inf, jnp.float32)
-  h0 = jnp.zeros((b, h, d, d), jnp.float32)
-  dht = jnp.zeros((b, h, d, d), jnp.float32)
+  _, t, _, _ = shape
+  q, k, v, g, do, width, prefix, bnd, h0 = masked_case(shape)
+  dht = h0
   print(f"{jax.devices()[0].device_kind}  shape {shape} bf16; ms per launch (median)")
   print("one-pass forward (its sequence split's states pass included), ms")
   for name, bs in ({} if args.only == "bwd" else FORWARD_VARIANTS).items():
