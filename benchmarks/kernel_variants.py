@@ -17,6 +17,8 @@ the forward on 16-row sub-chunks. ``python scripts/kernel_ir.py --regs --warps 8
 --block-sizes sub=16`` gives their registers and spills offline: at (32, 1024, 16, 64) the
 forward at 8 warps, 16 rows, 128 registers spills nothing (2 programs of 8 warps per SM, twice
 today's warps), at 32 rows 136 bytes; the fused backward at 8 warps and 128 registers 160 bytes.
+On the H100 (session 29, BENCHMARKS.md, results/kernel_variants_h100_s29a.json) every variant
+was 10-100% slower than the default at (32, 1024), (256, 256) and (8, 4096).
 """
 
 import argparse
