@@ -238,12 +238,21 @@ def test_kernel_sub_config_reaches_the_kernel(monkeypatch):
     reaches(key, field, ((dflt, dflt), (not dflt, not dflt)), dflt)   # (bools, as above)
   dflt = BlockSizes.bwd_sub   # None: BlockSizes' default
   reaches("kernel_bwd_sub", "bwd_sub", ((None, dflt), (16, 16), (32, 32)), dflt, 24)
+  # warps and register caps: the block sizes config.<key> makes (M._kernel_kw, which the keys
+  # above show reaching every call; compiling the model once more per value would only add
+  # executables to this long test process)
   for key, field, val, bad in (("kernel_fwd_warps", "fused_num_warps", 8, 3),
                                ("kernel_fwd_maxnreg", "fused_maxnreg", 128, 16),
                                ("kernel_bwd_warps", "grads_num_warps", 8, 6),
                                ("kernel_bwd_maxnreg", "bwd_maxnreg", 168, 256)):
-    dflt = getattr(BlockSizes, field)
-    reaches(key, field, ((None, dflt), (val, val)), dflt, bad)
+    c[key] = None
+    assert M._kernel_kw(c) == {}, key
+    c[key] = val
+    assert getattr(M._kernel_kw(c)["block_sizes"], field) == val, key
+    c[key] = bad
+    with pytest.raises(ValueError, match=key):
+      M._kernel_kw(c)
+    c[key] = None
   # config.kernel_gate: the gates inside the kernels or in XLA, the same logits
   gates, logits = [], {}
   monkeypatch.setattr(M, "hgrn2_attention", lambda *a, **kw: (
