@@ -51,6 +51,12 @@ def fwd_bwd(f, xs, do):
   return o, pull(do)
 
 
+def rel_rms(a, b):
+  """Relative RMS difference of a from b, in float32."""
+  a, b = (jnp.asarray(x, jnp.float32) for x in (a, b))
+  return float(jnp.sqrt(jnp.mean((a - b) ** 2) / jnp.mean(b ** 2)))
+
+
 def inputs(shape, seed=0):
   b, t, h, d = shape
   ks = jax.random.split(jax.random.key(seed), 5)

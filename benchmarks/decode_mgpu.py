@@ -37,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental.mosaic.gpu import profiler as mgpu_profiler  # noqa: E402
 
-from benchmarks_common import device_us_per_call, write_results  # noqa: E402
+from benchmarks_common import device_us_per_call, rel_rms, write_results  # noqa: E402
 from kernels.lasad import decode_mgpu as DM  # noqa: E402
 
 
@@ -82,7 +82,7 @@ def main():
     x_out = f(*args_)[0]
     if ref is None:
       ref = x_out
-    diff = float(jnp.sqrt(jnp.mean((x_out - ref) ** 2) / jnp.mean(ref ** 2)))
+    diff = rel_rms(x_out, ref)
     records.append(dict(variant=v or "as is", us_per_token=us, us_per_layer=us / L,
                         rel_rms_vs_first=diff))
     print(f"{v or 'as is':<24} {us:8.1f} us per token, {us / L:6.1f} per layer; output "

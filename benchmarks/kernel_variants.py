@@ -29,9 +29,9 @@ import statistics
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
-from benchmarks_common import device_us_per_call, masked_case, write_results  # noqa: E402
+from benchmarks_common import (device_us_per_call, masked_case, rel_rms,  # noqa: E402
+                               write_results)
 from kernels.lasad import pallas as P  # noqa: E402
 
 FORWARD = {
@@ -50,11 +50,6 @@ BACKWARD = {
     "w8_r128": P.BlockSizes(grads_num_warps=8, bwd_maxnreg=128),
 }
 INTERPRET = jax.default_backend() != "gpu"   # CPU: a smoke run of the code paths
-
-
-def rel_rms(a, b):
-  a, b = (jnp.asarray(x, jnp.float32) for x in (a, b))
-  return float(jnp.sqrt(jnp.mean((a - b) ** 2) / jnp.mean(b ** 2)))
 
 
 def main():
@@ -91,12 +86,11 @@ def main():
           lambda q, k, v, g, do, bs=P._bwd_blocks(bs): P._fused_grads(
               q, k, v, g, do, width, prefix, bnd, zeros, zeros, seq_len=t, scale=1.0, bs=bs,
               interpret=INTERPRET)[:4]), (q, k, v, g, do))
-    errs, times = {}, {key: [] for key in fns}
-    for key, (fn, xs) in fns.items():   # compile, and check against the default
-      out = jax.block_until_ready(fn(*xs))
-      ref = fns[(key[0], "default")][0](*xs) if (key[0], "default") in fns else out
-      outs, refs = (out, ref) if key[0] == "backward" else ((out,), (ref,))
-      errs[key] = max(rel_rms(a, r) for a, r in zip(outs, refs))
+    # compile each, and check it against its kernel's default (or itself without one)
+    outs = {key: jax.tree.leaves(jax.block_until_ready(fn(*xs))) for key, (fn, xs) in fns.items()}
+    errs = {key: max(rel_rms(a, r) for a, r in zip(out, outs.get((key[0], "default"), out)))
+            for key, out in outs.items()}
+    times = {key: [] for key in fns}
     for _ in range(args.rounds):
       for key, (fn, xs) in fns.items():
         times[key].append(device_us_per_call(fn, *xs, iters=args.iters)[0])

@@ -28,7 +28,7 @@ from jax import lax  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
-from benchmarks_common import device_us_per_call, write_results  # noqa: E402
+from benchmarks_common import device_us_per_call, rel_rms, write_results  # noqa: E402
 from kernels.lasad.decode_persistent import _spread, grid_barrier  # noqa: E402
 
 M, D, F, LAYERS = 16, 1024, 2816, 24
@@ -169,7 +169,7 @@ def main():
       if mode != "barrier":
         line += f" ({wbytes / us / 1e6:.2f} TB/s)"
       if mode == "chain":
-        err = float(jnp.sqrt(jnp.mean((got - want) ** 2) / jnp.mean(want ** 2)))
+        err = rel_rms(got, want)
         rec["rel_rms_vs_xla"] = err
         line += f", rel RMS vs XLA {err:.2e}"
       if mode == "barrier":

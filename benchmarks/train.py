@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmarks_common import profile_call  # noqa: E402
 
 
-BWD_OPTIONS = {
+KERNEL_OPTIONS = {
     "--kernel-bwd-qdq": ("kernel_bwd_prefetch_qdq", bool, (0, 1),
                          "the fused backward also prefetches its q dq rows"),
     "--kernel-bwd-dq-raw": ("kernel_bwd_dq_raw", bool, (0, 1),
@@ -70,7 +70,7 @@ BWD_OPTIONS = {
 def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", kernel_sub=32,
             profile=0, forward="auto", dots="split", scan=True, cumsum="auto", gate="auto",
             fused_norm="auto", norm_copies=True, head_norm=True, save_states=False, chunk=64,
-            backward="auto", bwd_opts=None):
+            backward="auto", kernel_opts=None):
   n = jax.device_count()
   cfg = get_config(variant)
   cfg.attention = attention
@@ -88,7 +88,7 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
   cfg.kernel_head_norm = head_norm
   cfg.kernel_save_states = save_states
   cfg.kernel_backward = backward
-  for key, val in (bwd_opts or {}).items():   # config keys of BWD_OPTIONS
+  for key, val in (kernel_opts or {}).items():   # config keys of KERNEL_OPTIONS
     cfg[key] = val
   cfg.scan_layers = scan
   cfg.warmup_steps = 10
@@ -149,7 +149,7 @@ def run_one(variant, attention, batch, mesh_kind, iters, remat, policy="full", k
               kernel_forward=forward, kernel_dots=dots, kernel_cumsum=cumsum, kernel_gate=gate,
               fused_norm=fused_norm, norm_copies=norm_copies,
               kernel_head_norm=head_norm, kernel_save_states=save_states,
-              kernel_backward=backward, **(bwd_opts or {}), scan_layers=scan,
+              kernel_backward=backward, **(kernel_opts or {}), scan_layers=scan,
               params_m=round(M.count_params(cfg) / 1e6, 2),
               step_ms=round(sec * 1e3, 2), tokens_per_s=round(tps),
               images_per_s=round(batch / sec, 1),
@@ -193,7 +193,7 @@ def main():
                   "three (unfused); auto: fused from B*H >= 512")
   # the fused backward's options: flag -> (config key, type, choices, what it does); each
   # defaults to BlockSizes' (the flag absent: the key is left out of the config's overrides)
-  for flag, (key, typ, choices, what) in BWD_OPTIONS.items():
+  for flag, (key, typ, choices, what) in KERNEL_OPTIONS.items():
     ap.add_argument(flag, type=int, default=None, choices=choices,
                     help=f"config.{key}: {what}; absent: BlockSizes' default")
   ap.add_argument("--no-scan", action="store_true",
@@ -203,8 +203,8 @@ def main():
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
   given = {key: (typ, getattr(args, flag[2:].replace("-", "_")))
-           for flag, (key, typ, _, _) in BWD_OPTIONS.items()}
-  bwd_opts = {key: typ(val) for key, (typ, val) in given.items() if val is not None}
+           for flag, (key, typ, _, _) in KERNEL_OPTIONS.items()}
+  kernel_opts = {key: typ(val) for key, (typ, val) in given.items() if val is not None}
   dev = jax.devices()[0]
   print(f"{jax.device_count()} x {getattr(dev, 'device_kind', dev.platform)}, jax {jax.__version__}"
         f", mesh {args.mesh}, remat {args.remat_policy if args.remat else False}")
@@ -222,7 +222,7 @@ def main():
                       args.kernel_cumsum, args.kernel_gate, args.fused_norm,
                       bool(args.norm_copies), bool(args.kernel_head_norm),
                       bool(args.kernel_save_states), args.kernel_chunk, args.kernel_backward,
-                      bwd_opts)
+                      kernel_opts)
         except Exception as e:  # noqa: BLE001  (out of memory: try the next smaller batch)
           msg = str(e).splitlines()[0][:120]
           if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
