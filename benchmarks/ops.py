@@ -65,13 +65,24 @@ def copy_bandwidth():
           2 * x.nbytes / (time_jax_stream(f, x) / 1e3))
 
 
-def jax_fns(impl, masked, block_sizes=None):
-  """Jitted forward and forward+backward; ``width`` is a runtime argument (one compile)."""
+def jax_fns(impl, masked, block_sizes=None, state_arrays=False):
+  """Jitted forward and forward+backward; ``width`` is a runtime argument (one compile).
+  ``state_arrays``: as every call before session 30 ran: width, prefix and boundary broadcast to
+  [B] / [H] arrays, a zero initial state array in and the final state out (unused), i.e. three
+  broadcast kernels and a memset before the kernel, and a state read and written by it."""
   kw = dict(impl=impl, scale=1.0)
   if block_sizes is not None:
     kw["block_sizes"] = block_sizes
 
   def att(q, k, v, g, w):
+    if state_arrays:
+      b, _, h, d = q.shape
+      o, _ = lasad_attention(q, k, v, g, width=jnp.broadcast_to(w, (b,)),
+                             prefix=jnp.broadcast_to(jnp.int32(1), (b,)),
+                             boundary=jnp.broadcast_to(-jnp.inf, (h,)),
+                             initial_state=jnp.zeros((b, h, d, v.shape[-1]), jnp.float32),
+                             return_final_state=True, **kw)
+      return o
     if masked:
       return lasad_attention(q, k, v, g, width=w, prefix=1, boundary=-jnp.inf, **kw)
     return lasad_attention(q, k, v, g, **kw)
@@ -123,7 +134,8 @@ def main():
   ap.add_argument("--device-time", type=int, default=1, choices=(0, 1),
                   help="JAX impls: also the kernels' summed device time per call from a profiler "
                   "trace (device_ms, kernels per call); 0: not")
-  ap.add_argument("--skip", default="", help="comma list of impls to skip: chunk,fla,cudnn,loop,tuning,fused,cumsum")
+  ap.add_argument("--skip", default="", help="comma list of impls to skip: "
+                  "chunk,fla,cudnn,loop,tuning,fused,cumsum,state")
   args = ap.parse_args()
   shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
   widths = [int(w) for w in args.widths.split(",") if w]
@@ -177,6 +189,8 @@ def main():
                 ("pallas unfused bwd", "pallas", widths[:1], BlockSizes(fused_backward=False))]
     if "loop" in skip:
       variants = variants[:2]
+    if "state" not in skip:   # the calls' form before session 30 (jax_fns' state_arrays)
+      variants.insert(1, ("pallas state arrays", "pallas", widths[:1], "state"))
     if "cumsum" not in skip:   # Triton scans in every kernel (the default before session 10)
       variants += [("pallas cumsum=scan", "pallas", widths[:1], BlockSizes(cumsum="scan"))]
     if "tuning" not in skip:   # other block sizes, at the first width
@@ -201,7 +215,8 @@ def main():
       variants.append(("chunk (XLA)", "chunk", widths[:1], None))
     for label, impl, ws, bsz in variants:
       try:
-        fwd, fb = jax_fns(impl, ws != [0], bsz)
+        fwd, fb = (jax_fns(impl, True, state_arrays=True) if bsz == "state" else
+                   jax_fns(impl, ws != [0], bsz))
         for w in ws:
           name = label + (f" w={w}" if w else "")
           wa = jnp.int32(w)

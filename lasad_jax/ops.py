@@ -26,7 +26,8 @@ def _is_concrete(x):
 
 
 def _int_arg(name, x, batch, minimum):
-  """Scalar or [B] int32 array; concrete values must be >= minimum."""
+  """Scalar or [B] int32 array -> int32 [1] (one value for every row) or [B]; concrete values
+  must be >= minimum."""
   if isinstance(x, bool) or (isinstance(x, numbers.Number) and not isinstance(x, numbers.Integral)):
     raise ValueError(f"`{name}` must be an int or an int32 array of shape [B], got {x!r}.")
   arr = jnp.asarray(x)
@@ -39,7 +40,7 @@ def _int_arg(name, x, batch, minimum):
     what = "positive (the number of tokens per image row)" if minimum == 1 else (
         "non-negative (the number of condition tokens before the image)")
     raise ValueError(f"`{name}` must be {what}, got {np.asarray(arr).tolist()}.")
-  return jnp.broadcast_to(arr.astype(jnp.int32), (batch,))
+  return arr.astype(jnp.int32).reshape(-1)
 
 
 def _validate(q, k, v, g, boundary, initial_state):
@@ -76,12 +77,14 @@ def _validate(q, k, v, g, boundary, initial_state):
                      f"{np.asarray(b).tolist()}.")
   if _is_concrete(b) and b.size and bool(np.any(np.isnan(np.asarray(b, np.float32)))):
     raise ValueError("`boundary` contains NaN.")
-  return jnp.broadcast_to(b.astype(jnp.float32), (heads,))
+  return b.astype(jnp.float32).reshape(-1)
 
 
 def _operator_args(q, k, v, g, width, prefix, boundary, scale, initial_state):
-  """Checked operator inputs: ((q, k, v, g, width [B], prefix [B], boundary [H], float32
-  initial state), use_mask, scale as a float (None: K**-0.5))."""
+  """Checked operator inputs: ((q, k, v, g, width [B] or [1], prefix [B] or [1], boundary [H] or
+  [1], float32 initial state or None), use_mask, scale as a float (None: K**-0.5)). The Pallas
+  kernels take the [1] forms and a missing state as they are (no broadcast or zero array is
+  written for them); ``_full`` makes the arrays the other implementations take."""
   bnd = _validate(q, k, v, g, boundary, initial_state)
   batch, _, heads, dk = q.shape
   use_mask = width is not None
@@ -91,10 +94,28 @@ def _operator_args(q, k, v, g, width, prefix, boundary, scale, initial_state):
     scale = dk ** -0.5
   if not isinstance(scale, numbers.Real):
     raise ValueError(f"`scale` must be a Python float, got {type(scale).__name__}.")
-  if initial_state is None:
-    initial_state = jnp.zeros((batch, heads, dk, v.shape[-1]), jnp.float32)
-  return ((q, k, v, g, width, prefix, bnd, initial_state.astype(jnp.float32)), use_mask,
-          float(scale))
+  if initial_state is not None:
+    initial_state = initial_state.astype(jnp.float32)
+  return (q, k, v, g, width, prefix, bnd, initial_state), use_mask, float(scale)
+
+
+def _full(args):
+  """``_operator_args``' arguments as the reference and chunk forms take them: width and prefix
+  [B], boundary [H], a (zero) initial state array."""
+  q, k, v, g, width, prefix, bnd, h0 = args
+  batch, _, heads, dk = q.shape
+  if h0 is None:
+    h0 = jnp.zeros((batch, heads, dk, v.shape[-1]), jnp.float32)
+  return (q, k, v, g, jnp.broadcast_to(width, (batch,)), jnp.broadcast_to(prefix, (batch,)),
+          jnp.broadcast_to(bnd, (heads,)), h0)
+
+
+def _batched(args):
+  """``over_batch``'s flags for ``_operator_args``' arguments (a [1] width or prefix is shared
+  by every row: replicated)."""
+  batch = args[0].shape[0]
+  w, p = args[4], args[5]
+  return (True, True, True, True, w.shape[0] == batch, p.shape[0] == batch, False, True)
 
 
 def default_impl():
@@ -143,9 +164,9 @@ def lasad_attention(q, k, v, g, *, width=None, prefix=0, boundary=0.0, scale=Non
   if impl == "auto":
     impl = default_impl()
   if impl == "reference":
-    o, final = _reference_jit(*args, scale=scale, use_mask=use_mask)
+    o, final = _reference_jit(*_full(args), scale=scale, use_mask=use_mask)
   elif impl == "chunk":
-    o, final = lasad_chunk(*args, scale=scale, use_mask=use_mask, chunk_size=chunk_size)
+    o, final = lasad_chunk(*_full(args), scale=scale, use_mask=use_mask, chunk_size=chunk_size)
   else:
     try:
       from kernels.lasad.pallas import lasad_pallas
@@ -154,8 +175,9 @@ def lasad_attention(q, k, v, g, *, width=None, prefix=0, boundary=0.0, scale=Non
     kw = {} if block_sizes is None else dict(block_sizes=block_sizes)
     # per device on its batch rows under a sharded train step (XLA cannot partition the kernel)
     o, final = over_batch(
-        lambda *a: lasad_pallas(*a, scale=scale, use_mask=use_mask, **kw), args,
-        batched=(True, True, True, True, True, True, False, True))
+        lambda *a: lasad_pallas(*a, scale=scale, use_mask=use_mask,
+                                final_state=return_final_state, **kw), args,
+        batched=_batched(args))
   o = o.astype(out_dtype)
   return (o, final) if return_final_state else o
 
@@ -222,13 +244,13 @@ def hgrn2_attention(q_raw, f, v, lb, *, width=None, prefix=0, boundary=0.0, scal
     o = rms_norm(o.reshape(-1, o.shape[-1]), 1.0, norm_eps).reshape(o.shape).astype(o.dtype)
     return (o, final) if return_final_state else o
   # lasad_attention's checks on the gates' shapes (f stands in for k and g)
-  (_, _, _, _, *rest), use_mask, scale = _operator_args(q_raw, f, v, f, width, prefix, boundary,
-                                                        scale, initial_state)
+  args, use_mask, scale = _operator_args(q_raw, f, v, f, width, prefix, boundary, scale,
+                                         initial_state)
   from kernels.lasad.pallas import hgrn2_pallas
   bkw = {} if block_sizes is None else dict(block_sizes=block_sizes)
   o, final = over_batch(
       lambda *a: hgrn2_pallas(*a, scale=scale, use_mask=use_mask, norm_eps=norm_eps,
-                              norm_save=norm_save, **bkw),
-      (q_raw, f, v, lb, *rest), batched=(True, True, True, False, True, True, False, True))
+                              norm_save=norm_save, final_state=return_final_state, **bkw),
+      (q_raw, f, v, lb, *args[4:]), batched=_batched(args)[:3] + (False,) + _batched(args)[4:])
   o = o.astype(jnp.result_type(q_raw.dtype, v.dtype))
   return (o, final) if return_final_state else o

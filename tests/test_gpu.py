@@ -414,3 +414,50 @@ def test_skinny_matmul_compiled(pdl, splits):
   got = jax.jit(lambda x, w: G.skinny_matmul(x, w, G.GemmConfig(splits=splits, pdl=pdl)))(x, w)
   err = float(jnp.sqrt(jnp.mean((got - ref) ** 2) / jnp.mean(ref ** 2)))
   assert err < 1e-5, err   # float32 accumulation of exact bf16 products: rounding only
+
+
+@pytest.mark.parametrize("shape", [(32, 256, 16, 64), (2, 4096, 4, 64)])
+def test_pallas_without_state_arrays_compiled(shape):
+  """The training path compiled: no initial state and no final state asked for (the kernels
+  start from zeros and write no state; scalar width / prefix / boundary go in as [1] arrays),
+  against a zero initial-state array in and the final state out with a zero cotangent. Output
+  and every gradient, lasad_attention (at (2, 4096) with the sequence split) and LASADGen's
+  hgrn2_attention (gates in the kernels, output norm, the fused backward at B*H = 512). The two
+  do the same arithmetic, so they agree to bf16 rounding; a wrong start state or a dropped
+  state gradient would differ by O(1)."""
+  b, t, h, d = shape
+  q, k, v, g, do, _ = _bf16_inputs(31, b, t, h, d)
+  zero = jnp.zeros((b, h, d, d), jnp.float32)
+  kw = dict(width=16, prefix=1, boundary=-0.5, impl="pallas")
+
+  def lasad(with_state):
+    def fn(q, k, v, g):
+      if with_state:
+        o, _ = lasad_attention(q, k, v, g, initial_state=zero, return_final_state=True, **kw)
+      else:
+        o = lasad_attention(q, k, v, g, **kw)
+      return jnp.sum(o.astype(jnp.float32) * do), o
+    (_, o), grads = jax.jit(jax.value_and_grad(fn, argnums=range(4), has_aux=True))(q, k, v, g)
+    return (o,) + tuple(grads)
+
+  from lasad_jax.ops import hgrn2_attention
+  qr, f, vv, lb, dn, _ = _hgrn2_case(7, b, t, h, d)
+
+  def hgrn2(with_state):
+    def fn(qr, f, v, lb):
+      args = (qr.astype(jnp.bfloat16), f.astype(jnp.bfloat16), v.astype(jnp.bfloat16), lb)
+      hkw = dict(kw, boundary=-jnp.inf, gate="kernel", norm_eps=1e-5, norm_save="n", scale=1.0)
+      if with_state:
+        o, _ = hgrn2_attention(*args, initial_state=zero, return_final_state=True, **hkw)
+      else:
+        o = hgrn2_attention(*args, **hkw)
+      return jnp.sum(o.astype(jnp.float32) * dn), o
+    (_, o), grads = jax.jit(jax.value_and_grad(fn, argnums=range(4), has_aux=True))(qr, f, vv, lb)
+    return (o,) + tuple(grads)
+
+  for name, run in (("lasad", lasad), ("hgrn2", hgrn2)):
+    for i, (a, r) in enumerate(zip(run(False), run(True))):
+      err = oracle.rel_rms(a, r)
+      print(f"{name} {shape} output/grad {i}: no state arrays vs zero state: {err:.2e}")
+      assert np.all(np.isfinite(np.asarray(a, np.float32))), (name, i)
+      assert err < 1e-3, (name, i, err)

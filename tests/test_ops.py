@@ -776,3 +776,80 @@ def test_pallas_fused_backward_bf16_error_no_worse(split):
       assert fused[n] > 2 * unfused[n], (fused, unfused)
       continue
     assert fused[n] < 1.2 * unfused[n] + 1e-5, (n, fused, unfused)
+
+
+NO_STATE_FORMS = {"default": {}, "fused_bwd": dict(fused_backward=True),
+                  "two_pass_unfused": dict(fused_forward=False, fused_backward=False),
+                  "seq_split": dict(seq_split=2)}
+
+
+@pytest.mark.parametrize("form", NO_STATE_FORMS)
+@pytest.mark.parametrize("boundary", [-np.inf, [-0.4, 0.0, -np.inf]], ids=["scalar", "per_head"])
+def test_pallas_without_state_arrays(form, boundary):
+  """No initial state and no final state asked for (the training path): the kernels start from
+  zeros and write no final state or initial-state gradient, and scalar width / prefix /
+  boundary go in as [1] arrays; no pallas_call takes or returns a [B, H, K, V] array. Output and
+  every gradient against the float64 oracle (zero h0, no final-state cotangent), in the
+  default forms, the two-pass forward with the three-kernel backward, and a sequence split."""
+  from kernels.lasad.pallas import BlockSizes
+  b, t, h, d = 2, 256, 3, 16
+  q, k, v, g, _ = make_inputs(21, b, t, h, d, d, 20.0)
+  do = np.random.default_rng(5).standard_normal((b, t, h, d)).astype(np.float32)
+  bnd = np.asarray(boundary, np.float32)
+  bs = BlockSizes(**NO_STATE_FORMS[form])
+
+  def f(q, k, v, g, bd):
+    return lasad_attention(q, k, v, g, width=12, prefix=1, boundary=bd, impl="pallas",
+                           block_sizes=bs)
+
+  o, vjp = jax.vjp(f, q, k, v, g, jnp.asarray(bnd))
+  grads = dict(zip(("dq", "dk", "dv", "dg", "dboundary"), vjp(jnp.asarray(do))))
+  kw = dict(width=12, prefix=1, boundary=boundary)
+  o_ref, _, _ = oracle.forward(q, k, v, g, **kw)
+  g_ref = oracle.backward(q, k, v, g, do, np.zeros((b, h, d, d)), **kw)
+  assert oracle.rel_rms(o, o_ref) < 1e-4
+  for name in ("dq", "dk", "dv", "dg"):
+    assert oracle.rel_rms(grads[name], g_ref[name]) < 5e-4, name
+  assert grads["dboundary"].shape == bnd.shape
+  finite = np.isfinite(np.broadcast_to(bnd, (h,)))
+  if finite.any():
+    got, ref = np.broadcast_to(grads["dboundary"], (h,)), g_ref["dboundary"]
+    assert oracle.rel_rms(got[finite], ref[finite]) < 5e-4
+
+  shapes = []
+
+  def walk(jaxpr):
+    for e in jaxpr.eqns:
+      if e.primitive.name == "pallas_call":
+        shapes.extend(tuple(x.aval.shape) for x in list(e.invars) + list(e.outvars))
+      for p in e.params.values():
+        inner = getattr(p, "jaxpr", None)
+        if inner is not None:
+          walk(inner if hasattr(inner, "eqns") else inner.jaxpr)
+  loss = lambda *x: jnp.sum(f(*x) * do)  # noqa: E731
+  walk(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, g, bnd).jaxpr)
+  assert shapes, "no pallas_call found"
+  assert (b, h, d, d) not in shapes, "a [B, H, K, V] state went through HBM"
+  assert (b,) not in shapes, "width / prefix were broadcast to [B]"
+  if bnd.ndim == 0:
+    assert (h,) not in shapes, "the boundary was broadcast to [H]"
+
+
+def test_pallas_final_state_without_initial_state():
+  """initial_state=None with return_final_state=True, and a final-state cotangent: the kernels
+  start from zeros but write the final state (prefill); h0's gradient is not asked for."""
+  b, t, h, d = 2, 96, 2, 16
+  q, k, v, g, _ = make_inputs(22, b, t, h, d, d, 5.0)
+  rng = np.random.default_rng(6)
+  do, dst = rng.standard_normal((b, t, h, d)), rng.standard_normal((b, h, d, d))
+  f = lambda q, k, v, g: lasad_attention(q, k, v, g, width=8, prefix=1, boundary=-0.5,  # noqa: E731
+                                         impl="pallas", return_final_state=True)
+  (o, st), vjp = jax.vjp(f, q, k, v, g)
+  grads = dict(zip(("dq", "dk", "dv", "dg"),
+                   vjp((jnp.asarray(do, jnp.float32), jnp.asarray(dst, jnp.float32)))))
+  kw = dict(width=8, prefix=1, boundary=-0.5)
+  o_ref, st_ref, _ = oracle.forward(q, k, v, g, **kw)
+  g_ref = oracle.backward(q, k, v, g, do, dst, **kw)
+  assert oracle.rel_rms(o, o_ref) < 1e-4 and oracle.rel_rms(st, st_ref) < 1e-4
+  for name in grads:
+    assert oracle.rel_rms(grads[name], g_ref[name]) < 5e-4, name

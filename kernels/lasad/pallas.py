@@ -534,6 +534,21 @@ def _scalars(w_ref, p_ref, bd_ref):
   return w_ref[0], p_ref[0], bd_ref[0]
 
 
+def _start(ref, rows_ref, cols_ref):
+  """A walk's starting [K, V] state: ``ref``'s block, or zeros where the call has none (no initial
+  state / no final-state gradient: no memset and no read of a zero array)."""
+  if ref is None:
+    return jnp.zeros((rows_ref.shape[-1], cols_ref.shape[-1]), F32)
+  return ref[...].astype(F32)
+
+
+def _put(ref, x):
+  """Store x where the call has the output (an unwanted final state / initial-state gradient has
+  none)."""
+  if ref is not None:
+    ref[...] = x
+
+
 def _mx(x, dtype):
   """Operand dtype for tensor-core dots: the input dtype (bf16) or float32."""
   return x.astype(dtype)
@@ -557,7 +572,7 @@ def _states_kernel(k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, s_ref, ht_
       dec_ref[0][pl.ds(n, 1), :] = decay[None, :]
     return s
 
-  ht_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(F32))
+  _put(ht_ref, lax.fori_loop(0, n_chunks, body, _start(h0_ref, k_ref, v_ref)))
 
 
 def _state_step(k, v, g, s, pos, gate_args, dtype):
@@ -713,8 +728,8 @@ def _fused_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, o_re
       _store_out(o_ref, r_ref, pl.ds(j * sub, sub), scale * o, norm)
       return s, nxt
 
-    init = (h0_ref[...].astype(F32), _load_rows(refs, 0, sub))
-    ht_ref[...] = lax.fori_loop(0, n_sub, step, init)[0]
+    init = (_start(h0_ref, k_ref, v_ref), _load_rows(refs, 0, sub))
+    _put(ht_ref, lax.fori_loop(0, n_sub, step, init)[0])
     return
 
   def body(n, s):
@@ -727,7 +742,7 @@ def _fused_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, p_ref, bd_ref, h0_ref, o_re
       _store_out(o_ref, r_ref, pl.ds(base, sub), scale * o, norm)
     return s
 
-  ht_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(F32))
+  _put(ht_ref, lax.fori_loop(0, n_chunks, body, _start(h0_ref, k_ref, v_ref)))
 
 
 # --------------------------------------------------------------------------- backward kernels
@@ -747,7 +762,7 @@ def _dstates_kernel(q_ref, do_ref, g_ref, w_ref, p_ref, bd_ref, dht_ref, ds_ref,
     decay = _exp(tot) * (seg_end == 0)
     return decay[:, None] * ds + _dot(_mx(qh, dtype), do, trans_a=True)
 
-  dh0_ref[...] = lax.fori_loop(0, n_chunks, body, dht_ref[...].astype(F32))
+  _put(dh0_ref, lax.fori_loop(0, n_chunks, body, _start(dht_ref, q_ref, do_ref)))
 
 
 def _advance(k_ref, v_ref, g_ref, s, n, gate_args, dtype):
@@ -1021,8 +1036,8 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, 
     return (_exp(x["tot_col"]) * (x["nres"] == 0) * s
             + sm(k * e_out, v.astype(dtype), trans_a=True))
 
-  s_end = walk(fwd, h0_ref[...].astype(F32), lambda i: i, refs)
-  d_end = dht_ref[...].astype(F32)
+  s_end = walk(fwd, _start(h0_ref, k_ref, v_ref), lambda i: i, refs)
+  d_end = _start(dht_ref, k_ref, v_ref)
   _barrier()   # qdq_ref's stores before the second walk's loads of them
 
   def bwd(j, raw, carry):
@@ -1053,18 +1068,35 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, w_ref, p_ref, bd_ref, 
   later = jnp.sum(s_end * d_end, axis=1)[None, :]
   ds, _, dbnd, dlb = walk(bwd, (d_end, later, zero, zero), lambda i: n_sub - 1 - i,
                           refs + ((qdq_ref,) if prefetch_qdq else ()))
-  dh0_ref[...] = ds
+  _put(dh0_ref, ds)
   dbnd_ref[...] = dbnd
   if gated:
     dg_ref[...] = dlb
 
 
 # --------------------------------------------------------------------------- pallas_calls
-def _scalar_specs(order):
-  """BlockSpecs for width [B], prefix [B] and boundary [H]; ``order`` maps grid ids -> (b, h)."""
-  return [pl.BlockSpec((1,), lambda *ids: (order(*ids)[0],)),
-          pl.BlockSpec((1,), lambda *ids: (order(*ids)[0],)),
-          pl.BlockSpec((1,), lambda *ids: (order(*ids)[1],))]
+def _scalar_specs(order, width, prefix, bnd):
+  """BlockSpecs for width and prefix ([B], or [1] for all rows) and boundary ([H], or [1] for all
+  heads); ``order`` maps grid ids -> (b, h). A [1] array is read at index 0 by every program, so
+  a scalar argument needs no broadcast kernel before the call."""
+  def spec(x, axis):
+    if x.shape[0] == 1:
+      return pl.BlockSpec((1,), lambda *ids: (0,))
+    return pl.BlockSpec((1,), lambda *ids: (order(*ids)[axis],))
+  return [spec(width, 0), spec(prefix, 0), spec(bnd, 1)]
+
+
+def _optional_refs(kernel, present):
+  """``kernel(*refs)`` with None in place of each of its leading refs that ``present`` marks
+  False: inputs and outputs a call leaves out (a zero initial state, an unwanted final state
+  or initial-state gradient)."""
+  if all(present):
+    return kernel
+
+  def body(*refs):
+    it = iter(refs)
+    kernel(*[next(it) if p else None for p in present], *it)
+  return body
 
 
 def _block_v(bs, bh, dv):
@@ -1089,35 +1121,41 @@ def _params(bs, num_warps=None):
 
 
 def _scan_call(kernel, name, x, y, g, width, prefix, bnd, init, *, bs, interpret, decay=False,
-               per_chunk=True):
+               per_chunk=True, last=True):
   """The two sequential kernels: grid (B, H, V/bv); inputs x, g [B, T, H, K] whole, y [B, T, H, V]
-  in V blocks, init [B, H, K, V]; outputs per-chunk states [B, H, N, K, V] (not with
-  ``per_chunk=False``: then None) and the last state (and with ``decay`` each chunk's decay
-  [B, H, N, K], from the first V block)."""
+  in V blocks, init [B, H, K, V] (None: zeros, read from no array); outputs per-chunk states
+  [B, H, N, K, V] (not with ``per_chunk=False``: then None) and the last state (not with
+  ``last=False``: None) (and with ``decay`` each chunk's decay [B, H, N, K], from the first V
+  block)."""
   b, t, h, dk = x.shape
   dv = y.shape[-1]
   n = t // bs.chunk
   bv = _block_v(bs, b * h, dv)
   nv = dv // bv
   seq_k, seq_v, state = _walk_specs(t, dk, bv)
-  out_specs = [pl.BlockSpec((None, None, n, dk, bv), lambda i, j, kv: (i, j, 0, 0, kv)), state]
-  out_shape = [jax.ShapeDtypeStruct((b, h, n, dk, dv), F32), jax.ShapeDtypeStruct((b, h, dk, dv), F32)]
-  body = functools.partial(kernel, chunk=bs.chunk, n_chunks=n)
-  if not per_chunk:
-    out_specs, out_shape = out_specs[1:], out_shape[1:]
-    body = lambda *refs, f=body: f(*refs[:7], None, *refs[7:])  # noqa: E731
+  per = (pl.BlockSpec((None, None, n, dk, bv), lambda i, j, kv: (i, j, 0, 0, kv)),
+         jax.ShapeDtypeStruct((b, h, n, dk, dv), F32))
+  end = (state, jax.ShapeDtypeStruct((b, h, dk, dv), F32))
+  kept = [o for o, want in ((per, per_chunk), (end, last)) if want]
+  out_specs, out_shape = [o[0] for o in kept], [o[1] for o in kept]
+  body = _optional_refs(functools.partial(kernel, chunk=bs.chunk, n_chunks=n),
+                        (True,) * 6 + (init is not None, per_chunk, last))
   if decay:   # one copy per V block (each program writes its own; identical values)
     out_specs.append(pl.BlockSpec((None, None, None, n, dk), lambda i, j, kv: (i, j, kv, 0, 0)))
     out_shape.append(jax.ShapeDtypeStruct((b, h, nv, n, dk), F32))
   out = _pallas_call(
       body, grid=(b, h, nv),
-      in_specs=[seq_k, seq_v, seq_k] + _scalar_specs(lambda i, j, kv: (i, j)) + [state],
+      in_specs=[seq_k, seq_v, seq_k] + _scalar_specs(lambda i, j, kv: (i, j), width, prefix, bnd)
+      + ([] if init is None else [state]),
       out_specs=out_specs, out_shape=out_shape,
       compiler_params=_params(bs), interpret=interpret, cumsum=_cumsum(bs), name=name,
       head_axis=1,
-  )(x, y, g, width, prefix, bnd, init)
+  )(x, y, g, width, prefix, bnd, *(() if init is None else (init,)))
+  out = list(out)
   if not per_chunk:
-    out = [None] + list(out)
+    out.insert(0, None)
+  if not last:
+    out.insert(1, None)
   return (out[0], out[1], out[2][:, :, 0]) if decay else tuple(out)
 
 
@@ -1156,18 +1194,20 @@ def _split_inputs(s, width, prefix, *xs):
   b, t = xs[0].shape[:2]
   seg = t // s
   shaped = [x.reshape((b * s, seg) + x.shape[2:]) for x in xs]
+  width, prefix = jnp.broadcast_to(width, (b,)), jnp.broadcast_to(prefix, (b,))
   w = jnp.repeat(width, s)
   p = (prefix[:, None] - seg * jnp.arange(s, dtype=jnp.int32)[None, :]).reshape(-1)
   return shaped, w, p
 
 
-def _chunk_states(k, v, g, width, prefix, bnd, h0, *, seq_len, bs, interpret):
+def _chunk_states(k, v, g, width, prefix, bnd, h0, *, seq_len, bs, interpret, last=True):
   return _chunk_states_dec(k, v, g, width, prefix, bnd, h0, seq_len=seq_len, bs=bs,
-                           interpret=interpret)[:2]
+                           interpret=interpret, last=last)[:2]
 
 
-def _chunk_states_dec(k, v, g, width, prefix, bnd, h0, *, seq_len, bs, interpret):
-  """(states [B, H, N, K, V], final state, chunk decays [B, H, N, K] or None without a split).
+def _chunk_states_dec(k, v, g, width, prefix, bnd, h0, *, seq_len, bs, interpret, last=True):
+  """(states [B, H, N, K, V], final state (None with ``last=False``, where the kernel then does
+  not write it), chunk decays [B, H, N, K] or None without a split).
 
   With a sequence split of S: the states kernel runs on B*S segments from zero states (S times
   the programs), then a scan over the S segment ends (tiny, in XLA) and one fix-up pass add the
@@ -1177,17 +1217,15 @@ def _chunk_states_dec(k, v, g, width, prefix, bnd, h0, *, seq_len, bs, interpret
   s = _segments(bs, t, seq_len, b * h)
   if s == 1:
     states, final = _scan_call(kern, "lasad_states", k, v, g, width, prefix, bnd, h0, bs=bs,
-                               interpret=interpret)
+                               interpret=interpret, last=last)
     return states, final, None
-  dv = v.shape[-1]
   (ks, vs, gs), w, p = _split_inputs(s, width, prefix, k, v, g)
-  zero = jnp.zeros((b * s, h, dk, dv), F32)
-  loc, loc_final, dec = _scan_call(kern, "lasad_states", ks, vs, gs, w, p, bnd, zero, bs=bs,
+  loc, loc_final, dec = _scan_call(kern, "lasad_states", ks, vs, gs, w, p, bnd, None, bs=bs,
                                    interpret=interpret, decay=True)
   m = loc.shape[2]                                               # chunks per segment
   dec = jnp.swapaxes(dec.reshape(b, s, h, m, dk), 1, 2).reshape(b, h, s * m, dk)
   states, final = _join_segments(loc, loc_final, dec, h0, s, reverse=False)
-  return states, final, dec
+  return states, (final if last else None), dec
 
 
 def _join_segments(loc, loc_end, dec, init, s, *, reverse):
@@ -1218,8 +1256,9 @@ def _join_segments(loc, loc_end, dec, init, s, *, reverse):
 def _walk_segments(loc_end, seg_dec, init):
   """The scan over S segment ends: loc_end [B, S, H, K, V] (what leaves each segment started from
   zero), seg_dec [B, S, H, K] (each segment's total decay), init [B, H, K, V] -> (what enters
-  each segment [B, S, H, K, V], what leaves the last)."""
-  carry, entering = init.astype(F32), []
+  each segment [B, S, H, K, V], what leaves the last); init None: zeros."""
+  carry = jnp.zeros_like(loc_end[:, 0], F32) if init is None else init.astype(F32)
+  entering = []
   for i in range(loc_end.shape[1]):
     entering.append(carry)
     carry = seg_dec[:, i, :, :, None] * carry + loc_end[:, i]
@@ -1227,7 +1266,7 @@ def _walk_segments(loc_end, seg_dec, init):
 
 
 def _fused_forward(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, interpret,
-                   norm=None, save=False):
+                   norm=None, save=False, final=True):
   """(o, final state) by ``_fused_kernel``; with a sequence split, a states pass that writes only
   each segment's end state and decays, and ``_walk_segments``, give each segment its start.
   ``norm`` (eps, dv): (o normalised per row, final state, inverse rms [B, H, T]), by the kernel
@@ -1236,7 +1275,8 @@ def _fused_forward(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, in
   the kernel (``_chunk_states``' values at the forward's chunk; the backward's 32-token chunks
   take them and the gradient kernel advances every other one, ``_grads``), or None where
   either pass splits the sequence or the backward's chunk is under half the forward's (then the
-  backward recomputes them)."""
+  backward recomputes them). ``h0`` None: a zero initial state; ``final=False``: the final state
+  is not written (None in its place)."""
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   s = _fused_segments(bs, t, seq_len, b * h)
@@ -1247,22 +1287,23 @@ def _fused_forward(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, in
                 and bs.chunk // bwd.chunk in (1, 2))
     in_kernel = norm is not None and _block_v(bs, b * h, dv) == dv
     out = _fused_call(q, k, v, g, width, prefix, bnd, h0, seq_len=seq_len, scale=scale, bs=bs,
-                      interpret=interpret, norm=norm if in_kernel else None, save=keep)
+                      interpret=interpret, norm=norm if in_kernel else None, save=keep,
+                      final=final)
     states = out[-1] if keep else None
     out = out[:-1] if keep else out
     out = out if norm is None or in_kernel else _with_norm(*out, norm)
     return tuple(out) + (states,) if save else out
   (qs, ks, vs, gs), w, p = _split_inputs(s, width, prefix, q, k, v, g)
   kern = functools.partial(_states_kernel, seq_len=seq_len, dtype=k.dtype)
-  _, loc_end, dec = _scan_call(kern, "lasad_segment_states", ks, vs, gs, w, p, bnd,
-                               jnp.zeros((b * s, h, dk, dv), F32), bs=bs, interpret=interpret,
-                               decay=True, per_chunk=False)
+  _, loc_end, dec = _scan_call(kern, "lasad_segment_states", ks, vs, gs, w, p, bnd, None, bs=bs,
+                               interpret=interpret, decay=True, per_chunk=False)
   seg_dec = jnp.prod(dec, axis=2).reshape(b, s, h, dk)
-  entering, final = _walk_segments(loc_end.reshape(b, s, h, dk, dv), seg_dec, h0)
+  entering, last = _walk_segments(loc_end.reshape(b, s, h, dk, dv), seg_dec, h0)
   o, _ = _fused_call(qs, ks, vs, gs, w, p, bnd, entering.reshape(b * s, h, dk, dv),
-                     seq_len=seq_len, scale=scale, bs=bs, interpret=interpret)
+                     seq_len=seq_len, scale=scale, bs=bs, interpret=interpret, final=False)
   o = o.reshape(b, t, h, dv)
-  out = (o, final) if norm is None else _with_norm(o, final, norm)
+  last = last if final else None
+  out = (o, last) if norm is None else _with_norm(o, last, norm)
   return out + (None,) if save else out
 
 
@@ -1279,7 +1320,9 @@ def _with_norm(o, final, norm):
 
 
 def _fused_call(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, interpret, norm=None,
-                save=False):
+                save=False, final=True):
+  """[o, final state (None with ``final=False``), *the norm's and ``save``'s outputs];
+  ``h0`` None: start from zeros."""
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   bv = _block_v(bs, b * h, dv)
@@ -1288,9 +1331,11 @@ def _fused_call(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, inter
                            seq_len=seq_len, scale=scale, dtype=q.dtype, diag=bs.diag,
                            fast_limit=bs.fast_limit, split=bs.split_dots,
                            prefetch=bs.fused_prefetch, norm=norm, save=save)
-  out_specs = [seq_v, state]
-  out_shape = [jax.ShapeDtypeStruct((b, t, h, dv), q.dtype),
-               jax.ShapeDtypeStruct((b, h, dk, dv), F32)]
+  kern = _optional_refs(kern, (True,) * 7 + (h0 is not None, True, final))
+  out_specs = [seq_v] + ([state] if final else [])
+  out_shape = [jax.ShapeDtypeStruct((b, t, h, dv), q.dtype)]
+  if final:
+    out_shape.append(jax.ShapeDtypeStruct((b, h, dk, dv), F32))
   if norm is not None:   # whole rows per program (bv == dv): their inverse rms, [B, H, T]
     assert bv == dv, (bv, dv)
     out_specs.append(pl.BlockSpec((None, None, t), lambda i, j, kv: (i, j, 0)))
@@ -1299,14 +1344,18 @@ def _fused_call(q, k, v, g, width, prefix, bnd, h0, *, seq_len, scale, bs, inter
     n = t // bs.chunk
     out_specs.append(pl.BlockSpec((None, None, n, dk, bv), lambda i, j, kv: (i, j, 0, 0, kv)))
     out_shape.append(jax.ShapeDtypeStruct((b, h, n, dk, dv), F32))
-  return _pallas_call(
+  out = _pallas_call(
       kern, grid=(b, h, dv // bv),
-      in_specs=[seq_k, seq_k, seq_v, seq_k] + _scalar_specs(lambda i, j, kv: (i, j)) + [state],
+      in_specs=[seq_k, seq_k, seq_v, seq_k]
+      + _scalar_specs(lambda i, j, kv: (i, j), width, prefix, bnd)
+      + ([] if h0 is None else [state]),
       out_specs=out_specs,
       out_shape=out_shape,
       compiler_params=_params(bs, bs.fused_num_warps), interpret=interpret, cumsum=_cumsum(bs),
       name="lasad_fused_forward", head_axis=1, maxnreg=bs.fused_maxnreg,
-  )(q, k, v, g, width, prefix, bnd, h0)
+  )(q, k, v, g, width, prefix, bnd, *(() if h0 is None else (h0,)))
+  out = list(out)
+  return out if final else [out[0], None] + out[1:]
 
 
 def _chunk_spec(d, c):
@@ -1327,7 +1376,7 @@ def _outputs(q, k, v, g, width, prefix, bnd, states, *, seq_len, scale, bs, inte
   return _pallas_call(
       kern, grid=(b, t // c, h),
       in_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c), _chunk_spec(dk, c)]
-      + _scalar_specs(lambda i, j, hh: (i, hh)) + [_state_spec(dk, dv)],
+      + _scalar_specs(lambda i, j, hh: (i, hh), width, prefix, bnd) + [_state_spec(dk, dv)],
       out_specs=_chunk_spec(dv, c),
       out_shape=jax.ShapeDtypeStruct((b, t, h, dv), q.dtype),
       compiler_params=_params(bs), interpret=interpret, cumsum=_cumsum(bs), name="lasad_output",
@@ -1335,8 +1384,10 @@ def _outputs(q, k, v, g, width, prefix, bnd, states, *, seq_len, scale, bs, inte
   )(q, k, v, g, width, prefix, bnd, states)
 
 
-def _dstates(q, do, g, width, prefix, bnd, dht, *, seq_len, scale, bs, interpret, dec=None):
-  """(dS_n [B, H, N, K, V]: gradient of the state leaving chunk n, d initial_state). With a
+def _dstates(q, do, g, width, prefix, bnd, dht, *, seq_len, scale, bs, interpret, dec=None,
+             last=True):
+  """(dS_n [B, H, N, K, V]: gradient of the state leaving chunk n, d initial_state (None with
+  ``last=False``, not written where there is no split)). With a
   sequence split, ``dec`` (the chunk decays from ``_chunk_states_dec``) carries the gradient
   arriving at each segment's end back through its chunks, as the forward does the states."""
   kern = functools.partial(_dstates_kernel, seq_len=seq_len, scale=scale, dtype=q.dtype)
@@ -1344,15 +1395,14 @@ def _dstates(q, do, g, width, prefix, bnd, dht, *, seq_len, scale, bs, interpret
   s = _segments(bs, t, seq_len, b * h)
   if s == 1:
     return _scan_call(kern, "lasad_dstates", q, do, g, width, prefix, bnd, dht, bs=bs,
-                      interpret=interpret)
+                      interpret=interpret, last=last)
   if dec is None:
     raise ValueError("a sequence split needs the chunk decays of the forward states")
-  dv = do.shape[-1]
   (qs, dos, gs), w, p = _split_inputs(s, width, prefix, q, do, g)
-  zero = jnp.zeros((b * s, h, dk, dv), F32)
-  loc, loc_d0 = _scan_call(kern, "lasad_dstates", qs, dos, gs, w, p, bnd, zero, bs=bs,
+  loc, loc_d0 = _scan_call(kern, "lasad_dstates", qs, dos, gs, w, p, bnd, None, bs=bs,
                            interpret=interpret)
-  return _join_segments(loc, loc_d0, dec, dht, s, reverse=True)
+  dstates, d0 = _join_segments(loc, loc_d0, dec, dht, s, reverse=True)
+  return dstates, (d0 if last else None)
 
 
 def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scale, bs,
@@ -1382,7 +1432,7 @@ def _grads(q, k, v, g, do, width, prefix, bnd, states, dstates, *, seq_len, scal
   return _pallas_call(
       kern, grid=(b, n, h),
       in_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c), _chunk_spec(dk, c),
-                _chunk_spec(dv, c)] + _scalar_specs(lambda i, j, hh: (i, hh))
+                _chunk_spec(dv, c)] + _scalar_specs(lambda i, j, hh: (i, hh), width, prefix, bnd)
       + [s_spec, _state_spec(dk, dv)] + prev_specs,
       out_specs=[_chunk_spec(dk, c), _chunk_spec(dk, c), _chunk_spec(dv, c),
                  per_chunk if gated else _chunk_spec(dk, c), per_chunk],
@@ -1431,50 +1481,62 @@ def _fused_grads(q, k, v, g, do, width, prefix, bnd, h0, dht, *, seq_len, scale,
   if norm is not None:   # n [B, T, H, V] as do; r [B, H, T] whole rows per program
     extra_specs = [seq_v, pl.BlockSpec((None, None, t), lambda i, j: (i, j, 0))]
     extra = (norm[0].astype(do.dtype), norm[1].astype(F32))
-  dq, dk_, dv_, dg, dbnd, dh0, _ = _pallas_call(
+  # h0 / dht None: the walks start from zeros; no h0, no dh0 output
+  states = [x for x in (h0, dht) if x is not None]
+  out_specs = [seq_k, seq_k, seq_v, per_head if gated else seq_k, per_head, state, seq_k]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+               jax.ShapeDtypeStruct(v.shape, v.dtype),
+               head_row if gated else jax.ShapeDtypeStruct(g.shape, g.dtype), head_row,
+               jax.ShapeDtypeStruct((b, h, dk, dv), F32),
+               jax.ShapeDtypeStruct((b, t, h, dk), F32)]   # q dq, the two walks' scratch
+  if h0 is None:   # the kernel's dh0_ref (the 6th output) is None: placed after the norm's refs
+    del out_specs[5], out_shape[5]
+    at = 10 + len(extra) + 5   # after the ten inputs, the norm's two and dq ... d boundary
+    kern = functools.partial(lambda f, *refs: f(*refs[:at], None, *refs[at:]), kern)
+  kern = _optional_refs(kern, (True,) * 8 + (h0 is not None, dht is not None))
+  out = _pallas_call(
       kern, grid=(b, h),
-      in_specs=[seq_k, seq_k, seq_v, seq_k, seq_v] + _scalar_specs(lambda i, j: (i, j))
-      + [state, state] + extra_specs,
-      out_specs=[seq_k, seq_k, seq_v, per_head if gated else seq_k, per_head, state, seq_k],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype),
-                 head_row if gated else jax.ShapeDtypeStruct(g.shape, g.dtype), head_row,
-                 jax.ShapeDtypeStruct((b, h, dk, dv), F32),
-                 jax.ShapeDtypeStruct((b, t, h, dk), F32)],   # q dq, the two walks' scratch
+      in_specs=[seq_k, seq_k, seq_v, seq_k, seq_v]
+      + _scalar_specs(lambda i, j: (i, j), width, prefix, bnd) + [state] * len(states)
+      + extra_specs,
+      out_specs=out_specs, out_shape=out_shape,
       compiler_params=_params(bs, bs.grads_num_warps or 4), interpret=interpret,
       cumsum=_cumsum(bs, grads=True), name="lasad_bwd_fused", head_axis=1,
       maxnreg=bs.bwd_maxnreg,
-  )(q, k, v, g, do, width, prefix, bnd, h0, dht, *extra)
-  return dq, dk_, dv_, dg, dbnd, dh0
+  )(q, k, v, g, do, width, prefix, bnd, *states, *extra)
+  dq, dk_, dv_, dg, dbnd = out[:5]
+  return dq, dk_, dv_, dg, dbnd, (None if h0 is None else out[5])
 
 
 # --------------------------------------------------------------------------- custom VJP
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
-def _lasad(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret):
-  return _lasad_fwd(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12))
+def _lasad(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret, final):
+  return _lasad_fwd(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret, final)[0]
 
 
 def _forward(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret, norm=None,
-             save=False):
+             save=False, final=True):
   """(o, final state), or with ``norm`` (eps, dv) (o normalised per row, final, inverse rms);
   ``save``: one more result, the backward's per-chunk states where the one-pass kernel wrote
-  them (else None)."""
+  them (else None). ``h0`` None: a zero initial state; ``final=False``: None for the final
+  state, which the one-pass kernel then does not write."""
   kw = dict(seq_len=seq_len, bs=bs, interpret=interpret)
   if bs.fused_forward:
     return _fused_forward(q, k, v, g, width, prefix, bnd, h0, scale=scale, norm=norm,
-                          save=save, **kw)
-  states, final = _chunk_states(k, v, g, width, prefix, bnd, h0, **kw)
+                          save=save, final=final, **kw)
+  states, last = _chunk_states(k, v, g, width, prefix, bnd, h0, last=final, **kw)
   o = _outputs(q, k, v, g, width, prefix, bnd, states, scale=scale, **kw)
-  out = (o, final) if norm is None else _with_norm(o, final, norm)
+  last = last if final else None
+  out = (o, last) if norm is None else _with_norm(o, last, norm)
   return out + (None,) if save else out
 
 
-def _lasad_fwd(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret):
-  out = _forward(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret)
+def _lasad_fwd(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret, final):
+  out = _forward(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret, final=final)
   return out, (q, k, v, g, width, prefix, bnd, h0)
 
 
-def _lasad_bwd(seq_len, scale, bs, interpret, res, cts):
+def _lasad_bwd(seq_len, scale, bs, interpret, final, res, cts):
   return _bwd_impl(seq_len, scale, bs, interpret, res, cts)[0]
 
 
@@ -1487,7 +1549,8 @@ def _bwd_impl(seq_len, scale, bs, interpret, res, cts, dq_raw=False, norm=None):
   the fused backward takes it through the norm where ``BlockSizes.bwd_norm`` allows, else
   ``_norm_rows_bwd`` does first."""
   q, k, v, g, width, prefix, bnd, h0, *saved = res
-  do, dht = cts
+  do, dht = cts   # dht None: no final state was returned (a zero initial state: h0 None)
+  dht = None if dht is None else dht.astype(F32)
   bs = _bwd_blocks(bs)
   kw = dict(seq_len=seq_len, bs=bs, interpret=interpret)
   fused = not (saved and saved[0] is not None) and _fused_bwd_applies(bs, *q.shape, v.shape[-1],
@@ -1497,22 +1560,28 @@ def _bwd_impl(seq_len, scale, bs, interpret, res, cts, dq_raw=False, norm=None):
   if fused:
     raw = dq_raw and bs.bwd_dq_raw
     dq, dk, dv, dg, dbnd, dh0 = _fused_grads(q, k, v, g, do.astype(q.dtype), width, prefix, bnd,
-                                             h0, dht.astype(F32), scale=scale, dq_raw=raw,
-                                             norm=norm, **kw)
-    return (dq, dk, dv, dg, None, None, jnp.sum(dbnd, axis=(0, 1, 3, 4)), dh0), raw
+                                             h0, dht, scale=scale, dq_raw=raw, norm=norm, **kw)
+    return (dq, dk, dv, dg, None, None, _dbnd(dbnd, bnd), dh0), raw
   if saved and saved[0] is not None:   # saved only where the backward is unsplit: no decays
     states, dec = saved[0], None     # one per forward chunk, so maybe one per two of these
   else:
-    states, _, dec = _chunk_states_dec(k, v, g, width, prefix, bnd, h0, **kw)
-  dstates, dh0 = _dstates(q, do.astype(q.dtype), g, width, prefix, bnd, dht.astype(F32),
-                          scale=scale, dec=dec, **kw)
+    states, _, dec = _chunk_states_dec(k, v, g, width, prefix, bnd, h0, last=False, **kw)
+  dstates, dh0 = _dstates(q, do.astype(q.dtype), g, width, prefix, bnd, dht, scale=scale,
+                          dec=dec, last=h0 is not None, **kw)
+  dh0 = None if h0 is None else dh0
   dq, dk, dv, dg, dbnd = _grads(q, k, v, g, do.astype(q.dtype), width, prefix, bnd, states,
                                 dstates, scale=scale, **kw)
-  dbnd = jnp.sum(dbnd, axis=(0, 1, 3, 4))
-  return (dq, dk, dv, dg, None, None, dbnd, dh0), False
+  return (dq, dk, dv, dg, None, None, _dbnd(dbnd, bnd), dh0), False
 
 
 _lasad.defvjp(_lasad_fwd, _lasad_bwd)
+
+
+def _dbnd(parts, bnd):
+  """The boundary's gradient from the kernels' [B, N, H, 1, K] parts, in bnd's shape ([H] or
+  [1])."""
+  d = jnp.sum(parts, axis=(0, 1, 3, 4))
+  return jnp.sum(d, keepdims=True) if bnd.shape[0] == 1 else d
 
 
 def _pow2_at_least_16(d):
@@ -1529,24 +1598,30 @@ class _Padding:
     batch, self.seq_len, _, self.dk = x.shape
     self.dv = v.shape[-1]
     # width <= 0 disables the mask in _gate
-    self.width = width if use_mask else jnp.zeros((batch,), jnp.int32)
+    self.width = width if use_mask else jnp.zeros((1,), jnp.int32)
     self.dtype = jnp.bfloat16 if x.dtype == jnp.bfloat16 else F32
     self.t_pad = -self.seq_len % bs.chunk
     self.kp = _pow2_at_least_16(self.dk) - self.dk
     self.vp = _pow2_at_least_16(self.dv) - self.dv
-    self.h0 = jnp.pad(initial_state, ((0, 0), (0, 0), (0, self.kp), (0, self.vp)))
+    # None: a zero initial state, which the kernels start from without reading an array
+    self.h0 = None if initial_state is None else jnp.pad(
+        initial_state, ((0, 0), (0, 0), (0, self.kp), (0, self.vp)))
 
   def __call__(self, x, d, value=0.0, dtype=None):
     return jnp.pad(x.astype(dtype or self.dtype), ((0, 0), (0, self.t_pad), (0, 0), (0, d)),
                    constant_values=value)
 
   def crop(self, o, final):
-    return o[:, :self.seq_len, :, :self.dv], final[:, :, :self.dk, :self.dv]
+    return (o[:, :self.seq_len, :, :self.dv],
+            None if final is None else final[:, :, :self.dk, :self.dv])
 
 
 def lasad_pallas(q, k, v, g, width, prefix, boundary, initial_state, *, scale, use_mask,
-                 block_sizes=BlockSizes(), interpret=None):
-  """Same contract as ``reference.lasad_reference`` (already validated by lasad_jax.ops).
+                 block_sizes=BlockSizes(), interpret=None, final_state=True):
+  """Same contract as ``reference.lasad_reference`` (already validated by lasad_jax.ops), except
+  that width and prefix may be [1] (every row) and boundary [1] (every head), initial_state may
+  be None (zeros, read from no array) and with ``final_state=False`` the final state is None
+  (not written).
 
   Pads T to a multiple of the chunk and K, V to powers of two >= 16 (Triton tile shapes); the
   padding is k = v = q = 0 and g = 0, which changes nothing, and is cropped from the results.
@@ -1557,7 +1632,7 @@ def lasad_pallas(q, k, v, g, width, prefix, boundary, initial_state, *, scale, u
   # g keeps its own dtype (a float32 gate with bf16 q/k/v stays float32).
   gp = pad(g, pad.kp, dtype=g.dtype if pad.dtype == jnp.bfloat16 else F32)
   o, final = _lasad(pad(q, pad.kp), pad(k, pad.kp), pad(v, pad.vp), gp, pad.width, prefix,
-                    boundary, pad.h0, pad.seq_len, scale, bs, pad.interpret)
+                    boundary, pad.h0, pad.seq_len, scale, bs, pad.interpret, bool(final_state))
   return pad.crop(o, final)   # o in the kernel dtype; ops casts
 
 
@@ -1568,13 +1643,13 @@ def _lb_rows(lb):
   return jnp.pad(lb.astype(F32), ((0, (1 << (h - 1).bit_length()) - h), (0, 0)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12))
-def _hgrn2(qr, f, v, lb, width, prefix, bnd, h0, seq_len, scale, bs, interpret, norm):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12, 13))
+def _hgrn2(qr, f, v, lb, width, prefix, bnd, h0, seq_len, scale, bs, interpret, norm, final):
   return _hgrn2_fwd(qr, f, v, lb, width, prefix, bnd, h0, seq_len, scale, bs, interpret,
-                    norm)[0]
+                    norm, final)[0]
 
 
-def _hgrn2_fwd(qr, f, v, lb, width, prefix, bnd, h0, seq_len, scale, bs, interpret, norm):
+def _hgrn2_fwd(qr, f, v, lb, width, prefix, bnd, h0, seq_len, scale, bs, interpret, norm, final):
   """``norm``: None, or (eps, dv, name): the output normalised per row (``_store_out``); its
   gradient reads that output and the inverse rms, both named ``name`` (a checkpoint_name, so a
   remat policy that keeps it keeps the forward kernel from rerunning; None: unnamed)."""
@@ -1586,7 +1661,7 @@ def _hgrn2_fwd(qr, f, v, lb, width, prefix, bnd, h0, seq_len, scale, bs, interpr
   save = norm is not None and norm[2] is not None and bs.save_states
   with _gated(_lb_rows(lb)):
     out = _forward(qr, f, v, f, width, prefix, bnd, h0, seq_len, scale, bs, interpret,
-                   None if norm is None else norm[:2], save=save)
+                   None if norm is None else norm[:2], save=save, final=final)
   if norm is None:
     return out, res
   n, final, r, *rest = out
@@ -1615,7 +1690,7 @@ def _norm_rows_bwd(dn, n, r, dv):
                     dv).astype(dn.dtype)
 
 
-def _hgrn2_bwd(seq_len, scale, bs, interpret, norm, res, cts):
+def _hgrn2_bwd(seq_len, scale, bs, interpret, norm, final, res, cts):
   states = norm_rows = None
   if norm is not None:   # through the norm in _bwd_impl (the fused kernel's or XLA's)
     *res, n, r, states = res
@@ -1636,7 +1711,8 @@ _hgrn2.defvjp(_hgrn2_fwd, _hgrn2_bwd)
 
 
 def hgrn2_pallas(q_raw, f, v, lb, width, prefix, boundary, initial_state, *, scale, use_mask,
-                 block_sizes=BlockSizes(), interpret=None, norm_eps=None, norm_save=None):
+                 block_sizes=BlockSizes(), interpret=None, norm_eps=None, norm_save=None,
+                 final_state=True):
   """``lasad_pallas`` on HGRN2's gates computed inside the kernels (``reference.hgrn2_gates``):
   q_raw, f [B, T, H, K] (the projections), lb [H, K]. The kernels read q_raw and f instead of q,
   k and a float32 g, so neither XLA's gate pass nor its recomputation in the backward writes
@@ -1651,5 +1727,6 @@ def hgrn2_pallas(q_raw, f, v, lb, width, prefix, boundary, initial_state, *, sca
   lbp = jnp.pad(lb.astype(F32), ((0, 0), (0, pad.kp)))
   norm = None if norm_eps is None else (float(norm_eps), pad.dv, norm_save)
   o, final = _hgrn2(pad(q_raw, pad.kp), pad(f, pad.kp, jnp.inf), pad(v, pad.vp), lbp, pad.width,
-                    prefix, boundary, pad.h0, pad.seq_len, scale, bs, pad.interpret, norm)
+                    prefix, boundary, pad.h0, pad.seq_len, scale, bs, pad.interpret, norm,
+                    bool(final_state))
   return pad.crop(o, final)
