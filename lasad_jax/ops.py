@@ -143,8 +143,10 @@ def lasad_attention(q, k, v, g, *, width=None, prefix=0, boundary=0.0, scale=Non
     boundary: log decay at row starts, float or [H]: 0.0 carries the state across the row break,
       ``-inf`` resets it exactly, a finite negative value decays it partially.
     scale: query scale; defaults to K**-0.5 (HGRN2 / LASADGen use 1.0).
-    initial_state: optional [B, H, K, V] state (kept in float32).
-    return_final_state: also return the [B, H, K, V] float32 state after the last token.
+    initial_state: optional [B, H, K, V] state (kept in float32). None: zeros, which the Pallas
+      kernels start from without any array (no memset, no read).
+    return_final_state: also return the [B, H, K, V] float32 state after the last token (without
+      it the Pallas kernels write none, and their backward no initial-state gradient).
     impl: "auto" | "reference" (lax.scan, exact) | "chunk" (XLA chunked) | "pallas" (GPU kernel).
     chunk_size: chunk length for "chunk" (a multiple of 16, or any size <= 16).
     block_sizes: ``kernels.lasad.pallas.BlockSizes`` tuning knobs for "pallas" (None: defaults).
