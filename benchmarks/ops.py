@@ -3,7 +3,9 @@
     python benchmarks/ops.py [--out benchmarks/results/ops_h100.json] [--shapes 32,1024,16,64 ...]
 
 bf16 inputs, shapes (B, T, H, D) with K = V = D. For each shape: the Pallas kernel with the row mask
-on (width 16/32/64/128, prefix 1, boundary -inf) and off, the XLA chunk implementation, fla
+on (width 16/32/64/128, prefix 1, boundary -inf) and off, and once more as calls ran before
+session 30 ("pallas state arrays": a zero initial state in, the final state out, width / prefix /
+boundary broadcast first; ``--skip state`` leaves it out), the XLA chunk implementation, fla
 ``chunk_gla`` (no mask; skipped if torch/fla are missing), and
 ``jax.nn.dot_product_attention(..., implementation="cudnn", is_causal=True)``; forward and
 forward+backward. Median ms after warm-up, two ways (``--stream 0``: the first only):
