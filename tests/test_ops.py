@@ -816,6 +816,17 @@ def test_pallas_without_state_arrays(form, boundary):
     got, ref = np.broadcast_to(grads["dboundary"], (h,)), g_ref["dboundary"]
     assert oracle.rel_rms(got[finite], ref[finite]) < 5e-4
 
+  loss = lambda *x: jnp.sum(f(*x) * do)  # noqa: E731
+  shapes = _pallas_shapes(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), q, k, v, g, bnd)
+  assert shapes, "no pallas_call found"
+  assert (b, h, d, d) not in shapes, "a [B, H, K, V] state went through HBM"
+  assert (b,) not in shapes, "width / prefix were broadcast to [B]"
+  if bnd.ndim == 0:
+    assert (h,) not in shapes, "the boundary was broadcast to [H]"
+
+
+def _pallas_shapes(fn, *args):
+  """The shapes of every operand and result of the pallas_calls in fn's jaxpr (nested too)."""
   shapes = []
 
   def walk(jaxpr):
@@ -826,13 +837,35 @@ def test_pallas_without_state_arrays(form, boundary):
         inner = getattr(p, "jaxpr", None)
         if inner is not None:
           walk(inner if hasattr(inner, "eqns") else inner.jaxpr)
-  loss = lambda *x: jnp.sum(f(*x) * do)  # noqa: E731
-  walk(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, g, bnd).jaxpr)
-  assert shapes, "no pallas_call found"
-  assert (b, h, d, d) not in shapes, "a [B, H, K, V] state went through HBM"
-  assert (b,) not in shapes, "width / prefix were broadcast to [B]"
-  if bnd.ndim == 0:
-    assert (h,) not in shapes, "the boundary was broadcast to [H]"
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return shapes
+
+
+def test_hgrn2_training_path_has_no_state_arrays():
+  """LASADGen's attention call in training (hgrn2_attention, gates in the kernels, the output
+  norm named for remat, no initial or final state): its forward and backward pallas_calls move
+  no [B, H, K, V] state and take width / prefix / boundary as [1] arrays; the gradients equal
+  those of the call with a zero initial state and the final state out (zero cotangent)."""
+  from lasad_jax.ops import hgrn2_attention
+  b, t, h, d = 2, 128, 3, 16
+  rng = np.random.default_rng(8)
+  qr, f, v, do = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32) for _ in range(4))
+  lb = jnp.asarray(rng.uniform(0, 0.9, (h, d)), jnp.float32)
+  kw = dict(width=8, prefix=1, boundary=-np.inf, impl="pallas", gate="kernel", norm_eps=1e-5,
+            norm_save="n")
+
+  def loss(qr, f, v, lb, state):
+    if state:
+      o, _ = hgrn2_attention(qr, f, v, lb, initial_state=jnp.zeros((b, h, d, d)),
+                             return_final_state=True, **kw)
+    else:
+      o = hgrn2_attention(qr, f, v, lb, **kw)
+    return jnp.sum(o * do)
+  grad = jax.grad(loss, argnums=(0, 1, 2, 3))
+  shapes = _pallas_shapes(lambda *x: grad(*x, False), qr, f, v, lb)
+  assert shapes and (b, h, d, d) not in shapes and (b,) not in shapes and (h,) not in shapes
+  for a, r in zip(grad(qr, f, v, lb, False), grad(qr, f, v, lb, True)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-6, atol=1e-6)
 
 
 def test_pallas_final_state_without_initial_state():
