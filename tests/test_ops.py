@@ -868,6 +868,67 @@ def test_hgrn2_training_path_has_no_state_arrays():
     np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("fused_bwd", [False, True], ids=["three_kernel_bwd", "fused_bwd"])
+@pytest.mark.parametrize("has_h0,final", [(False, True), (True, False)],
+                         ids=["final_no_h0", "h0_no_final"])
+def test_pallas_one_state_only(has_h0, final, fused_bwd):
+  """One of the two states: no initial state but the final one out (prefill; its cotangent
+  given), or an initial state in and no final state (a continuation; dh0 from the output alone).
+  Output, final state and every gradient against the float64 oracle, both backward forms."""
+  from kernels.lasad.pallas import BlockSizes
+  b, t, h, d = 2, 96, 2, 16
+  q, k, v, g, s0 = make_inputs(22, b, t, h, d, d, 5.0, h0=has_h0)
+  rng = np.random.default_rng(6)
+  do = rng.standard_normal((b, t, h, d))
+  dst = rng.standard_normal((b, h, d, d)) if final else np.zeros((b, h, d, d))
+  kw = dict(width=8, prefix=1, boundary=-0.5)
+  bs = BlockSizes(fused_backward=fused_bwd)
+
+  def f(q, k, v, g, s0):
+    return lasad_attention(q, k, v, g, impl="pallas", initial_state=s0 if has_h0 else None,
+                           return_final_state=final, block_sizes=bs, **kw)
+  x0 = jnp.asarray(s0) if has_h0 else jnp.zeros((b, h, d, d))
+  out, vjp = jax.vjp(f, q, k, v, g, x0)
+  ct = (jnp.asarray(do, jnp.float32), jnp.asarray(dst, jnp.float32)) if final else \
+      jnp.asarray(do, jnp.float32)
+  grads = dict(zip(("dq", "dk", "dv", "dg", "dh0"), vjp(ct)))
+  o_ref, st_ref, _ = oracle.forward(q, k, v, g, h0=s0, **kw)
+  g_ref = oracle.backward(q, k, v, g, do, dst, h0=s0, **kw)
+  o = out[0] if final else out
+  assert oracle.rel_rms(o, o_ref) < 1e-4
+  if final:
+    assert oracle.rel_rms(out[1], st_ref) < 1e-4
+  for name in ("dq", "dk", "dv", "dg") + (("dh0",) if has_h0 else ()):
+    assert oracle.rel_rms(grads[name], g_ref[name]) < 5e-4, name
+
+
+def test_hgrn2_training_path_has_no_state_arrays():
+  """LASADGen's attention call in training (hgrn2_attention, gates in the kernels, the output
+  norm named for remat, no initial or final state): its forward and backward pallas_calls move
+  no [B, H, K, V] state and take width / prefix / boundary as [1] arrays; the gradients equal
+  those of the call with a zero initial state and the final state out (zero cotangent)."""
+  from lasad_jax.ops import hgrn2_attention
+  b, t, h, d = 2, 128, 3, 16
+  rng = np.random.default_rng(8)
+  qr, f, v, do = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32) for _ in range(4))
+  lb = jnp.asarray(rng.uniform(0, 0.9, (h, d)), jnp.float32)
+  kw = dict(width=8, prefix=1, boundary=-np.inf, impl="pallas", gate="kernel", norm_eps=1e-5,
+            norm_save="n")
+
+  def loss(qr, f, v, lb, state):
+    if state:
+      o, _ = hgrn2_attention(qr, f, v, lb, initial_state=jnp.zeros((b, h, d, d)),
+                             return_final_state=True, **kw)
+    else:
+      o = hgrn2_attention(qr, f, v, lb, **kw)
+    return jnp.sum(o * do)
+  grad = jax.grad(loss, argnums=(0, 1, 2, 3))
+  shapes = _pallas_shapes(lambda *x: grad(*x, False), qr, f, v, lb)
+  assert shapes and (b, h, d, d) not in shapes and (b,) not in shapes and (h,) not in shapes
+  for a, r in zip(grad(qr, f, v, lb, False), grad(qr, f, v, lb, True)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-6, atol=1e-6)
+
+
 def test_pallas_final_state_without_initial_state():
   """initial_state=None with return_final_state=True, and a final-state cotangent: the kernels
   start from zeros but write the final state (prefill); h0's gradient is not asked for."""
