@@ -250,9 +250,10 @@ def hgrn2_attention(q_raw, f, v, lb, *, width=None, prefix=0, boundary=0.0, scal
                                          initial_state)
   from kernels.lasad.pallas import hgrn2_pallas
   bkw = {} if block_sizes is None else dict(block_sizes=block_sizes)
+  batched = _batched(args)   # lb [H, K] in g's place: replicated
   o, final = over_batch(
       lambda *a: hgrn2_pallas(*a, scale=scale, use_mask=use_mask, norm_eps=norm_eps,
                               norm_save=norm_save, final_state=return_final_state, **bkw),
-      (q_raw, f, v, lb, *args[4:]), batched=_batched(args)[:3] + (False,) + _batched(args)[4:])
+      (q_raw, f, v, lb, *args[4:]), batched=batched[:3] + (False,) + batched[4:])
   o = o.astype(jnp.result_type(q_raw.dtype, v.dtype))
   return (o, final) if return_final_state else o

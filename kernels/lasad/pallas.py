@@ -1489,11 +1489,11 @@ def _fused_grads(q, k, v, g, do, width, prefix, bnd, h0, dht, *, seq_len, scale,
                head_row if gated else jax.ShapeDtypeStruct(g.shape, g.dtype), head_row,
                jax.ShapeDtypeStruct((b, h, dk, dv), F32),
                jax.ShapeDtypeStruct((b, t, h, dk), F32)]   # q dq, the two walks' scratch
-  if h0 is None:   # the kernel's dh0_ref (the 6th output) is None: placed after the norm's refs
+  if h0 is None:   # no dh0 output (the 6th)
     del out_specs[5], out_shape[5]
-    at = 10 + len(extra) + 5   # after the ten inputs, the norm's two and dq ... d boundary
-    kern = functools.partial(lambda f, *refs: f(*refs[:at], None, *refs[at:]), kern)
-  kern = _optional_refs(kern, (True,) * 8 + (h0 is not None, dht is not None))
+  # refs: 8 inputs, h0, dht, the norm's inputs, then dq, dk, dv, dg, d boundary, dh0
+  kern = _optional_refs(kern, (True,) * 8 + (h0 is not None, dht is not None)
+                        + (True,) * (len(extra) + 5) + (h0 is not None,))
   out = _pallas_call(
       kern, grid=(b, h),
       in_specs=[seq_k, seq_k, seq_v, seq_k, seq_v]
@@ -1526,7 +1526,6 @@ def _forward(q, k, v, g, width, prefix, bnd, h0, seq_len, scale, bs, interpret, 
                           save=save, final=final, **kw)
   states, last = _chunk_states(k, v, g, width, prefix, bnd, h0, last=final, **kw)
   o = _outputs(q, k, v, g, width, prefix, bnd, states, scale=scale, **kw)
-  last = last if final else None
   out = (o, last) if norm is None else _with_norm(o, last, norm)
   return out + (None,) if save else out
 
@@ -1568,7 +1567,6 @@ def _bwd_impl(seq_len, scale, bs, interpret, res, cts, dq_raw=False, norm=None):
     states, _, dec = _chunk_states_dec(k, v, g, width, prefix, bnd, h0, last=False, **kw)
   dstates, dh0 = _dstates(q, do.astype(q.dtype), g, width, prefix, bnd, dht, scale=scale,
                           dec=dec, last=h0 is not None, **kw)
-  dh0 = None if h0 is None else dh0
   dq, dk, dv, dg, dbnd = _grads(q, k, v, g, do.astype(q.dtype), width, prefix, bnd, states,
                                 dstates, scale=scale, **kw)
   return (dq, dk, dv, dg, None, None, _dbnd(dbnd, bnd), dh0), False
