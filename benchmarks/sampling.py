@@ -105,6 +105,9 @@ def main():
                   "(every layer in one Mosaic GPU kernel)")
   ap.add_argument("--top-k-impl", default="auto", choices=S.TOP_K_IMPLS,
                   help="auto (select on GPU) | sort (lax.top_k) | select (Pallas)")
+  ap.add_argument("--decode-norm", default="auto", choices=M.DECODE_NORMS,
+                  help="config.decode_norm: where the Pallas decode kernel path applies each "
+                  "layer's attention RMSNorm scale (auto = kernel: in the decode kernel)")
   ap.add_argument("--unfused", action="store_true",
                   help="separate q/f/v and w1/w3 matmuls per layer (A/B against the default)")
   args = ap.parse_args()
@@ -118,7 +121,8 @@ def main():
   meta = dict(date=datetime.date.today().isoformat(), device=dev.device_kind,
               jax=jax.__version__, command="python benchmarks/sampling.py " + " ".join(sys.argv[1:]),
               xla_flags=os.environ.get("XLA_FLAGS", ""), fused_projections=not args.unfused,
-              decode_impl=args.decode_impl, top_k_impl=args.top_k_impl)
+              decode_impl=args.decode_impl, decode_norm=args.decode_norm,
+              top_k_impl=args.top_k_impl)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
   def save():   # after every record: a run cut off by a time limit keeps what it measured
@@ -127,7 +131,7 @@ def main():
   for attention in args.attentions.split(","):
     cfg = get_config(args.variant)
     cfg.attention = attention
-    cfg.decode_impl = args.decode_impl
+    cfg.decode_impl, cfg.decode_norm = args.decode_impl, args.decode_norm
     model = M.LASADGen(cfg, rngs=nnx.Rngs(0))
     first, med = run(model, 8, cfg.grid[0], 4.0, top_k, args.repeats, args.top_k_impl)
     rec = dict(kind="batch", attention=attention, images=8, grid=cfg.grid[0], cfg_scale=4.0,

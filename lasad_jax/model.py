@@ -417,6 +417,22 @@ def decode_impl(cfg):
   return impl
 
 
+DECODE_NORMS = ("auto", "xla", "kernel")
+
+
+def decode_norm_in_kernel(cfg):
+  """Whether the Pallas decode kernel (decode_impl "pallas") applies its layer's attention
+  RMSNorm scale itself (``config.decode_norm``): "kernel" (RMSNorm(x) @ W as
+  rsqrt(mean(x^2) + eps) * ((x * w) @ W): the multiply fuses into the residual add before it, one
+  XLA kernel fewer per layer; LASADGen-L's sampler 0.2121 -> 0.2059 s per 8 images on an H100,
+  medians of 5 alternating runs, BENCHMARKS.md session 31); "xla", the norm before the projection
+  as in the parallel forward; "auto" (the default): "kernel"."""
+  mode = cfg.get("decode_norm", "auto")
+  if mode not in DECODE_NORMS:
+    raise ValueError(f"config.decode_norm must be one of {' | '.join(DECODE_NORMS)}, got {mode!r}")
+  return mode in ("auto", "kernel")
+
+
 def use_decode_kernel(cfg):
   """Whether the LASAD decode step runs its attention core as one Pallas kernel per layer."""
   return decode_impl(cfg) == "pallas"
@@ -445,9 +461,12 @@ def decode_step(cfg, params, state, x, pos, width):
     # One position for the whole batch: the width is the same for every row while sampling.
     cos, sin = rope_2d(jnp.reshape(pos, (1,)), width[0], cfg.head_dim)
 
+  norm_in_kernel = decode_norm_in_kernel(cfg) and fused_kernel
+
   def layer(x, xs):
     p, lb, s = xs
-    h = _rms(x, p["attn_norm"], cfg.norm_eps)
+    # (with norm_in_kernel, the decode kernel applies the norm's per-row scale itself)
+    h = x * p["attn_norm"] if norm_in_kernel else _rms(x, p["attn_norm"], cfg.norm_eps)
     if cfg.attention == "softmax":
       kc, vc = s
       q, k, v = _softmax_qkv(cfg, p, h[:, None])
@@ -462,9 +481,10 @@ def decode_step(cfg, params, state, x, pos, width):
       dt = jnp.dtype(cfg.dtype)
       y = jnp.concatenate(_in_proj(p, h.astype(dt), ("wq", "wf", "wv"), dt), axis=-1)
       nh, hd = cfg.num_heads, cfg.head_dim
+      norm = dict(x=x, norm_eps=cfg.norm_eps) if norm_in_kernel else {}
       o, s = decode_kernel.decode_attention(
           y.reshape(-1, 3, nh, hd), s, lb.reshape(nh, hd), start, _boundary(cfg, p),
-          p["head_norm"].reshape(nh, hd), eps=cfg.norm_eps)
+          p["head_norm"].reshape(nh, hd), eps=cfg.norm_eps, **norm)
       x = x + (o.reshape(-1, cfg.dim) @ p["wo"].astype(dt)).astype(jnp.float32)
     else:
       q, k, v, g = _qkvg(cfg, p, lb, h)

@@ -197,16 +197,18 @@ def test_decode_kernel_compiled_matches_xla_decode():
     params = M.LASADGen(cfg, rngs=nnx.Rngs(1)).params()
     params["blocks"]["boundary"] = params["blocks"]["boundary"].at[:, 0].set(-8.0)
     toks = jax.random.randint(jax.random.key(0), (3, 45), 0, cfg.vocab_size)
-    for impl in ("xla", "pallas"):
-      cfg.decode_impl = impl
-      out[dtype, impl] = np.asarray(S._decode_logits(
+    for impl, norm in (("xla", "auto"), ("pallas", "xla"), ("pallas", "kernel")):
+      cfg.decode_impl, cfg.decode_norm = impl, norm
+      out[dtype, impl + ("+norm" if norm == "kernel" else "")] = np.asarray(S._decode_logits(
           ml_collections.FrozenConfigDict(cfg), params, toks, jnp.array([1, 4, 7]),
           jnp.int32(8))[0])
   ref = out["float32", "xla"]
   errs = {k: oracle.rel_rms(v, ref) for k, v in out.items()}
   print(f"decode kernel vs XLA decode (rel RMS vs float32 XLA): {errs}")
-  assert errs["float32", "pallas"] < 2e-3, errs
-  assert errs["bfloat16", "pallas"] <= 1.25 * errs["bfloat16", "xla"], errs
+  # pallas+norm: the kernel applies the attention RMSNorm's scale (config.decode_norm)
+  for impl in ("pallas", "pallas+norm"):
+    assert errs["float32", impl] < 2e-3, errs
+    assert errs["bfloat16", impl] <= 1.25 * errs["bfloat16", "xla"], errs
 
 
 def _decode_run(cfg, params, toks, labels, width, impl):

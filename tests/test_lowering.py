@@ -177,15 +177,15 @@ def test_train_step_lowers_for_the_gpu(fake_gpu_backend, scan, save, batch):
   assert ("add_rms_forward" in text) == (not scan)    # the fused norms only unrolled
 
 
-def _sampler_text(variant, decode_impl, images, height_width, top_k):
+def _sampler_text(variant, decode_impl, images, height_width, top_k, **fields):
   """The lowered sampler (``sampling._sample``) with guidance 4: ``images`` rows of class labels
-  plus as many null rows, an [h, w] = ``height_width`` grid of tokens."""
+  plus as many null rows, an [h, w] = ``height_width`` grid of tokens; ``fields`` set config."""
   import ml_collections
   from flax import nnx
 
   from lasad_jax import model as M
   from lasad_jax import sampling
-  cfg = ml_collections.FrozenConfigDict(_config(variant, decode_impl=decode_impl))
+  cfg = ml_collections.FrozenConfigDict(_config(variant, decode_impl=decode_impl, **fields))
   params = jax.eval_shape(lambda: M.LASADGen(cfg, rngs=nnx.Rngs(0)).params())
   labels = jax.ShapeDtypeStruct((images,), jnp.int32)
   rng = jax.eval_shape(lambda: jax.random.key(0))
@@ -195,10 +195,13 @@ def _sampler_text(variant, decode_impl, images, height_width, top_k):
 
 
 # The sampler with classifier-free guidance and top-k on the GPU's defaults (the Pallas decode
-# kernel per layer, the selection top-k) and with the persistent kernel (all layers in one)
-@pytest.mark.parametrize("decode_impl", ["auto", "persistent"])
-def test_sampler_lowers_for_the_gpu(fake_gpu_backend, decode_impl):
-  text = _sampler_text("B", decode_impl, 2, (8, 8), 100)
+# kernel per layer, the selection top-k), with that kernel applying the attention norm's scale
+# (config.decode_norm; B's width 768 is padded to a power of two for it) and with the persistent
+# kernel (all layers in one)
+@pytest.mark.parametrize("decode_impl,decode_norm", [("auto", "auto"), ("auto", "kernel"),
+                                                     ("persistent", "auto")])
+def test_sampler_lowers_for_the_gpu(fake_gpu_backend, decode_impl, decode_norm):
+  text = _sampler_text("B", decode_impl, 2, (8, 8), 100, decode_norm=decode_norm)
   assert "__gpu$xla.gpu.triton" in text
   kernel = {"auto": "lasad_decode_attention", "persistent": "lasad_decode_persistent"}
   assert kernel[decode_impl] in text

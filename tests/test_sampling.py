@@ -120,6 +120,33 @@ def test_fused_decode_projections_match_separate(attention):
   np.testing.assert_allclose(out[True], out[False], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dim", [64, 48])
+def test_decode_kernel_applies_the_norm_scale(dim):
+  """decode_attention(y, ..., x=x, norm_eps=eps) is decode_attention(r * y, ...) with
+  r = rsqrt(mean(x^2) + eps) per row, also for a width that is not a power of two (48: the
+  kernel reads x padded with zeros to 64 and divides by 48); giving only one of x / norm_eps
+  is refused."""
+  from kernels.lasad.decode import decode_attention
+  b, h, d, eps = 3, 2, 16, 1e-5
+  ks = jax.random.split(jax.random.key(dim), 6)
+  y = jax.random.normal(ks[0], (b, 3, h, d))
+  x = 3.0 * jax.random.normal(ks[1], (b, dim))
+  state = jax.random.normal(ks[2], (b, h, d, d))
+  lb = jax.nn.sigmoid(jax.random.normal(ks[3], (h, d)))
+  hn = 1.0 + 0.1 * jax.random.normal(ks[4], (h, d))
+  start, bnd = jnp.array([True, False, True]), jnp.array([-0.5, -jnp.inf])
+  r = jax.lax.rsqrt(jnp.mean(x * x, -1) + eps)
+  want = decode_attention(y * r[:, None, None, None], state, lb, start, bnd, hn, eps=1e-6)
+  got = decode_attention(y, state, lb, start, bnd, hn, eps=1e-6, x=x, norm_eps=eps)
+  for a, w in zip(got, want):
+    np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(r - 1).min()) > 0.1     # the scale matters here
+  with pytest.raises(ValueError, match="both `x` and `norm_eps`"):
+    decode_attention(y, state, lb, start, bnd, hn, eps=1e-6, x=x)
+  with pytest.raises(ValueError, match="x must be"):
+    decode_attention(y, state, lb, start, bnd, hn, eps=1e-6, x=x[:2], norm_eps=eps)
+
+
 @pytest.mark.parametrize("boundary", ["carry", "reset", "learned", "none"])
 def test_decode_kernel_matches_xla_decode(boundary):
   """config.decode_impl='pallas' (kernels/lasad/decode.py, in the Pallas interpreter here) gives
@@ -135,12 +162,13 @@ def test_decode_kernel_matches_xla_decode(boundary):
   toks = jax.random.randint(jax.random.key(2), (2, 19), 0, cfg.vocab_size)
   labels = jnp.array([3, 10])
   out = {}
-  for impl in ("xla", "pallas"):
-    cfg.decode_impl = impl
+  for impl, norm in (("xla", "auto"), ("pallas", "xla"), ("pallas", "kernel")):
+    cfg.decode_impl, cfg.decode_norm = impl, norm
     c = ml_collections.FrozenConfigDict(cfg)
-    out[impl] = np.asarray(S._decode_logits(c, params, toks, labels, jnp.int32(4))[0])
-  np.testing.assert_allclose(out["pallas"], out["xla"], rtol=2e-5, atol=2e-5)
-  assert np.abs(out["xla"][:, 1:] - out["xla"][:, :-1]).max() > 1e-3   # not a constant
+    out[impl, norm] = np.asarray(S._decode_logits(c, params, toks, labels, jnp.int32(4))[0])
+  for key in (("pallas", "xla"), ("pallas", "kernel")):   # the norm's scale in the kernel too
+    np.testing.assert_allclose(out[key], out["xla", "auto"], rtol=2e-5, atol=2e-5, err_msg=key)
+  assert np.abs(out["xla", "auto"][:, 1:] - out["xla", "auto"][:, :-1]).max() > 1e-3
 
 
 @pytest.mark.parametrize("boundary", ["carry", "reset", "learned", "none"])
@@ -418,6 +446,10 @@ def test_decode_impl_errors():
     cfg.decode_impl, cfg.attention = impl, "softmax"
     with pytest.raises(ValueError, match="LASAD attention only"):
       M.decode_impl(cfg)
+  cfg = get_config("tiny")
+  cfg.decode_norm = "pallas"
+  with pytest.raises(ValueError, match="config.decode_norm must be one of auto | xla | kernel"):
+    M.decode_norm_in_kernel(cfg)
 
 
 def test_sampler_with_decode_kernel_same_tokens():

@@ -41,11 +41,16 @@ def attention_step(q_raw, f_raw, v, lb, head_norm, is_start, boundary, state, *,
   return o * jax.lax.rsqrt(jnp.mean(o * o) + eps) * head_norm, state
 
 
-def _kernel(q_ref, f_ref, v_ref, lb_ref, hn_ref, start_ref, bnd_ref, s_ref, o_ref, s_out_ref,
-            *, eps, dtype):
-  o, s_out_ref[...] = attention_step(
-      q_ref[...].astype(F32), f_ref[...].astype(F32), v_ref[...].astype(F32), lb_ref[...],
-      hn_ref[...], start_ref[0] != 0, bnd_ref[0], s_ref[...], eps=eps, dtype=dtype)
+def _kernel(q_ref, f_ref, v_ref, lb_ref, hn_ref, start_ref, bnd_ref, s_ref, *rest, eps, dtype,
+            norm_eps, dim):
+  x_ref, (o_ref, s_out_ref) = (rest[0], rest[1:]) if norm_eps is not None else (None, rest)
+  q, f, v = (r[...].astype(F32) for r in (q_ref, f_ref, v_ref))
+  if x_ref is not None:   # y = (x * w) @ W: the row's RMSNorm scale applies here (zero padding)
+    x = x_ref[...]
+    r = jax.lax.rsqrt(jnp.sum(x * x) / dim + norm_eps)
+    q, f, v = q * r, f * r, v * r
+  o, s_out_ref[...] = attention_step(q, f, v, lb_ref[...], hn_ref[...], start_ref[0] != 0,
+                                     bnd_ref[0], s_ref[...], eps=eps, dtype=dtype)
   o_ref[...] = o.astype(o_ref.dtype)
 
 
@@ -58,13 +63,18 @@ def supported(head_dim):
   return _pow2(head_dim)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
-def decode_attention(y, state, lb, start, boundary, head_norm, *, eps, interpret=None):
+@functools.partial(jax.jit, static_argnames=("eps", "norm_eps", "interpret"))
+def decode_attention(y, state, lb, start, boundary, head_norm, *, eps, x=None, norm_eps=None,
+                     interpret=None):
   """One token's attention core for every (row, head).
 
   y [B, 3, H, D]: the input projections q_raw | f_raw | v (compute dtype); state [B, H, D, D]
   float32; lb [H, D] the layer's forget-gate lower bound; start [B] bool (the token starts an
   image row); boundary [H] log decay at a row start (-inf = reset); head_norm [H, D].
+  With ``x`` [B, d] float32 (the layer's input) and ``norm_eps``, y holds the projections of
+  ``x * attn_norm`` without the RMSNorm's per-row scale, and the kernel applies it:
+  RMSNorm(x) @ W = rsqrt(mean(x^2) + norm_eps) * ((x * attn_norm) @ W). The norm then needs no
+  kernel of its own before the projection (the multiply fuses into its neighbours).
   Returns (out [B, H, D] in y's dtype: RMSNorm_head(q S') * head_norm, new state [B, H, D, D]).
   """
   if interpret is None:
@@ -73,19 +83,31 @@ def decode_attention(y, state, lb, start, boundary, head_norm, *, eps, interpret
   if three != 3 or state.shape != (b, h, d, d) or not supported(d):
     raise ValueError(f"decode_attention: y must be [B, 3, H, D] and state [B, H, D, D] with D a "
                      f"power of two >= 16; got y {y.shape}, state {state.shape}")
+  if (x is None) != (norm_eps is None):
+    raise ValueError("decode_attention: give both `x` and `norm_eps` (the RMSNorm's scale in "
+                     "the kernel) or neither")
   row = lambda part: pl.BlockSpec((None, None, None, d), lambda i, j: (i, part, j, 0))
   per_head = pl.BlockSpec((None, d), lambda i, j: (j, 0))
   st = pl.BlockSpec((None, None, d, d), lambda i, j: (i, j, 0, 0))
+  extra, extra_specs, dim = (), [], None
+  if x is not None:
+    if x.ndim != 2 or x.shape[0] != b:
+      raise ValueError(f"decode_attention: x must be [B, d] with B = {b}, got {x.shape}")
+    dim = x.shape[1]
+    width = 1 << (dim - 1).bit_length()   # Triton blocks are powers of two: zeros pad the row
+    extra = (jnp.pad(x.astype(F32), ((0, 0), (0, width - dim))),)
+    extra_specs = [pl.BlockSpec((None, width), lambda i, j: (i, 0))]
   out, new_state = pl.pallas_call(
-      functools.partial(_kernel, eps=eps, dtype=y.dtype),
+      functools.partial(_kernel, eps=eps, dtype=y.dtype, norm_eps=norm_eps, dim=dim),
       grid=(b, h),
       in_specs=[row(0), row(1), row(2), per_head, per_head,
-                pl.BlockSpec((1,), lambda i, j: (i,)), pl.BlockSpec((1,), lambda i, j: (j,)), st],
+                pl.BlockSpec((1,), lambda i, j: (i,)), pl.BlockSpec((1,), lambda i, j: (j,)), st]
+               + extra_specs,
       out_specs=[pl.BlockSpec((None, None, d), lambda i, j: (i, j, 0)), st],
       out_shape=[jax.ShapeDtypeStruct((b, h, d), y.dtype), jax.ShapeDtypeStruct(state.shape, F32)],
       input_output_aliases={7: 1},
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
       interpret=interpret, name="lasad_decode_attention",
   )(y, y, y, lb.astype(F32), head_norm.astype(F32), start.astype(jnp.int32),
-    boundary.astype(F32), state)
+    boundary.astype(F32), state, *extra)
   return out, new_state
