@@ -108,6 +108,9 @@ def main():
   ap.add_argument("--decode-norm", default="auto", choices=M.DECODE_NORMS,
                   help="config.decode_norm: where the Pallas decode kernel path applies each "
                   "layer's attention RMSNorm scale (auto = kernel: in the decode kernel)")
+  ap.add_argument("--decode-in-splits", type=int, default=None,
+                  help="config.decode_in_splits: default auto (4), 0 (XLA's split of the q|f|v "
+                  "projection) or S partial products added in the decode kernel")
   ap.add_argument("--unfused", action="store_true",
                   help="separate q/f/v and w1/w3 matmuls per layer (A/B against the default)")
   args = ap.parse_args()
@@ -122,6 +125,7 @@ def main():
               jax=jax.__version__, command="python benchmarks/sampling.py " + " ".join(sys.argv[1:]),
               xla_flags=os.environ.get("XLA_FLAGS", ""), fused_projections=not args.unfused,
               decode_impl=args.decode_impl, decode_norm=args.decode_norm,
+              decode_in_splits=args.decode_in_splits,
               top_k_impl=args.top_k_impl)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
@@ -132,6 +136,7 @@ def main():
     cfg = get_config(args.variant)
     cfg.attention = attention
     cfg.decode_impl, cfg.decode_norm = args.decode_impl, args.decode_norm
+    cfg.decode_in_splits = args.decode_in_splits
     model = M.LASADGen(cfg, rngs=nnx.Rngs(0))
     first, med = run(model, 8, cfg.grid[0], 4.0, top_k, args.repeats, args.top_k_impl)
     rec = dict(kind="batch", attention=attention, images=8, grid=cfg.grid[0], cfg_scale=4.0,

@@ -39,6 +39,10 @@ def get_config(variant="B"):
   # kernel) | kernel (the decode kernel scales the projections: one XLA kernel fewer per layer,
   # L's sampler ~3% faster on an H100) | xla (a norm before the projection)
   c.decode_norm = "auto"
+  # with decode_impl pallas: None (auto: 4 where it divides dim, else 0) | 0 (XLA splits the
+  # q | f | v projection and adds the parts itself) | S, a power of two: S partial products along
+  # the input, added in the decode kernel (one XLA kernel fewer per layer, L's sampler ~4% faster)
+  c.decode_in_splits = ml_collections.config_dict.placeholder(int)
   # Pallas kernel chunk (32 | 64 | 128; BlockSizes.chunk): the forward's chunk, and with
   # kernel_save_states the spacing of the saved states (32: every state the 32-token backward
   # chunks read, so none is advanced, at 2x the memory of 64)

@@ -433,6 +433,22 @@ def decode_norm_in_kernel(cfg):
   return mode in ("auto", "kernel")
 
 
+def decode_in_splits(cfg):
+  """``config.decode_in_splits``: 0, the decode kernel path's q | f | v projection is one matmul
+  whose split XLA chooses (it adds the parts in a kernel of its own); S (a power of two dividing
+  the model width), the projection is written as S partial products along its input, which the
+  decode kernel adds: one XLA kernel fewer per layer. None (the default): 4 where it divides
+  the width, else 0 (LASADGen-L's sampler on an H100: 0.205 / 0.197 / 0.198 s per 8 images for
+  0 / 4 / 8, BENCHMARKS.md session 31; XLA splits that projection 4 ways itself)."""
+  n = cfg.get("decode_in_splits", None)
+  if n is None:
+    return 4 if cfg.dim % 4 == 0 else 0
+  if not isinstance(n, int) or n < 0 or (n and (n & (n - 1) or cfg.dim % n)):
+    raise ValueError(f"config.decode_in_splits must be None (auto), 0 or a power of two "
+                     f"dividing dim {cfg.dim}, got {n!r}")
+  return n
+
+
 def use_decode_kernel(cfg):
   """Whether the LASAD decode step runs its attention core as one Pallas kernel per layer."""
   return decode_impl(cfg) == "pallas"
@@ -462,6 +478,9 @@ def decode_step(cfg, params, state, x, pos, width):
     cos, sin = rope_2d(jnp.reshape(pos, (1,)), width[0], cfg.head_dim)
 
   norm_in_kernel = decode_norm_in_kernel(cfg) and fused_kernel
+  in_splits = decode_in_splits(cfg)   # (checked on every path)
+  if not fused_kernel:
+    in_splits = 0
 
   def layer(x, xs):
     p, lb, s = xs
@@ -479,12 +498,19 @@ def decode_step(cfg, params, state, x, pos, width):
       s = (kc, vc)
     elif fused_kernel:   # one Pallas kernel from the projections to the normalised o
       dt = jnp.dtype(cfg.dtype)
-      y = jnp.concatenate(_in_proj(p, h.astype(dt), ("wq", "wf", "wv"), dt), axis=-1)
       nh, hd = cfg.num_heads, cfg.head_dim
+      if in_splits and "w_in" in p:   # S partial sums of the projection, added in the kernel
+        k = x.shape[-1] // in_splits
+        y = jnp.einsum("bsk,skn->sbn", h.astype(dt).reshape(-1, in_splits, k),
+                       p["w_in"].astype(dt).reshape(in_splits, k, -1),
+                       preferred_element_type=jnp.float32).reshape(in_splits, -1, 3, nh, hd)
+      else:
+        y = jnp.concatenate(_in_proj(p, h.astype(dt), ("wq", "wf", "wv"), dt), axis=-1)
+        y = y.reshape(-1, 3, nh, hd)
       norm = dict(x=x, norm_eps=cfg.norm_eps) if norm_in_kernel else {}
       o, s = decode_kernel.decode_attention(
-          y.reshape(-1, 3, nh, hd), s, lb.reshape(nh, hd), start, _boundary(cfg, p),
-          p["head_norm"].reshape(nh, hd), eps=cfg.norm_eps, **norm)
+          y, s, lb.reshape(nh, hd), start, _boundary(cfg, p), p["head_norm"].reshape(nh, hd),
+          eps=cfg.norm_eps, dtype=dt, **norm)
       x = x + (o.reshape(-1, cfg.dim) @ p["wo"].astype(dt)).astype(jnp.float32)
     else:
       q, k, v, g = _qkvg(cfg, p, lb, h)

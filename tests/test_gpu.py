@@ -197,16 +197,19 @@ def test_decode_kernel_compiled_matches_xla_decode():
     params = M.LASADGen(cfg, rngs=nnx.Rngs(1)).params()
     params["blocks"]["boundary"] = params["blocks"]["boundary"].at[:, 0].set(-8.0)
     toks = jax.random.randint(jax.random.key(0), (3, 45), 0, cfg.vocab_size)
-    for impl, norm in (("xla", "auto"), ("pallas", "xla"), ("pallas", "kernel")):
-      cfg.decode_impl, cfg.decode_norm = impl, norm
-      out[dtype, impl + ("+norm" if norm == "kernel" else "")] = np.asarray(S._decode_logits(
+    forms = {"xla": ("xla", "auto", 0), "pallas": ("pallas", "xla", 0),
+             "pallas+norm": ("pallas", "kernel", 0), "pallas+norm+4": ("pallas", "kernel", 4)}
+    for name, (impl, norm, splits) in forms.items():
+      cfg.decode_impl, cfg.decode_norm, cfg.decode_in_splits = impl, norm, splits
+      out[dtype, name] = np.asarray(S._decode_logits(
           ml_collections.FrozenConfigDict(cfg), params, toks, jnp.array([1, 4, 7]),
           jnp.int32(8))[0])
   ref = out["float32", "xla"]
   errs = {k: oracle.rel_rms(v, ref) for k, v in out.items()}
   print(f"decode kernel vs XLA decode (rel RMS vs float32 XLA): {errs}")
-  # pallas+norm: the kernel applies the attention RMSNorm's scale (config.decode_norm)
-  for impl in ("pallas", "pallas+norm"):
+  # +norm: the kernel applies the attention RMSNorm's scale (config.decode_norm); +4: it adds
+  # the projection's 4 partial products (config.decode_in_splits)
+  for impl in ("pallas", "pallas+norm", "pallas+norm+4"):
     assert errs["float32", impl] < 2e-3, errs
     assert errs["bfloat16", impl] <= 1.25 * errs["bfloat16", "xla"], errs
 

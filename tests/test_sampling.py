@@ -141,6 +141,14 @@ def test_decode_kernel_applies_the_norm_scale(dim):
   for a, w in zip(got, want):
     np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-6)
   assert float(jnp.abs(r - 1).min()) > 0.1     # the scale matters here
+  # y as 4 partial sums [S, B, 3, H, D], added in the kernel
+  parts = jax.random.normal(ks[5], (4,) + y.shape)
+  got = decode_attention(parts, state, lb, start, bnd, hn, eps=1e-6, x=x, norm_eps=eps)
+  want = decode_attention(parts.sum(0), state, lb, start, bnd, hn, eps=1e-6, x=x, norm_eps=eps)
+  for a, w in zip(got, want):
+    np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"\[S, B, 3, H, D\] \(S a power of two\)"):
+    decode_attention(parts[:3], state, lb, start, bnd, hn, eps=1e-6)
   with pytest.raises(ValueError, match="both `x` and `norm_eps`"):
     decode_attention(y, state, lb, start, bnd, hn, eps=1e-6, x=x)
   with pytest.raises(ValueError, match="x must be"):
@@ -162,13 +170,16 @@ def test_decode_kernel_matches_xla_decode(boundary):
   toks = jax.random.randint(jax.random.key(2), (2, 19), 0, cfg.vocab_size)
   labels = jnp.array([3, 10])
   out = {}
-  for impl, norm in (("xla", "auto"), ("pallas", "xla"), ("pallas", "kernel")):
-    cfg.decode_impl, cfg.decode_norm = impl, norm
+  forms = (("xla", "auto", 0), ("pallas", "xla", 0), ("pallas", "kernel", 0),
+           ("pallas", "kernel", 4), ("pallas", "xla", 2))
+  for impl, norm, splits in forms:   # the norm's scale and the projection's parts in the kernel
+    cfg.decode_impl, cfg.decode_norm, cfg.decode_in_splits = impl, norm, splits
     c = ml_collections.FrozenConfigDict(cfg)
-    out[impl, norm] = np.asarray(S._decode_logits(c, params, toks, labels, jnp.int32(4))[0])
-  for key in (("pallas", "xla"), ("pallas", "kernel")):   # the norm's scale in the kernel too
-    np.testing.assert_allclose(out[key], out["xla", "auto"], rtol=2e-5, atol=2e-5, err_msg=key)
-  assert np.abs(out["xla", "auto"][:, 1:] - out["xla", "auto"][:, :-1]).max() > 1e-3
+    out[impl, norm, splits] = np.asarray(
+        S._decode_logits(c, params, toks, labels, jnp.int32(4))[0])
+  for key in forms[1:]:
+    np.testing.assert_allclose(out[key], out[forms[0]], rtol=2e-5, atol=2e-5, err_msg=str(key))
+  assert np.abs(out[forms[0]][:, 1:] - out[forms[0]][:, :-1]).max() > 1e-3
 
 
 @pytest.mark.parametrize("boundary", ["carry", "reset", "learned", "none"])
@@ -450,6 +461,15 @@ def test_decode_impl_errors():
   cfg.decode_norm = "pallas"
   with pytest.raises(ValueError, match="config.decode_norm must be one of auto | xla | kernel"):
     M.decode_norm_in_kernel(cfg)
+  for bad in (3, 128, -1):   # tiny's width is 64
+    cfg = get_config("tiny")
+    cfg.decode_in_splits = bad
+    with pytest.raises(ValueError, match="decode_in_splits must be None .auto., 0 or a power"):
+      M.decode_in_splits(cfg)
+  cfg = get_config("tiny")
+  assert M.decode_in_splits(cfg) == 4      # None: 4 where it divides the width
+  cfg.dim = 66
+  assert M.decode_in_splits(cfg) == 0
 
 
 def test_sampler_with_decode_kernel_same_tokens():

@@ -45,6 +45,8 @@ def _kernel(q_ref, f_ref, v_ref, lb_ref, hn_ref, start_ref, bnd_ref, s_ref, *res
             norm_eps, dim):
   x_ref, (o_ref, s_out_ref) = (rest[0], rest[1:]) if norm_eps is not None else (None, rest)
   q, f, v = (r[...].astype(F32) for r in (q_ref, f_ref, v_ref))
+  if q.ndim == 2:   # [S, D] partial sums of a split-K projection
+    q, f, v = (jnp.sum(a, axis=0) for a in (q, f, v))
   if x_ref is not None:   # y = (x * w) @ W: the row's RMSNorm scale applies here (zero padding)
     x = x_ref[...]
     r = jax.lax.rsqrt(jnp.sum(x * x) / dim + norm_eps)
@@ -63,12 +65,15 @@ def supported(head_dim):
   return _pow2(head_dim)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "norm_eps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("eps", "norm_eps", "dtype", "interpret"))
 def decode_attention(y, state, lb, start, boundary, head_norm, *, eps, x=None, norm_eps=None,
-                     interpret=None):
+                     dtype=None, interpret=None):
   """One token's attention core for every (row, head).
 
-  y [B, 3, H, D]: the input projections q_raw | f_raw | v (compute dtype); state [B, H, D, D]
+  y [B, 3, H, D]: the input projections q_raw | f_raw | v (compute dtype), or [S, B, 3, H, D]:
+  S partial sums of them (float32, a projection split S ways along its input; S a power of
+  two), which the kernel adds; ``dtype``: the compute dtype (q and k are rounded to it, the
+  output has it), default y's. state [B, H, D, D]
   float32; lb [H, D] the layer's forget-gate lower bound; start [B] bool (the token starts an
   image row); boundary [H] log decay at a row start (-inf = reset); head_norm [H, D].
   With ``x`` [B, d] float32 (the layer's input) and ``norm_eps``, y holds the projections of
@@ -79,14 +84,22 @@ def decode_attention(y, state, lb, start, boundary, head_norm, *, eps, x=None, n
   """
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  b, three, h, d = y.shape
-  if three != 3 or state.shape != (b, h, d, d) or not supported(d):
-    raise ValueError(f"decode_attention: y must be [B, 3, H, D] and state [B, H, D, D] with D a "
-                     f"power of two >= 16; got y {y.shape}, state {state.shape}")
+  dtype = jnp.dtype(y.dtype if dtype is None else dtype)
+  splits = y.shape[0] if y.ndim == 5 else None
+  b, three, h, d = y.shape[-4:]
+  if (y.ndim not in (4, 5) or three != 3 or state.shape != (b, h, d, d) or not supported(d)
+      or (splits is not None and splits & (splits - 1))):
+    raise ValueError(f"decode_attention: y must be [B, 3, H, D] or [S, B, 3, H, D] (S a power "
+                     f"of two) and state [B, H, D, D], with D a power of two >= 16; got y "
+                     f"{y.shape}, state {state.shape}")
   if (x is None) != (norm_eps is None):
     raise ValueError("decode_attention: give both `x` and `norm_eps` (the RMSNorm's scale in "
                      "the kernel) or neither")
-  row = lambda part: pl.BlockSpec((None, None, None, d), lambda i, j: (i, part, j, 0))
+  if splits is None:
+    row = lambda part: pl.BlockSpec((None, None, None, d), lambda i, j: (i, part, j, 0))
+  else:
+    row = lambda part: pl.BlockSpec((splits, None, None, None, d),
+                                    lambda i, j: (0, i, part, j, 0))
   per_head = pl.BlockSpec((None, d), lambda i, j: (j, 0))
   st = pl.BlockSpec((None, None, d, d), lambda i, j: (i, j, 0, 0))
   extra, extra_specs, dim = (), [], None
@@ -98,13 +111,13 @@ def decode_attention(y, state, lb, start, boundary, head_norm, *, eps, x=None, n
     extra = (jnp.pad(x.astype(F32), ((0, 0), (0, width - dim))),)
     extra_specs = [pl.BlockSpec((None, width), lambda i, j: (i, 0))]
   out, new_state = pl.pallas_call(
-      functools.partial(_kernel, eps=eps, dtype=y.dtype, norm_eps=norm_eps, dim=dim),
+      functools.partial(_kernel, eps=eps, dtype=dtype, norm_eps=norm_eps, dim=dim),
       grid=(b, h),
       in_specs=[row(0), row(1), row(2), per_head, per_head,
                 pl.BlockSpec((1,), lambda i, j: (i,)), pl.BlockSpec((1,), lambda i, j: (j,)), st]
                + extra_specs,
       out_specs=[pl.BlockSpec((None, None, d), lambda i, j: (i, j, 0)), st],
-      out_shape=[jax.ShapeDtypeStruct((b, h, d), y.dtype), jax.ShapeDtypeStruct(state.shape, F32)],
+      out_shape=[jax.ShapeDtypeStruct((b, h, d), dtype), jax.ShapeDtypeStruct(state.shape, F32)],
       input_output_aliases={7: 1},
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
       interpret=interpret, name="lasad_decode_attention",
