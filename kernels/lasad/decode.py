@@ -80,7 +80,7 @@ def decode_attention(y, state, lb, start, boundary, head_norm, *, eps, x=None, n
   ``x * attn_norm`` without the RMSNorm's per-row scale, and the kernel applies it:
   RMSNorm(x) @ W = rsqrt(mean(x^2) + norm_eps) * ((x * attn_norm) @ W). The norm then needs no
   kernel of its own before the projection (the multiply fuses into its neighbours).
-  Returns (out [B, H, D] in y's dtype: RMSNorm_head(q S') * head_norm, new state [B, H, D, D]).
+  Returns (out [B, H, D] in ``dtype``: RMSNorm_head(q S') * head_norm, new state [B, H, D, D]).
   """
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
