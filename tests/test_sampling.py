@@ -459,7 +459,8 @@ def test_decode_impl_errors():
       M.decode_impl(cfg)
   cfg = get_config("tiny")
   cfg.decode_norm = "pallas"
-  with pytest.raises(ValueError, match="config.decode_norm must be one of auto | xla | kernel"):
+  with pytest.raises(ValueError,
+                     match=r"config\.decode_norm must be one of auto \| xla \| kernel, got .pallas."):
     M.decode_norm_in_kernel(cfg)
   for bad in (3, 128, -1):   # tiny's width is 64
     cfg = get_config("tiny")
