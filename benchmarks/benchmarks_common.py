@@ -139,3 +139,39 @@ def write_results(path, script, records, **meta):
               jax=jax.__version__, command=f"python {script} " + " ".join(sys.argv[1:]), **meta)
   with open(path, "w") as fh:
     json.dump(dict(meta=meta, records=records), fh, indent=1)
+
+
+DECODE_OPTIONS = ("decode_impl", "decode_norm", "decode_in_splits", "decode_mlp_splits")
+
+
+def add_decode_args(ap):
+  """The sampler's decode-step options (config keys of the same names), shared by
+  benchmarks/sampling.py and benchmarks/profile_sampler.py."""
+  from lasad_jax import model as M
+  ap.add_argument("--decode-impl", default="auto", choices=M.DECODE_IMPLS,
+                  help="config.decode_impl: auto (a Pallas attention kernel per layer on GPU) | "
+                  "xla | pallas | persistent (every layer in one Triton kernel) | mosaic (every "
+                  "layer in one Mosaic GPU kernel)")
+  ap.add_argument("--decode-norm", default="auto", choices=M.DECODE_NORMS,
+                  help="config.decode_norm: where the Pallas decode kernel path applies each "
+                  "layer's attention RMSNorm scale (auto = kernel: in the decode kernel)")
+  ap.add_argument("--decode-in-splits", type=int, default=None,
+                  help="config.decode_in_splits: default auto (4), 0 (XLA's split of the q|f|v "
+                  "projection) or S partial products added in the decode kernel")
+  ap.add_argument("--decode-mlp-splits", type=int, default=None,
+                  help="config.decode_mlp_splits: default auto, 0 (one [w1|w3] GEMM) or S "
+                  "partial products added in silu(a) * b's kernel")
+  ap.add_argument("--decode-warps", type=int, default=None,
+                  help="warps per program of the Pallas decode kernel (kernels/lasad/decode.py "
+                  "NUM_WARPS, default 4)")
+
+
+def apply_decode_args(cfg, args):
+  """Copies add_decode_args' options into the config; returns them as a dict (for the JSON)."""
+  opts = {k: getattr(args, k) for k in DECODE_OPTIONS}
+  for k, v in opts.items():
+    setattr(cfg, k, v)
+  if args.decode_warps is not None:
+    from kernels.lasad import decode
+    decode.NUM_WARPS = opts["decode_warps"] = args.decode_warps
+  return opts

@@ -26,7 +26,7 @@ from flax import nnx  # noqa: E402
 from configs.lasad import get_config  # noqa: E402
 from lasad_jax import model as M  # noqa: E402
 from lasad_jax import sampling as S  # noqa: E402
-from benchmarks_common import profile_call  # noqa: E402
+from benchmarks_common import add_decode_args, apply_decode_args, profile_call  # noqa: E402
 
 
 def main():
@@ -35,19 +35,14 @@ def main():
   ap.add_argument("--attention", default="lasad")
   ap.add_argument("--grid", type=int, default=16)
   ap.add_argument("--top-k", type=int, default=2000)
-  ap.add_argument("--decode-impl", default="auto", help="auto | xla | pallas (config.decode_impl)")
-  ap.add_argument("--decode-norm", default="auto",
-                  help="auto (= kernel) | xla | kernel (config.decode_norm)")
-  ap.add_argument("--decode-in-splits", type=int, default=None,
-                  help="config.decode_in_splits (default auto: 4; 0: XLA's split of q|f|v)")
+  add_decode_args(ap)
   ap.add_argument("--top-k-impl", default="auto", choices=S.TOP_K_IMPLS,
                   help="auto (select on GPU) | sort (lax.top_k) | select (Pallas)")
   ap.add_argument("--out", default="benchmarks/results/profile_sampler_h100.json")
   args = ap.parse_args()
   cfg = get_config(args.variant)
   cfg.attention = args.attention
-  cfg.decode_impl, cfg.decode_norm = args.decode_impl, args.decode_norm
-  cfg.decode_in_splits = args.decode_in_splits
+  apply_decode_args(cfg, args)
   model = M.LASADGen(cfg, rngs=nnx.Rngs(0))
   labels = jnp.arange(8, dtype=jnp.int32) % cfg.num_classes
   kw = dict(height=args.grid, width=args.grid, cfg_scale=4.0, top_k=args.top_k,

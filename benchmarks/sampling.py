@@ -32,6 +32,7 @@ from flax import nnx  # noqa: E402
 from configs.lasad import get_config  # noqa: E402
 from lasad_jax import model as M  # noqa: E402
 from lasad_jax import sampling as S  # noqa: E402
+from benchmarks_common import DECODE_OPTIONS, add_decode_args, apply_decode_args  # noqa: E402
 
 
 def compiled_temp_bytes(model, n_images, grid, cfg_scale, top_k, top_k_impl="auto"):
@@ -99,18 +100,9 @@ def main():
   ap.add_argument("--out", default="benchmarks/results/sampling_h100.json")
   ap.add_argument("--attentions", default="lasad,softmax")
   ap.add_argument("--top-k", type=int, default=None, help="default 2000 (5 for tiny); 0 = off")
-  ap.add_argument("--decode-impl", default="auto", choices=M.DECODE_IMPLS,
-                  help="LASAD decode step (config.decode_impl): auto (a Pallas attention kernel "
-                  "per layer on GPU) | xla | pallas | persistent (every layer in one Triton kernel) | mosaic "
-                  "(every layer in one Mosaic GPU kernel)")
+  add_decode_args(ap)
   ap.add_argument("--top-k-impl", default="auto", choices=S.TOP_K_IMPLS,
                   help="auto (select on GPU) | sort (lax.top_k) | select (Pallas)")
-  ap.add_argument("--decode-norm", default="auto", choices=M.DECODE_NORMS,
-                  help="config.decode_norm: where the Pallas decode kernel path applies each "
-                  "layer's attention RMSNorm scale (auto = kernel: in the decode kernel)")
-  ap.add_argument("--decode-in-splits", type=int, default=None,
-                  help="config.decode_in_splits: default auto (4), 0 (XLA's split of the q|f|v "
-                  "projection) or S partial products added in the decode kernel")
   ap.add_argument("--unfused", action="store_true",
                   help="separate q/f/v and w1/w3 matmuls per layer (A/B against the default)")
   args = ap.parse_args()
@@ -124,8 +116,7 @@ def main():
   meta = dict(date=datetime.date.today().isoformat(), device=dev.device_kind,
               jax=jax.__version__, command="python benchmarks/sampling.py " + " ".join(sys.argv[1:]),
               xla_flags=os.environ.get("XLA_FLAGS", ""), fused_projections=not args.unfused,
-              decode_impl=args.decode_impl, decode_norm=args.decode_norm,
-              decode_in_splits=args.decode_in_splits,
+              **{k: getattr(args, k) for k in DECODE_OPTIONS}, decode_warps=args.decode_warps,
               top_k_impl=args.top_k_impl)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
@@ -135,8 +126,7 @@ def main():
   for attention in args.attentions.split(","):
     cfg = get_config(args.variant)
     cfg.attention = attention
-    cfg.decode_impl, cfg.decode_norm = args.decode_impl, args.decode_norm
-    cfg.decode_in_splits = args.decode_in_splits
+    apply_decode_args(cfg, args)
     model = M.LASADGen(cfg, rngs=nnx.Rngs(0))
     first, med = run(model, 8, cfg.grid[0], 4.0, top_k, args.repeats, args.top_k_impl)
     rec = dict(kind="batch", attention=attention, images=8, grid=cfg.grid[0], cfg_scale=4.0,

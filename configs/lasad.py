@@ -43,6 +43,9 @@ def get_config(variant="B"):
   # q | f | v projection and adds the parts itself) | S, a power of two: S partial products along
   # the input, added in the decode kernel (one XLA kernel fewer per layer, L's sampler ~4% faster)
   c.decode_in_splits = ml_collections.config_dict.placeholder(int)
+  # with decode_impl pallas: None (auto: 0) | 0 (one [w1 | w3] GEMM, then silu(a) * b) | S, a
+  # power of two: S partial products along the input, added in silu(a) * b's kernel
+  c.decode_mlp_splits = ml_collections.config_dict.placeholder(int)
   # Pallas kernel chunk (32 | 64 | 128; BlockSizes.chunk): the forward's chunk, and with
   # kernel_save_states the spacing of the saved states (32: every state the 32-token backward
   # chunks read, so none is advanced, at 2x the memory of 64)

@@ -112,6 +112,20 @@ def _swiglu(cfg, p, h):
   return remat.checkpoint_name(jax.nn.silu(a) * b, "mlp_act") @ p["w2"].astype(dt)
 
 
+def _mlp_split(cfg, p, x, splits):
+  """``_mlp`` for one decode token with [w1 | w3] (``unstack_for_decode``'s ``w13``) as
+  ``splits`` float32 partial products along the input, added in the same XLA fusion as
+  ``silu(a) * b`` (config.decode_mlp_splits)."""
+  dt = jnp.dtype(cfg.dtype)
+  h = _rms(x, p["ffn_norm"], cfg.norm_eps).astype(dt)
+  k = h.shape[-1] // splits
+  parts = jnp.einsum("bsk,skn->sbn", h.reshape(-1, splits, k),
+                     p["w13"].astype(dt).reshape(splits, k, -1),
+                     preferred_element_type=jnp.float32)
+  a, b = jnp.split(parts.sum(0), 2, axis=-1)
+  return (jax.nn.silu(a) * b).astype(dt) @ p["w2"].astype(dt)
+
+
 def rope_2d(pos, width, head_dim, base=10000.0):
   """LlamaGen's 2D rotary table for sequence positions ``pos`` [N] (int), as (cos, sin) [N, Dh/2].
 
@@ -449,6 +463,21 @@ def decode_in_splits(cfg):
   return n
 
 
+def decode_mlp_splits(cfg):
+  """``config.decode_mlp_splits``: 0, the decode kernel path's [w1 | w3] matmul is one XLA GEMM
+  with a bf16 result and ``silu(a) * b`` a kernel after it; S (a power of two dividing the model
+  width), that matmul is written as S partial products along its input (float32), which the
+  SwiGLU kernel adds before ``silu(a) * b``: XLA's GEMM gets S times the programs and no kernel
+  is added. None (the default): 0."""
+  n = cfg.get("decode_mlp_splits", None)
+  if n is None:
+    return 0
+  if not isinstance(n, int) or n < 0 or (n and (n & (n - 1) or cfg.dim % n)):
+    raise ValueError(f"config.decode_mlp_splits must be None (auto), 0 or a power of two "
+                     f"dividing dim {cfg.dim}, got {n!r}")
+  return n
+
+
 def use_decode_kernel(cfg):
   """Whether the LASAD decode step runs its attention core as one Pallas kernel per layer."""
   return decode_impl(cfg) == "pallas"
@@ -479,8 +508,9 @@ def decode_step(cfg, params, state, x, pos, width):
 
   norm_in_kernel = decode_norm_in_kernel(cfg) and fused_kernel
   in_splits = decode_in_splits(cfg)   # (checked on every path)
+  mlp_splits = decode_mlp_splits(cfg)
   if not fused_kernel:
-    in_splits = 0
+    in_splits = mlp_splits = 0
 
   def layer(x, xs):
     p, lb, s = xs
@@ -518,6 +548,8 @@ def decode_step(cfg, params, state, x, pos, width):
       g = jnp.where(start[:, None, None], bnd, g)
       s, o = reference.recurrent_step(s, q, k, v, g, 1.0)
       x = x + _attn_out(cfg, p, o).astype(jnp.float32)
+    if mlp_splits and "w13" in p:
+      return x + _mlp_split(cfg, p, x, mlp_splits).astype(jnp.float32), s
     return x + _mlp(cfg, p, x).astype(jnp.float32), s
 
   if "layers" in params:   # per-layer weights and states (see unstack_for_decode)

@@ -197,10 +197,11 @@ def test_decode_kernel_compiled_matches_xla_decode():
     params = M.LASADGen(cfg, rngs=nnx.Rngs(1)).params()
     params["blocks"]["boundary"] = params["blocks"]["boundary"].at[:, 0].set(-8.0)
     toks = jax.random.randint(jax.random.key(0), (3, 45), 0, cfg.vocab_size)
-    forms = {"xla": ("xla", "auto", 0), "pallas": ("pallas", "xla", 0),
-             "pallas+norm": ("pallas", "kernel", 0), "pallas+norm+4": ("pallas", "kernel", 4)}
-    for name, (impl, norm, splits) in forms.items():
-      cfg.decode_impl, cfg.decode_norm, cfg.decode_in_splits = impl, norm, splits
+    forms = {"xla": ("xla", "auto", 0, 0), "pallas": ("pallas", "xla", 0, 0),
+             "pallas+norm": ("pallas", "kernel", 0, 0), "pallas+norm+4": ("pallas", "kernel", 4, 0),
+             "pallas+norm+4+mlp2": ("pallas", "kernel", 4, 2)}
+    for name, form in forms.items():
+      cfg.decode_impl, cfg.decode_norm, cfg.decode_in_splits, cfg.decode_mlp_splits = form
       out[dtype, name] = np.asarray(S._decode_logits(
           ml_collections.FrozenConfigDict(cfg), params, toks, jnp.array([1, 4, 7]),
           jnp.int32(8))[0])
@@ -208,8 +209,9 @@ def test_decode_kernel_compiled_matches_xla_decode():
   errs = {k: oracle.rel_rms(v, ref) for k, v in out.items()}
   print(f"decode kernel vs XLA decode (rel RMS vs float32 XLA): {errs}")
   # +norm: the kernel applies the attention RMSNorm's scale (config.decode_norm); +4: it adds
-  # the projection's 4 partial products (config.decode_in_splits)
-  for impl in ("pallas", "pallas+norm", "pallas+norm+4"):
+  # the projection's 4 partial products (config.decode_in_splits); +mlp2: [w1 | w3] as 2 partial
+  # products added before silu(a) * b (config.decode_mlp_splits)
+  for impl in ("pallas", "pallas+norm", "pallas+norm+4", "pallas+norm+4+mlp2"):
     assert errs["float32", impl] < 2e-3, errs
     assert errs["bfloat16", impl] <= 1.25 * errs["bfloat16", "xla"], errs
 

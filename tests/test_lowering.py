@@ -197,13 +197,16 @@ def _sampler_text(variant, decode_impl, images, height_width, top_k, **fields):
 # The sampler with classifier-free guidance and top-k on the GPU's defaults (the Pallas decode
 # kernel per layer, applying the attention norm's scale: config.decode_norm, B's width 768
 # padded to a power of two for it; the selection top-k), with the norm before the projection,
-# with the projection's 4 partial products added in the decode kernel (config.decode_in_splits)
-# and with the persistent kernel (all layers in one)
-@pytest.mark.parametrize("decode_impl,decode_norm,splits", [
-    ("auto", "auto", 0), ("auto", "xla", 0), ("auto", "auto", 4), ("persistent", "auto", 0)])
-def test_sampler_lowers_for_the_gpu(fake_gpu_backend, decode_impl, decode_norm, splits):
+# with the projection's 4 partial products added in the decode kernel (config.decode_in_splits),
+# with [w1 | w3] as 2 partial products (config.decode_mlp_splits) and with the persistent kernel
+# (all layers in one)
+@pytest.mark.parametrize("decode_impl,decode_norm,splits,mlp_splits", [
+    ("auto", "auto", 0, 0), ("auto", "xla", 0, 0), ("auto", "auto", 4, 0), ("auto", "auto", 4, 2),
+    ("persistent", "auto", 0, 0)])
+def test_sampler_lowers_for_the_gpu(fake_gpu_backend, decode_impl, decode_norm, splits,
+                                    mlp_splits):
   text = _sampler_text("B", decode_impl, 2, (8, 8), 100, decode_norm=decode_norm,
-                       decode_in_splits=splits)
+                       decode_in_splits=splits, decode_mlp_splits=mlp_splits)
   assert "__gpu$xla.gpu.triton" in text
   kernel = {"auto": "lasad_decode_attention", "persistent": "lasad_decode_persistent"}
   assert kernel[decode_impl] in text

@@ -170,13 +170,14 @@ def test_decode_kernel_matches_xla_decode(boundary):
   toks = jax.random.randint(jax.random.key(2), (2, 19), 0, cfg.vocab_size)
   labels = jnp.array([3, 10])
   out = {}
-  forms = (("xla", "auto", 0), ("pallas", "xla", 0), ("pallas", "kernel", 0),
-           ("pallas", "kernel", 4), ("pallas", "xla", 2))
-  for impl, norm, splits in forms:   # the norm's scale and the projection's parts in the kernel
-    cfg.decode_impl, cfg.decode_norm, cfg.decode_in_splits = impl, norm, splits
+  # the norm's scale and the projection's parts in the kernel; [w1 | w3] as partial products
+  forms = (("xla", "auto", 0, 0), ("pallas", "xla", 0, 0), ("pallas", "kernel", 0, 0),
+           ("pallas", "kernel", 4, 0), ("pallas", "xla", 2, 0), ("pallas", "kernel", 4, 2),
+           ("pallas", "xla", 0, 4))
+  for form in forms:
+    (cfg.decode_impl, cfg.decode_norm, cfg.decode_in_splits, cfg.decode_mlp_splits) = form
     c = ml_collections.FrozenConfigDict(cfg)
-    out[impl, norm, splits] = np.asarray(
-        S._decode_logits(c, params, toks, labels, jnp.int32(4))[0])
+    out[form] = np.asarray(S._decode_logits(c, params, toks, labels, jnp.int32(4))[0])
   for key in forms[1:]:
     np.testing.assert_allclose(out[key], out[forms[0]], rtol=2e-5, atol=2e-5, err_msg=str(key))
   assert np.abs(out[forms[0]][:, 1:] - out[forms[0]][:, :-1]).max() > 1e-3
@@ -467,8 +468,13 @@ def test_decode_impl_errors():
     cfg.decode_in_splits = bad
     with pytest.raises(ValueError, match="decode_in_splits must be None .auto., 0 or a power"):
       M.decode_in_splits(cfg)
+    cfg = get_config("tiny")
+    cfg.decode_mlp_splits = bad
+    with pytest.raises(ValueError, match="decode_mlp_splits must be None .auto., 0 or a power"):
+      M.decode_mlp_splits(cfg)
   cfg = get_config("tiny")
   assert M.decode_in_splits(cfg) == 4      # None: 4 where it divides the width
+  assert M.decode_mlp_splits(cfg) == 0     # None: 0
   cfg.dim = 66
   assert M.decode_in_splits(cfg) == 0
 

@@ -56,6 +56,11 @@ def _kernel(q_ref, f_ref, v_ref, lb_ref, hn_ref, start_ref, bnd_ref, s_ref, *res
   o_ref[...] = o.astype(o_ref.dtype)
 
 
+# Warps per (row, head) program. A module value, read when the kernel is traced, so that
+# benchmarks/sampling.py --decode-warps can time others without a config key.
+NUM_WARPS = 4
+
+
 def _pow2(n):
   return n >= 16 and n & (n - 1) == 0
 
@@ -119,7 +124,7 @@ def decode_attention(y, state, lb, start, boundary, head_norm, *, eps, x=None, n
       out_specs=[pl.BlockSpec((None, None, d), lambda i, j: (i, j, 0)), st],
       out_shape=[jax.ShapeDtypeStruct((b, h, d), dtype), jax.ShapeDtypeStruct(state.shape, F32)],
       input_output_aliases={7: 1},
-      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
       interpret=interpret, name="lasad_decode_attention",
   )(y, y, y, lb.astype(F32), head_norm.astype(F32), start.astype(jnp.int32),
     boundary.astype(F32), state, *extra)
