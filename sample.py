@@ -51,6 +51,9 @@ flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed gives the same images"
 flags.DEFINE_integer("height", None, "token rows (default: the config's grid)")
 flags.DEFINE_integer("width", None, "tokens per row (default: the config's grid)")
 flags.DEFINE_string("out", "samples", "output directory")
+flags.DEFINE_string("autotune_dir", None, "LASADGen: XLA GPU autotuning results to compile the "
+                    "sampler with (made by scripts/autotune_sampler.py for the same config, batch "
+                    "and guidance)")
 flags.DEFINE_integer("ar_steps", None, "LINA: masked-AR steps (default: the config's, 64)")
 flags.DEFINE_integer("euler_steps", None, "LINA: Euler steps per AR step (default: 25)")
 FLAGS = flags.FLAGS
@@ -217,9 +220,13 @@ def main(argv):
     chunk = labels[i * bs:(i + 1) * bs]
     padded = np.pad(chunk, (0, bs - len(chunk)), constant_values=chunk[-1]) if n_batches > 1 \
         else chunk
-    toks = S.sample(model, jnp.asarray(padded), height=height, width=width,
-                    rng=jax.random.fold_in(key, i), cfg_scale=FLAGS.cfg_scale,
-                    temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
+    try:
+      toks = S.sample(model, jnp.asarray(padded), height=height, width=width,
+                      rng=jax.random.fold_in(key, i), cfg_scale=FLAGS.cfg_scale,
+                      temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                      autotune_dir=FLAGS.autotune_dir)
+    except ValueError as e:
+      raise app.UsageError(str(e))
     out.append(np.asarray(toks)[:len(chunk)])
     done = i + 1
     eta = (time.time() - t0) / done * (n_batches - done)

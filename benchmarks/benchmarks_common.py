@@ -159,7 +159,7 @@ def add_decode_args(ap):
                   help="config.decode_in_splits: default auto (4), 0 (XLA's split of the q|f|v "
                   "projection) or S partial products added in the decode kernel")
   ap.add_argument("--decode-mlp-splits", type=int, default=None,
-                  help="config.decode_mlp_splits: default auto, 0 (one [w1|w3] GEMM) or S "
+                  help="config.decode_mlp_splits: default auto (4), 0 (one [w1|w3] GEMM) or S "
                   "partial products added in silu(a) * b's kernel")
   ap.add_argument("--decode-warps", type=int, default=None,
                   help="warps per program of the Pallas decode kernel (kernels/lasad/decode.py "

@@ -76,18 +76,17 @@ def loop_kernels(model, n_images, grid, cfg_scale, top_k, top_k_impl="auto"):
   return dict(best)
 
 
-def run(model, n_images, grid, cfg_scale, top_k, repeats, top_k_impl="auto"):
+def run(model, n_images, grid, cfg_scale, top_k, repeats, top_k_impl="auto", autotune_dir=None):
   labels = jnp.arange(n_images, dtype=jnp.int32) % model.config.num_classes
+  kw = dict(height=grid, width=grid, cfg_scale=cfg_scale, top_k=top_k, top_k_impl=top_k_impl,
+            autotune_dir=autotune_dir)
   t0 = time.perf_counter()
-  jax.block_until_ready(S.sample(model, labels, height=grid, width=grid, rng=jax.random.key(0),
-                                 cfg_scale=cfg_scale, top_k=top_k, top_k_impl=top_k_impl))
+  jax.block_until_ready(S.sample(model, labels, rng=jax.random.key(0), **kw))
   first = time.perf_counter() - t0
   times = []
   for i in range(repeats):
     t0 = time.perf_counter()
-    jax.block_until_ready(S.sample(model, labels, height=grid, width=grid,
-                                   rng=jax.random.key(i + 1), cfg_scale=cfg_scale, top_k=top_k,
-                                   top_k_impl=top_k_impl))
+    jax.block_until_ready(S.sample(model, labels, rng=jax.random.key(i + 1), **kw))
     times.append(time.perf_counter() - t0)
   return first, statistics.median(times)
 
@@ -103,6 +102,10 @@ def main():
   add_decode_args(ap)
   ap.add_argument("--top-k-impl", default="auto", choices=S.TOP_K_IMPLS,
                   help="auto (select on GPU) | sort (lax.top_k) | select (Pallas)")
+  ap.add_argument("--autotune-dir", default=None,
+                  help="time (a) and (b) with XLA autotuning results from "
+                  "scripts/autotune_sampler.py (sampling.sample's autotune_dir; the launch "
+                  "count and scratch memory compile without)")
   ap.add_argument("--unfused", action="store_true",
                   help="separate q/f/v and w1/w3 matmuls per layer (A/B against the default)")
   args = ap.parse_args()
@@ -117,6 +120,7 @@ def main():
               jax=jax.__version__, command="python benchmarks/sampling.py " + " ".join(sys.argv[1:]),
               xla_flags=os.environ.get("XLA_FLAGS", ""), fused_projections=not args.unfused,
               **{k: getattr(args, k) for k in DECODE_OPTIONS}, decode_warps=args.decode_warps,
+              autotune_dir=args.autotune_dir,
               top_k_impl=args.top_k_impl)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
@@ -128,7 +132,8 @@ def main():
     cfg.attention = attention
     apply_decode_args(cfg, args)
     model = M.LASADGen(cfg, rngs=nnx.Rngs(0))
-    first, med = run(model, 8, cfg.grid[0], 4.0, top_k, args.repeats, args.top_k_impl)
+    first, med = run(model, 8, cfg.grid[0], 4.0, top_k, args.repeats, args.top_k_impl,
+                     args.autotune_dir)
     rec = dict(kind="batch", attention=attention, images=8, grid=cfg.grid[0], cfg_scale=4.0,
                top_k=top_k, first_call_s=first, s_per_batch=med, images_per_s=8 / med)
     records.append(rec)
@@ -143,7 +148,8 @@ def main():
           flush=True)
     for g in (int(x) for x in args.grids.split(",")):
       try:
-        first, med = run(model, 8, g, 4.0, top_k, max(1, args.repeats - 1), args.top_k_impl)
+        first, med = run(model, 8, g, 4.0, top_k, max(1, args.repeats - 1), args.top_k_impl,
+                         args.autotune_dir)
       except Exception as e:  # noqa: BLE001 -- e.g. the KV cache running out of memory
         print(f"(b) {attention:<8} {g}x{g}: failed: {type(e).__name__}: {str(e)[:150]}")
         continue

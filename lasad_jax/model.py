@@ -468,10 +468,12 @@ def decode_mlp_splits(cfg):
   with a bf16 result and ``silu(a) * b`` a kernel after it; S (a power of two dividing the model
   width), that matmul is written as S partial products along its input (float32), which the
   SwiGLU kernel adds before ``silu(a) * b``: XLA's GEMM gets S times the programs and no kernel
-  is added. None (the default): 0."""
+  is added. None (the default): 4 where it divides the width, else 0 (LASADGen-L's sampler on an
+  H100: 0.196 / 0.199 / 0.196 s per 8 images for 0, 0.190 / 0.194 for 2, 0.191 / 0.192 for 4;
+  BENCHMARKS.md session 32)."""
   n = cfg.get("decode_mlp_splits", None)
   if n is None:
-    return 0
+    return 4 if cfg.dim % 4 == 0 else 0
   if not isinstance(n, int) or n < 0 or (n and (n & (n - 1) or cfg.dim % n)):
     raise ValueError(f"config.decode_mlp_splits must be None (auto), 0 or a power of two "
                      f"dividing dim {cfg.dim}, got {n!r}")

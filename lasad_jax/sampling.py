@@ -69,20 +69,59 @@ def _check(cfg, labels, height, width, cfg_scale, temperature, top_k, top_p, top
 
 
 def sample(model, labels, *, height, width, rng, cfg_scale=1.0, temperature=1.0, top_k=0,
-           top_p=1.0, top_k_impl="auto"):
+           top_p=1.0, top_k_impl="auto", autotune_dir=None):
   """Sample image tokens [B, height*width] int32 for class ``labels`` [B] (num_classes = null).
-  ``top_k_impl``: see ``filter_logits``."""
+  ``top_k_impl``: see ``filter_logits``. ``autotune_dir``: a directory of XLA's GPU autotuning
+  results that the sampler's compilation reads (``autotune_options``); make one for your model,
+  batch and guidance with ``python scripts/autotune_sampler.py``. Only the GEMMs' tilings change;
+  a tiling that splits a sum differently rounds differently, so tokens can differ where two
+  logits nearly tie."""
   cfg = model.config
   labels = _check(cfg, labels, height, width, cfg_scale, temperature, top_k, top_p, top_k_impl)
-  toks, fails = _sample(cfg, model.params(), labels, rng, height * width, width,
-                        float(cfg_scale), float(temperature), int(top_k), float(top_p), top_k_impl)
+  fn = _sample if autotune_dir is None else sampler_with(autotune_options(autotune_dir))
+  toks, fails = fn(cfg, model.params(), labels, rng, height * width, width,
+                   float(cfg_scale), float(temperature), int(top_k), float(top_p), top_k_impl)
   _check_timeouts(fails)
   return toks
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8, 9, 10))
-def _sample(cfg, params, labels, rng, n, width, cfg_scale, temperature, top_k, top_p,
-            top_k_impl="auto"):
+def autotune_options(directory, *, search=False):
+  """XLA compiler options (a hashable tuple of pairs, for ``sampler_with``) that make the GPU
+  compiler take each fusion's GEMM tiling from ``directory`` (XLA's per-fusion autotuning cache,
+  ``xla_gpu_per_fusion_autotune_cache_dir``), only reading it; fusions it has no entry for are
+  autotuned as usual. With ``search``, XLA instead runs its exhaustive tiling search (a first
+  call of ~60 s instead of ~6 s for LASADGen-L) and writes what it found there. Entries are
+  keyed by the GPU model and each fusion's HLO, so one directory serves one model size, batch
+  and guidance setting on one kind of GPU, and is ignored elsewhere. On LASADGen-L's sampler the
+  exhaustive tilings took 8 images from ~0.19 to ~0.185 s on an H100 (BENCHMARKS.md session 32).
+  On a CPU the options change nothing."""
+  import os
+  directory = os.path.abspath(os.fspath(directory))
+  if search:
+    os.makedirs(directory, exist_ok=True)
+  elif not os.path.isdir(directory):
+    raise ValueError(f"`autotune_dir` {directory!r} is not a directory; make one with `python "
+                     "scripts/autotune_sampler.py --out DIR` (on the GPU you sample on)")
+  mode = "AUTOTUNE_CACHE_MODE_UPDATE" if search else "AUTOTUNE_CACHE_MODE_READ"
+  opts = {"xla_gpu_per_fusion_autotune_cache_dir": directory,
+          "xla_gpu_experimental_autotune_cache_mode": mode}
+  if search:
+    opts["xla_gpu_exhaustive_tiling_search"] = True
+  return tuple(sorted(opts.items()))
+
+
+_SAMPLE_STATIC = (0, 4, 5, 6, 7, 8, 9, 10)
+
+
+@functools.lru_cache(maxsize=None)
+def sampler_with(options):
+  """The jitted sampler (``_sample``'s arguments) compiled with XLA ``options``, a tuple of
+  (name, value) pairs such as ``autotune_options``' (one jit, hence one compile cache, each)."""
+  return jax.jit(_sample_fn, static_argnums=_SAMPLE_STATIC, compiler_options=dict(options))
+
+
+def _sample_fn(cfg, params, labels, rng, n, width, cfg_scale, temperature, top_k, top_p,
+               top_k_impl="auto"):
   b = labels.shape[0]
   guided = cfg_scale != 1.0
   params = M.cast_for_compute(cfg, params)
@@ -104,6 +143,9 @@ def _sample(cfg, params, labels, rng, n, width, cfg_scale, temperature, top_k, t
   init = (state, jnp.zeros((b,), jnp.int32), rng, jnp.int32(0))
   (*_, fails), toks = jax.lax.scan(step, init, jnp.arange(n, dtype=jnp.int32))
   return toks.T, fails
+
+
+_sample = jax.jit(_sample_fn, static_argnums=_SAMPLE_STATIC)
 
 
 def _decoder(cfg, params, batch, n):

@@ -63,3 +63,25 @@ def test_vq_checkpoint_decodes_to_pixels(tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   img = np.load(tmp_path / "images.npz")["arr_0"]
   assert img.shape == (2, 16, 16, 3) and img.dtype == np.uint8 and img.std() > 0
+
+
+def test_autotune_script_then_sample_with_its_directory(tmp_path):
+  """scripts/autotune_sampler.py makes the directory sample.py --autotune_dir reads (on a CPU
+  XLA autotunes nothing, so it stays empty: the GPU side is in BENCHMARKS.md session 32); the
+  tokens are those of a run without it; a missing directory is refused by name."""
+  common = ["--config", "configs/lasad.py:tiny", "--cfg_scale", "2.0", "--top_k", "5"]
+  at = tmp_path / "at"
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "autotune_sampler.py"),
+                      *common, "--batch_size", "2", "--out", str(at)], cwd=ROOT,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert at.is_dir() and "autotuning results written to" in r.stdout, r.stdout
+  assert "nothing was searched" in r.stdout, r.stdout
+  run = common + ["--random-init", "--classes", "1,7", "--num-per-class", "1", "--seed", "4"]
+  r1 = _run(*run, "--out", str(tmp_path / "a"))
+  r2 = _run(*run, "--autotune_dir", str(at), "--out", str(tmp_path / "b"))
+  assert r1.returncode == 0 and r2.returncode == 0, (r1.stderr[-2000:], r2.stderr[-2000:])
+  np.testing.assert_array_equal(np.load(tmp_path / "a" / "tokens.npz")["tokens"],
+                                np.load(tmp_path / "b" / "tokens.npz")["tokens"])
+  r3 = _run(*run, "--autotune_dir", str(tmp_path / "missing"), "--out", str(tmp_path / "c"))
+  assert r3.returncode != 0 and "`autotune_dir`" in r3.stderr and "is not a directory" in r3.stderr

@@ -474,9 +474,10 @@ def test_decode_impl_errors():
       M.decode_mlp_splits(cfg)
   cfg = get_config("tiny")
   assert M.decode_in_splits(cfg) == 4      # None: 4 where it divides the width
-  assert M.decode_mlp_splits(cfg) == 0     # None: 0
+  assert M.decode_mlp_splits(cfg) == 4     # None: 4 where it divides the width
   cfg.dim = 66
   assert M.decode_in_splits(cfg) == 0
+  assert M.decode_mlp_splits(cfg) == 0
 
 
 def test_sampler_with_decode_kernel_same_tokens():
@@ -556,3 +557,24 @@ def test_skinny_matmul_errors():
     G.skinny_matmul(x, jnp.zeros((64, 64), jnp.bfloat16))
   with pytest.raises(ValueError, match="32 barriers"):
     G.skinny_matmul(x, jnp.zeros((128, 64), jnp.bfloat16), G.GemmConfig(stages=33))
+
+
+def test_autotune_options(tmp_path):
+  """sampling.autotune_options: reading a directory (which must exist) or, with search, XLA's
+  exhaustive tiling search writing into it (created); sample(autotune_dir=...) compiles with them
+  and draws the same tokens on a CPU (where XLA autotunes nothing)."""
+  read = dict(S.autotune_options(tmp_path))
+  assert read == {"xla_gpu_per_fusion_autotune_cache_dir": str(tmp_path),
+                  "xla_gpu_experimental_autotune_cache_mode": "AUTOTUNE_CACHE_MODE_READ"}
+  new = tmp_path / "new"
+  search = dict(S.autotune_options(new, search=True))
+  assert new.is_dir() and search["xla_gpu_exhaustive_tiling_search"] is True
+  assert search["xla_gpu_experimental_autotune_cache_mode"] == "AUTOTUNE_CACHE_MODE_UPDATE"
+  with pytest.raises(ValueError, match="`autotune_dir` .* is not a directory; make one with"):
+    S.autotune_options(tmp_path / "missing")
+  assert S.sampler_with(S.autotune_options(tmp_path)) is S.sampler_with(
+      S.autotune_options(tmp_path))   # one jit (one compile cache) per option set
+  m = M.LASADGen(get_config("tiny"), rngs=nnx.Rngs(3))
+  kw = dict(height=3, width=4, rng=jax.random.key(1), cfg_scale=2.0, top_k=5)
+  np.testing.assert_array_equal(S.sample(m, jnp.array([2, 5]), **kw),
+                                S.sample(m, jnp.array([2, 5]), autotune_dir=tmp_path, **kw))
