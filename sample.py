@@ -207,6 +207,8 @@ def main(argv):
     raise app.UsageError(f"--classes must be in [0, {cfg.num_classes}] ({cfg.num_classes} = null "
                          f"class), got {FLAGS.classes!r}")
   if cfg.get("model", "lasad") == "lina":
+    if FLAGS.autotune_dir:
+      raise app.UsageError("--autotune_dir applies to LASADGen's sampler, not LINA's")
     return lina_main(cfg, classes)
   height = FLAGS.height or cfg.grid[0]
   width = FLAGS.width or cfg.grid[1]

@@ -91,10 +91,12 @@ def autotune_options(directory, *, search=False):
   ``xla_gpu_per_fusion_autotune_cache_dir``), only reading it; fusions it has no entry for are
   autotuned as usual. With ``search``, XLA instead runs its exhaustive tiling search (a first
   call of ~60 s instead of ~6 s for LASADGen-L) and writes what it found there. Entries are
-  keyed by the GPU model and each fusion's HLO, so one directory serves one model size, batch
-  and guidance setting on one kind of GPU, and is ignored elsewhere. On LASADGen-L's sampler the
-  exhaustive tilings took 8 images from ~0.19 to ~0.185 s on an H100 (BENCHMARKS.md session 32).
-  On a CPU the options change nothing."""
+  keyed by the GPU model (compute capability, cores, clock, bandwidth, L2) and each fusion's HLO,
+  so one directory serves one model size, batch and guidance setting on one kind of GPU, and is
+  ignored elsewhere. XLA looks there only for fusions it has not autotuned yet in this process
+  (its in-memory cache comes first): pass the directory from the process's first sampler
+  compile. On LASADGen-L's sampler the exhaustive tilings took 8 images from ~0.189 to ~0.186 s
+  on an H100 (BENCHMARKS.md session 32). On a CPU the options change nothing."""
   import os
   directory = os.path.abspath(os.fspath(directory))
   if search:
