@@ -454,12 +454,18 @@ def decode_in_splits(cfg):
   decode kernel adds: one XLA kernel fewer per layer. None (the default): 4 where it divides
   the width, else 0 (LASADGen-L's sampler on an H100: 0.205 / 0.197 / 0.198 s per 8 images for
   0 / 4 / 8, BENCHMARKS.md session 31; XLA splits that projection 4 ways itself)."""
-  n = cfg.get("decode_in_splits", None)
+  return _splits_option(cfg, "decode_in_splits")
+
+
+def _splits_option(cfg, key):
+  """A decode split count from config ``key``: None -> 4 where it divides the width, else 0;
+  otherwise 0 or a power of two dividing the width."""
+  n = cfg.get(key, None)
   if n is None:
     return 4 if cfg.dim % 4 == 0 else 0
   if not isinstance(n, int) or n < 0 or (n and (n & (n - 1) or cfg.dim % n)):
-    raise ValueError(f"config.decode_in_splits must be None (auto), 0 or a power of two "
-                     f"dividing dim {cfg.dim}, got {n!r}")
+    raise ValueError(f"config.{key} must be None (auto), 0 or a power of two dividing dim "
+                     f"{cfg.dim}, got {n!r}")
   return n
 
 
@@ -471,13 +477,7 @@ def decode_mlp_splits(cfg):
   is added. None (the default): 4 where it divides the width, else 0 (LASADGen-L's sampler on an
   H100: 0.196 / 0.199 / 0.196 s per 8 images for 0, 0.190 / 0.194 for 2, 0.191 / 0.192 for 4;
   BENCHMARKS.md session 32)."""
-  n = cfg.get("decode_mlp_splits", None)
-  if n is None:
-    return 4 if cfg.dim % 4 == 0 else 0
-  if not isinstance(n, int) or n < 0 or (n and (n & (n - 1) or cfg.dim % n)):
-    raise ValueError(f"config.decode_mlp_splits must be None (auto), 0 or a power of two "
-                     f"dividing dim {cfg.dim}, got {n!r}")
-  return n
+  return _splits_option(cfg, "decode_mlp_splits")
 
 
 def use_decode_kernel(cfg):
