@@ -99,11 +99,12 @@ def autotune_options(directory, *, search=False):
   on an H100 (BENCHMARKS.md session 32). On a CPU the options change nothing."""
   import os
   directory = os.path.abspath(os.fspath(directory))
-  if search:
-    os.makedirs(directory, exist_ok=True)
-  elif not os.path.isdir(directory):
-    raise ValueError(f"`autotune_dir` {directory!r} is not a directory; make one with `python "
-                     "scripts/autotune_sampler.py --out DIR` (on the GPU you sample on)")
+  if search and not os.path.exists(directory):
+    os.makedirs(directory)
+  if not os.path.isdir(directory):
+    fix = ("give a new or existing directory" if search else "make one with `python "
+           "scripts/autotune_sampler.py --out DIR` (on the GPU you sample on)")
+    raise ValueError(f"`autotune_dir` {directory!r} is not a directory; {fix}")
   mode = "AUTOTUNE_CACHE_MODE_UPDATE" if search else "AUTOTUNE_CACHE_MODE_READ"
   opts = {"xla_gpu_per_fusion_autotune_cache_dir": directory,
           "xla_gpu_experimental_autotune_cache_mode": mode}

@@ -60,7 +60,10 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e))
   before = _entries(FLAGS.out) if os.path.isdir(FLAGS.out) else 0
-  fn = S.sampler_with(S.autotune_options(FLAGS.out, search=True))
+  try:
+    fn = S.sampler_with(S.autotune_options(FLAGS.out, search=True))
+  except ValueError as e:
+    raise app.UsageError(str(e).replace("`autotune_dir`", "--out"))
   print(f"compiling the sampler ({FLAGS.batch_size} images, {height}x{width} tokens, guidance "
         f"{FLAGS.cfg_scale}) with XLA's exhaustive tiling search on {jax.devices()[0].device_kind}"
         " (about a minute for LASADGen-L on an H100) ...", flush=True)

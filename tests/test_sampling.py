@@ -572,6 +572,9 @@ def test_autotune_options(tmp_path):
   assert search["xla_gpu_experimental_autotune_cache_mode"] == "AUTOTUNE_CACHE_MODE_UPDATE"
   with pytest.raises(ValueError, match="`autotune_dir` .* is not a directory; make one with"):
     S.autotune_options(tmp_path / "missing")
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ValueError, match="`autotune_dir` .* is not a directory"):
+    S.autotune_options(tmp_path / "file", search=True)
   assert S.sampler_with(S.autotune_options(tmp_path)) is S.sampler_with(
       S.autotune_options(tmp_path))   # one jit (one compile cache) per option set
   m = M.LASADGen(get_config("tiny"), rngs=nnx.Rngs(3))
