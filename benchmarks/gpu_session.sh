@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the GPU runs recorded in BENCHMARKS.md / RESULTS.md executed, stage by stage, on the device
 # machine (its python3 has jax[cuda], torch; grain, ml_collections and fla come as wheels in .whl/).
-#   bash benchmarks/gpu_session.sh STAGE...   stages: tests train sampling profile topk scaling sad fla fixtures ops parts lina plina ncu ab flags xla hlo
+#   bash benchmarks/gpu_session.sh STAGE...   stages: tests train sampling autotune profile topk scaling sad fla fixtures ops parts lina plina ncu ab flags xla hlo
 # Logs and JSON go to $OUT (default: ./out).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -28,6 +28,18 @@ for stage in "$@"; do
                 --out "$OUT/train_h100${TRAIN_TAG:-}.json" 2>&1 | tee "$OUT/train${TRAIN_TAG:-}.log" ;;
     sampling) timeout ${SAMPLING_TIMEOUT:-150} python3 benchmarks/sampling.py --variant L \
                 ${SAMPLING_ARGS:-} --out "$OUT/sampling_h100${SAMPLING_TAG:-}.json" 2>&1 | tee "$OUT/sampling${SAMPLING_TAG:-}.log" ;;
+    # scripts/autotune_sampler.py for L's benchmark shape (8 images, CFG 4, top-k 2000), then the
+    # sampler without / with its directory, alternating (BENCHMARKS.md session 32); the directory
+    # stays in /tmp (hundreds of small files would exceed what a device call brings back).
+    autotune) timeout 200 python3 scripts/autotune_sampler.py --config configs/lasad.py:L \
+                --batch_size 8 --cfg_scale 4 --top_k 2000 --out /tmp/autotune_L 2>&1 \
+                | tee "$OUT/autotune_sampler${SAMPLING_TAG:-}.log"
+              for i in 1 2; do for tag in def at; do
+                extra=""; [[ $tag == at ]] && extra="--autotune-dir /tmp/autotune_L"
+                timeout ${SAMPLING_TIMEOUT:-150} python3 benchmarks/sampling.py --variant L \
+                  --grids 16 --attentions lasad --repeats 3 ${SAMPLING_ARGS:-} $extra \
+                  --out "$OUT/sampling_h100${SAMPLING_TAG:-}_autotune_${tag}_$i.json"
+              done; done 2>&1 | tee "$OUT/sampling_autotune${SAMPLING_TAG:-}.log" ;;
     profile)  timeout ${PROFILE_TIMEOUT:-200} python3 benchmarks/profile_sampler.py ${PROFILE_ARGS:-} \
                 --out "$OUT/profile_sampler_h100${PROFILE_TAG:-}.json" 2>&1 | tee "$OUT/profile${PROFILE_TAG:-}.log" ;;
     topk)     timeout ${TOPK_TIMEOUT:-150} python3 benchmarks/topk.py ${TOPK_ARGS:-} \
