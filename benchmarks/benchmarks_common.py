@@ -166,12 +166,16 @@ def add_decode_args(ap):
                   "NUM_WARPS, default 4)")
 
 
+def decode_args(args):
+  """add_decode_args' options as given, a dict (for a results file's metadata)."""
+  return {k: getattr(args, k) for k in DECODE_OPTIONS + ("decode_warps",)}
+
+
 def apply_decode_args(cfg, args):
-  """Copies add_decode_args' options into the config; returns them as a dict (for the JSON)."""
-  opts = {k: getattr(args, k) for k in DECODE_OPTIONS}
-  for k, v in opts.items():
-    setattr(cfg, k, v)
+  """Copies add_decode_args' config keys into the config, and --decode-warps into
+  kernels/lasad/decode.py's NUM_WARPS."""
+  for k in DECODE_OPTIONS:
+    setattr(cfg, k, getattr(args, k))
   if args.decode_warps is not None:
     from kernels.lasad import decode
-    decode.NUM_WARPS = opts["decode_warps"] = args.decode_warps
-  return opts
+    decode.NUM_WARPS = args.decode_warps

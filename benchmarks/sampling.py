@@ -32,7 +32,7 @@ from flax import nnx  # noqa: E402
 from configs.lasad import get_config  # noqa: E402
 from lasad_jax import model as M  # noqa: E402
 from lasad_jax import sampling as S  # noqa: E402
-from benchmarks_common import DECODE_OPTIONS, add_decode_args, apply_decode_args  # noqa: E402
+from benchmarks_common import add_decode_args, apply_decode_args, decode_args  # noqa: E402
 
 
 def compiled_temp_bytes(model, n_images, grid, cfg_scale, top_k, top_k_impl="auto"):
@@ -119,7 +119,7 @@ def main():
   meta = dict(date=datetime.date.today().isoformat(), device=dev.device_kind,
               jax=jax.__version__, command="python benchmarks/sampling.py " + " ".join(sys.argv[1:]),
               xla_flags=os.environ.get("XLA_FLAGS", ""), fused_projections=not args.unfused,
-              **{k: getattr(args, k) for k in DECODE_OPTIONS}, decode_warps=args.decode_warps,
+              **decode_args(args),
               autotune_dir=args.autotune_dir,
               top_k_impl=args.top_k_impl)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

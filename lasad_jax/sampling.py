@@ -7,6 +7,7 @@ the conditional and the null-class rows in one batch: ``logits = u + s * (c - u)
 """
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +98,6 @@ def autotune_options(directory, *, search=False):
   (its in-memory cache comes first): pass the directory from the process's first sampler
   compile. On LASADGen-L's sampler the exhaustive tilings took 8 images from ~0.189 to ~0.186 s
   on an H100 (BENCHMARKS.md session 32). On a CPU the options change nothing."""
-  import os
   directory = os.path.abspath(os.fspath(directory))
   if search and not os.path.exists(directory):
     os.makedirs(directory)
