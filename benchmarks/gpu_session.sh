@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the GPU runs recorded in BENCHMARKS.md / RESULTS.md executed, stage by stage, on the device
 # machine (its python3 has jax[cuda], torch; grain, ml_collections and fla come as wheels in .whl/).
-#   bash benchmarks/gpu_session.sh STAGE...   stages: tests train sampling autotune profile topk scaling sad fla fixtures ops parts lina plina ncu ab flags xla hlo
+#   bash benchmarks/gpu_session.sh STAGE...   stages: tests train sampling autotune profile topk scaling sad fla fixtures ops parts lina plina ncu ab flags xla sxla hlo
 # Logs and JSON go to $OUT (default: ./out).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -114,6 +114,17 @@ for stage in "$@"; do
                 echo "XLA_FLAGS=${sets[$j]}" | tee -a "$OUT/xla.log"
                 XLA_FLAGS="${sets[$j]}" XLA_PYTHON_CLIENT_MEM_FRACTION=.95 timeout 120 python3 \
                   benchmarks/train.py $A --out "$OUT/xla_$j.json" 2>&1 | tee -a "$OUT/xla.log" | tail -1
+              done ;;
+    # LASADGen-L's sampler (8 images, CFG 4, top-k 2000, 16x16) under each of the ';'-separated
+    # XLA_FLAGS values in XLA_SETS, the first and last runs with XLA's defaults (as the xla stage).
+    sxla)     IFS=';' read -ra sets <<< ";${XLA_SETS:?set XLA_SETS, e.g. '--xla_gpu_graph_min_graph_size=1'}"
+              sets+=("")
+              for j in "${!sets[@]}"; do
+                echo "XLA_FLAGS=${sets[$j]}" | tee -a "$OUT/sxla.log"
+                XLA_FLAGS="${sets[$j]}" timeout ${SAMPLING_TIMEOUT:-150} python3 benchmarks/sampling.py \
+                  --variant L --grids 16 --attentions lasad --repeats 3 ${SAMPLING_ARGS:-} \
+                  --out "$OUT/sampling_h100${SAMPLING_TAG:-}_sxla_$j.json" 2>&1 | tee -a "$OUT/sxla.log" \
+                  | grep -E "^\((a|b|c)\)|rror"
               done ;;
     # The optimised HLO of the training step (to name the fusions a profile lists).
     hlo)      XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=${HLO_RE:-.*step.*}" \
