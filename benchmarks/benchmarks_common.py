@@ -164,18 +164,26 @@ def add_decode_args(ap):
   ap.add_argument("--decode-warps", type=int, default=None,
                   help="warps per program of the Pallas decode kernel (kernels/lasad/decode.py "
                   "NUM_WARPS, default 4)")
+  ap.add_argument("--scan-unroll", type=int, default=None,
+                  help="tokens per iteration of the sampler's token loop (lasad_jax/sampling.py "
+                  "SCAN_UNROLL, default 1)")
 
 
 def decode_args(args):
   """add_decode_args' options as given, a dict (for a results file's metadata)."""
-  return {k: getattr(args, k) for k in DECODE_OPTIONS + ("decode_warps",)}
+  return {k: getattr(args, k) for k in DECODE_OPTIONS + ("decode_warps", "scan_unroll")}
 
 
 def apply_decode_args(cfg, args):
-  """Copies add_decode_args' config keys into the config, and --decode-warps into
-  kernels/lasad/decode.py's NUM_WARPS."""
+  """Copies add_decode_args' config keys into the config, --decode-warps into
+  kernels/lasad/decode.py's NUM_WARPS and --scan-unroll into lasad_jax/sampling.py's SCAN_UNROLL."""
   for k in DECODE_OPTIONS:
     setattr(cfg, k, getattr(args, k))
   if args.decode_warps is not None:
     from kernels.lasad import decode
     decode.NUM_WARPS = args.decode_warps
+  if args.scan_unroll is not None:
+    if args.scan_unroll < 1:
+      raise SystemExit(f"--scan-unroll must be >= 1, got {args.scan_unroll}")
+    from lasad_jax import sampling
+    sampling.SCAN_UNROLL = args.scan_unroll

@@ -143,7 +143,8 @@ def main():
     ops = loop_kernels(model, 8, cfg.grid[0], 4.0, top_k, args.top_k_impl)
     records.append(dict(kind="loop_body", attention=attention, grid=cfg.grid[0], ops=ops))
     save()
-    print(f"(c) {attention:<8} token loop body: {sum(ops.values())} launches per token "
+    print(f"(c) {attention:<8} token loop body ({S.SCAN_UNROLL} token(s)): "
+          f"{sum(ops.values()) / S.SCAN_UNROLL:g} launches per token "
           f"({', '.join(f'{k} {v}' for k, v in sorted(ops.items(), key=lambda kv: -kv[1]))})",
           flush=True)
     for g in (int(x) for x in args.grids.split(",")):

@@ -17,6 +17,12 @@ from lasad_jax import model as M
 
 TOP_K_IMPLS = ("auto", "sort", "select")
 
+# Tokens per iteration of the token loop's compiled while loop (``lax.scan``'s ``unroll``). A
+# module value read when the sampler is traced, so that benchmarks/sampling.py --scan-unroll can
+# time others; set it before the first ``sample`` call of the process (compiled samplers are
+# cached by their arguments, not by this value).
+SCAN_UNROLL = 1
+
 
 def _check_top_k_impl(top_k_impl):
   if top_k_impl not in TOP_K_IMPLS:
@@ -144,7 +150,8 @@ def _sample_fn(cfg, params, labels, rng, n, width, cfg_scale, temperature, top_k
     return (state, tok.astype(jnp.int32), key, fails + f), tok.astype(jnp.int32)
 
   init = (state, jnp.zeros((b,), jnp.int32), rng, jnp.int32(0))
-  (*_, fails), toks = jax.lax.scan(step, init, jnp.arange(n, dtype=jnp.int32))
+  (*_, fails), toks = jax.lax.scan(step, init, jnp.arange(n, dtype=jnp.int32),
+                                    unroll=SCAN_UNROLL)
   return toks.T, fails
 
 

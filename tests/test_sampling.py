@@ -525,6 +525,22 @@ def test_top_k_select_samples_the_same_tokens(model):
     S.sample(model, jnp.array([1]), top_k_impl="heap", **kw)
 
 
+def test_unrolled_token_loop_samples_the_same_tokens(model, monkeypatch):
+  """SCAN_UNROLL (tokens per while-loop iteration; 7 tokens: a remainder at 2 and 3) leaves the
+  tokens as they are."""
+  kw = dict(height=1, width=7, cfg_scale=2.0, top_k=5, rng=jax.random.key(3))
+  lab = jnp.array([2, 9])
+  base = S.sample(model, lab, **kw)
+  args = (model.config, model.params(), lab, kw["rng"], 7, 7, 2.0, 1.0, 5, 1.0)
+  for unroll in (2, 3):
+    monkeypatch.setattr(S, "SCAN_UNROLL", unroll)
+    jaxpr = jax.make_jaxpr(S._sample_fn, static_argnums=S._SAMPLE_STATIC)(*args)
+    assert [e.params["unroll"] for e in jaxpr.eqns if e.primitive.name == "scan"] == [unroll]
+    jax.clear_caches()   # SCAN_UNROLL is read when tracing: no cached sampler
+    np.testing.assert_array_equal(np.asarray(S.sample(model, lab, **kw)), np.asarray(base))
+  jax.clear_caches()
+
+
 @pytest.mark.parametrize("r,k,n,cfg", [
     (16, 256, 128, dict(tn=64, tk=64, splits=2, stages=2)),
     (8, 192, 128, dict(tn=128, tk=64, splits=1, stages=4)),   # more steps than some stages
