@@ -109,7 +109,13 @@ def _swiglu(cfg, p, h):
     a, b = jnp.split(h1 @ p["w13"].astype(dt), 2, axis=-1)
   else:
     a, b = h1 @ p["w1"].astype(dt), h3 @ p["w3"].astype(dt)
-  return remat.checkpoint_name(jax.nn.silu(a) * b, "mlp_act") @ p["w2"].astype(dt)
+  return _swiglu_out(cfg, p, a, b)
+
+
+def _swiglu_out(cfg, p, a, b):
+  """silu(a) * b (named "mlp_act" for remat), then w2."""
+  dt = jnp.dtype(cfg.dtype)
+  return remat.checkpoint_name((jax.nn.silu(a) * b).astype(dt), "mlp_act") @ p["w2"].astype(dt)
 
 
 def _mlp_split(cfg, p, x, splits):
@@ -122,8 +128,7 @@ def _mlp_split(cfg, p, x, splits):
   parts = jnp.einsum("bsk,skn->sbn", h.reshape(-1, splits, k),
                      p["w13"].astype(dt).reshape(splits, k, -1),
                      preferred_element_type=jnp.float32)
-  a, b = jnp.split(parts.sum(0), 2, axis=-1)
-  return (jax.nn.silu(a) * b).astype(dt) @ p["w2"].astype(dt)
+  return _swiglu_out(cfg, p, *jnp.split(parts.sum(0), 2, axis=-1))
 
 
 def rope_2d(pos, width, head_dim, base=10000.0):

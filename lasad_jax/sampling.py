@@ -59,7 +59,10 @@ def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0, top_k_impl="auto"
   return logits
 
 
-def _check(cfg, labels, height, width, cfg_scale, temperature, top_k, top_p, top_k_impl="auto"):
+def check_sample_args(cfg, labels, height, width, cfg_scale, temperature, top_k, top_p,
+                      top_k_impl="auto"):
+  """``sample``'s argument checks (ValueError naming the argument), for callers that compile a
+  sampler themselves (scripts/autotune_sampler.py). Returns the labels as int32."""
   _check_top_k_impl(top_k_impl)   # before compiling (filter_logits checks it again, traced)
   if height <= 0 or width <= 0:
     raise ValueError(f"`height` and `width` must be positive token counts, got {height}x{width}.")
@@ -84,7 +87,7 @@ def sample(model, labels, *, height, width, rng, cfg_scale=1.0, temperature=1.0,
   a tiling that splits a sum differently rounds differently, so tokens can differ where two
   logits nearly tie."""
   cfg = model.config
-  labels = _check(cfg, labels, height, width, cfg_scale, temperature, top_k, top_p, top_k_impl)
+  labels = check_sample_args(cfg, labels, height, width, cfg_scale, temperature, top_k, top_p, top_k_impl)
   fn = _sample if autotune_dir is None else sampler_with(autotune_options(autotune_dir))
   toks, fails = fn(cfg, model.params(), labels, rng, height * width, width,
                    float(cfg_scale), float(temperature), int(top_k), float(top_p), top_k_impl)

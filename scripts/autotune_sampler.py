@@ -55,8 +55,8 @@ def main(argv):
   model = M.LASADGen(cfg, rngs=nnx.Rngs(0))
   labels = jnp.arange(FLAGS.batch_size, dtype=jnp.int32) % cfg.num_classes
   try:
-    S._check(model.config, labels, height, width, FLAGS.cfg_scale, FLAGS.temperature,
-             FLAGS.top_k, FLAGS.top_p)
+    S.check_sample_args(model.config, labels, height, width, FLAGS.cfg_scale,
+                        FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
   except ValueError as e:
     raise app.UsageError(str(e))
   before = _entries(FLAGS.out) if os.path.isdir(FLAGS.out) else 0
