@@ -35,6 +35,7 @@ from PIL import Image
 
 from lasad_jax import model as M
 from lasad_jax import sampling as S
+from lasad_jax.cli import dashes_to_underscores, define_sampling_flags
 from lasad_jax.convert import load_params
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/lasad.py:tiny", "model config")
@@ -42,14 +43,8 @@ flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory of the param
 flags.DEFINE_bool("random_init", False, "sample from random weights (for smoke tests)")
 flags.DEFINE_string("classes", "0,1,2,3", "comma-separated class ids")
 flags.DEFINE_integer("num_per_class", 2, "images per class")
-flags.DEFINE_integer("batch_size", 32, "images per compiled batch (the last one is padded)")
-flags.DEFINE_float("cfg_scale", 1.0, "classifier-free guidance scale (1 = off)")
-flags.DEFINE_float("temperature", 1.0, "softmax temperature")
-flags.DEFINE_integer("top_k", 0, "top-k filter (0 = off)")
-flags.DEFINE_float("top_p", 1.0, "nucleus filter (1 = off)")
+define_sampling_flags("images per compiled batch (the last one is padded)")
 flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed gives the same images")
-flags.DEFINE_integer("height", None, "token rows (default: the config's grid)")
-flags.DEFINE_integer("width", None, "tokens per row (default: the config's grid)")
 flags.DEFINE_string("out", "samples", "output directory")
 flags.DEFINE_string("autotune_dir", None, "LASADGen: XLA GPU autotuning results to compile the "
                     "sampler with (made by scripts/autotune_sampler.py for the same config, batch "
@@ -252,16 +247,5 @@ def main(argv):
     print(f"wrote {len(pixels)} images to {FLAGS.out}/images.npz, images.png")
 
 
-def _dashes_to_underscores(argv):
-  """Accept --num-per-class as well as absl's --num_per_class (names only, not values)."""
-  out = []
-  for a in argv:
-    if a.startswith("--") and not a.startswith("--config"):
-      name, eq, val = a[2:].partition("=")
-      a = "--" + name.replace("-", "_") + eq + val
-    out.append(a)
-  return out
-
-
 if __name__ == "__main__":
-  app.run(main, argv=_dashes_to_underscores(sys.argv))
+  app.run(main, argv=dashes_to_underscores(sys.argv))

@@ -3,9 +3,9 @@
     python scripts/autotune_sampler.py --config configs/lasad.py:L --batch_size 8 \
         --cfg_scale 4 --top_k 2000 --out autotune/L_b8_cfg
 
-Compiles the sampler for the config, batch and sampling settings given (the same flags as
-``sample.py``; random weights: tilings depend on shapes only) with XLA's exhaustive GEMM tiling
-search, and writes what XLA found to ``--out`` (its per-fusion autotuning cache; see
+Compiles the sampler for the config, batch and sampling settings given (the same sampling flags
+as ``sample.py``, from ``lasad_jax.cli``; random weights: tilings depend on shapes only) with XLA's
+exhaustive GEMM tiling search, and writes what XLA found to ``--out`` (its per-fusion autotuning cache; see
 ``lasad_jax.sampling.autotune_options``). That compilation takes about a minute for LASADGen-L on
 an H100. Afterwards ``sample.py --autotune_dir DIR`` (or ``sampling.sample(...,
 autotune_dir=DIR)``) compiles in the usual ~6 s with those tilings: 8 L images with guidance
@@ -27,16 +27,11 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lasad_jax import model as M  # noqa: E402
 from lasad_jax import sampling as S  # noqa: E402
+from lasad_jax.cli import dashes_to_underscores, define_sampling_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/lasad.py:tiny", "model config")
-flags.DEFINE_integer("batch_size", 32, "images per compiled batch: sample.py's --batch_size, or "
-                     "the number of images where they fit in one batch")
-flags.DEFINE_float("cfg_scale", 1.0, "classifier-free guidance scale (1 = off; else rows double)")
-flags.DEFINE_float("temperature", 1.0, "softmax temperature")
-flags.DEFINE_integer("top_k", 0, "top-k filter (0 = off)")
-flags.DEFINE_float("top_p", 1.0, "nucleus filter (1 = off)")
-flags.DEFINE_integer("height", None, "token rows (default: the config's grid)")
-flags.DEFINE_integer("width", None, "tokens per row (default: the config's grid)")
+define_sampling_flags("images per compiled batch: sample.py's --batch_size, or the number of "
+                      "images where they fit in one batch")
 flags.DEFINE_string("out", None, "directory for XLA's autotuning results (created)")
 flags.mark_flag_as_required("out")
 FLAGS = flags.FLAGS
@@ -83,4 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, argv=dashes_to_underscores(sys.argv))

@@ -72,7 +72,7 @@ def test_autotune_script_then_sample_with_its_directory(tmp_path):
   common = ["--config", "configs/lasad.py:tiny", "--cfg_scale", "2.0", "--top_k", "5"]
   at = tmp_path / "at"
   r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "autotune_sampler.py"),
-                      *common, "--batch_size", "2", "--out", str(at)], cwd=ROOT,
+                      *common, "--batch-size", "2", "--out", str(at)], cwd=ROOT,   # dashes too
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
   assert at.is_dir() and "autotuning results written to" in r.stdout, r.stdout
