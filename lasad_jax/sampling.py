@@ -87,7 +87,8 @@ def sample(model, labels, *, height, width, rng, cfg_scale=1.0, temperature=1.0,
   a tiling that splits a sum differently rounds differently, so tokens can differ where two
   logits nearly tie."""
   cfg = model.config
-  labels = check_sample_args(cfg, labels, height, width, cfg_scale, temperature, top_k, top_p, top_k_impl)
+  labels = check_sample_args(cfg, labels, height, width, cfg_scale, temperature, top_k, top_p,
+                             top_k_impl)
   fn = _sample if autotune_dir is None else sampler_with(autotune_options(autotune_dir))
   toks, fails = fn(cfg, model.params(), labels, rng, height * width, width,
                    float(cfg_scale), float(temperature), int(top_k), float(top_p), top_k_impl)

@@ -4,14 +4,14 @@
         --cfg_scale 4 --top_k 2000 --out autotune/L_b8_cfg
 
 Compiles the sampler for the config, batch and sampling settings given (the same sampling flags
-as ``sample.py``, from ``lasad_jax.cli``; random weights: tilings depend on shapes only) with XLA's
-exhaustive GEMM tiling search, and writes what XLA found to ``--out`` (its per-fusion autotuning cache; see
-``lasad_jax.sampling.autotune_options``). That compilation takes about a minute for LASADGen-L on
-an H100. Afterwards ``sample.py --autotune_dir DIR`` (or ``sampling.sample(...,
-autotune_dir=DIR)``) compiles in the usual ~6 s with those tilings: 8 L images with guidance
-~0.189 -> ~0.186 s on an H100 (BENCHMARKS.md session 32). Run it on the kind of GPU you sample
-on, with the jax version you sample with; entries that do not match are ignored. Off a GPU,
-XLA does not autotune and nothing is written.
+as ``sample.py``, from ``lasad_jax.cli``; random weights: tilings depend on shapes only) with
+XLA's exhaustive GEMM tiling search, and writes what XLA found to ``--out`` (its per-fusion
+autotuning cache; see ``lasad_jax.sampling.autotune_options``). That compilation takes about a
+minute for LASADGen-L on an H100. Afterwards ``sample.py --autotune_dir DIR`` (or
+``sampling.sample(..., autotune_dir=DIR)``) compiles in the usual ~6 s with those tilings: 8 L
+images with guidance ~0.189 -> ~0.186 s on an H100 (BENCHMARKS.md session 32). Run it on the
+kind of GPU you sample on, with the jax version you sample with; entries that do not match are
+ignored. Off a GPU, XLA does not autotune and nothing is written.
 """
 
 import os
