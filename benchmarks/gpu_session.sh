@@ -15,6 +15,12 @@ fi
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 # LASADGen-L's training step as BENCHMARKS.md times it (the ab, flags and xla stages)
 L_STEP="--variants L --batches 256 --remat --remat-policy dots_attn_acts --no-scan --iters 8"
+# The xla and sxla stages: the ';'-separated XLA_SETS as the array `sets`, with XLA's defaults
+# (an empty set) first and last.
+xla_sets() {
+  IFS=';' read -ra sets <<< ";${XLA_SETS:?set XLA_SETS, e.g. '--xla_gpu_graph_min_graph_size=1'}"
+  sets+=("")
+}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
@@ -108,21 +114,22 @@ for stage in "$@"; do
     # first, empty, is XLA's defaults; e.g. XLA_SETS="--xla_gpu_enable_cublaslt=true"), then the
     # defaults again. Each run appends to xla.log and writes xla_<n>.json.
     xla)      A=$L_STEP
-              IFS=';' read -ra sets <<< ";${XLA_SETS:?set XLA_SETS, e.g. '--xla_gpu_enable_cublaslt=true'}"
-              sets+=("")
+              xla_sets
               for j in "${!sets[@]}"; do
                 echo "XLA_FLAGS=${sets[$j]}" | tee -a "$OUT/xla.log"
                 XLA_FLAGS="${sets[$j]}" XLA_PYTHON_CLIENT_MEM_FRACTION=.95 timeout 120 python3 \
                   benchmarks/train.py $A --out "$OUT/xla_$j.json" 2>&1 | tee -a "$OUT/xla.log" | tail -1
               done ;;
     # LASADGen-L's sampler (8 images, CFG 4, top-k 2000, 16x16) under each of the ';'-separated
-    # XLA_FLAGS values in XLA_SETS, the first and last runs with XLA's defaults (as the xla stage).
-    sxla)     IFS=';' read -ra sets <<< ";${XLA_SETS:?set XLA_SETS, e.g. '--xla_gpu_graph_min_graph_size=1'}"
-              sets+=("")
+    # sets in XLA_SETS, the first and last runs with XLA's defaults (as the xla stage). A set is
+    # XLA_FLAGS, optionally followed by '|' and benchmarks/sampling.py options for that run only
+    # (e.g. XLA_SETS="--xla_gpu_graph_min_graph_size=1;|--scan-unroll 2"); sxla_<n>.json.
+    sxla)     xla_sets
               for j in "${!sets[@]}"; do
-                echo "XLA_FLAGS=${sets[$j]}" | tee -a "$OUT/sxla.log"
-                XLA_FLAGS="${sets[$j]}" timeout ${SAMPLING_TIMEOUT:-150} python3 benchmarks/sampling.py \
-                  --variant L --grids 16 --attentions lasad --repeats 3 ${SAMPLING_ARGS:-} \
+                flags=${sets[$j]%%|*}; args=""; [[ ${sets[$j]} == *"|"* ]] && args=${sets[$j]#*|}
+                echo "XLA_FLAGS=$flags ${args:+options: $args}" | tee -a "$OUT/sxla.log"
+                XLA_FLAGS="$flags" timeout ${SAMPLING_TIMEOUT:-150} python3 benchmarks/sampling.py \
+                  --variant L --grids 16 --attentions lasad --repeats 3 ${SAMPLING_ARGS:-} $args \
                   --out "$OUT/sampling_h100${SAMPLING_TAG:-}_sxla_$j.json" 2>&1 | tee -a "$OUT/sxla.log" \
                   | grep -E "^\((a|b|c)\)|rror"
               done ;;
