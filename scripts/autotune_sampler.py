@@ -73,8 +73,11 @@ def main(argv):
   if jax.default_backend() != "gpu":
     print("(XLA autotunes on GPUs only: this backend is "
           f"{jax.default_backend()!r}, so nothing was searched)")
-  print(f"sample with: python sample.py --config ... --batch_size {FLAGS.batch_size} "
-        f"--cfg_scale {FLAGS.cfg_scale} --top_k {FLAGS.top_k} --autotune_dir {FLAGS.out}")
+  # every flag that shapes the compiled sampler (top_p adds a sort; height and width the loop)
+  same = " ".join(f"--{k} {FLAGS[k].value}" for k in
+                  ("batch_size", "cfg_scale", "temperature", "top_k", "top_p", "height", "width")
+                  if FLAGS[k].value is not None)
+  print(f"sample with: python sample.py --config ... {same} --autotune_dir {FLAGS.out}")
 
 
 if __name__ == "__main__":
